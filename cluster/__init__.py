@@ -1,0 +1,1 @@
+"""Cluster: launch scripts and helpers for Ray clusters and multi-node torchrun jobs."""

@@ -1,0 +1,1 @@
+"""Evaluation: GenEval, DPG-Bench and ImageNet FID harnesses."""

@@ -1,0 +1,1 @@
+"""BitDance models in plain single-device PyTorch: binary tokenizer, diffusion head, AR backbones, samplers."""

@@ -1,0 +1,11 @@
+"""Shared test settings: deterministic, single-threaded torch so the 2-core CI machine stays responsive."""
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,1 @@
+"""Training: the loop, engines (DeepSpeed, megatron-core), checkpoints and logging."""
