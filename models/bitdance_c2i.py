@@ -64,10 +64,20 @@ class C2IConfig:
 
     def head_config(self) -> HeadConfig:
         return HeadConfig(
-            ch_target=self.latent_dim, ch_cond=self.dim, ch_latent=self.dim, depth_latent=self.head_depth,
-            depth_adanln=self.head_adaln, head_dim=64, use_swiglu=True, sigmoid_output=False,
-            time_schedule=self.time_schedule, time_shift=self.time_shift, P_mean=self.P_mean, P_std=self.P_std,
-            parallel_num=self.parallel_num, diff_batch_mul=self.diff_batch_mul,
+            ch_target=self.latent_dim,
+            ch_cond=self.dim,
+            ch_latent=self.dim,
+            depth_latent=self.head_depth,
+            depth_adanln=self.head_adaln,
+            head_dim=64,
+            use_swiglu=True,
+            sigmoid_output=False,
+            time_schedule=self.time_schedule,
+            time_shift=self.time_shift,
+            P_mean=self.P_mean,
+            P_std=self.P_std,
+            parallel_num=self.parallel_num,
+            diff_batch_mul=self.diff_batch_mul,
         )
 
 
@@ -77,8 +87,18 @@ C2I_CONFIGS: dict[str, C2IConfig] = {
     "H": C2IConfig(dim=1280, n_layer=40, n_head=20, head_depth=12, head_adaln=3, flip_p_max=0.05),
     # CPU-sized: 32x32 images through the 2x "tiny" tokenizer give a 16x16 grid of 16-bit tokens.
     "tiny": C2IConfig(
-        dim=64, n_layer=2, n_head=4, head_depth=2, head_adaln=1, latent_dim=16, image_size=32, downsample=2,
-        num_classes=10, cls_token_num=4, diff_batch_mul=2, tokenizer="tiny",
+        dim=64,
+        n_layer=2,
+        n_head=4,
+        head_depth=2,
+        head_adaln=1,
+        latent_dim=16,
+        image_size=32,
+        downsample=2,
+        num_classes=10,
+        cls_token_num=4,
+        diff_batch_mul=2,
+        tokenizer="tiny",
     ),
 }
 

@@ -66,8 +66,15 @@ def sample_class_conditional(
         cond_all = torch.cat([h[:, -P:] for h in hidden]) + pos
         cond, uncond = (cond_all[:b], cond_all[b:]) if guided else (cond_all, None)
         x = euler_maruyama(
-            model.head.net, cond, c.latent_dim, num_steps, cfg_at_step(cfg_scale, cfg_schedule, step, n_steps),
-            uncond, c.time_shift, generator, batched_cfg,
+            model.head.net,
+            cond,
+            c.latent_dim,
+            num_steps,
+            cfg_at_step(cfg_scale, cfg_schedule, step, n_steps),
+            uncond,
+            c.time_shift,
+            generator,
+            batched_cfg,
         )
         bits = to_bits(x).to(cond.dtype)
         patches.append(bits)

@@ -42,9 +42,7 @@ class HeadConfig:
         if self.ch_latent % self.head_dim:
             raise ValueError(f"head width {self.ch_latent} is not a multiple of head_dim {self.head_dim}")
         if self.depth_adanln < 1 or self.depth_latent % self.depth_adanln:
-            raise ValueError(
-                f"depth_latent {self.depth_latent} must be a multiple of depth_adanln {self.depth_adanln}"
-            )
+            raise ValueError(f"depth_latent {self.depth_latent} must be a multiple of depth_adanln {self.depth_adanln}")
         if self.time_shift <= 0:
             raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
 
@@ -140,9 +138,7 @@ class HeadNet(nn.Module):
         self.input_proj = nn.Linear(cfg.ch_target, w)
         self.cond_embed = nn.Linear(cfg.ch_cond, w)
         self.time_embed = TimestepEmbedder(w)
-        self.res_blocks = nn.ModuleList(
-            HeadBlock(w, cfg.head_dim, cfg.use_swiglu) for _ in range(cfg.depth_latent)
-        )
+        self.res_blocks = nn.ModuleList(HeadBlock(w, cfg.head_dim, cfg.use_swiglu) for _ in range(cfg.depth_latent))
         self.ada_ln_blocks = nn.ModuleList(nn.Linear(w, 6 * w) for _ in range(cfg.depth_adanln))
         self.blocks_per_adaln = cfg.depth_latent // cfg.depth_adanln
         self.final_layer = FinalLayer(w, cfg.ch_target)

@@ -12,9 +12,7 @@ class StateDictMismatchError(ValueError):
     """A state dict whose keys or shapes do not match the module it is loaded into."""
 
 
-def strip_prefixes(
-    state_dict: Mapping[str, torch.Tensor], prefixes: Iterable[str]
-) -> dict[str, torch.Tensor]:
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
     """Remove any of ``prefixes`` (repeatedly, e.g. "module.vae.") from the start of every key."""
     prefixes = tuple(prefixes)
     out = {}

@@ -35,9 +35,7 @@ class TokenizerConfig:
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
         bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % _GN_GROUPS]
         if bad:
-            raise ValueError(
-                f"tokenizer {self.name}: widths {bad} are not multiples of {_GN_GROUPS} (GroupNorm)"
-            )
+            raise ValueError(f"tokenizer {self.name}: widths {bad} are not multiples of {_GN_GROUPS} (GroupNorm)")
         if self.z_channels % self.entropy_groups:
             raise ValueError(
                 f"tokenizer {self.name}: z_channels={self.z_channels} not divisible by "
@@ -160,7 +158,9 @@ class AdaptiveGroupNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         flat = style.flatten(2)  # [B, z, h*w]
-        scale = self.gamma(torch.sqrt(flat.var(dim=-1, unbiased=False) + self.eps))
+        # The official code calls ``Tensor.var(dim=-1)`` (commented "not unbias"), which is the UNBIASED
+        # variance (divides by h*w - 1); we match its numerics, so a 1x1 latent gives NaN there as here.
+        scale = self.gamma(torch.sqrt(flat.var(dim=-1, correction=1) + self.eps))
         bias = self.beta(flat.mean(dim=-1))
         return scale[..., None, None] * self.gn(x) + bias[..., None, None]
 
@@ -269,8 +269,7 @@ class BinaryAutoencoder(nn.Module):
         down = self.config.downsample
         if height % down or width % down:
             raise ValueError(
-                f"image size {height}x{width} is not divisible by tokenizer {self.config.name}'s "
-                f"down factor {down}"
+                f"image size {height}x{width} is not divisible by tokenizer {self.config.name}'s down factor {down}"
             )
         return height // down, width // down
 

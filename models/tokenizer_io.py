@@ -3,8 +3,8 @@
 Layouts: ``ae[_<name>].safetensors`` beside ``ae[_<name>]_config.json`` ({"ddconfig": {...}, "gan_decoder":
 bool}), or the ImageNet torch file ``ae_d16c32.pt`` holding {"state_dict": ...}. A config json beside
 the weights always wins; without one the named config (from the file name, else d16c32) is used, with
-``gan_decoder`` inferred from the width of ``decoder.conv_in``. Key prefixes "module." and "vae." are
-stripped.
+``gan_decoder`` inferred from the width of ``decoder.conv_in``. Key prefixes "module.", "_orig_mod." and
+"vae." are stripped.
 """
 
 import json
@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from models.state_dict_utils import load_state_dict_strict, strip_prefixes
 from models.tokenizer import TOKENIZER_CONFIGS, BinaryAutoencoder, TokenizerConfig
 
-_PREFIXES = ("module.", "vae.")
+_PREFIXES = ("module.", "_orig_mod.", "vae.")
 _SUFFIXES = (".safetensors", ".pt")
 
 
@@ -66,7 +66,7 @@ def _config_for(weights: Path, state: dict[str, torch.Tensor]) -> TokenizerConfi
 
 
 def load_tokenizer(path_or_dir: str | Path, device: str | torch.device = "cpu") -> BinaryAutoencoder:
-    """Load a tokenizer (weights file or folder holding one) strictly; returned in eval mode."""
+    """Load a tokenizer (weights file or folder holding one) strictly; eval mode, checkpoint dtype."""
     weights = _find_weights(Path(path_or_dir))
     state = _read_state_dict(weights)
     cfg = _config_for(weights, state)

@@ -11,9 +11,7 @@ def commitment_loss(h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(h, q.detach())
 
 
-def group_codebook(
-    bits: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+def group_codebook(bits: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """All 2^bits codes in {-1, +1}^bits as [2^bits, bits]; code k has bit i = (k >> i) & 1 (bit 0 = LSB)."""
     k = torch.arange(2**bits, device=device).unsqueeze(1)
     i = torch.arange(bits, device=device)
@@ -33,9 +31,7 @@ def group_entropy_loss(
         raise ValueError(f"latent width z={z} is not divisible by num_groups={num_groups}")
     d = z // num_groups
     if d > _MAX_GROUP_BITS:
-        raise ValueError(
-            f"{d} bits per group (z={z} / {num_groups}) is too many to enumerate (max {_MAX_GROUP_BITS})"
-        )
+        raise ValueError(f"{d} bits per group (z={z} / {num_groups}) is too many to enumerate (max {_MAX_GROUP_BITS})")
     tokens = h.float().movedim(1, -1).reshape(-1, num_groups, d)  # [N, G, d]
     logits = 2 * tokens @ group_codebook(d, h.device).T / temperature  # [N, G, 2^d]
     probs = logits.softmax(dim=-1)

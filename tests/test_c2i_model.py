@@ -33,7 +33,9 @@ def test_apply_rope_rotates_adjacent_pairs():
     a = x[0, 0, 0]
     for i, th in enumerate([0.3, 1.1]):
         assert out[2 * i].item() == pytest.approx(a[2 * i].item() * math.cos(th) - a[2 * i + 1].item() * math.sin(th))
-        assert out[2 * i + 1].item() == pytest.approx(a[2 * i + 1].item() * math.cos(th) + a[2 * i].item() * math.sin(th))
+        assert out[2 * i + 1].item() == pytest.approx(
+            a[2 * i + 1].item() * math.cos(th) + a[2 * i].item() * math.sin(th)
+        )
 
 
 @pytest.mark.parametrize("P", [1, 4, 16])

@@ -9,6 +9,7 @@ import torch
 from models.state_dict_utils import StateDictMismatchError
 from models.tokenizer import (
     TOKENIZER_CONFIGS,
+    AdaptiveGroupNorm,
     BinaryAutoencoder,
     TokenizerConfig,
     depth_to_space,
@@ -103,6 +104,23 @@ def test_depth_to_space_dcr() -> None:
     for c, r, col in itertools.product(range(3), range(6), range(10)):
         src = (r % 2) * 6 + (col % 2) * 3 + c  # channel index = (row offset, col offset, channel)
         assert y[1, c, r, col] == x[1, src, r // 2, col // 2]
+
+
+def test_adaptive_group_norm_uses_unbiased_latent_variance() -> None:
+    agn = AdaptiveGroupNorm(2, 32)
+    with torch.no_grad():
+        agn.gamma.weight.copy_(torch.eye(32, 2))  # channel 0 <- std of latent channel 0, channel 1 <- ch 1
+        agn.gamma.bias.zero_()
+        agn.beta.weight.copy_(torch.eye(32, 2))
+        agn.beta.bias.fill_(0.5)
+    style = torch.tensor([[1.0, -1.0, 1.0, 1.0], [-1.0, -1.0, -1.0, -1.0]]).view(1, 2, 2, 2)
+    x = torch.randn(1, 32, 3, 3)
+    out = agn(x, style)
+    normed = torch.nn.functional.group_norm(x, 32, eps=1e-6)
+    std0 = math.sqrt(sum((v - 0.5) ** 2 for v in [1, -1, 1, 1]) / 3 + 1e-6)  # official: Tensor.var, unbiased
+    torch.testing.assert_close(out[0, 0], std0 * normed[0, 0] + 0.5 + 0.5)
+    torch.testing.assert_close(out[0, 1], math.sqrt(1e-6) * normed[0, 1] + 0.5 - 1.0)
+    torch.testing.assert_close(out[0, 2], torch.full((3, 3), 0.5))
 
 
 def test_ste_gradients_reach_encoder() -> None:

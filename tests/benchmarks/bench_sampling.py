@@ -1,0 +1,58 @@
+"""Sampling speed of next-patch decoding: wall time per image for P = 1, 4, 16 and batched vs separate CFG.
+
+One tiny class-conditional model family on a 16x16 token grid (the same backbone and head for every P),
+random weights (speed does not depend on them). Prints the figures side by side as ratios; not a test.
+Run: `make bench` or `python tests/benchmarks/bench_sampling.py [--batch 8 --steps 10 --repeats 2]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from models.bitdance_c2i import ClassConditionalBitDance, get_c2i_config
+from models.c2i_sampler import sample_class_conditional
+
+
+def per_image_seconds(model, batch: int, steps: int, cfg: float, batched: bool, repeats: int) -> float:
+    labels = torch.arange(batch) % model.cfg.num_classes
+    sample_class_conditional(model, labels[:1], 1, cfg, "constant", torch.Generator().manual_seed(0), batched)
+    best = float("inf")
+    for r in range(repeats):
+        start = time.perf_counter()
+        sample_class_conditional(model, labels, steps, cfg, "constant", torch.Generator().manual_seed(r), batched)
+        best = min(best, time.perf_counter() - start)
+    return best / batch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10, help="head sampling steps per AR step")
+    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    print(f"tiny model, 16x16 tokens, batch {args.batch}, {args.steps} head steps, CFG {args.cfg} (batched)")
+    times = {}
+    for P in (1, 4, 16):
+        model = ClassConditionalBitDance(get_c2i_config("tiny", parallel_num=P)).eval()
+        times[P] = per_image_seconds(model, args.batch, args.steps, args.cfg, True, args.repeats)
+    print(f"{'P':>4} {'AR steps':>9} {'s/image':>9} {'speed-up vs P=1':>16}")
+    for P, t in times.items():
+        print(f"{P:>4} {256 // P:>9} {t:>9.4f} {times[1] / t:>15.2f}x")
+
+    model = ClassConditionalBitDance(get_c2i_config("tiny", parallel_num=16)).eval()
+    sep = per_image_seconds(model, args.batch, args.steps, args.cfg, False, args.repeats)
+    bat = per_image_seconds(model, args.batch, args.steps, args.cfg, True, args.repeats)
+    print(f"CFG at P=16: separate {sep:.4f} s/image, batched {bat:.4f} s/image, batched is {sep / bat:.2f}x faster")
+    print(f"targets: P=16 >= 5x faster than P=1 -> {times[1] / times[16]:.2f}x; batched CFG faster -> {sep / bat:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
