@@ -1,0 +1,211 @@
+"""Text-to-image BitDance: Qwen3 backbone, bit projector with 2D sin-cos embedding, and the T2I binary head.
+
+Spec section 5. Module names follow the official folder layout: `llm` (a Hugging Face Qwen3 model's keys),
+`projector` (`fc1`, `fc2`), `vision_head` (`net.*`). Training: `forward(PackedT2IBatch)` returns the loss terms;
+loss = 0.01 x text cross-entropy + 1.0 x vision diffusion loss, each a mean over its tokens. Sampling:
+`models.t2i_sampler`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attention import ATTENTION_BACKENDS, build_mask
+from models.bitdance_c2i import flip_bits
+from models.diffusion_head import BinaryDiffusionHead, HeadConfig
+from models.patch_order import patch_side
+from models.qwen3 import Qwen3Config, Qwen3ForCausalLM, get_qwen3_config
+from models.t2i_packing import IGNORE_INDEX, PackedT2IBatch
+
+# (height, width) in pixels, as the official pipeline lists them.
+OFFICIAL_IMAGE_SIZES: tuple[tuple[int, int], ...] = (
+    (2048, 512), (1920, 512), (1536, 640), (1280, 768), (1152, 896), (1024, 1024),
+    (896, 1152), (768, 1280), (640, 1536), (512, 1920), (512, 2048),
+    (1024, 256), (896, 256), (640, 384), (512, 512), (384, 640), (256, 896), (256, 1024),
+)  # fmt: skip
+
+
+@dataclass
+class T2IConfig:
+    llm: Qwen3Config
+    head: HeadConfig
+    downsample: int = 16  # tokenizer down factor: <|res_k|> is k tokens per side
+    image_sizes: tuple[tuple[int, int], ...] = OFFICIAL_IMAGE_SIZES
+    flip_p_max: float = 0.1
+    caption_dropout: float = 0.1
+    text_loss_weight: float = 0.01
+    vision_loss_weight: float = 1.0
+    attention: str = "auto"  # "dense" (exact SDPA), "flex" (FlexAttention BlockMask), "auto": flex on GPU
+    tokenizer: str = "d16c32"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attention!r}; choose one of {ATTENTION_BACKENDS}")
+        if self.head.ch_cond != self.llm.hidden_size:
+            raise ValueError(f"head ch_cond {self.head.ch_cond} != backbone hidden size {self.llm.hidden_size}")
+        if self.llm.hidden_size % 4:
+            raise ValueError("the 2D sin-cos embedding needs a hidden size divisible by 4")
+        for h, w in self.image_sizes:
+            self.grid(h, w)
+
+    @property
+    def parallel_num(self) -> int:
+        return self.head.parallel_num
+
+    @property
+    def latent_dim(self) -> int:
+        return self.head.ch_target
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid of a supported (height, width); a one-line error listing the supported sizes otherwise."""
+        if (height, width) not in self.image_sizes:
+            listed = ", ".join(f"{h}x{w}" for h, w in self.image_sizes)
+            raise ValueError(f"image size {height}x{width} (HxW) is not supported; choose one of: {listed}")
+        gh, gw = height // self.downsample, width // self.downsample
+        patch_side(self.parallel_num, gh, gw)
+        return gh, gw
+
+
+def t2i_head_config(width: int, latent_dim: int, parallel_num: int, **kw) -> HeadConfig:
+    base = dict(depth_latent=6, depth_adanln=2, head_dim=128, use_swiglu=True, sigmoid_output=True, P_mean=-0.8,
+                P_std=0.8, diff_batch_mul=1)  # fmt: skip
+    base.update(kw)
+    return HeadConfig(ch_target=latent_dim, ch_cond=width, ch_latent=width, parallel_num=parallel_num, **base)
+
+
+def get_t2i_config(name: str, **overrides) -> T2IConfig:
+    """"14B-16x", "14B-64x" (official sizes) or "tiny-4x"/"tiny-16x"/... (CPU tests; 2x tokenizer, small sizes)."""
+    m = re.fullmatch(r"(14B|tiny)-(\d+)x", name)
+    if m is None:
+        raise ValueError(f"unknown T2I config {name!r}; known: 14B-16x, 14B-64x, tiny-<P>x")
+    P = int(m.group(2))
+    if m.group(1) == "14B":
+        llm = get_qwen3_config("14B")
+        base = T2IConfig(llm=llm, head=t2i_head_config(llm.hidden_size, 32, P))
+    else:
+        llm = get_qwen3_config("tiny")
+        base = T2IConfig(
+            llm=llm, head=t2i_head_config(llm.hidden_size, 16, P, depth_latent=2, depth_adanln=1, head_dim=32),
+            downsample=2, image_sizes=((32, 32), (16, 48), (48, 16), (32, 64)), tokenizer="tiny",
+        )
+    return replace(base, **overrides)
+
+
+def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """[sin(n w_i), cos(n w_i)] with w_i = 1 / 10000^(i / (dim/2)), i < dim/2: [N] -> [N, dim]."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float32, device=positions.device) / (dim / 2))
+    angles = positions.float()[:, None] * omega
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_2d(coords: torch.Tensor, dim: int) -> torch.Tensor:
+    """2D embedding of (row, col) coords [N, 2]: concat(pe(col), pe(row)), dim/2 each."""
+    return torch.cat([sincos_1d(coords[:, 1], dim // 2), sincos_1d(coords[:, 0], dim // 2)], dim=1)
+
+
+class VisionProjector(nn.Module):
+    """Bits -> backbone width: fc1 -> GELU(tanh) -> fc2."""
+
+    def __init__(self, latent_dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(latent_dim, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, bits: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(bits), approximate="tanh"))
+
+
+@dataclass
+class T2ILoss:
+    loss: torch.Tensor
+    text_ce_sum: torch.Tensor
+    text_tokens: int
+    vision_loss_sum: torch.Tensor
+    vision_tokens: int
+
+    @property
+    def text_ce(self) -> torch.Tensor:
+        return self.text_ce_sum / max(self.text_tokens, 1)
+
+    @property
+    def vision_loss(self) -> torch.Tensor:
+        return self.vision_loss_sum / max(self.vision_tokens, 1)
+
+
+class TextToImageBitDance(nn.Module):
+    def __init__(self, cfg: T2IConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.llm = Qwen3ForCausalLM(cfg.llm)
+        self.projector = VisionProjector(cfg.latent_dim, cfg.llm.hidden_size)
+        self.vision_head = BinaryDiffusionHead(cfg.head)
+
+    def pos_embed(self, coords: torch.Tensor) -> torch.Tensor:
+        return sincos_2d(coords, self.cfg.llm.hidden_size)
+
+    def embed_image_tokens(self, bits: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of image tokens: projector(bits) + 2D sin-cos embedding of their grid cell."""
+        return self.projector(bits) + self.pos_embed(coords).to(bits.dtype)
+
+    def head_conditions(self, batch: PackedT2IBatch, perturb: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final hidden states [B, L, D], head conditions [N_t, D]) for a packed batch (teacher forcing)."""
+        embeds = self.llm.model.embed_tokens(batch.input_ids)
+        b, length, d = embeds.shape
+        bits = batch.image_in_bits.to(embeds.dtype)
+        if perturb and self.cfg.flip_p_max > 0:
+            bits = flip_bits(bits, self.cfg.flip_p_max)
+        image = self.embed_image_tokens(bits, batch.image_in_coords).to(embeds.dtype)
+        embeds = embeds.reshape(b * length, d).index_copy(0, batch.image_in_index, image).view(b, length, d)
+        mask = build_mask(batch.doc_ids, batch.block_ids, self.cfg.attention)
+        hidden = self.llm.model(embeds, batch.position_ids, mask)
+        cond = hidden.reshape(b * length, d)[batch.target_index] + self.pos_embed(batch.target_coords).to(hidden.dtype)
+        return hidden, cond
+
+    def forward(
+        self, batch: PackedT2IBatch, head_t: torch.Tensor | None = None, head_noise: torch.Tensor | None = None
+    ) -> T2ILoss:
+        """Loss terms; `head_t` [N_t / P] and `head_noise` [N_t / P, P, C] fix the diffusion draws (tests)."""
+        P, C = self.cfg.parallel_num, self.cfg.latent_dim
+        if batch.parallel_num != P:
+            raise ValueError(f"batch was packed for P={batch.parallel_num} but the model predicts P={P} tokens")
+        if batch.target_bits.shape[-1] != C:
+            raise ValueError(f"batch holds {batch.target_bits.shape[-1]}-bit tokens; the model expects {C}")
+        hidden, cond = self.head_conditions(batch, perturb=self.training)
+        labels = batch.text_labels.reshape(-1)
+        labelled = labels != IGNORE_INDEX
+        n_text = int(labelled.sum())
+        if n_text:
+            logits = self.llm.lm_head(hidden.reshape(-1, hidden.shape[-1])[labelled])
+            text_sum = F.cross_entropy(logits.float(), labels[labelled], reduction="sum")
+        else:
+            text_sum = hidden.new_zeros(()).float()
+        per_token = self.vision_head.loss(
+            batch.target_bits.view(-1, P, C), cond.view(-1, P, cond.shape[-1]), head_t, head_noise, reduction="none"
+        )
+        vision_sum = per_token.sum() / self.cfg.head.diff_batch_mul
+        n_vis = batch.target_bits.shape[0]
+        loss = self.cfg.text_loss_weight * text_sum / max(n_text, 1) + self.cfg.vision_loss_weight * vision_sum / n_vis
+        return T2ILoss(loss, text_sum, n_text, vision_sum, n_vis)
+
+    def resize_vocab(self, vocab_size: int) -> None:
+        """Grow or shrink the text vocabulary; new embedding/LM-head rows start at the mean of the old ones."""
+        old = self.cfg.llm.vocab_size
+        if vocab_size == old:
+            return
+        emb, head = self.llm.model.embed_tokens, self.llm.lm_head
+        new_emb = nn.Embedding(vocab_size, emb.embedding_dim, device=emb.weight.device, dtype=emb.weight.dtype)
+        new_head = nn.Linear(head.in_features, vocab_size, bias=False, device=head.weight.device,
+                             dtype=head.weight.dtype)  # fmt: skip
+        keep = min(old, vocab_size)
+        with torch.no_grad():
+            for new, cur in ((new_emb.weight, emb.weight), (new_head.weight, head.weight)):
+                new[:keep] = cur[:keep]
+                new[keep:] = cur.mean(dim=0, keepdim=True)
+        self.llm.model.embed_tokens, self.llm.lm_head = new_emb, new_head
+        self.cfg.llm = replace(self.cfg.llm, vocab_size=vocab_size)
+        self.llm.cfg = self.llm.model.cfg = self.cfg.llm

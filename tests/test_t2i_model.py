@@ -1,0 +1,160 @@
+"""Text-to-image BitDance: packed layout, flex == dense, teacher forcing == KV-cache decode, loss additivity."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from models.bitdance_t2i import TextToImageBitDance, get_t2i_config, sincos_2d
+from models.t2i_packing import IGNORE_INDEX, T2ISample, pack_rows
+from models.t2i_sampler import T2IDecoder, sample_t2i
+from models.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer
+
+CAPTIONS = ["a red circle left of a blue square", "two green triangles", "a yellow star above a cat"]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return build_chat_tokenizer(CAPTIONS * 3, tmp_path_factory.mktemp("tok"), vocab_size=300)
+
+
+def make(tok_dir, P, **kw):
+    tok = T2ITextTokenizer.from_folder(tok_dir, P)
+    cfg = get_t2i_config(f"tiny-{P}x", **kw)
+    cfg = replace(cfg, llm=replace(cfg.llm, vocab_size=len(tok)))
+    torch.manual_seed(0)
+    model = TextToImageBitDance(cfg)
+    with torch.no_grad():  # the head is zero-initialised; give it weights so conditions matter
+        for p in model.vision_head.parameters():
+            p.normal_(0, 0.05)
+    return tok, model.eval()
+
+
+def sample(tok, caption, h, w, C=16, text_loss=True):
+    return T2ISample(tok.prompt_ids(caption), torch.randn(C, h, w).sign(), text_loss)
+
+
+def test_layout_of_one_sample(tok_dir):
+    tok, model = make(tok_dir, 4)
+    s = sample(tok, CAPTIONS[0], 8, 8)
+    b = pack_rows([[s]], tok, 4)
+    T = len(s.text_ids)
+    assert b.input_ids.shape == (1, T + 2 + 64)
+    assert b.input_ids[0, T : T + 6].tolist() == tok.image_prefix_ids(8, 8)
+    assert b.position_ids[0].tolist() == list(range(T + 66))
+    blk = b.block_ids[0]
+    assert blk[T + 1] < blk[T + 2] == blk[T + 5] < blk[T + 6] == blk[T + 9]  # res_w + 3 queries; then patch 0
+    assert b.target_index.tolist() == list(range(T + 2, T + 66))
+    assert b.text_labels[0, : T - 1].tolist() == s.text_ids[1:] and (b.text_labels[0, T - 1 :] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("P", [4, 16])
+def test_flex_attention_equals_dense_on_a_packed_batch(tok_dir, P):
+    tok, model = make(tok_dir, P)
+    rows = [[sample(tok, CAPTIONS[0], 16, 16), sample(tok, CAPTIONS[1], 8, 24)], [sample(tok, CAPTIONS[2], 24, 8)]]
+    batch = pack_rows(rows, tok, P)
+    with torch.no_grad():
+        h_dense, c_dense = model.head_conditions(batch)
+        model.cfg.attention = "flex"
+        h_flex, c_flex = model.head_conditions(batch)
+        model.cfg.attention = "dense"
+    real = batch.doc_ids >= 0
+    assert (h_flex - h_dense)[real].abs().max().item() <= 1e-5
+    assert (c_flex - c_dense).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("P", [4, 16])
+def test_teacher_forcing_equals_kv_cache_decoding(tok_dir, P):
+    tok, model = make(tok_dir, P)
+    s = sample(tok, CAPTIONS[1], 8, 24)
+    other = sample(tok, CAPTIONS[0], 16, 16)  # packed before it: document masking must isolate the two
+    batch = pack_rows([[other, s]], tok, P)
+    with torch.no_grad():
+        _, cond = model.head_conditions(batch)
+        full = cond[256:]  # the second sample's 8 * 24 targets
+        dec = T2IDecoder(model, [s.text_ids + tok.image_prefix_ids(8, 24)] * 2, (8, 24), tok.pad_id)
+        steps = [dec.prefill()]
+        tokens = batch.target_bits[256:].view(-1, P, 16)
+        for k in range(tokens.shape[0] - 1):
+            steps.append(dec.step(tokens[k][None].expand(2, -1, -1)))
+    inc = torch.cat(steps, dim=1)
+    assert (inc[0] - full).abs().max().item() <= 1e-4 and (inc[1] - full).abs().max().item() <= 1e-4
+
+
+def test_left_padded_rows_decode_like_unpadded(tok_dir):
+    tok, model = make(tok_dir, 4)
+    prefix = tok.image_prefix_ids(16, 16)
+    short, long = tok.uncond_ids() + prefix, tok.prompt_ids(CAPTIONS[2]) + prefix
+    bits = torch.randn(1, 4, 16).sign()
+    with torch.no_grad():
+        both = T2IDecoder(model, [long, short], (16, 16), tok.pad_id)
+        a0, a1 = both.prefill(), both.step(bits.expand(2, -1, -1))
+        alone = T2IDecoder(model, [short], (16, 16), tok.pad_id)
+        b0, b1 = alone.prefill(), alone.step(bits)
+    assert (a0[1] - b0[0]).abs().max() <= 1e-5 and (a1[1] - b1[0]).abs().max() <= 1e-5
+
+
+def test_packed_loss_equals_token_weighted_per_sample_losses(tok_dir):
+    tok, model = make(tok_dir, 4)
+    s1, s2 = sample(tok, CAPTIONS[0], 16, 16), sample(tok, CAPTIONS[1], 8, 24, text_loss=False)
+    n1, n2 = 256 // 4, 192 // 4
+    t, noise = torch.rand(n1 + n2), torch.randn(n1 + n2, 4, 16)
+    with torch.no_grad():
+        packed = model(pack_rows([[s1, s2]], tok, 4), t, noise)
+        one = model(pack_rows([[s1]], tok, 4), t[:n1], noise[:n1])
+        two = model(pack_rows([[s2]], tok, 4), t[n1:], noise[n1:])
+    assert packed.text_tokens == one.text_tokens + two.text_tokens and two.text_tokens == 0
+    assert packed.vision_tokens == one.vision_tokens + two.vision_tokens == 448
+    assert torch.allclose(packed.text_ce_sum, one.text_ce_sum + two.text_ce_sum, rtol=1e-5)
+    assert torch.allclose(packed.vision_loss_sum, one.vision_loss_sum + two.vision_loss_sum, rtol=1e-5)
+    want = 0.01 * one.text_ce + (one.vision_loss_sum + two.vision_loss_sum) / 448
+    assert torch.allclose(packed.loss, want, rtol=1e-5)
+
+
+def test_training_step_reaches_parameters_and_perturbs_inputs(tok_dir):
+    tok, model = make(tok_dir, 4)
+    model.train()
+    batch = pack_rows([[sample(tok, CAPTIONS[0], 16, 16), sample(tok, CAPTIONS[2], 8, 24)]], tok, 4)
+    out = model(batch)
+    out.loss.backward()
+    assert out.text_tokens > 0 and torch.isfinite(out.loss)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for name in ("projector.fc1.weight", "llm.model.layers.0.self_attn.q_norm.weight", "vision_head.net.input_proj.weight",
+                 "llm.lm_head.weight", "llm.model.embed_tokens.weight"):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+
+
+def test_sin_cos_2d_embedding_follows_the_spec():
+    D = 16
+    emb = sincos_2d(torch.tensor([[2, 5]]), D)[0]  # row 2, col 5
+    for i in range(D // 4):
+        w = 1 / 10000 ** (i / (D / 4))
+        assert emb[i].item() == pytest.approx(torch.tensor(5 * w).sin().item(), abs=1e-6)
+        assert emb[D // 4 + i].item() == pytest.approx(torch.tensor(5 * w).cos().item(), abs=1e-6)
+        assert emb[D // 2 + i].item() == pytest.approx(torch.tensor(2 * w).sin().item(), abs=1e-6)
+
+
+def test_sampler_reproducible_batched_equals_separate_and_sizes(tok_dir):
+    tok, model = make(tok_dir, 16)
+
+    def run(seed, batched, h=16, w=48):
+        g = torch.Generator().manual_seed(seed)
+        return sample_t2i(model, tok, CAPTIONS[:2], h, w, 2, 4.0, generator=g, batched_cfg=batched)
+
+    a = run(0, True)
+    assert a.shape == (2, 16, 8, 24) and set(a.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(a, run(0, True)) and torch.equal(a, run(0, False)) and not torch.equal(a, run(1, True))
+    with pytest.raises(ValueError, match=r"image size 20x20 \(HxW\) is not supported; choose one of: 32x32"):
+        run(0, True, 20, 20)
+
+
+def test_bad_configs_and_batches(tok_dir):
+    with pytest.raises(ValueError, match="unknown T2I config"):
+        get_t2i_config("7B-16x")
+    with pytest.raises(ValueError, match="not divisible by the patch side"):
+        get_t2i_config("tiny-64x", image_sizes=((32, 32), (24, 24)))
+    tok, model = make(tok_dir, 4)
+    batch = pack_rows([[sample(tok, CAPTIONS[0], 16, 16)]], tok, 4)
+    batch.parallel_num = 16
+    with pytest.raises(ValueError, match="packed for P=16"):
+        model(batch)
