@@ -79,7 +79,7 @@ def t2i_head_config(width: int, latent_dim: int, parallel_num: int, **kw) -> Hea
 
 
 def get_t2i_config(name: str, **overrides) -> T2IConfig:
-    """"14B-16x", "14B-64x" (official sizes) or "tiny-4x"/"tiny-16x"/... (CPU tests; 2x tokenizer, small sizes)."""
+    """ "14B-16x", "14B-64x" (official sizes) or "tiny-4x"/"tiny-16x"/... (CPU tests; 2x tokenizer, small sizes)."""
     m = re.fullmatch(r"(14B|tiny)-(\d+)x", name)
     if m is None:
         raise ValueError(f"unknown T2I config {name!r}; known: 14B-16x, 14B-64x, tiny-<P>x")
@@ -90,8 +90,11 @@ def get_t2i_config(name: str, **overrides) -> T2IConfig:
     else:
         llm = get_qwen3_config("tiny")
         base = T2IConfig(
-            llm=llm, head=t2i_head_config(llm.hidden_size, 16, P, depth_latent=2, depth_adanln=1, head_dim=32),
-            downsample=2, image_sizes=((32, 32), (16, 48), (48, 16), (32, 64)), tokenizer="tiny",
+            llm=llm,
+            head=t2i_head_config(llm.hidden_size, 16, P, depth_latent=2, depth_adanln=1),
+            downsample=2,
+            image_sizes=((32, 32), (16, 48), (48, 16), (32, 64)),
+            tokenizer="tiny",
         )
     return replace(base, **overrides)
 

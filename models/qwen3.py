@@ -56,9 +56,16 @@ class Qwen3Config:
     def to_hf_dict(self, torch_dtype: str = "bfloat16") -> dict:
         d = asdict(self)
         d.update(
-            architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu", attention_dropout=0.0,
-            initializer_range=0.02, use_cache=True, use_sliding_window=False, sliding_window=None,
-            rope_scaling=None, torch_dtype=torch_dtype,
+            architectures=["Qwen3ForCausalLM"],
+            model_type="qwen3",
+            hidden_act="silu",
+            attention_dropout=0.0,
+            initializer_range=0.02,
+            use_cache=True,
+            use_sliding_window=False,
+            sliding_window=None,
+            rope_scaling=None,
+            torch_dtype=torch_dtype,
         )
         return d
 
@@ -66,8 +73,14 @@ class Qwen3Config:
 QWEN3_CONFIGS: dict[str, Qwen3Config] = {
     "14B": Qwen3Config(),
     "tiny": Qwen3Config(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=4096,
     ),
 }
 

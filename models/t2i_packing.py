@@ -124,6 +124,16 @@ def pack_rows(rows: list[list[T2ISample]], tokens: ImageTokenIds, parallel_num: 
         pads = L - col
         block_ids[r, col:] = blk + torch.arange(pads)
     return PackedT2IBatch(
-        input_ids, position_ids, doc_ids, block_ids, text_labels, torch.cat(img_idx), torch.cat(img_bits),
-        torch.cat(img_rc), torch.cat(tgt_idx), torch.cat(tgt_bits), torch.cat(tgt_rc), P,
+        input_ids,
+        position_ids,
+        doc_ids,
+        block_ids,
+        text_labels,
+        torch.cat(img_idx),
+        torch.cat(img_bits),
+        torch.cat(img_rc),
+        torch.cat(tgt_idx),
+        torch.cat(tgt_bits),
+        torch.cat(tgt_rc),
+        P,
     )

@@ -13,10 +13,18 @@ from models.qwen3 import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 def pair():
     torch.manual_seed(0)
     ours_cfg = Qwen3Config(
-        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
     )
-    hf_cfg = transformers.Qwen3Config(**{k: v for k, v in ours_cfg.to_hf_dict("float32").items() if k != "architectures"})
+    hf_cfg = transformers.Qwen3Config(
+        **{k: v for k, v in ours_cfg.to_hf_dict("float32").items() if k != "architectures"}
+    )
     hf_cfg._attn_implementation = "eager"
     hf = transformers.Qwen3ForCausalLM(hf_cfg).eval()
     with torch.no_grad():  # HF zero-inits nothing interesting; make every norm weight non-trivial too
@@ -53,8 +61,15 @@ def test_logits_match_transformers_with_restarting_position_ids(pair):
 
 
 def test_config_round_trips_through_transformers():
-    cfg = Qwen3Config(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, head_dim=32, intermediate_size=256)
+    cfg = Qwen3Config(
+        vocab_size=1000,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=32,
+        intermediate_size=256,
+    )
     hf_cfg = transformers.Qwen3Config(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
     assert Qwen3Config.from_hf_dict(hf_cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="model_type 'llama'"):

@@ -119,8 +119,13 @@ def test_training_step_reaches_parameters_and_perturbs_inputs(tok_dir):
     out.loss.backward()
     assert out.text_tokens > 0 and torch.isfinite(out.loss)
     grads = {n: p.grad for n, p in model.named_parameters()}
-    for name in ("projector.fc1.weight", "llm.model.layers.0.self_attn.q_norm.weight", "vision_head.net.input_proj.weight",
-                 "llm.lm_head.weight", "llm.model.embed_tokens.weight"):
+    for name in (
+        "projector.fc1.weight",
+        "llm.model.layers.0.self_attn.q_norm.weight",
+        "vision_head.net.input_proj.weight",
+        "llm.lm_head.weight",
+        "llm.model.embed_tokens.weight",
+    ):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
 
 

@@ -1,0 +1,137 @@
+"""The official text-to-image model folder in and out.
+
+Layout (spec section 5): a Hugging Face Qwen3 model (`config.json`, `model.safetensors` or sharded
+`model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`, tokenizer files with the added tokens),
+`ae_config.json` + `ae.safetensors`, `vision_head_config.json` + `vision_head.safetensors` (`net.*`) and
+`projector.safetensors` (`fc1.*`, `fc2.*`). Every part loads strictly; tensors keep their stored dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.bitdance_t2i import T2IConfig, TextToImageBitDance
+from models.diffusion_head import HeadConfig
+from models.qwen3 import Qwen3Config
+from models.state_dict_utils import load_state_dict_strict
+from models.text_tokenizer import T2ITextTokenizer
+from models.tokenizer import BinaryAutoencoder
+from models.tokenizer_io import load_tokenizer, save_tokenizer
+
+HEAD_JSON_KEYS = ("ch_target", "ch_cond", "ch_latent", "depth_latent", "depth_adanln", "time_shift", "time_schedule",
+                  "P_mean", "P_std", "parallel_num", "diff_batch_mul", "use_swiglu")  # fmt: skip
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _require(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"T2I model folder is missing {path.name} (looked for {path})")
+    return path
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(_require(path).read_text())
+
+
+def read_llm_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The Qwen3 weights of a folder: sharded through the index json, or one `model.safetensors`."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for name in files:
+            state.update(load_file(str(_require(folder / name))))
+        return state
+    return load_file(str(_require(folder / "model.safetensors")))
+
+
+def head_config_from_json(d: dict) -> HeadConfig:
+    """The T2I head (head_dim 128, 2*sigmoid-1 output) described by `vision_head_config.json`."""
+    missing = [k for k in HEAD_JSON_KEYS if k not in d]
+    if missing:
+        raise ValueError(f"vision_head_config.json lacks {missing}")
+    return HeadConfig(**{k: d[k] for k in HEAD_JSON_KEYS}, head_dim=128, sigmoid_output=True)
+
+
+def load_t2i_folder(
+    folder: str | Path, attention: str = "auto", image_sizes: tuple | None = None, device: str = "cpu"
+) -> tuple[TextToImageBitDance, T2ITextTokenizer, BinaryAutoencoder]:
+    """Load (model, text tokenizer, image tokenizer) from an official-layout folder, every part strictly."""
+    folder = Path(folder)
+    llm_cfg = Qwen3Config.from_hf_dict(_read_json(folder / "config.json"))
+    head_cfg = head_config_from_json(_read_json(folder / "vision_head_config.json"))
+    image_tok = load_tokenizer(_require(folder / "ae.safetensors"), device=device)
+    if image_tok.config.z_channels != head_cfg.ch_target:
+        raise ValueError(
+            f"ae makes {image_tok.config.z_channels}-bit tokens but the vision head predicts {head_cfg.ch_target}"
+        )
+    kw = dict(llm=llm_cfg, head=head_cfg, downsample=image_tok.config.downsample, attention=attention,
+              tokenizer=image_tok.config.name)  # fmt: skip
+    if image_sizes is not None:
+        kw["image_sizes"] = tuple(tuple(s) for s in image_sizes)
+    cfg = T2IConfig(**kw)
+    with torch.device("meta"):
+        model = TextToImageBitDance(cfg)
+    load_state_dict_strict(model.llm, read_llm_state_dict(folder), f"Qwen3 backbone in {folder}", assign=True)
+    for part, name in ((model.vision_head, "vision_head.safetensors"), (model.projector, "projector.safetensors")):
+        state = load_file(str(_require(folder / name)))
+        load_state_dict_strict(part, state, f"{name} in {folder}", assign=True)
+    text_tok = T2ITextTokenizer.from_folder(folder, head_cfg.parallel_num)
+    if len(text_tok) > llm_cfg.vocab_size:
+        raise ValueError(f"tokenizer has {len(text_tok)} tokens but the backbone embeds only {llm_cfg.vocab_size}")
+    return model.to(device).eval(), text_tok, image_tok
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    return shards
+
+
+def _plain(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def export_t2i_folder(
+    model: TextToImageBitDance,
+    text_tok: T2ITextTokenizer,
+    image_tok: BinaryAutoencoder,
+    out_dir: str | Path,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write `model` in the official layout (loadable by `load_t2i_folder` and by transformers for the LLM)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    llm_state = _plain(model.llm)
+    dtype = str(next(iter(llm_state.values())).dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(model.cfg.llm.to_hf_dict(dtype), indent=2) + "\n")
+    shards = _shards(llm_state, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in llm_state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    save_tokenizer(image_tok, image_tok.config, out)
+    head = {k: getattr(model.cfg.head, k) for k in HEAD_JSON_KEYS}
+    (out / "vision_head_config.json").write_text(json.dumps(head, indent=2) + "\n")
+    save_file(_plain(model.vision_head), str(out / "vision_head.safetensors"))
+    save_file(_plain(model.projector), str(out / "projector.safetensors"))
+    text_tok.save(out)
+    return out

@@ -1,0 +1,30 @@
+"""Activation checkpointing applied from outside the model: wraps every backbone and head block.
+
+Uses torch's `checkpoint_wrapper`, whose state-dict hooks keep parameter names unchanged, so checkpoints and
+official-layout exports are the same with and without it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+from models.bitdance_c2i import ClassConditionalBitDance
+from models.bitdance_t2i import TextToImageBitDance
+
+
+def _wrap_all(blocks: nn.ModuleList) -> int:
+    for i, block in enumerate(blocks):
+        blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    return len(blocks)
+
+
+def apply_activation_checkpointing(model: nn.Module, backbone: bool = True, head: bool = True) -> int:
+    """Recompute block activations in backward; returns the number of wrapped blocks."""
+    if isinstance(model, TextToImageBitDance):
+        parts = [(backbone, model.llm.model.layers), (head, model.vision_head.net.res_blocks)]
+    elif isinstance(model, ClassConditionalBitDance):
+        parts = [(backbone, model.layers), (head, model.head.net.res_blocks)]
+    else:
+        raise TypeError(f"activation checkpointing does not know {type(model).__name__}")
+    return sum(_wrap_all(blocks) for enabled, blocks in parts if enabled)
