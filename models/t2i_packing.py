@@ -26,6 +26,10 @@ class ImageTokenIds(Protocol):
 
     def image_prefix_ids(self, grid_h: int, grid_w: int) -> list[int]: ...
 
+    def prompt_ids(self, caption: str) -> list[int]: ...
+
+    def uncond_ids(self) -> list[int]: ...
+
 
 @dataclass
 class T2ISample:
@@ -36,6 +40,22 @@ class T2ISample:
     @property
     def grid(self) -> tuple[int, int]:
         return self.bits.shape[1], self.bits.shape[2]
+
+
+def caption_sample(
+    tokens: ImageTokenIds,
+    caption: str,
+    bits: torch.Tensor,
+    caption_dropout: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> T2ISample:
+    """A training sample; with probability `caption_dropout` the caption becomes the unconditional prompt
+    (and its text is then not a cross-entropy target)."""
+    if not 0.0 <= caption_dropout <= 1.0:
+        raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+    if caption_dropout > 0 and torch.rand((), generator=generator).item() < caption_dropout:
+        return T2ISample(tokens.uncond_ids(), bits, text_loss=False)
+    return T2ISample(tokens.prompt_ids(caption), bits, text_loss=True)
 
 
 def sample_length(text_len: int, grid_h: int, grid_w: int) -> int:
