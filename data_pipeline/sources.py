@@ -1,0 +1,230 @@
+"""Input sources for tokenization: webdataset tars, parquet files, image folders with sidecar captions, and
+ImageNet-style class folders. Each source is cut into input shards; each input shard becomes one output shard.
+
+Reading never raises for bad data: a sample that cannot be read comes out with an `error` reason
+(unsafe_path, missing_image, missing_caption, unreadable_shard, truncated_shard, ...), to be counted.
+Tar members are read in memory and never extracted, and a member name that is absolute or contains `..`
+is rejected as unsafe_path.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+SOURCE_KINDS = ("wds", "parquet", "folder", "imagenet")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CAPTION_KEYS = ("caption", "text", "prompt", "txt")
+
+
+@dataclass(frozen=True)
+class InputShard:
+    kind: str
+    path: str  # tar / parquet file, or the folder root
+    name: str  # output stem: deterministic and unique in the dataset
+    files: tuple[str, ...] = ()  # folder / imagenet: image paths relative to `path`
+
+
+@dataclass
+class RawSample:
+    key: str
+    image: bytes | None = None
+    caption: str = ""
+    label: int | None = None
+    error: str | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: str
+    path: str
+    samples_per_shard: int = 1000  # folder / imagenet sources
+    image_column: str = "image"  # parquet
+    caption_column: str = "caption"  # parquet
+    class_index: str | None = None  # imagenet: json {"0": ["n01440764", "tench"], ...} or one wnid per line
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"unknown source kind {self.kind!r}; choose one of {SOURCE_KINDS}")
+        if not Path(self.path).exists():
+            raise FileNotFoundError(f"input {self.path} does not exist")
+
+
+def _chunks(kind: str, root: Path, files: list[str], per_shard: int) -> list[InputShard]:
+    return [
+        InputShard(kind, str(root), f"{kind}-{i // per_shard:06d}", tuple(files[i : i + per_shard]))
+        for i in range(0, len(files), per_shard)
+    ]
+
+
+def list_shards(cfg: SourceConfig) -> list[InputShard]:
+    """The input shards of a source, in a deterministic order."""
+    root = Path(cfg.path)
+    if cfg.kind in ("wds", "parquet"):
+        ext = ".tar" if cfg.kind == "wds" else ".parquet"
+        files = [root] if root.is_file() else sorted(root.rglob(f"*{ext}"))
+        stems = [str(f.relative_to(root if root.is_dir() else root.parent).with_suffix("")) for f in files]
+        shards = [InputShard(cfg.kind, str(f), s.replace("/", "__")) for f, s in zip(files, stems, strict=True)]
+    elif cfg.kind == "folder":
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if _ext(p.name) in IMAGE_EXTS)
+        shards = _chunks("folder", root, files, cfg.samples_per_shard)
+    else:
+        files = sorted(str(p.relative_to(root)) for p in root.glob("*/*") if _ext(p.name) in IMAGE_EXTS)
+        shards = _chunks("imagenet", root, files, cfg.samples_per_shard)
+    if not shards:
+        raise ValueError(f"no input found for source {cfg.kind} at {cfg.path}")
+    return shards
+
+
+def _ext(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def class_index(cfg: SourceConfig) -> dict[str, tuple[int, str]]:
+    """wnid -> (label, class name). Without an index file: sorted folder names, named by themselves."""
+    if cfg.class_index is None:
+        names = sorted(p.name for p in Path(cfg.path).iterdir() if p.is_dir())
+        return {n: (i, n) for i, n in enumerate(names)}
+    text = Path(cfg.class_index).read_text()
+    if cfg.class_index.endswith(".json"):
+        return {v[0]: (int(k), v[1]) for k, v in json.loads(text).items()}
+    return {line.split()[0]: (i, line.split()[0]) for i, line in enumerate(l for l in text.splitlines() if l.strip())}
+
+
+def _caption_from_json(raw: bytes) -> tuple[str | None, int | None]:
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None, None
+    if not isinstance(meta, dict):
+        return None, None
+    caption = next((meta[k] for k in CAPTION_KEYS if isinstance(meta.get(k), str)), None)
+    label = meta.get("label", meta.get("cls"))
+    return caption, label if isinstance(label, int) else None
+
+
+def _finish(key: str, parts: dict[str, bytes], need_caption: bool) -> RawSample:
+    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    caption, label = (None, None)
+    if "json" in parts:
+        caption, label = _caption_from_json(parts["json"])
+    if "txt" in parts:
+        caption = parts["txt"].decode("utf-8", errors="replace").strip()
+    if "cls" in parts:
+        try:
+            label = int(parts["cls"].decode().strip())
+        except ValueError:
+            pass
+    if image is None:
+        return RawSample(key, error="missing_image", detail=f"members: {sorted(parts)}")
+    if need_caption and not caption:
+        return RawSample(key, error="missing_caption")
+    return RawSample(key, image=image, caption=caption or "", label=label)
+
+
+def _unsafe(name: str) -> bool:
+    """Absolute, parent-relative, Windows-drive or empty member names."""
+    p = PurePosixPath(name)
+    if not p.parts or p.is_absolute() or name.startswith("\\"):
+        return True
+    return ".." in p.parts or ":" in p.parts[0]
+
+
+def iter_wds(shard: InputShard, need_caption: bool) -> Iterator[RawSample]:
+    """Samples of one webdataset tar: members grouped by key (the name up to the basename's first dot)."""
+    key, parts = None, {}
+    try:
+        with tarfile.open(shard.path, mode="r|*") as tar:
+            for info in tar:
+                if _unsafe(info.name):
+                    yield RawSample(f"{shard.name}/{info.name}", error="unsafe_path", detail=info.name)
+                    continue
+                if not info.isfile():
+                    continue
+                folder, _, base = info.name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                k = f"{folder}/{stem}" if folder else stem
+                if k != key and key is not None:
+                    yield _finish(key, parts, need_caption)
+                    parts = {}
+                key = k
+                parts[ext.lower()] = tar.extractfile(info).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if key is None:
+            yield RawSample(shard.name, error="unreadable_shard", detail=f"{type(e).__name__}: {e}")
+            return
+        yield RawSample(f"{key}#rest", error="truncated_shard", detail=f"{type(e).__name__}: {e}")
+        key = None  # the partially read sample is dropped with the rest of the shard
+    if key is not None:
+        yield _finish(key, parts, need_caption)
+
+
+def iter_parquet(shard: InputShard, cfg: SourceConfig) -> Iterator[RawSample]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(shard.path)
+        missing = {cfg.image_column, cfg.caption_column} - set(pf.schema_arrow.names)
+        if missing:
+            have = pf.schema_arrow.names
+            raise ValueError(f"columns {sorted(missing)} not in {have}; set --image-column/--caption-column")
+        row = 0
+        for batch in pf.iter_batches(columns=[cfg.image_column, cfg.caption_column], batch_size=256):
+            for image, caption in zip(*(batch.column(i).to_pylist() for i in range(2)), strict=True):
+                if isinstance(image, dict):  # Hugging Face datasets' Image feature: {"bytes", "path"}
+                    image = image.get("bytes")
+                key = f"{shard.name}/{row:08d}"
+                row += 1
+                if not image:
+                    yield RawSample(key, error="missing_image")
+                elif not caption:
+                    yield RawSample(key, error="missing_caption")
+                else:
+                    yield RawSample(key, image=image, caption=str(caption))
+    except (OSError, ValueError) as e:
+        yield RawSample(shard.name, error="unreadable_shard", detail=f"{type(e).__name__}: {e}")
+
+
+def _sidecar_caption(image_path: Path) -> str | None:
+    txt = image_path.with_suffix(".txt")
+    if txt.is_file():
+        return txt.read_text(errors="replace").strip()
+    js = image_path.with_suffix(".json")
+    return _caption_from_json(js.read_bytes())[0] if js.is_file() else None
+
+
+def iter_files(shard: InputShard, classes: dict[str, tuple[int, str]] | None) -> Iterator[RawSample]:
+    root = Path(shard.path)
+    for rel in shard.files:
+        path = root / rel
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            yield RawSample(rel, error="unreadable_file", detail=str(e))
+            continue
+        if classes is None:
+            caption = _sidecar_caption(path)
+            yield RawSample(rel, image=data, caption=caption) if caption else RawSample(rel, error="missing_caption")
+            continue
+        wnid = Path(rel).parts[0]
+        if wnid not in classes:
+            yield RawSample(rel, error="unknown_class", detail=wnid)
+            continue
+        label, name = classes[wnid]
+        yield RawSample(rel, image=data, caption=name, label=label)
+
+
+def iter_samples(shard: InputShard, cfg: SourceConfig, need_caption: bool = True) -> Iterator[RawSample]:
+    """Every sample of one input shard, in order, with an `error` for the unusable ones."""
+    if shard.kind == "wds":
+        yield from iter_wds(shard, need_caption)
+    elif shard.kind == "parquet":
+        yield from iter_parquet(shard, cfg)
+    elif shard.kind == "folder":
+        yield from iter_files(shard, None)
+    else:
+        yield from iter_files(shard, class_index(cfg))

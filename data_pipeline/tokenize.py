@@ -1,0 +1,404 @@
+"""`python -m data_pipeline.tokenize`: the Ray Data job that turns image(-text) data into binary-token shards.
+
+Stage 1 (Ray tasks, CPU) reads one input shard, decodes every sample inside the UDF (bad samples are counted
+and skipped with a reason, never crash the job), resizes to the nearest aspect bucket (T2I) or ADM centre
+crop (ImageNet), tokenizes the caption, and emits the shard as chunks. Stage 2 (an actor pool, one GPU per
+actor when the cluster has GPUs) encodes the chunks in batches with the binary tokenizer. The driver writes
+one output shard per input shard, atomically, with its stats and errors, then `manifest.json` and
+`errors.jsonl`. Finished shards are skipped on re-runs; a different tokenizer or resolution config is refused.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m data_pipeline.tokenize \
+        --source wds --input /data/tars --output /data/tokens --mode t2i --tokenizer ae_d16c32.safetensors \
+        --text-tokenizer /models/Qwen3-14B --parallel-num 16
+Without --address (and no RAY_ADDRESS, as `ray job submit` sets), a local Ray bound to 127.0.0.1 is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import pickle
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_pipeline.image_ops import (
+    DEFAULT_MAX_PIXELS,
+    SkipSample,
+    adm_center_crop,
+    decode_image,
+    nearest_bucket,
+    resize_cover_crop,
+)
+from data_pipeline.shard_format import (
+    ERRORS,
+    FORMAT,
+    MANIFEST,
+    ShardStats,
+    TokenRecord,
+    write_json_atomic,
+    write_shard_atomic,
+)
+from data_pipeline.sources import SOURCE_KINDS, InputShard, SourceConfig, iter_samples, list_shards
+from models.bitdance_t2i import OFFICIAL_IMAGE_SIZES
+from models.tokenizer import images_to_tensor
+from models.tokenizer_io import load_tokenizer
+
+CONFIG_FILE = "tokenize_config.json"
+CHUNK_BYTES = 128 * 2**20  # decoded pixels per chunk handed from stage 1 to stage 2
+
+
+@dataclass
+class TokenizeConfig:
+    source: str
+    input: str
+    output: str
+    tokenizer: str  # image tokenizer weights (ae_*.safetensors / .pt) or a folder holding them
+    mode: str = "t2i"  # "t2i": aspect buckets + captions; "imagenet": centre crop + labels
+    text_tokenizer: str | None = None  # local Hugging Face tokenizer folder (t2i)
+    parallel_num: int = 16  # the model's P: fixes the <|query_k|> tokens added to the text tokenizer
+    sizes: list[tuple[int, int]] = field(default_factory=lambda: list(OFFICIAL_IMAGE_SIZES))
+    image_size: int = 256
+    batch_size: int = 32
+    chunk_samples: int = 256
+    num_actors: int | None = None
+    address: str | None = None
+    num_cpus: int | None = None  # local Ray only
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    samples_per_shard: int = 1000
+    image_column: str = "image"
+    caption_column: str = "caption"
+    class_index: str | None = None
+    fault_kill_after: int | None = None  # testing: an encoder actor dies once after this many chunks
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("t2i", "imagenet"):
+            raise ValueError(f"--mode must be t2i or imagenet, got {self.mode!r}")
+        if self.mode == "t2i" and not self.text_tokenizer:
+            raise ValueError("--mode t2i needs --text-tokenizer (a local Hugging Face tokenizer folder)")
+        self.sizes = [tuple(s) for s in self.sizes]
+        if self.batch_size < 1 or self.chunk_samples < 1:
+            raise ValueError("--batch-size and --chunk-samples must be >= 1")
+
+    def source_config(self) -> SourceConfig:
+        return SourceConfig(self.source, self.input, self.samples_per_shard, self.image_column, self.caption_column,
+                            self.class_index)  # fmt: skip
+
+
+# ---------------------------------------------------------------- identity of a tokenized dataset
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(functools.partial(f.read, 1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@functools.cache
+def _text_tokenizer(path: str, parallel_num: int):
+    from models.text_tokenizer import T2ITextTokenizer
+
+    return T2ITextTokenizer.from_folder(path, parallel_num)
+
+
+def dataset_identity(cfg: TokenizeConfig) -> dict:
+    """Everything that changes the output bits or token ids; its hash must match to add shards to a dataset."""
+    ae = load_tokenizer(cfg.tokenizer)
+    weights = sorted(p for p in Path(cfg.tokenizer).glob("ae*") if p.suffix in (".safetensors", ".pt"))
+    weights_file = Path(cfg.tokenizer) if Path(cfg.tokenizer).is_file() else weights[0]
+    ident = {
+        "format": FORMAT, "mode": cfg.mode, "image_tokenizer": ae.config.to_ddconfig(),
+        "gan_decoder": ae.config.gan_decoder, "image_tokenizer_sha256": _file_digest(weights_file),
+        "max_pixels": cfg.max_pixels,
+    }  # fmt: skip
+    if cfg.mode == "t2i":
+        ident["sizes"] = [list(s) for s in cfg.sizes]
+        ident["text_tokenizer"] = _text_tokenizer(cfg.text_tokenizer, cfg.parallel_num).fingerprint()
+    else:
+        ident["image_size"] = cfg.image_size
+    return ident
+
+
+def identity_hash(ident: dict) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_or_claim_output(out: Path, ident: dict) -> None:
+    path = out / CONFIG_FILE
+    digest = identity_hash(ident)
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old["hash"] != digest:
+            changed = sorted(k for k in set(old["identity"]) | set(ident) if old["identity"].get(k) != ident.get(k))
+            raise SystemExit(
+                f"{out} holds shards tokenized with another config (differs in: {', '.join(changed)}); "
+                "use a new --output or delete the old shards"
+            )
+        return
+    write_json_atomic(path, {"hash": digest, "identity": ident})
+
+
+# ---------------------------------------------------------------- stage 1: read + decode (Ray tasks)
+def _prepare(raw, cfg: TokenizeConfig) -> dict:
+    img = decode_image(raw.image, cfg.max_pixels)
+    if cfg.mode == "t2i":
+        height, width = nearest_bucket(img.height, img.width, cfg.sizes)
+        pixels = resize_cover_crop(img, height, width)
+        text_ids = _text_tokenizer(cfg.text_tokenizer, cfg.parallel_num).prompt_ids(raw.caption)
+    else:
+        pixels, text_ids = adm_center_crop(img, cfg.image_size), []
+    return {"pixels": pixels, "caption": raw.caption, "label": raw.label, "text_ids": text_ids, "source_key": raw.key}
+
+
+def decode_shard(shard: InputShard, cfg: TokenizeConfig) -> list[dict]:
+    """Chunks of one input shard: decoded samples (keyed by their index in the shard) plus skipped ones."""
+    start = time.perf_counter()
+    samples, errors, n = [], [], 0
+    for n, raw in enumerate(iter_samples(shard, cfg.source_config(), need_caption=cfg.mode == "t2i"), start=1):
+        key = f"{shard.name}-{n - 1:06d}"
+        try:
+            if raw.error:
+                raise SkipSample(raw.error, raw.detail)
+            samples.append({"key": key, **_prepare(raw, cfg)})
+        except SkipSample as e:
+            errors.append({"shard": shard.name, "key": key, "source_key": raw.key, "reason": e.reason,
+                           "detail": e.detail[:300]})  # fmt: skip
+    chunks, cur, size = [], [], 0
+    for s in samples:
+        if cur and (len(cur) >= cfg.chunk_samples or size + s["pixels"].nbytes > CHUNK_BYTES):
+            chunks.append(cur)
+            cur, size = [], 0
+        cur.append(s)
+        size += s["pixels"].nbytes
+    chunks.append(cur)
+    head = {"inputs": n, "errors": errors, "decode_seconds": time.perf_counter() - start}
+    return [{"samples": c, **(head if i == 0 else {})} for i, c in enumerate(chunks)]
+
+
+def decode_batch(batch: dict, cfg_json: str) -> dict:
+    cfg = TokenizeConfig(**json.loads(cfg_json))
+    out = {"shard": [], "chunk": [], "n_chunks": [], "payload": []}
+    for item in batch["shard"]:
+        shard = InputShard(**json.loads(item))
+        chunks = decode_shard(shard, cfg)
+        for i, chunk in enumerate(chunks):
+            out["shard"].append(shard.name)
+            out["chunk"].append(i)
+            out["n_chunks"].append(len(chunks))
+            out["payload"].append(pickle.dumps(chunk, protocol=5))
+    return out
+
+
+# ---------------------------------------------------------------- stage 2: encode (actor pool)
+class ChunkEncoder:
+    """Holds the binary tokenizer on its device; encodes same-size images in batches of `batch_size`."""
+
+    def __init__(self, cfg_json: str):
+        self.cfg = TokenizeConfig(**json.loads(cfg_json))
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.ae = load_tokenizer(self.cfg.tokenizer, device=self.device)
+        self.done = 0
+
+    @torch.no_grad()
+    def encode(self, samples: list[dict]) -> list[TokenRecord]:
+        records: dict[str, TokenRecord] = {}
+        by_size: dict[tuple, list[dict]] = {}
+        for s in samples:
+            by_size.setdefault(s["pixels"].shape, []).append(s)
+        for group in by_size.values():
+            for i in range(0, len(group), self.cfg.batch_size):
+                part = group[i : i + self.cfg.batch_size]
+                x = images_to_tensor(torch.from_numpy(np.stack([s["pixels"] for s in part]))).to(self.device)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
+                    bits = self.ae.encode(x).bits
+                for s, grid in zip(part, bits.float().cpu(), strict=True):
+                    records[s["key"]] = TokenRecord.from_grid(
+                        s["key"], grid, text_ids=s["text_ids"], caption=s["caption"], source_key=s["source_key"],
+                        label=s["label"], image_hw=tuple(s["pixels"].shape[:2]),
+                    )  # fmt: skip
+        return [records[s["key"]] for s in samples]
+
+    def _maybe_die(self) -> None:
+        limit = self.cfg.fault_kill_after
+        if limit is None or self.done < limit:
+            return
+        marker = Path(self.cfg.output) / ".fault-injected"
+        if not marker.exists():
+            marker.write_text("killed once\n")
+            os._exit(1)  # simulate a crashed worker / preempted node before the result is returned
+
+    def __call__(self, batch: dict) -> dict:
+        payloads = []
+        for blob in batch["payload"]:
+            chunk = pickle.loads(blob)
+            start = time.perf_counter()
+            chunk["records"] = self.encode(chunk.pop("samples"))
+            chunk["encode_seconds"] = time.perf_counter() - start
+            self.done += 1
+            self._maybe_die()
+            payloads.append(pickle.dumps(chunk, protocol=5))
+        return {"shard": batch["shard"], "chunk": batch["chunk"], "n_chunks": batch["n_chunks"], "payload": payloads}
+
+
+# ---------------------------------------------------------------- driver
+def connect_ray(cfg: TokenizeConfig):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 dashboard_host="127.0.0.1", log_to_driver=False)  # fmt: skip
+    return ray
+
+
+def _shard_done(out: Path, name: str) -> bool:
+    return (out / f"{name}.tar").is_file() and (out / f"{name}.stats.json").is_file()
+
+
+def _finish_shard(out: Path, name: str, chunks: dict[int, dict]) -> None:
+    parts = [chunks[i] for i in sorted(chunks)]
+    head = parts[0]
+    records = [r for p in parts for r in p["records"]]
+    stats = ShardStats(name=f"{name}.tar", inputs=head["inputs"], ok=len(records))
+    for e in head["errors"]:
+        stats.skip(e["reason"])
+    stats.seconds = round(head["decode_seconds"] + sum(p["encode_seconds"] for p in parts), 3)
+    stats.tokens = sum(r.h * r.w for r in records)
+    stats.sizes = dict(Counter(f"{r.image_hw[0]}x{r.image_hw[1]}" for r in records))
+    write_shard_atomic(out / f"{name}.tar", records)
+    errors = "".join(json.dumps(e, sort_keys=True) + "\n" for e in head["errors"])
+    tmp = out / f".{name}.errors.jsonl.tmp"
+    tmp.write_text(errors)
+    os.replace(tmp, out / f"{name}.errors.jsonl")
+    write_json_atomic(out / f"{name}.stats.json", asdict(stats))  # written last: marks the shard as finished
+
+
+def write_manifest(out: Path, cfg: TokenizeConfig, shards: list[InputShard], ident: dict) -> dict:
+    stats = [json.loads((out / f"{s.name}.stats.json").read_text()) for s in shards]
+    skipped: Counter = Counter()
+    sizes: Counter = Counter()
+    for st in stats:
+        skipped.update(st["skipped"])
+        sizes.update(st["sizes"])
+    ae = load_tokenizer(cfg.tokenizer)
+    manifest = {
+        "format": FORMAT, "kind": cfg.mode, "config_hash": identity_hash(ident), "identity": ident,
+        "bits_per_token": ae.config.z_channels, "downsample": ae.config.downsample,
+        "shards": [{"name": st["name"], "samples": st["ok"], "tokens": st["tokens"]} for st in stats],
+        "samples": sum(st["ok"] for st in stats), "inputs": sum(st["inputs"] for st in stats),
+        "skipped": dict(sorted(skipped.items())), "size_histogram": dict(sorted(sizes.items())),
+    }  # fmt: skip
+    if cfg.mode == "t2i":
+        tok = _text_tokenizer(cfg.text_tokenizer, cfg.parallel_num)
+        manifest["text_tokens"] = {
+            "pad_id": tok.pad_id, "vision_start_id": tok.vision_start_id,
+            "res_ids": [tok.res_id(k) for k in range(1, tok.num_res_tokens + 1)], "query_ids": tok.query_ids(),
+            "uncond_ids": tok.uncond_ids(), "parallel_num": cfg.parallel_num, "vocab_size": len(tok),
+        }  # fmt: skip
+    errors = "".join((out / f"{s.name}.errors.jsonl").read_text() for s in shards)
+    (out / f".{ERRORS}.tmp").write_text(errors)
+    os.replace(out / f".{ERRORS}.tmp", out / ERRORS)
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def run_tokenize(cfg: TokenizeConfig) -> dict:
+    """Tokenize every unfinished input shard and (re)write the manifest; returns the manifest."""
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    ident = dataset_identity(cfg)
+    check_or_claim_output(out, ident)
+    shards = list_shards(cfg.source_config())
+    dupes = [n for n, c in Counter(s.name for s in shards).items() if c > 1]
+    if dupes:
+        raise SystemExit(f"input shards map to the same output names: {dupes[:5]}")
+    todo = [s for s in shards if not _shard_done(out, s.name)]
+    print(f"{len(shards)} input shards, {len(shards) - len(todo)} already done, {len(todo)} to tokenize")
+    if todo:
+        _run_ray(cfg, todo, out)
+    manifest = write_manifest(out, cfg, shards, ident)
+    print(f"{manifest['samples']} samples in {len(shards)} shards, skipped {manifest['skipped'] or 'none'} -> {out}")
+    return manifest
+
+
+def _run_ray(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
+    ray = connect_ray(cfg)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    actors = cfg.num_actors or (gpus if gpus else max(1, cpus // 2))
+    cfg_json = json.dumps(asdict(cfg))
+    ds = ray.data.from_items([{"shard": json.dumps(asdict(s))} for s in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(decode_batch, batch_size=1, fn_kwargs={"cfg_json": cfg_json}, num_cpus=1)
+    ds = ds.map_batches(
+        ChunkEncoder, batch_size=1, fn_constructor_kwargs={"cfg_json": cfg_json},
+        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+    )  # fmt: skip  (Ray Data restarts dead actors and retries their tasks: max_restarts = max_task_retries = -1)
+    pending: dict[str, dict[int, dict]] = {}
+    with tqdm(total=len(todo), desc="tokenizing", unit="shard") as bar:
+        for row in ds.iter_rows():
+            chunks = pending.setdefault(row["shard"], {})
+            chunks[int(row["chunk"])] = pickle.loads(row["payload"])  # a retried chunk replaces its duplicate
+            if len(chunks) == int(row["n_chunks"]):
+                _finish_shard(out, row["shard"], pending.pop(row["shard"]))
+                bar.update(1)
+    if pending:
+        raise RuntimeError(f"shards left incomplete by the Ray job: {sorted(pending)[:5]}")
+
+
+def _size(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    if not (h.isdigit() and w.isdigit()):
+        raise argparse.ArgumentTypeError(f"size must look like 512x512 (HxW), got {text!r}")
+    return int(h), int(w)
+
+
+def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
+    p = argparse.ArgumentParser(prog="python -m data_pipeline.tokenize", description=__doc__.splitlines()[0])
+    p.add_argument("--source", choices=SOURCE_KINDS, required=True)
+    p.add_argument("--input", required=True, help="tar/parquet file or folder")
+    p.add_argument("--output", required=True)
+    p.add_argument("--tokenizer", required=True, help="image tokenizer: ae_*.safetensors (+ config json) or .pt")
+    p.add_argument("--mode", choices=("t2i", "imagenet"), default="t2i")
+    p.add_argument("--text-tokenizer", help="local Hugging Face tokenizer folder (t2i)")
+    p.add_argument("--parallel-num", type=int, default=16, help="the model's P (sets the query tokens)")
+    p.add_argument("--size", type=_size, action="append", dest="sizes", help="T2I bucket HxW (repeatable)")
+    p.add_argument("--image-size", type=int, default=256, help="ImageNet crop size")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encoder forward")
+    p.add_argument("--num-actors", type=int, help="encoder actors (default: one per GPU, else CPUs / 2)")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="folder/imagenet sources")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--caption-column", default="caption")
+    p.add_argument("--class-index", help="ImageNet class index (json or one wnid per line)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--fault-kill-after", type=int, help=argparse.SUPPRESS)
+    a = vars(p.parse_args(argv))
+    if a["sizes"] is None:
+        a.pop("sizes")
+    try:
+        return TokenizeConfig(**a)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_tokenize(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
