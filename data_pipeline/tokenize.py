@@ -401,4 +401,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run through the importable module, so Ray pickles functions by reference to data_pipeline.tokenize
+    # rather than to __main__ (which workers cannot import).
+    from data_pipeline.tokenize import main as _main
+
+    _main()

@@ -1,0 +1,64 @@
+"""`ray job submit` of the tokenize entry point to a local head node that the test starts (127.0.0.1 only)."""
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipeline.shapes import write_shapes_dataset
+from models.text_tokenizer import build_chat_tokenizer
+from models.tokenizer import BinaryAutoencoder, get_tokenizer_config
+from models.tokenizer_io import save_tokenizer
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head(tmp_path_factory):
+    if shutil.which("ray", path=str(BIN)) is None:
+        pytest.skip("ray CLI not installed")
+    # token authentication on, with a token that only this test's head and client know
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    temp = tmp_path_factory.mktemp("r", numbered=True)
+    port, dash = free_port(), free_port()
+    start = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+             f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    yield env, f"http://127.0.0.1:{dash}"
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_tokenizes(head, tmp_path):
+    env, address = head
+    write_shapes_dataset(tmp_path / "raw", 24, samples_per_shard=8)
+    cfg = get_tokenizer_config("tiny")
+    torch.manual_seed(0)
+    save_tokenizer(BinaryAutoencoder(cfg), cfg, tmp_path / "ae", name="tiny")
+    text = build_chat_tokenizer(["a red circle", "two blue squares"], tmp_path / "text", vocab_size=300)
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+           "python", "-m", "data_pipeline.tokenize", "--source", "wds", "--input", str(tmp_path / "raw"),
+           "--output", str(tmp_path / "tokens"), "--tokenizer", str(tmp_path / "ae"), "--text-tokenizer", str(text),
+           "--parallel-num", "4", "--size", "64x64", "--num-actors", "1"]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in r.stdout
+    manifest = json.loads((tmp_path / "tokens" / "manifest.json").read_text())
+    assert manifest["samples"] == 24 and len(manifest["shards"]) == 3
