@@ -23,6 +23,7 @@ lint: venv
 
 bench: venv
 	$(BIN)/python tests/benchmarks/bench_sampling.py
+	$(BIN)/python tests/benchmarks/bench_tokenize.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -160,49 +160,41 @@ def shuffle_buffer(items: Iterable[T], size: int, rng: random.Random) -> Iterato
     yield from buf
 
 
-def best_additions(sizes: list[int], room: int) -> list[int]:
-    """Indices (ascending) of pending items to add to a row with `room` tokens left: the largest that fits; if
-    nothing would fit after it (the row's last pick), the pair or single item that fills the most instead."""
-    fits = [(s, -i) for i, s in enumerate(sizes) if s <= room]
-    if not fits:
+def best_subset(sizes: list[int], room: int) -> list[int]:
+    """Indices (ascending) of the items whose total is the largest one not above `room`: an exact subset sum,
+    one Python-int bitset of reachable totals per prefix of the items."""
+    if room < 0:
         return []
-    size, neg_i = max(fits)
-    if any(s <= room - size for s, j in fits if j != neg_i):
-        return [-neg_i]
-    best, pick = size, [-neg_i]
-    candidates = [-j for _, j in fits]
-    for a, b in itertools.combinations(sorted(candidates), 2):
-        if best < sizes[a] + sizes[b] <= room:
-            best, pick = sizes[a] + sizes[b], [a, b]
-    return pick
+    mask = (1 << (room + 1)) - 1
+    reach = [1]  # reach[i]: totals reachable with the first i items
+    for s in sizes:
+        r = reach[-1]
+        reach.append(r | ((r << s) & mask) if s <= room else r)
+    total = reach[-1].bit_length() - 1
+    picks = []
+    for i in range(len(sizes), 0, -1):
+        if not (reach[i - 1] >> total) & 1:  # `total` needs item i - 1
+            picks.append(i - 1)
+            total -= sizes[i - 1]
+    return picks[::-1]
 
 
 def greedy_rows(items: Iterable[T], length: Callable[[T], int], budget: int, lookahead: int) -> Iterator[list[T]]:
-    """Greedy packing of a stream into rows of at most `budget` tokens, choosing among `lookahead` pending items:
-    each row starts with the oldest pending item (so none waits more than `lookahead` rows), then adds the largest
-    item that still fits until none does, with a pair search for the last pick (`best_additions`). Items longer
-    than `budget` must be filtered out before."""
+    """Packing of a stream into rows of at most `budget` tokens, BAGEL-style: each row starts with the oldest of
+    `lookahead` pending items (so none waits more than `lookahead` rows) and is completed with the subset of the
+    other pending items that fills it best (`best_subset`). Items longer than `budget` must be filtered out."""
     source = iter(items)
     pending: list[T] = []
-
-    def refill() -> None:
-        pending.extend(itertools.islice(source, lookahead - len(pending)))
-
     while True:
-        refill()
+        pending.extend(itertools.islice(source, lookahead - len(pending)))
         if not pending:
             return
         row = [pending.pop(0)]
-        room = budget - length(row[0])
-        while True:
-            refill()
-            picks = best_additions([length(x) for x in pending], room)
-            if not picks:
-                break
-            row += [pending[i] for i in picks]
-            room -= sum(length(pending[i]) for i in picks)
-            for i in reversed(picks):
-                pending.pop(i)
+        pending.extend(itertools.islice(source, lookahead - len(pending)))
+        picks = best_subset([length(x) for x in pending], budget - length(row[0]))
+        row += [pending[i] for i in picks]
+        for i in reversed(picks):
+            pending.pop(i)
         yield row
 
 

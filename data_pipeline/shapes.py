@@ -296,7 +296,7 @@ def write_shapes_dataset(
 
 def _prompt(tag: str, objects: list[tuple[str, str, int]], relation: str | None = None) -> dict:
     if relation is None:
-        (color, shape, count), = objects
+        ((color, shape, count),) = objects
         text = phrase(color, shape, count)
     else:
         text = relation_caption(objects[0][:2], relation, objects[1][:2])
@@ -333,7 +333,7 @@ def benchmark_prompts(seed: int = 0, per_kind: int = 8) -> list[dict]:
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """"64x128" -> (64, 128) as (height, width); a one-line SystemExit for anything else or sides below MIN_SIDE."""
+    """ "64x128" -> (64, 128) as (height, width); a one-line SystemExit for anything else or sides below MIN_SIDE."""
     match = re.fullmatch(r"(\d+)[xX](\d+)", text.strip(), flags=re.ASCII)
     if match is None:
         raise SystemExit(f"--size {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 64x64 or 64x128")

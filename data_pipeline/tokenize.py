@@ -344,8 +344,12 @@ def _run_ray(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
     ds = ray.data.from_items([{"shard": json.dumps(asdict(s))} for s in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(decode_batch, batch_size=1, fn_kwargs={"cfg_json": cfg_json}, num_cpus=1)
     ds = ds.map_batches(
-        ChunkEncoder, batch_size=1, fn_constructor_kwargs={"cfg_json": cfg_json},
-        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+        ChunkEncoder,
+        batch_size=1,
+        fn_constructor_kwargs={"cfg_json": cfg_json},
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if gpus else 0,
+        num_cpus=0 if gpus else 1,
     )  # fmt: skip  (Ray Data restarts dead actors and retries their tasks: max_restarts = max_task_retries = -1)
     pending: dict[str, dict[int, dict]] = {}
     with tqdm(total=len(todo), desc="tokenizing", unit="shard") as bar:

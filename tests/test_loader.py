@@ -188,3 +188,17 @@ def test_manifest_token_ids():
     assert ids.uncond_ids() == [270, 271, 272]
     with pytest.raises(NotImplementedError):
         ids.prompt_ids("a cat")
+
+
+def test_best_subset_is_optimal():
+    from itertools import combinations
+
+    from data_pipeline.loader import best_subset
+
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        sizes = torch.randint(1, 40, (9,), generator=rng).tolist()
+        room = int(torch.randint(10, 120, (1,), generator=rng))
+        best = max(sum(c) for r in range(len(sizes) + 1) for c in combinations(sizes, r) if sum(c) <= room)
+        picks = best_subset(sizes, room)
+        assert sum(sizes[i] for i in picks) == best and picks == sorted(set(picks))

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.shapes import write_shapes_dataset
+from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
+from data_pipeline.shapes import benchmark_prompts, write_shapes_dataset
 from models.text_tokenizer import build_chat_tokenizer
 from models.tokenizer import BinaryAutoencoder, get_tokenizer_config
 from models.tokenizer_io import save_tokenizer
@@ -48,17 +49,26 @@ def head(tmp_path_factory):
 
 def test_ray_job_submit_tokenizes(head, tmp_path):
     env, address = head
-    write_shapes_dataset(tmp_path / "raw", 24, samples_per_shard=8)
+    sizes = [(64, 64), (32, 32), (32, 64), (64, 32), (48, 48)]
+    write_shapes_dataset(tmp_path / "raw", 48, sizes=sizes, samples_per_shard=16)
     cfg = get_tokenizer_config("tiny")
     torch.manual_seed(0)
     save_tokenizer(BinaryAutoencoder(cfg), cfg, tmp_path / "ae", name="tiny")
-    text = build_chat_tokenizer(["a red circle", "two blue squares"], tmp_path / "text", vocab_size=300)
+    text = build_chat_tokenizer([p["prompt"] for p in benchmark_prompts()], tmp_path / "text", vocab_size=400)
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
            "python", "-m", "data_pipeline.tokenize", "--source", "wds", "--input", str(tmp_path / "raw"),
            "--output", str(tmp_path / "tokens"), "--tokenizer", str(tmp_path / "ae"), "--text-tokenizer", str(text),
-           "--parallel-num", "4", "--size", "64x64", "--num-actors", "1"]  # fmt: skip
+           "--parallel-num", "4", "--num-actors", "1", *[f"--size={h}x{w}" for h, w in sizes]]  # fmt: skip
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout
     manifest = json.loads((tmp_path / "tokens" / "manifest.json").read_text())
-    assert manifest["samples"] == 24 and len(manifest["shards"]) == 3
+    assert manifest["samples"] == 48 and len(manifest["shards"]) == 3
+    assert set(manifest["size_histogram"]) == {"64x64", "32x32", "32x64", "64x32", "48x48"}
+
+    # the packing loader fills its token budget on this mixed-size shapes data
+    loader = BinaryTokenLoader(LoaderConfig(tmp_path / "tokens", parallel_num=4, token_budget=8192, num_workers=0))
+    for i, _ in enumerate(loader):
+        if i == 20:
+            break
+    assert loader.stats()["fill_ratio"] >= 0.97

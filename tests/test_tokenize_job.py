@@ -64,9 +64,11 @@ def make_dataset(root: Path) -> dict:
                 skip("too_large")
                 add(tar, "../escape.png", png(8, 8, (0, 0, 0)))
                 skip("unsafe_path")
+                add(tar, "/tmp/absolute.png", png(8, 8, (0, 0, 0)))
+                skip("unsafe_path")
                 add(tar, "nocap.png", png(40, 40, (5, 5, 5)))
                 skip("missing_caption")
-                expected["inputs"] += 5
+                expected["inputs"] += 6
     (root / "part-999.tar").write_bytes(b"this is not a tar archive at all" * 40)
     skip("unreadable_shard")
     expected["inputs"] += 1
@@ -108,7 +110,8 @@ def test_bad_data_is_counted_and_bits_are_exact(setup):
     manifest = run_tokenize(config(root, text, "clean"))
     out = root / "clean"
     assert manifest == load_manifest(out)
-    assert manifest["inputs"] == expected["inputs"] == 36 + 5 + 1
+    assert manifest["inputs"] == expected["inputs"] == 36 + 6 + 1
+    assert not (root / "escape.png").exists() and not Path("/tmp/absolute.png").exists()  # nothing extracted
     assert manifest["skipped"] == expected["skipped"]
     assert manifest["samples"] + sum(manifest["skipped"].values()) == manifest["inputs"]
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]

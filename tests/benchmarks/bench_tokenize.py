@@ -1,0 +1,116 @@
+"""Tokenization and loading throughput, printed side by side as ratios; not a test.
+
+1. images/s of the Ray tokenize job (local Ray, 1 encoder actor) vs a bare single-process loop doing the same
+   work (read, decode, resize, encode with the same tokenizer and batch size, write shards). Target: Ray
+   overhead <= 15%. Cluster start-up is excluded; the job's own scheduling and data movement are not.
+2. samples/s of the training loader vs the samples/s a tiny T2I model consumes in training (fwd + bwd + AdamW).
+Run: `python tests/benchmarks/bench_tokenize.py [--samples 1600 --per-shard 200]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
+from data_pipeline.shapes import write_shapes_dataset
+from data_pipeline.shard_format import load_manifest
+from data_pipeline.sources import list_shards
+from data_pipeline.tokenize import ChunkEncoder, TokenizeConfig, _finish_shard, decode_shard, run_tokenize
+from models.bitdance_t2i import TextToImageBitDance, get_t2i_config
+from models.text_tokenizer import build_chat_tokenizer
+from models.tokenizer import BinaryAutoencoder, get_tokenizer_config
+from models.tokenizer_io import save_tokenizer
+
+
+def bare_loop(cfg: TokenizeConfig) -> int:
+    out = Path(cfg.output)
+    out.mkdir(parents=True)
+    encoder = ChunkEncoder.__new__(ChunkEncoder)
+    encoder.cfg, encoder.device, encoder.done = cfg, "cpu", 0
+    from models.tokenizer_io import load_tokenizer
+
+    encoder.ae = load_tokenizer(cfg.tokenizer)
+    n = 0
+    for shard in list_shards(cfg.source_config()):
+        chunks = decode_shard(shard, cfg)
+        done = {}
+        for i, chunk in enumerate(chunks):
+            chunk["records"] = encoder.encode(chunk.pop("samples"))
+            chunk["encode_seconds"] = 0.0
+            done[i] = chunk
+            n += len(chunk["records"])
+        _finish_shard(out, shard.name, done)
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=1600)
+    ap.add_argument("--per-shard", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--train-steps", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # the Ray actor runs with one thread too
+    root = Path(tempfile.mkdtemp(prefix="bench_tok_"))
+    try:
+        sizes = [(64, 64), (32, 128), (128, 32), (48, 80)]
+        write_shapes_dataset(root / "raw", args.samples, sizes=sizes, samples_per_shard=args.per_shard)
+        ae_cfg = get_tokenizer_config("tiny")
+        save_tokenizer(BinaryAutoencoder(ae_cfg), ae_cfg, root / "ae", name="tiny")
+        text = build_chat_tokenizer(["a red circle to the left of a blue square", "two green triangles"],
+                                    root / "text", vocab_size=400)  # fmt: skip
+        cfg = TokenizeConfig(source="wds", input=str(root / "raw"), output=str(root / "bare"),
+                             tokenizer=str(root / "ae"), text_tokenizer=str(text), parallel_num=4, sizes=sizes,
+                             batch_size=args.batch_size, num_actors=1, num_cpus=2)  # fmt: skip
+
+        start = time.perf_counter()
+        n_bare = bare_loop(cfg)
+        bare = n_bare / (time.perf_counter() - start)
+
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        ray_cfg = replace(cfg, output=str(root / "ray"))
+        start = time.perf_counter()
+        manifest = run_tokenize(ray_cfg)
+        ray_rate = manifest["samples"] / (time.perf_counter() - start)
+        ray.shutdown()
+        print(f"\ntokenize: bare loop {bare:.1f} images/s ({n_bare} images), Ray job {ray_rate:.1f} images/s, "
+              f"Ray overhead {100 * (bare / ray_rate - 1):+.1f}% (target <= 15%)")  # fmt: skip
+
+        tiny = get_t2i_config("tiny-4x", attention="dense")
+        vocab = load_manifest(root / "ray")["text_tokens"]["vocab_size"]
+        model = TextToImageBitDance(replace(tiny, llm=replace(tiny.llm, vocab_size=vocab))).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        loader_cfg = LoaderConfig(root / "ray", kind="t2i", parallel_num=4, token_budget=8192, num_workers=1)
+        batches = []
+        loader = BinaryTokenLoader(loader_cfg, rank=0, world_size=1)
+        start = time.perf_counter()
+        for batch in loader:
+            batches.append(batch)
+            if len(batches) == args.train_steps:
+                break
+        load_s = time.perf_counter() - start
+        samples = sum(b.num_samples for b in batches)
+        start = time.perf_counter()
+        for batch in batches:
+            opt.zero_grad()
+            model(batch).loss.backward()
+            opt.step()
+        train_s = time.perf_counter() - start
+        print(f"loader: {samples / load_s:.1f} samples/s (1 worker, incl. start-up); tiny T2I training consumes "
+              f"{samples / train_s:.1f} samples/s -> loader is {train_s / load_s:.1f}x faster than needed; "
+              f"row fill {loader.stats()['fill_ratio']:.3f}")  # fmt: skip
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
