@@ -333,6 +333,10 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     return manifest
 
 
+def _spread() -> dict:
+    return {"scheduling_strategy": "SPREAD"}
+
+
 def _run_ray(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
     ray = connect_ray(cfg)
     ctx = ray.data.DataContext.get_current()
@@ -342,7 +346,11 @@ def _run_ray(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
     actors = cfg.num_actors or (gpus if gpus else max(1, cpus // 2))
     cfg_json = json.dumps(asdict(cfg))
     ds = ray.data.from_items([{"shard": json.dumps(asdict(s))} for s in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(decode_batch, batch_size=1, fn_kwargs={"cfg_json": cfg_json}, num_cpus=1)
+    # Decode tasks spread over the cluster's CPUs. Remote args given through a function also keep Ray Data from
+    # fusing them into the encoder actors, so decoding overlaps encoding instead of running in the encoder.
+    ds = ds.map_batches(
+        decode_batch, batch_size=1, fn_kwargs={"cfg_json": cfg_json}, num_cpus=1, ray_remote_args_fn=_spread
+    )
     ds = ds.map_batches(
         ChunkEncoder,
         batch_size=1,
