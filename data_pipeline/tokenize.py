@@ -314,8 +314,9 @@ def write_manifest(out: Path, cfg: TokenizeConfig, shards: list[InputShard], ide
     return manifest
 
 
-def run_tokenize(cfg: TokenizeConfig) -> dict:
-    """Tokenize every unfinished input shard and (re)write the manifest; returns the manifest."""
+def run_tokenize(cfg: TokenizeConfig, local: bool = False) -> dict:
+    """Tokenize every unfinished input shard and (re)write the manifest; returns the manifest.
+    `local=True` does the same work in this process without Ray (small data, tests, baselines)."""
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     ident = dataset_identity(cfg)
@@ -327,10 +328,22 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     todo = [s for s in shards if not _shard_done(out, s.name)]
     print(f"{len(shards)} input shards, {len(shards) - len(todo)} already done, {len(todo)} to tokenize")
     if todo:
-        _run_ray(cfg, todo, out)
+        (_run_local if local else _run_ray)(cfg, todo, out)
     manifest = write_manifest(out, cfg, shards, ident)
     print(f"{manifest['samples']} samples in {len(shards)} shards, skipped {manifest['skipped'] or 'none'} -> {out}")
     return manifest
+
+
+def _run_local(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
+    encoder = ChunkEncoder(json.dumps(asdict(cfg)))
+    for shard in tqdm(todo, desc="tokenizing (local)", unit="shard"):
+        chunks = {}
+        for i, chunk in enumerate(decode_shard(shard, cfg)):
+            start = time.perf_counter()
+            chunk["records"] = encoder.encode(chunk.pop("samples"))
+            chunk["encode_seconds"] = time.perf_counter() - start
+            chunks[i] = chunk
+        _finish_shard(out, shard.name, chunks)
 
 
 def _spread() -> dict:

@@ -1,0 +1,170 @@
+"""The one typed config tree of a training run: YAML file + dotted CLI overrides -> validated `TrainConfig`.
+
+    torchrun ... -m training.train --config training/configs/tiny_t2i.yaml optim.lr=3e-4 schedule.total_steps=50
+Unknown keys and wrong types are rejected by OmegaConf against these dataclasses; `validate` adds the checks
+that need several fields (one line each, naming the fix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+MODEL_KINDS = ("t2i", "c2i", "tokenizer")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "t2i"  # "t2i" (text-to-image), "c2i" (class-conditional ImageNet) or "tokenizer"
+    name: str = "tiny-4x"  # a named config: get_t2i_config / get_c2i_config / get_tokenizer_config
+    init_from: str | None = None  # t2i: HF Qwen3 folder or official T2I folder; c2i: official checkpoint
+    image_tokenizer: str | None = None  # ae weights, to decode periodic samples (and online encoding)
+    text_tokenizer: str | None = None  # HF tokenizer folder, to tokenize the periodic sample prompts
+    attention: str = "auto"  # t2i attention backend: auto | dense | flex
+    activation_checkpointing: bool = False
+    # tokenizer trainer
+    disc_start: int = 0  # step at which the PatchGAN discriminator joins (0 = never)
+    disc_weight: float = 0.1
+    lpips_weights: str | None = None  # local LPIPS weights; perceptual loss off without
+    entropy_weight: float = 0.1
+    commit_weight: float = 0.25
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = "data/tokens"  # tokenized shards (t2i, c2i) or raw webdataset tars (tokenizer)
+    global_batch: int = 8  # optimizer batch: packed rows (t2i) or samples (c2i, tokenizer) over all ranks
+    micro_batch: int = 1  # per rank and forward pass
+    token_budget: int = 4096  # t2i: tokens per packed row
+    num_workers: int = 1
+    shuffle_buffer: int = 256
+    caption_dropout: float = 0.1
+    image_size: int = 64  # tokenizer trainer: crop size
+    holdout: int = 16  # tokenizer trainer: held-out images for PSNR/SSIM
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    total_steps: int = 100
+    warmup_steps: int = 0
+    decay: str = "constant"  # constant | cosine
+    min_lr: float = 0.0
+
+
+@dataclass
+class EngineConfig:
+    kind: str = "deepspeed"
+    zero_stage: int = 0  # 0-3
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps; 0 = only at the end and on SIGTERM
+    keep_last: int = 3
+    resume: str = "auto"  # auto (from <run_dir>/checkpoints/latest) | none | a checkpoint directory
+    export_official: bool = True  # also write the EMA weights in the official layout at the end
+
+
+@dataclass
+class LoggingConfig:
+    project: str = "bitdance"
+    run_name: str = "run"
+    every: int = 10
+    wandb: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline | disabled
+    peak_tflops: float = 0.0  # per device, for the MFU estimate (0 = not reported)
+
+
+@dataclass
+class EvalConfig:
+    sample_every: int = 0  # steps between sample grids (0 = off)
+    prompts: list[str] = field(default_factory=list)
+    classes: list[int] = field(default_factory=list)
+    height: int = 64
+    width: int = 64
+    num_steps: int = 10
+    cfg_scale: float = 4.0
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    ema_decay: float = 0.9999
+    max_consecutive_skips: int = 10
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    fault_nan_at_step: int = -1  # testing: make the loss NaN at this step
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    checks = [
+        (cfg.model.kind in MODEL_KINDS, f"model.kind must be one of {MODEL_KINDS}, got {cfg.model.kind!r}"),
+        (0 <= cfg.engine.zero_stage <= 3, f"engine.zero_stage must be 0-3, got {cfg.engine.zero_stage}"),
+        (cfg.engine.kind == "deepspeed", f"engine.kind {cfg.engine.kind!r} is not available (deepspeed)"),
+        (cfg.engine.precision in ("auto", "fp32", "bf16"), "engine.precision must be auto, fp32 or bf16"),
+        (cfg.schedule.decay in ("constant", "cosine"), "schedule.decay must be constant or cosine"),
+        (cfg.schedule.total_steps > 0, "schedule.total_steps must be > 0"),
+        (0 <= cfg.schedule.warmup_steps <= cfg.schedule.total_steps, "schedule.warmup_steps must be in [0, total]"),
+        (cfg.data.micro_batch > 0 and cfg.data.global_batch > 0, "data.micro_batch and data.global_batch must be > 0"),
+        (0.0 <= cfg.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
+        (cfg.logging.wandb in ("auto", "online", "offline", "disabled"), "logging.wandb: auto|online|offline|disabled"),
+        (cfg.model.attention in ("auto", "dense", "flex"), "model.attention must be auto, dense or flex"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    return cfg
+
+
+def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
+    """global_batch / (micro_batch * data-parallel size), which must divide exactly."""
+    per_step = cfg.data.micro_batch * world_size
+    if cfg.data.global_batch % per_step:
+        raise ValueError(
+            f"data.global_batch {cfg.data.global_batch} is not divisible by micro_batch {cfg.data.micro_batch} x "
+            f"data-parallel size {world_size}; change one of them"
+        )
+    return cfg.data.global_batch // per_step
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML (optional) + `key.sub=value` overrides merged onto the dataclass defaults, then validated."""
+    base = OmegaConf.structured(TrainConfig)
+    try:
+        parts = [base]
+        if path is not None:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"config file {path} does not exist")
+            parts.append(OmegaConf.load(path))
+        bad = [o for o in overrides or [] if "=" not in o]
+        if bad:
+            raise ValueError(f"overrides must look like key.sub=value, got {bad}")
+        parts.append(OmegaConf.from_dotlist(list(overrides or [])))
+        merged = OmegaConf.merge(*parts)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"invalid config: {str(e).splitlines()[0]}") from None
+    return validate(cfg)
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -1,0 +1,214 @@
+"""`torchrun --nproc_per_node N -m training.train --config <yaml> [key=value ...]`: the training loop.
+
+One loop for every model kind: data loader -> forward/backward through the engine with gradient accumulation
+-> LR schedule -> EMA -> logging, periodic samples and checkpoints. Non-finite steps are skipped and counted
+(K in a row stop the run); SIGTERM saves a checkpoint and exits 0; `checkpoint.resume=auto` continues from
+`<run_dir>/checkpoints/latest` exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.config import TrainConfig, grad_accumulation, load_config, to_dict
+from training.ema import EMA
+from training.engine import DeepSpeedEngine, init_distributed
+from training.logger import RunLogger
+from training.optim import build_optimizer, lr_at, set_lr
+from training.tasks import build_task
+
+
+class StopTraining(RuntimeError):
+    """The run cannot continue (e.g. too many consecutive non-finite steps)."""
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Preemption:
+    """SIGTERM sets a flag; all ranks agree on it once per step."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.flag = True
+
+    def requested(self) -> bool:
+        t = torch.tensor([1.0 if self.flag else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def mean_over_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def sum_over_ranks(values: list[int]) -> list[int]:
+    t = torch.tensor(values, dtype=torch.int64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
+
+
+@torch.no_grad()
+def with_ema_weights(engine: DeepSpeedEngine, ema: EMA, fn):
+    """Run fn(model) with the EMA weights swapped into the (unsharded) model, then restore the trained ones."""
+    model = engine.module
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if n in ema.shadow}
+    ema.copy_to(model)
+    try:
+        return fn(model)
+    finally:
+        params = dict(model.named_parameters())
+        for n, v in saved.items():
+            params[n].copy_(v)
+
+
+def train(cfg: TrainConfig) -> TrainerState:
+    rank, world, device = init_distributed()
+    torch.manual_seed(cfg.seed * 1000 + rank)
+    task = build_task(cfg, device)
+    if cfg.model.activation_checkpointing:
+        from training.activation_checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(task.model)
+    grad_accum = grad_accumulation(cfg, world)
+    engine = DeepSpeedEngine(task.model, build_optimizer(task.model, cfg.optim), cfg, grad_accum)
+    ema = EMA(engine.module, cfg.ema_decay)
+    loader = task.loader(rank, world)
+    state = TrainerState()
+    resume = None if cfg.checkpoint.resume == "none" else (
+        latest_checkpoint(cfg.run_dir) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
+    )  # fmt: skip
+    if resume is not None:
+        trainer, loader_state = load_checkpoint(resume, engine, ema)
+        loader.load_state_dict(loader_state)
+        state = TrainerState(**{k: trainer[k] for k in TrainerState.__dataclass_fields__ if k in trainer})
+        if rank == 0:
+            print(f"resumed from {resume} at step {state.step}", flush=True)
+    log = RunLogger(cfg, rank, state.step)
+    preempt = Preemption()
+    flops_per_token = task.flops_per_token()
+
+    def checkpoint() -> None:
+        trainer = {**vars(state), "config": to_dict(cfg)}
+        save_checkpoint(cfg.run_dir, state.step, engine, ema, loader.state_dict(), trainer, cfg.checkpoint.keep_last)
+
+    batches = iter(loader)
+    try:
+        while state.step < cfg.schedule.total_steps:
+            lr = lr_at(state.step, cfg.optim.lr, cfg.schedule)
+            set_lr(engine.base_optimizer, lr)
+            start = time.perf_counter()
+            losses, metrics, samples, tokens = [], {}, 0, 0
+            for _ in range(grad_accum):
+                out = task.step(engine, next(batches))
+                loss = out.loss
+                if state.step == cfg.fault_nan_at_step:
+                    loss = loss * float("nan")
+                engine.backward(loss)
+                result = engine.step()
+                losses.append(loss.item())
+                for k, v in out.metrics.items():
+                    metrics[k] = metrics.get(k, 0.0) + v / grad_accum
+                samples += out.samples
+                tokens += out.tokens
+            samples, tokens = sum_over_ranks([samples, tokens])
+            if result.applied:
+                ema.update(engine.module)
+                state.consecutive_skips = 0
+            else:
+                state.skipped_steps += 1
+                state.consecutive_skips += 1
+            state.step += 1
+            state.samples_seen += samples
+            state.tokens_seen += tokens
+            seconds = time.perf_counter() - start
+            keys = sorted(metrics)
+            means = mean_over_ranks([sum(losses) / len(losses), *[metrics[k] for k in keys]])
+            values = {"loss": means[0], **dict(zip(keys, means[1:], strict=True)), "lr": lr,
+                      "grad_norm": result.grad_norm, "skipped_steps": state.skipped_steps,
+                      "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds}  # fmt: skip
+            if cfg.logging.peak_tflops > 0:
+                values["mfu"] = flops_per_token * tokens / seconds / (cfg.logging.peak_tflops * 1e12 * world)
+            if state.step % cfg.logging.every == 0 or state.step == 1 or not result.applied:
+                log.log(state.step, values)
+            log.advance()
+            if state.consecutive_skips >= cfg.max_consecutive_skips:
+                raise StopTraining(
+                    f"stopping: {state.consecutive_skips} consecutive steps had non-finite loss or gradients "
+                    f"(last at step {state.step}); lower optim.lr or check the data, then resume from the last "
+                    "checkpoint"
+                )
+            if cfg.eval.sample_every and state.step % cfg.eval.sample_every == 0:
+                if rank == 0:
+                    grid = with_ema_weights(engine, ema, task.sample_grid)
+                    if grid is not None:
+                        log.image(state.step, "samples", grid)
+                if dist.is_initialized():
+                    dist.barrier()
+            if preempt.requested():
+                checkpoint()
+                if rank == 0:
+                    print(f"SIGTERM: checkpoint written at step {state.step}; exiting", flush=True)
+                return state
+            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
+                checkpoint()
+        last = latest_checkpoint(cfg.run_dir)
+        if last is None or last.name != f"step_{state.step:08d}":
+            checkpoint()
+        if cfg.checkpoint.export_official and rank == 0:
+            exported = with_ema_weights(engine, ema, lambda m: task.export(m, Path(cfg.run_dir) / "export"))
+            if exported is not None:
+                print(f"exported EMA weights to {exported}", flush=True)
+        return state
+    finally:
+        log.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML config (see training/configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 schedule.total_steps=100")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    try:
+        train(cfg)
+    except StopTraining as e:
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(3)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    from training.train import main as _main
+
+    _main()
