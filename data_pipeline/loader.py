@@ -404,7 +404,11 @@ class BinaryTokenLoader:
 
     def __iter__(self) -> Iterator[Batch | tuple[Batch, list[SampleKey]]]:
         self.dataset.start_batch = self.batches_consumed
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity)
+        # its own generator: creating the iterator must not draw from the global RNG (exact training resume)
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        loader = DataLoader(
+            self.dataset, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity, generator=gen
+        )
         for batch, info in loader:
             self.batches_consumed += 1
             self._counters.add(info.counters)

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from training.faults import maybe_kill
+
 LATEST = "latest"
 
 
@@ -37,8 +39,12 @@ def rng_state() -> dict:
     state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},  # fmt: skip
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },  # fmt: skip
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -70,14 +76,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
-def _fault(point: str) -> None:
-    """Testing hook: BITDANCE_FAULT_KILL=<point> kills this process at that point of a checkpoint write."""
-    if os.environ.get("BITDANCE_FAULT_KILL") == point:
-        os.kill(os.getpid(), 9)
-
-
-def save_checkpoint(run_dir, step: int, engine, ema, loader_state: dict, trainer: dict, keep_last: int) -> Path:
-    """Every rank calls this; returns the final checkpoint directory."""
+def save_checkpoint(
+    run_dir, step: int, engine, ema, loader_state: dict, trainer: dict, keep_last: int, extra: dict | None = None
+) -> Path:
+    """Every rank calls this; returns the final checkpoint directory. `extra`: more per-rank tensor state
+    (e.g. a second model and its optimizer), returned as is by `load_checkpoint`."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     root = checkpoint_root(run_dir)
     name = f"step_{step:08d}"
@@ -88,13 +91,13 @@ def save_checkpoint(run_dir, step: int, engine, ema, loader_state: dict, trainer
     _barrier()
     model_state = engine.full_state_dict()
     zero3 = engine.zero_stage == 3
-    per_rank = {"optimizer": engine.optimizer_state(), "rng": rng_state(), "loader": loader_state}
+    per_rank = {"optimizer": engine.optimizer_state(), "rng": rng_state(), "loader": loader_state, "extra": extra or {}}
     if zero3:
         per_rank["ema"] = ema.state_dict()
     torch.save(per_rank, tmp / f"rank_{rank:05d}.pt")
     if rank == 0:
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-        _fault("after_model")
+        maybe_kill("after_model", step)
         if not zero3:
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -103,7 +106,7 @@ def save_checkpoint(run_dir, step: int, engine, ema, loader_state: dict, trainer
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _fault("before_latest")
+        maybe_kill("before_latest", step)
         marker_tmp = root / f".{LATEST}.tmp"
         marker_tmp.write_text(name + "\n")
         os.replace(marker_tmp, root / LATEST)
@@ -114,8 +117,8 @@ def save_checkpoint(run_dir, step: int, engine, ema, loader_state: dict, trainer
     return final
 
 
-def load_checkpoint(path: Path, engine, ema) -> tuple[dict, dict]:
-    """Restore model, optimizer, EMA and this rank's RNG; returns (trainer state, loader state)."""
+def load_checkpoint(path: Path, engine, ema) -> tuple[dict, dict, dict]:
+    """Restore model, optimizer, EMA and this rank's RNG; returns (trainer state, loader state, extra)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     trainer = json.loads((path / "trainer.json").read_text())
@@ -129,4 +132,4 @@ def load_checkpoint(path: Path, engine, ema) -> tuple[dict, dict]:
     engine.load_optimizer_state(per_rank["optimizer"])
     ema.load_state_dict(per_rank["ema"] if "ema" in per_rank else load_file(str(path / "ema.safetensors")))
     set_rng_state(per_rank["rng"])
-    return trainer, per_rank["loader"]
+    return trainer, per_rank["loader"], per_rank.get("extra", {})

@@ -88,12 +88,14 @@ class DeepSpeedEngine:
         if not boundary:
             self.engine.step()
             return StepResult(False, False, float("nan"))
-        if self.zero_stage == 0:  # DeepSpeed applies non-finite fp32 gradients as they are: drop them first
+        if self.zero_stage == 0:  # DeepSpeed would apply non-finite fp32 gradients: skip its step ourselves
             finite, norm = self._grads_finite_stage0()
-            if not finite:
-                for p in self.module.parameters():
-                    p.grad = None
-            self.engine.step()
+            if finite:
+                self.engine.step()
+            else:  # what engine.step() does at a boundary, minus the update (keeps its step counters in sync)
+                self.engine.zero_grad()
+                self.engine.global_steps += 1
+                self.engine.micro_steps += 1
             return StepResult(finite, True, norm)
         self.engine.step()  # ZeRO optimizers detect the non-finite norm, clear the gradients and skip
         norm = self.engine.get_global_grad_norm()

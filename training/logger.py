@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 from PIL import Image
@@ -32,7 +33,7 @@ class RunLogger:
             import wandb
 
             id_file = self.run_dir / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.wandb = wandb.init(project=cfg.logging.project, name=cfg.logging.run_name, id=run_id,
                                     resume="allow", dir=str(self.run_dir), mode=mode, config=to_dict(cfg))  # fmt: skip

@@ -22,6 +22,7 @@ from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpo
 from training.config import TrainConfig, grad_accumulation, load_config, to_dict
 from training.ema import EMA
 from training.engine import DeepSpeedEngine, init_distributed
+from training.faults import maybe_kill
 from training.logger import RunLogger
 from training.optim import build_optimizer, lr_at, set_lr
 from training.tasks import build_task
@@ -104,7 +105,7 @@ def train(cfg: TrainConfig) -> TrainerState:
         latest_checkpoint(cfg.run_dir) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
     )  # fmt: skip
     if resume is not None:
-        trainer, loader_state = load_checkpoint(resume, engine, ema)
+        trainer, loader_state, _ = load_checkpoint(resume, engine, ema)
         loader.load_state_dict(loader_state)
         state = TrainerState(**{k: trainer[k] for k in TrainerState.__dataclass_fields__ if k in trainer})
         if rank == 0:
@@ -157,6 +158,7 @@ def train(cfg: TrainConfig) -> TrainerState:
             if state.step % cfg.logging.every == 0 or state.step == 1 or not result.applied:
                 log.log(state.step, values)
             log.advance()
+            maybe_kill("step", state.step)
             if state.consecutive_skips >= cfg.max_consecutive_skips:
                 raise StopTraining(
                     f"stopping: {state.consecutive_skips} consecutive steps had non-finite loss or gradients "

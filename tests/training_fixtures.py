@@ -1,0 +1,39 @@
+"""Small tokenized datasets and run configs shared by the training tests (built once per session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from data_pipeline.shapes import benchmark_prompts, write_shapes_dataset
+from data_pipeline.tokenize import TokenizeConfig, run_tokenize
+from models.text_tokenizer import build_chat_tokenizer
+from models.tokenizer import BinaryAutoencoder, get_tokenizer_config
+from models.tokenizer_io import save_tokenizer
+
+
+def make_t2i_data(root: Path, samples: int = 96, parallel_num: int = 4) -> dict[str, Path]:
+    write_shapes_dataset(root / "raw", samples, sizes=((32, 32), (32, 64)), samples_per_shard=24)
+    cfg = get_tokenizer_config("tiny")
+    torch.manual_seed(0)
+    save_tokenizer(BinaryAutoencoder(cfg), cfg, root / "ae", name="tiny")
+    text = build_chat_tokenizer([p["prompt"] for p in benchmark_prompts()], root / "text", vocab_size=400)
+    tok = TokenizeConfig(source="wds", input=str(root / "raw"), output=str(root / "tokens"), tokenizer=str(root / "ae"),
+                         text_tokenizer=str(text), parallel_num=parallel_num, sizes=[(32, 32), (32, 64)])  # fmt: skip
+    run_tokenize(tok, local=True)
+    return {"tokens": root / "tokens", "ae": root / "ae", "text": text}
+
+
+def make_c2i_data(root: Path, ae: Path, samples: int = 64) -> Path:
+    from PIL import Image
+
+    for label in range(4):
+        (root / "in" / f"n{label:04d}").mkdir(parents=True, exist_ok=True)
+    for i in range(samples):
+        color = [(220, 30, 30), (30, 200, 60), (40, 60, 230), (230, 210, 40)][i % 4]
+        Image.new("RGB", (40, 40), color).save(root / "in" / f"n{i % 4:04d}" / f"{i}.png")
+    cfg = TokenizeConfig(source="imagenet", input=str(root / "in"), output=str(root / "tokens"), mode="imagenet",
+                         tokenizer=str(ae), image_size=32, samples_per_shard=16)  # fmt: skip
+    run_tokenize(cfg, local=True)
+    return root / "tokens"
