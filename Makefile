@@ -10,7 +10,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_CPU)
-	$(BIN)/pip install -q -e '.[dev,data]'
+	$(BIN)/pip install -q -e '.[dev,data,train]'
 	touch $@
 
 venv: $(BIN)/.installed
@@ -24,6 +24,7 @@ lint: venv
 bench: venv
 	$(BIN)/python tests/benchmarks/bench_sampling.py
 	$(BIN)/python tests/benchmarks/bench_tokenize.py
+	$(BIN)/python tests/benchmarks/bench_train_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
