@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from training_fixtures import make_c2i_data, make_t2i_data
 
 pytestmark = pytest.mark.slow
@@ -147,3 +148,46 @@ def test_every_shipped_config_validates():
     cfg = load_config(None, ["data.global_batch=10", "data.micro_batch=4"])
     with pytest.raises(ValueError, match="not divisible by micro_batch 4 x data-parallel size 2"):
         grad_accumulation(cfg, 2)
+
+
+def test_samples_export_wandb_offline_and_keep_last(data, tmp_path):
+    run(tmp_path / "r", data, "schedule.total_steps=4", "schedule.warmup_steps=1", "checkpoint.every=1",
+        "checkpoint.keep_last=2", "eval.sample_every=2", "eval.prompts=[a red circle,two blue squares]",
+        "eval.height=32", "eval.width=64", "eval.num_steps=2", f"model.image_tokenizer={data['ae']}",
+        f"model.text_tokenizer={data['text']}", "checkpoint.export_official=true", "logging.wandb=offline",
+        nproc=1)  # fmt: skip
+    r = tmp_path / "r"
+    assert sorted(p.name for p in (r / "samples").glob("*.png")) == ["samples_00000002.png", "samples_00000004.png"]
+    assert sorted(p.name for p in (r / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000004"]
+    assert list((r / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
+    from models.t2i_io import load_t2i_folder
+
+    model, text, ae = load_t2i_folder(r / "export", image_sizes=[(32, 32), (32, 64)])
+    assert model.cfg.parallel_num == 4 and ae.config.z_channels == 16
+
+
+def test_t2i_backbone_initialises_from_a_local_qwen3_folder(data, tmp_path):
+    from dataclasses import replace
+
+    from models.bitdance_t2i import TextToImageBitDance, get_t2i_config
+    from models.t2i_io import export_t2i_folder
+    from models.text_tokenizer import T2ITextTokenizer
+    from models.tokenizer_io import load_tokenizer
+
+    cfg = get_t2i_config("tiny-4x")
+    text = T2ITextTokenizer.from_folder(data["text"], 4)
+    model = TextToImageBitDance(replace(cfg, llm=replace(cfg.llm, vocab_size=len(text))))
+    export_t2i_folder(model, text, load_tokenizer(data["ae"]), tmp_path / "hf")
+    for name in ("vision_head_config.json", "vision_head.safetensors", "projector.safetensors"):
+        (tmp_path / "hf" / name).unlink()  # what is left is a plain Hugging Face Qwen3 folder
+    run(tmp_path / "r", data, "schedule.total_steps=2", "schedule.warmup_steps=1", f"model.init_from={tmp_path / 'hf'}",
+        nproc=1)  # fmt: skip
+    from safetensors.torch import load_file
+
+    trained = load_file(str(tmp_path / "r" / "checkpoints" / "step_00000002" / "model.safetensors"))
+    start = model.llm.model.norm.weight
+    assert trained["llm.model.norm.weight"].shape == start.shape
+    # the backbone began from the folder: its untouched embedding rows equal the folder's
+    unused = text.res_id(256)  # no sample is 256 tokens tall: this row gets no gradient
+    emb = trained["llm.model.embed_tokens.weight"]
+    assert torch.equal(emb[unused], model.llm.model.embed_tokens.weight[unused].detach())
