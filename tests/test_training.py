@@ -54,9 +54,9 @@ def test_two_processes_loss_falls(data, tmp_path):
     assert last < 0.75 * first, (first, last)
 
 
-@pytest.mark.parametrize("kind,nproc", [("t2i", 2), ("c2i", 1)])
-def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(data, tmp_path, kind, nproc):
-    common = ["schedule.total_steps=12", "checkpoint.every=5"]
+@pytest.mark.parametrize("kind,nproc,zero", [("t2i", 2, 0), ("c2i", 1, 0), ("t2i", 2, 3)])
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(data, tmp_path, kind, nproc, zero):
+    common = ["schedule.total_steps=12", "checkpoint.every=5", f"engine.zero_stage={zero}"]
     run(tmp_path / "full", data, *common, kind=kind, nproc=nproc)
     killed = run(tmp_path / "cut", data, *common, kind=kind, nproc=nproc, env={"BITDANCE_FAULT_KILL": "step:8"},
                  check=False)  # fmt: skip

@@ -111,9 +111,16 @@ class DeepSpeedEngine:
                 "base": self.optimizer.optimizer.state_dict(),
                 "fp32_partitions": [t.detach().clone() for t in self.optimizer.single_partition_of_fp32_groups],
             }
+        flats = self.optimizer.fp32_partitioned_groups_flat  # ZeRO-3 steps its sub-groups one flat tensor at a time
+        base = self.optimizer.optimizer
         return {
-            "base": self.optimizer.optimizer.state_dict(),
-            "fp32_partitions": [t.detach().clone() for t in self.optimizer.fp32_partitioned_groups_flat],
+            "base_state": [
+                {k: (v.clone() if torch.is_tensor(v) else v) for k, v in base.state[f].items()}
+                if f in base.state
+                else {}
+                for f in flats
+            ],  # fmt: skip
+            "fp32_partitions": [t.detach().clone() for t in flats],
             "param_shards": [p.ds_tensor.detach().clone() for p in self.module.parameters()],
         }
 
@@ -122,7 +129,13 @@ class DeepSpeedEngine:
         if self.zero_stage == 0:
             self.base_optimizer.load_state_dict(state["base"])
             return
-        self.optimizer.optimizer.load_state_dict(state["base"])
+        if self.zero_stage == 3:
+            base = self.optimizer.optimizer
+            for flat, st in zip(self.optimizer.fp32_partitioned_groups_flat, state["base_state"], strict=True):
+                if st:
+                    base.state[flat] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+        else:
+            self.optimizer.optimizer.load_state_dict(state["base"])
         mine = (
             self.optimizer.single_partition_of_fp32_groups
             if self.zero_stage in (1, 2)

@@ -165,7 +165,7 @@ def train(cfg: TrainConfig) -> TrainerState:
                     f"(last at step {state.step}); lower optim.lr or check the data, then resume from the last "
                     "checkpoint"
                 )
-            if cfg.eval.sample_every and state.step % cfg.eval.sample_every == 0:
+            if cfg.eval.sample_every and state.step % cfg.eval.sample_every == 0 and engine.zero_stage < 3:
                 if rank == 0:
                     grid = with_ema_weights(engine, ema, task.sample_grid)
                     if grid is not None:
@@ -182,7 +182,9 @@ def train(cfg: TrainConfig) -> TrainerState:
         last = latest_checkpoint(cfg.run_dir)
         if last is None or last.name != f"step_{state.step:08d}":
             checkpoint()
-        if cfg.checkpoint.export_official and rank == 0:
+        if cfg.checkpoint.export_official and engine.zero_stage == 3 and rank == 0:
+            print("ZeRO-3: the EMA is sharded; export it from the checkpoint with the resharding tools", flush=True)
+        elif cfg.checkpoint.export_official and rank == 0:
             exported = with_ema_weights(engine, ema, lambda m: task.export(m, Path(cfg.run_dir) / "export"))
             if exported is not None:
                 print(f"exported EMA weights to {exported}", flush=True)
