@@ -39,7 +39,7 @@ def sample_class_conditional(
     num_steps: int = 50,
     cfg_scale: float = 1.0,
     cfg_schedule: str = "linear",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     batched_cfg: bool = True,
 ) -> torch.Tensor:
     """Generate ±1 latent grids [B, C, h, w] for class ids `labels` [B]; decode them with the tokenizer."""

@@ -6,6 +6,7 @@ x += (v + (1 - t) score) dt + sqrt(2 (1 - t) dt) eps with score = (t v - x) / (1
 Euler step of `last_step` starts from t = 1 - last_step. All random draws come from one `torch.Generator`.
 The conditional and unconditional rows go through the network in one batched call (`batched_cfg=True`) or
 in two calls; both give the same numbers. The caller takes sign() of the result to get the bits.
+A list of generators (one per row) makes every image's randomness independent of the batch it is in.
 """
 
 from __future__ import annotations
@@ -17,6 +18,17 @@ import torch
 from models.diffusion_head import shift_time, velocity
 
 NetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def randn_rows(shape: tuple[int, ...], device, generator: Generators) -> torch.Tensor:
+    """N(0, 1) noise; with a list of generators row i is drawn from generator i alone, so an image's noise does
+    not depend on which other images share its batch."""
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
+        return torch.cat([torch.randn((1, *shape[1:]), device=device, generator=g) for g in generator])
+    return torch.randn(shape, device=device, generator=generator, dtype=torch.float32)
 
 
 def _guided_velocity(
@@ -51,7 +63,7 @@ def euler_maruyama(
     cfg_scale: float = 1.0,
     uncond: torch.Tensor | None = None,
     time_shift: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     batched_cfg: bool = True,
     last_step: float = 0.05,
 ) -> torch.Tensor:
@@ -62,13 +74,13 @@ def euler_maruyama(
         raise ValueError(f"uncond shape {tuple(uncond.shape)} differs from cond shape {tuple(cond.shape)}")
     device = cond.device
     shape = (cond.shape[0], cond.shape[1], ch_target)
-    x = torch.randn(shape, device=device, generator=generator, dtype=torch.float32)
+    x = randn_rows(shape, device, generator)
     grid = shift_time(torch.linspace(0, 1 - last_step, num_steps + 1, dtype=torch.float32), time_shift)
     ts, dts = grid[:-1].tolist(), (grid[1:] - grid[:-1]).tolist()
     for t, dt in zip(ts, dts, strict=True):
         v = _guided_velocity(net, x, t, cond, uncond, cfg_scale, batched_cfg)
         score = (t * v - x) / (1 - t)
-        eps = torch.randn(shape, device=device, generator=generator, dtype=torch.float32)
+        eps = randn_rows(shape, device, generator)
         x = x + (v + (1 - t) * score) * dt + (2 * (1 - t) * dt) ** 0.5 * eps
     v = _guided_velocity(net, x, 1 - last_step, cond, uncond, cfg_scale, batched_cfg)
     return x + v * last_step

@@ -78,7 +78,7 @@ def sample_t2i(
     num_steps: int = 50,
     cfg_scale: float = 7.5,
     cfg_schedule: str = "constant",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     batched_cfg: bool = True,
     images_per_prompt: int = 1,
 ) -> torch.Tensor:

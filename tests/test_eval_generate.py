@@ -1,0 +1,81 @@
+"""`eval.generate` writes the official layouts, resumes, and gives the same images on 1 and 2 ranks."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.bitdance_t2i import TextToImageBitDance, get_t2i_config
+from models.t2i_io import export_t2i_folder
+from models.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer
+from models.tokenizer import BinaryAutoencoder, get_tokenizer_config
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalmodel")
+    text = T2ITextTokenizer.from_folder(build_chat_tokenizer(["a photo of a cat"], root / "tok", 300), 4)
+    cfg = get_t2i_config("tiny-4x")
+    torch.manual_seed(0)
+    model = TextToImageBitDance(replace(cfg, llm=replace(cfg.llm, vocab_size=len(text))))
+    with torch.no_grad():
+        for p in model.vision_head.parameters():
+            p.normal_(0, 0.05)
+    return export_t2i_folder(model, text, BinaryAutoencoder(get_tokenizer_config("tiny")), root / "model")
+
+
+def generate(folder, out, task, *extra, nproc=1):
+    args = ["-m", "eval.generate", "--task", task, "--model", str(folder), "--out", str(out), "--limit", "3",
+            "--image-size", "32x32", "--height", "32", "--width", "32", "--steps", "2", "--cfg-scale", "2",
+            "--batch-size", "1", *extra]  # fmt: skip
+    cmd = (
+        [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *args]
+        if nproc > 1
+        else [sys.executable, *args]
+    )
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+
+
+@pytest.mark.slow
+def test_geneval_layout_resume_and_rank_independence(folder, tmp_path):
+    out = tmp_path / "g1"
+    generate(folder, out, "geneval")
+    shared = (REPO.parent / "shared" / "eval_prompts" / "evaluation_metadata.jsonl").read_text().splitlines()
+    for i in range(3):
+        assert json.loads((out / f"{i:05d}" / "metadata.jsonl").read_text()) == json.loads(shared[i])
+        assert sorted(p.name for p in (out / f"{i:05d}" / "samples").iterdir()) == [f"{k:04d}.png" for k in range(4)]
+        assert Image.open(out / f"{i:05d}" / "samples" / "0000.png").size == (32, 32)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    again = generate(folder, out, "geneval")
+    assert "0 left" in again.stdout and {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
+    (out / "00001" / "metadata.jsonl").unlink()  # a half-written prompt folder
+    generate(folder, out, "geneval")
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert all(after[p] == t for p, t in before.items() if "00001" not in str(p))
+    assert all(after[p] != t for p, t in before.items() if "00001" in str(p))
+    generate(folder, tmp_path / "g2", "geneval", nproc=2)
+    assert files(out) == files(tmp_path / "g2")
+
+
+@pytest.mark.slow
+def test_dpg_layout(folder, tmp_path):
+    generate(folder, tmp_path / "d", "dpg")
+    ids = list(json.loads((REPO.parent / "shared" / "eval_prompts" / "dpg_prompts.json").read_text()))[:3]
+    assert sorted(p.stem for p in (tmp_path / "d").glob("*.png")) == sorted(ids)
+    grid = np.asarray(Image.open(tmp_path / "d" / f"{ids[0]}.png"))
+    assert grid.shape == (64, 64, 3)
