@@ -79,3 +79,38 @@ def test_dpg_layout(folder, tmp_path):
     assert sorted(p.stem for p in (tmp_path / "d").glob("*.png")) == sorted(ids)
     grid = np.asarray(Image.open(tmp_path / "d" / f"{ids[0]}.png"))
     assert grid.shape == (64, 64, 3)
+
+
+@pytest.mark.slow
+def test_shapes_generation_scoring_and_report(folder, tmp_path):
+    from eval.report import write_report
+    from eval.shapes_bench import main as shapes_main
+
+    out = tmp_path / "s"
+    generate(folder, out, "shapes", "--images-per-prompt", "2", "--batch-size", "4")
+    result = shapes_main([str(out), "--chance-samples", "20"])
+    assert set(result["per_tag"]) <= {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert "shapes" in summary and 0.0 <= summary["shapes"]["overall"] <= 1.0
+    report = write_report(out).read_text()
+    assert "| tag | accuracy |" in report and "report_samples.png" in report and "| steps | 2 |" in report
+    assert Image.open(out / "report_samples.png").size[0] > 0
+
+
+@pytest.mark.slow
+def test_imagenet_npz_has_the_adm_layout(tmp_path):
+    from models.bitdance_c2i import ClassConditionalBitDance, get_c2i_config
+    from models.checkpoint_io import save_c2i_checkpoint
+
+    ckpt = tmp_path / "c2i.pt"
+    torch.manual_seed(0)
+    save_c2i_checkpoint(ckpt, ClassConditionalBitDance(get_c2i_config("tiny-4x")),
+                        BinaryAutoencoder(get_tokenizer_config("tiny")))  # fmt: skip
+    cmd = [sys.executable, "-m", "eval.generate", "--task", "imagenet", "--model", str(ckpt), "--model-config",
+           "tiny-4x", "--out", str(tmp_path / "in"), "--num-classes", "3", "--per-class", "2", "--steps", "2",
+           "--cfg-scale", "2", "--cfg-schedule", "linear", "--batch-size", "4"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    arr = np.load(tmp_path / "in" / "samples.npz")["arr_0"]
+    assert arr.shape == (6, 32, 32, 3) and arr.dtype == np.uint8
+    assert list(np.load(tmp_path / "in" / "samples.npz").keys()) == ["arr_0"]
