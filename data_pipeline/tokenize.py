@@ -346,10 +346,6 @@ def _run_local(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
         _finish_shard(out, shard.name, chunks)
 
 
-def _spread() -> dict:
-    return {"scheduling_strategy": "SPREAD"}
-
-
 def _run_ray(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
     ray = connect_ray(cfg)
     ctx = ray.data.DataContext.get_current()
@@ -359,10 +355,10 @@ def _run_ray(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
     actors = cfg.num_actors or (gpus if gpus else max(1, cpus // 2))
     cfg_json = json.dumps(asdict(cfg))
     ds = ray.data.from_items([{"shard": json.dumps(asdict(s))} for s in todo], override_num_blocks=len(todo))
-    # Decode tasks spread over the cluster's CPUs. Remote args given through a function also keep Ray Data from
-    # fusing them into the encoder actors, so decoding overlaps encoding instead of running in the encoder.
+    # Decode tasks reserve the memory of the decoded pixels they hold; as their resources differ from the encoder
+    # actors', Ray Data does not fuse the two stages, so decoding overlaps encoding instead of running inside it.
     ds = ds.map_batches(
-        decode_batch, batch_size=1, fn_kwargs={"cfg_json": cfg_json}, num_cpus=1, ray_remote_args_fn=_spread
+        decode_batch, batch_size=1, fn_kwargs={"cfg_json": cfg_json}, num_cpus=1, memory=2 * CHUNK_BYTES
     )
     ds = ds.map_batches(
         ChunkEncoder,
