@@ -5,6 +5,7 @@ The loop in `training/train.py` only talks to a `Task`; models stay plain PyTorc
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -122,27 +123,32 @@ class T2ITask(Task):
         if not (ev.prompts and mc.image_tokenizer and mc.text_tokenizer):
             return None
         from models.t2i_sampler import sample_t2i
-        from models.text_tokenizer import T2ITextTokenizer
-        from models.tokenizer_io import load_tokenizer
 
-        text = T2ITextTokenizer.from_folder(mc.text_tokenizer, model.cfg.parallel_num)
-        ae = load_tokenizer(mc.image_tokenizer, device=self.device)
+        text, ae = self.tokenizers
         gen = torch.Generator(device=self.device).manual_seed(0)
         bits = sample_t2i(model, text, list(ev.prompts), ev.height, ev.width, ev.num_steps, ev.cfg_scale, generator=gen)
         images = tensor_to_images(ae.decode(bits)).cpu().numpy()
         model.train()
         return image_grid([Image.fromarray(i) for i in images], columns=min(4, len(images)))
 
+    @functools.cached_property
+    def tokenizers(self):
+        """(text tokenizer, image tokenizer) for sampling and export, loaded once."""
+        from models.text_tokenizer import T2ITextTokenizer
+        from models.tokenizer_io import load_tokenizer
+
+        mc = self.cfg.model
+        text = T2ITextTokenizer.from_folder(mc.text_tokenizer, self.model.cfg.parallel_num)
+        return text, load_tokenizer(mc.image_tokenizer, device=self.device)
+
     def export(self, model: TextToImageBitDance, out_dir: Path) -> Path | None:
         mc = self.cfg.model
         if not (mc.image_tokenizer and mc.text_tokenizer):
             return None
         from models.t2i_io import export_t2i_folder
-        from models.text_tokenizer import T2ITextTokenizer
-        from models.tokenizer_io import load_tokenizer
 
-        text = T2ITextTokenizer.from_folder(mc.text_tokenizer, model.cfg.parallel_num)
-        return export_t2i_folder(model, text, load_tokenizer(mc.image_tokenizer), out_dir)
+        text, ae = self.tokenizers
+        return export_t2i_folder(model, text, ae, out_dir)
 
 
 class C2ITask(Task):
