@@ -68,7 +68,7 @@ def _cuda_available() -> bool:
 
 
 def _geneval_checks(geneval_repo, detector_weights, detector_config) -> tuple[Path, Path, str]:
-    hint = "clone https://github.com/djghosh13/geneval and pass --geneval-repo /path/to/geneval"
+    hint = "clone the official GenEval repository (djghosh13/geneval) and pass --geneval-repo /path/to/geneval"
     if not geneval_repo:
         raise MissingScorerError(f"GenEval needs its official scorer: {hint}")
     repo = Path(geneval_repo)
@@ -153,7 +153,7 @@ def run_dpg_scorer(out_dir: str | Path, dpg_repo: str | None, mplug_weights: str
     `<out_dir>/dpg_results.txt` and `dpg_results_detail.txt`, its printout `dpg_summary.txt`.
     """
     out = Path(out_dir).resolve()
-    hint = "clone https://github.com/TencentQQGYLab/ELLA and pass --dpg-repo /path/to/ELLA"
+    hint = "clone the DPG-Bench repository (TencentQQGYLab/ELLA) and pass --dpg-repo /path/to/ELLA"
     if not dpg_repo:
         raise MissingScorerError(f"DPG-Bench needs its official scorer (dpg_bench/compute_dpg_bench.py): {hint}")
     script = _find_dpg_script(Path(dpg_repo))
