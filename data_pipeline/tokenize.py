@@ -292,10 +292,10 @@ def write_manifest(out: Path, cfg: TokenizeConfig, shards: list[InputShard], ide
     for st in stats:
         skipped.update(st["skipped"])
         sizes.update(st["sizes"])
-    ae = load_tokenizer(cfg.tokenizer)
+    dd = ident["image_tokenizer"]  # the tokenizer's ddconfig, read once by dataset_identity
     manifest = {
         "format": FORMAT, "kind": cfg.mode, "config_hash": identity_hash(ident), "identity": ident,
-        "bits_per_token": ae.config.z_channels, "downsample": ae.config.downsample,
+        "bits_per_token": dd["z_channels"], "downsample": 2 ** (len(dd["ch_mult"]) - 1),
         "shards": [{"name": st["name"], "samples": st["ok"], "tokens": st["tokens"]} for st in stats],
         "samples": sum(st["ok"] for st in stats), "inputs": sum(st["inputs"] for st in stats),
         "skipped": dict(sorted(skipped.items())), "size_histogram": dict(sorted(sizes.items())),
