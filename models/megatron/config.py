@@ -1,0 +1,156 @@
+"""Parallel settings of a megatron run, their validation, and the megatron `TransformerConfig` of the T2I backbone.
+
+`validate_parallel` raises a one-line `ValueError` naming the problem and the fix before megatron builds anything
+(megatron's own checks are asserts deep inside layer constructors). `transformer_config` maps our `T2IConfig`
+(Qwen3: RMSNorm 1e-6, SwiGLU, GQA, per-head QK-norm, no bias, RoPE base 1e6, untied LM head) onto megatron's fields.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models.bitdance_t2i import T2IConfig
+
+TRANSFORMER_IMPLS = ("local", "te")
+FP8_FORMATS = (None, "hybrid", "e4m3")
+FP8_RECIPES = ("tensorwise", "delayed", "mxfp8", "blockwise")
+
+
+@dataclass
+class MegatronParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    transformer_impl: str = "local"  # "local": megatron's own layers; "te": Transformer Engine layers (FP8)
+    fp8: str | None = None  # None, "hybrid" (e4m3 forward, e5m2 backward) or "e4m3"
+    fp8_recipe: str = "tensorwise"
+    bf16_layers_at_start: int = 1  # with FP8: backbone layers kept in BF16 at each end of the stack
+    bf16_layers_at_end: int = 1
+    params_dtype: torch.dtype = torch.bfloat16
+    use_cpu_initialization: bool = False
+    perform_initialization: bool = True
+
+
+@functools.cache
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or OSError from a wheel built against another CUDA
+        return False
+    return True
+
+
+def _divides(what: str, n: int, size: int, name: str, fix: str) -> None:
+    if n % size:
+        raise ValueError(f"{name}={size} does not divide the {n} {what}; {fix}")
+
+
+def _check_fp8(cfg: T2IConfig, par: MegatronParallelConfig) -> None:
+    if par.fp8 not in FP8_FORMATS:
+        raise ValueError(f"unknown fp8 format {par.fp8!r}; choose one of {FP8_FORMATS}")
+    if par.fp8 is None:
+        return
+    if not transformer_engine_available():
+        raise ValueError("fp8 needs Transformer Engine, which is not importable here; install transformer-engine "
+                         "(the 'gpu' extra) or set fp8=None")  # fmt: skip
+    if par.transformer_impl != "te":
+        raise ValueError("fp8 runs only on Transformer Engine layers; set transformer_impl='te'")
+    if par.fp8_recipe not in FP8_RECIPES:
+        raise ValueError(f"unknown fp8_recipe {par.fp8_recipe!r}; choose one of {FP8_RECIPES}")
+    m = cfg.llm
+    align = 32 if par.fp8_recipe == "mxfp8" else 16
+    dims = {"hidden_size": m.hidden_size, "intermediate_size / tp": m.intermediate_size // par.tp,
+            "attention width / tp": m.num_attention_heads * m.head_dim // par.tp}  # fmt: skip
+    for name, d in dims.items():
+        if d % align:
+            raise ValueError(f"fp8 ({par.fp8_recipe}) needs sizes divisible by {align} but {name} is {d}; "
+                             "change the model size or tp, or set fp8=None")  # fmt: skip
+    if par.fp8_recipe == "delayed" and (par.bf16_layers_at_start or par.bf16_layers_at_end):
+        raise ValueError("delayed-scaling fp8 cannot keep the first/last layers in BF16; use fp8_recipe='tensorwise' "
+                         "or set bf16_layers_at_start=bf16_layers_at_end=0")  # fmt: skip
+    per_stage = m.num_hidden_layers // par.pp
+    for name in ("bf16_layers_at_start", "bf16_layers_at_end"):
+        if not 0 <= getattr(par, name) <= per_stage:
+            raise ValueError(f"{name}={getattr(par, name)} must be in [0, {per_stage}] (layers per pipeline stage)")
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) < (8, 9):
+            raise ValueError(f"fp8 needs a GPU of compute capability >= 8.9 (Ada/Hopper) but this one is "
+                             f"{major}.{minor}; set fp8=None")  # fmt: skip
+
+
+def validate_parallel(cfg: T2IConfig, par: MegatronParallelConfig) -> None:
+    """Raise a one-line ValueError (problem; fix) for a parallel layout the model cannot run with."""
+    m = cfg.llm
+    if par.transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"unknown transformer_impl {par.transformer_impl!r}; choose one of {TRANSFORMER_IMPLS}")
+    if m.attention_bias:
+        raise ValueError("the megatron backbone maps Qwen3 without attention biases; set attention_bias=False")
+    if par.tp < 1 or par.pp < 1:
+        raise ValueError(f"tp and pp must be >= 1, got tp={par.tp} pp={par.pp}")
+    _divides("attention heads", m.num_attention_heads, par.tp, "tp", "choose tp dividing the number of heads")
+    _divides("query groups (KV heads)", m.num_key_value_heads, par.tp, "tp",
+             "choose tp dividing the number of KV heads")  # fmt: skip
+    _divides("vocabulary entries", m.vocab_size, par.tp, "tp",
+             "pad the vocabulary to a multiple of tp (TextToImageBitDance.resize_vocab)")  # fmt: skip
+    _divides("MLP channels", m.intermediate_size, par.tp, "tp", "choose tp dividing intermediate_size")
+    _divides("layers", m.num_hidden_layers, par.pp, "pp", "choose pp dividing the number of layers")
+    if par.sequence_parallel and par.tp == 1:
+        raise ValueError("sequence_parallel needs tensor parallelism; set tp > 1 or sequence_parallel=False")
+    _check_fp8(cfg, par)
+    if par.transformer_impl == "te" and not transformer_engine_available():
+        raise ValueError("transformer_impl='te' needs Transformer Engine, which is not importable here; "
+                         "install transformer-engine (the 'gpu' extra) or set transformer_impl='local'")  # fmt: skip
+
+
+def transformer_config(cfg: T2IConfig, par: MegatronParallelConfig):
+    """The megatron `TransformerConfig` of the Qwen3 backbone under `par` (validated first)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    validate_parallel(cfg, par)
+    m = cfg.llm
+    fp8 = {}
+    if par.fp8 is not None:
+        keep = par.bf16_layers_at_start + par.bf16_layers_at_end > 0
+        fp8 = dict(fp8=par.fp8, fp8_recipe=par.fp8_recipe, first_last_layers_bf16=keep,
+                   num_layers_at_start_in_bf16=par.bf16_layers_at_start,
+                   num_layers_at_end_in_bf16=par.bf16_layers_at_end)  # fmt: skip
+    return TransformerConfig(
+        num_layers=m.num_hidden_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.intermediate_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_key_value_heads,
+        kv_channels=m.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        qk_layernorm=True,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        rotary_interleaved=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        sequence_parallel=par.sequence_parallel,
+        params_dtype=par.params_dtype,
+        pipeline_dtype=par.params_dtype,
+        bf16=par.params_dtype == torch.bfloat16,
+        fp16=par.params_dtype == torch.float16,
+        use_cpu_initialization=par.use_cpu_initialization,
+        perform_initialization=par.perform_initialization,
+        **fp8,
+    )
