@@ -1,12 +1,12 @@
-# Developer entry points. `make test` is what CI runs (.ci/run).
+# Developer entry points. `make demo` runs the whole system on the built-in data; `make test` is what CI runs.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
-.PHONY: venv test lint bench clean
+.PHONY: venv demo test lint bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_CPU)
@@ -14,6 +14,9 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/python -m cluster.demo $(ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -q tests

@@ -58,7 +58,7 @@ def load_jobs(args: argparse.Namespace) -> list[Job]:
         if args.task == "shapes":
             from eval.shapes_bench import shapes_prompts
 
-            metas = shapes_prompts(args.seed)
+            metas = shapes_prompts(args.seed, args.per_tag)
         else:
             name = "evaluation_metadata_long.jsonl" if args.long_prompts else "evaluation_metadata.jsonl"
             path = Path(args.prompts_file) if args.prompts_file else SHARED_PROMPTS / name
@@ -152,6 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--long-prompts", action="store_true", help="GenEval: the rewritten long prompts")
     p.add_argument("--prompts-file", help="override the prompt file of the task")
     p.add_argument("--limit", type=int, help="only the first N prompts / classes (smoke runs)")
+    p.add_argument("--per-tag", type=int, default=12, help="shapes: prompts per tag")
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=4, help="images per sampler call")
     p.add_argument("--steps", type=int, default=50, help="diffusion-head steps per AR step")

@@ -316,12 +316,12 @@ def chance_level(n: int = 500, seed: int = 0, size: int = 64) -> dict[str, float
     return out
 
 
-def score_folder(out_dir: str | os.PathLike, chance_samples: int = 500) -> dict:
+def score_folder(out_dir: str | os.PathLike, chance_samples: int = 500, size: int = 64) -> dict:
     """Score a GenEval-layout folder, write <out>/shapes_results.jsonl, return per-tag and overall accuracy.
 
     Returns {"per_tag": {tag: accuracy}, "overall": unweighted mean over the tags present, "images": count,
     "chance": {"per_tag": ..., "overall": ...}, "counts": {tag: images}}, chance from `chance_level(chance_samples)`
-    on the same tags (an empty dict and NaN with chance_samples=0).
+    on the same tags at image side `size` (an empty dict and NaN with chance_samples=0).
     """
     root = Path(out_dir)
     rows = []
@@ -344,7 +344,7 @@ def score_folder(out_dir: str | os.PathLike, chance_samples: int = 500) -> dict:
     tags = [t for t in TAGS if any(r["tag"] == t for r in rows)]
     tags += sorted({r["tag"] for r in rows} - set(tags))
     per_tag = {t: float(np.mean([r["correct"] for r in rows if r["tag"] == t])) for t in tags}
-    chance_all = chance_level(chance_samples) if chance_samples > 0 else {}
+    chance_all = chance_level(chance_samples, size=size) if chance_samples > 0 else {}
     chance = {t: chance_all[t] for t in tags if t in chance_all}
     chance_overall = float(np.mean(list(chance.values()))) if chance else math.nan
     return {"per_tag": per_tag, "overall": float(np.mean(list(per_tag.values()))), "images": len(rows),

@@ -1,4 +1,5 @@
-"""Attention kernels behind one call: dense-mask SDPA (exact; CPU and tests) or FlexAttention with a BlockMask.
+"""Attention kernels behind one call: dense-mask SDPA (exact reference), the same per document run ("segments":
+exact, and the fast path on CPU for packed rows), or FlexAttention with a BlockMask (GPU).
 
 Masks come from per-position document ids and block ids (`block_ids` never decrease along a row): a query may
 attend a key of the same document whose block id is not larger than its own. Causal tokens each have their own
@@ -9,13 +10,24 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-AttentionMask = torch.Tensor | BlockMask
-ATTENTION_BACKENDS = ("auto", "dense", "flex")
+ATTENTION_BACKENDS = ("auto", "dense", "segments", "flex")  # auto: flex on CUDA, segments otherwise
+
+
+@dataclass(frozen=True)
+class SegmentMask:
+    """Per row, the runs of equal document id as (start, end, dense block-causal mask [1, 1, n, n]): attention
+    never crosses documents, so each run is attended on its own; the cost is sum(n^2) instead of L^2 per row."""
+
+    rows: tuple[tuple[tuple[int, int, torch.Tensor], ...], ...]
+
+
+AttentionMask = torch.Tensor | BlockMask | SegmentMask
 
 
 def dense_block_causal_mask(doc_q, blk_q, doc_k=None, blk_k=None) -> torch.Tensor:
@@ -38,12 +50,28 @@ def flex_block_causal_mask(doc_ids: torch.Tensor, block_ids: torch.Tensor) -> Bl
     )
 
 
+def segment_block_causal_mask(doc_ids: torch.Tensor, block_ids: torch.Tensor) -> SegmentMask | torch.Tensor:
+    """The mask split by document runs; the full dense mask when a document id occurs in two separate runs."""
+    rows = []
+    for b in range(doc_ids.shape[0]):
+        d = doc_ids[b]
+        bounds = [0, *(torch.nonzero(d[1:] != d[:-1]).flatten() + 1).tolist(), d.numel()]
+        runs = list(zip(bounds[:-1], bounds[1:], strict=True))
+        if len({int(d[s]) for s, _ in runs}) != len(runs):
+            return dense_block_causal_mask(doc_ids, block_ids)
+        rows.append(tuple((s, e, dense_block_causal_mask(doc_ids[b : b + 1, s:e], block_ids[b : b + 1, s:e]))
+                          for s, e in runs))  # fmt: skip
+    return SegmentMask(tuple(rows))
+
+
 def build_mask(doc_ids: torch.Tensor, block_ids: torch.Tensor, backend: str) -> AttentionMask:
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
     if backend == "flex" or (backend == "auto" and doc_ids.is_cuda):
         return flex_block_causal_mask(doc_ids, block_ids)
-    return dense_block_causal_mask(doc_ids, block_ids)
+    if backend == "dense":
+        return dense_block_causal_mask(doc_ids, block_ids)
+    return segment_block_causal_mask(doc_ids, block_ids)
 
 
 @functools.cache
@@ -60,4 +88,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
         with warnings.catch_warnings():  # eager CPU flex is the unfused reference implementation; fine for tests
             warnings.simplefilter("ignore", UserWarning)
             return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    if isinstance(mask, SegmentMask):
+        if q.shape[2] != k.shape[2]:
+            raise ValueError("a SegmentMask is for full-sequence attention (queries = keys); use a dense mask")
+        rows = [
+            torch.cat([F.scaled_dot_product_attention(q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e],
+                                                      attn_mask=m, enable_gqa=gqa) for s, e, m in segments], dim=2)
+            for b, segments in enumerate(mask.rows)
+        ]  # fmt: skip
+        return torch.cat(rows, dim=0)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

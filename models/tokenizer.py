@@ -30,12 +30,17 @@ class TokenizerConfig:
     gan_decoder: bool = False
     entropy_groups: int = 4  # G bit groups for the entropy loss; each holds d = z_channels / G bits
     name: str = "custom"
+    # GroupNorm groups: 32 in every released tokenizer. Narrow CPU configs use fewer, since 32 groups over 32
+    # channels is a per-channel instance norm that erases the relative strength of colour channels.
+    norm_groups: int = _GN_GROUPS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
-        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % _GN_GROUPS]
+        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % self.norm_groups]
         if bad:
-            raise ValueError(f"tokenizer {self.name}: widths {bad} are not multiples of {_GN_GROUPS} (GroupNorm)")
+            raise ValueError(
+                f"tokenizer {self.name}: widths {bad} are not multiples of norm_groups={self.norm_groups} (GroupNorm)"
+            )
         if self.z_channels % self.entropy_groups:
             raise ValueError(
                 f"tokenizer {self.name}: z_channels={self.z_channels} not divisible by "
@@ -69,6 +74,7 @@ class TokenizerConfig:
             gan_decoder=bool(gan_decoder),
             entropy_groups=entropy_groups if entropy_groups is not None else max(1, z // 8),
             name=name,
+            norm_groups=int(ddconfig.get("norm_groups", _GN_GROUPS)),
         )
 
     def to_ddconfig(self) -> dict[str, Any]:
@@ -81,7 +87,7 @@ class TokenizerConfig:
             "ch": self.ch,
             "ch_mult": list(self.ch_mult),
             "num_res_blocks": self.num_res_blocks,
-        }
+        } | ({"norm_groups": self.norm_groups} if self.norm_groups != _GN_GROUPS else {})
 
 
 # d32c128 / d32c256: the official config json is not public to us; these are our best assumption (d16c32
@@ -90,7 +96,7 @@ TOKENIZER_CONFIGS: dict[str, TokenizerConfig] = {
     "d16c32": TokenizerConfig(256, (1, 1, 2, 2, 4), 4, 32, entropy_groups=4, name="d16c32"),
     "d32c128": TokenizerConfig(256, (1, 1, 2, 2, 4, 4), 4, 128, entropy_groups=16, name="d32c128"),
     "d32c256": TokenizerConfig(256, (1, 1, 2, 2, 4, 4), 4, 256, entropy_groups=32, name="d32c256"),
-    "tiny": TokenizerConfig(32, (1, 2), 1, 16, entropy_groups=2, name="tiny"),  # 2x down, for CPU tests
+    "tiny": TokenizerConfig(32, (1, 2), 1, 16, entropy_groups=2, name="tiny", norm_groups=8),  # 2x, CPU tests/demo
     "tiny16": TokenizerConfig(32, (1, 1, 1, 1, 2), 1, 32, entropy_groups=4, name="tiny16"),  # 16x down
 }
 
@@ -127,16 +133,16 @@ def depth_to_space(x: torch.Tensor, block: int = 2) -> torch.Tensor:
     return x.reshape(b, c_out, h * block, w * block)
 
 
-def _group_norm(channels: int, affine: bool = True) -> nn.GroupNorm:
-    return nn.GroupNorm(_GN_GROUPS, channels, eps=_GN_EPS, affine=affine)
+def _group_norm(channels: int, groups: int, affine: bool = True) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=_GN_EPS, affine=affine)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int) -> None:
+    def __init__(self, c_in: int, c_out: int, groups: int = _GN_GROUPS) -> None:
         super().__init__()
-        self.norm1 = _group_norm(c_in)
+        self.norm1 = _group_norm(c_in, groups)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
-        self.norm2 = _group_norm(c_out)
+        self.norm2 = _group_norm(c_out, groups)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else None
 
@@ -149,9 +155,9 @@ class ResBlock(nn.Module):
 class AdaptiveGroupNorm(nn.Module):
     """GroupNorm without affine, then scale/shift predicted from the latent's per-channel std and mean."""
 
-    def __init__(self, z_channels: int, channels: int, eps: float = 1e-6) -> None:
+    def __init__(self, z_channels: int, channels: int, groups: int = _GN_GROUPS, eps: float = 1e-6) -> None:
         super().__init__()
-        self.gn = _group_norm(channels, affine=False)
+        self.gn = _group_norm(channels, groups, affine=False)
         self.gamma = nn.Linear(z_channels, channels)
         self.beta = nn.Linear(z_channels, channels)
         self.eps = eps
@@ -177,9 +183,9 @@ class Upsampler(nn.Module):
 class _Level(nn.Module):
     """One resolution level: ``block.{j}`` ResBlocks plus an optional ``downsample`` or ``upsample``."""
 
-    def __init__(self, c_in: int, c_out: int, num_blocks: int) -> None:
+    def __init__(self, c_in: int, c_out: int, num_blocks: int, groups: int) -> None:
         super().__init__()
-        self.block = nn.ModuleList(ResBlock(c_in if j == 0 else c_out, c_out) for j in range(num_blocks))
+        self.block = nn.ModuleList(ResBlock(c_in if j == 0 else c_out, c_out, groups) for j in range(num_blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.block:
@@ -195,13 +201,13 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1, bias=False)
         self.down = nn.ModuleList()
         for i, (c_in, c_out) in enumerate(zip(in_widths, widths, strict=True)):
-            level = _Level(c_in, c_out, cfg.num_res_blocks)
+            level = _Level(c_in, c_out, cfg.num_res_blocks, cfg.norm_groups)
             if i < len(widths) - 1:
                 level.downsample = nn.Conv2d(c_out, c_out, 3, stride=2, padding=1)
             self.down.append(level)
         top = widths[-1]
-        self.mid_block = nn.ModuleList(ResBlock(top, top) for _ in range(cfg.num_res_blocks))
-        self.norm_out = _group_norm(top)
+        self.mid_block = nn.ModuleList(ResBlock(top, top, cfg.norm_groups) for _ in range(cfg.num_res_blocks))
+        self.norm_out = _group_norm(top, cfg.norm_groups)
         self.conv_out = nn.Conv2d(top, cfg.z_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,15 +231,15 @@ class Decoder(nn.Module):
         in_widths = widths[1:] + [widths[-1]]  # width entering level i (coming from level i + 1)
         top = widths[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels * (2 if self.gan else 1), top, 3, padding=1)
-        self.mid_block = nn.ModuleList(ResBlock(top, top) for _ in range(cfg.num_res_blocks))
-        self.adaptive = nn.ModuleList(AdaptiveGroupNorm(cfg.z_channels, c) for c in in_widths)
+        self.mid_block = nn.ModuleList(ResBlock(top, top, cfg.norm_groups) for _ in range(cfg.num_res_blocks))
+        self.adaptive = nn.ModuleList(AdaptiveGroupNorm(cfg.z_channels, c, cfg.norm_groups) for c in in_widths)
         self.up = nn.ModuleList()
         for i, (c_in, c_out) in enumerate(zip(in_widths, widths, strict=True)):
-            level = _Level(c_in, c_out, cfg.num_res_blocks)
+            level = _Level(c_in, c_out, cfg.num_res_blocks, cfg.norm_groups)
             if i > 0:
                 level.upsample = Upsampler(c_out)
             self.up.append(level)
-        self.norm_out = _group_norm(widths[0])
+        self.norm_out = _group_norm(widths[0], cfg.norm_groups)
         self.conv_out = nn.Conv2d(widths[0], cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -49,18 +49,40 @@ def test_layout_of_one_sample(tok_dir):
 
 
 @pytest.mark.parametrize("P", [4, 16])
-def test_flex_attention_equals_dense_on_a_packed_batch(tok_dir, P):
+@pytest.mark.parametrize("backend", ["flex", "segments"])
+def test_attention_backends_equal_dense_on_a_packed_batch(tok_dir, P, backend):
     tok, model = make(tok_dir, P)
     rows = [[sample(tok, CAPTIONS[0], 16, 16), sample(tok, CAPTIONS[1], 8, 24)], [sample(tok, CAPTIONS[2], 24, 8)]]
     batch = pack_rows(rows, tok, P)
-    with torch.no_grad():
-        h_dense, c_dense = model.head_conditions(batch)
-        model.cfg.attention = "flex"
-        h_flex, c_flex = model.head_conditions(batch)
-        model.cfg.attention = "dense"
+    t = torch.rand(batch.target_bits.shape[0] // P)
+    noise = torch.randn(batch.target_bits.shape[0] // P, P, model.cfg.latent_dim)
+    model.eval()
+    results = {}
+    for name in ("dense", backend):
+        model.cfg.attention = name
+        model.zero_grad()
+        with torch.set_grad_enabled(name != "flex"):  # FlexAttention has no backward on CPU
+            h, c = model.head_conditions(batch)
+            if name != "flex":
+                model(batch, t, noise).loss.backward()
+        results[name] = h.detach(), c.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
     real = batch.doc_ids >= 0
-    assert (h_flex - h_dense)[real].abs().max().item() <= 1e-5
-    assert (c_flex - c_dense).abs().max().item() <= 1e-5
+    (h_ref, c_ref, g_ref), (h, c, g) = results["dense"], results[backend]
+    assert (h - h_ref)[real].abs().max().item() <= 1e-5
+    assert (c - c_ref).abs().max().item() <= 1e-5
+    if backend != "flex":
+        assert len(g) == len(g_ref) > 0
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g, g_ref, strict=True))
+
+
+def test_segment_mask_keeps_the_dense_mask_for_split_documents():
+    from models.attention import SegmentMask, build_mask
+
+    blk = torch.arange(6)[None]
+    split = build_mask(torch.tensor([[0, 0, 1, 1, 0, 0]]), blk, "segments")  # document 0 in two runs
+    assert isinstance(split, torch.Tensor) and split.shape == (1, 1, 6, 6)
+    runs = build_mask(torch.tensor([[0, 0, 1, 1, 1, -1]]), blk, "segments")
+    assert isinstance(runs, SegmentMask) and [(s, e) for s, e, _ in runs.rows[0]] == [(0, 2), (2, 5), (5, 6)]
 
 
 @pytest.mark.parametrize("P", [4, 16])

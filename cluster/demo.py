@@ -1,0 +1,303 @@
+"""`make demo`: the whole system end to end on the built-in shapes data, on one machine (2 CPU cores suffice).
+
+Each stage runs a real entry point exactly as a user runs it on a cluster (a subprocess per stage):
+
+  data       python -m data_pipeline.shapes                     captioned 32x32 shape scenes as webdataset tars
+  tokenizer  python -m training.tokenizer_trainer               tiny binary tokenizer, DeepSpeed engine
+  text       models.text_tokenizer.build_chat_tokenizer         small BPE with the Qwen3 special tokens
+  tokenize   python -m data_pipeline.tokenize                   Ray Data job on a local Ray -> binary-token shards
+  train      torchrun --nproc-per-node N -m training.train      tiny text-to-image BitDance, P=4, DeepSpeed
+  sample     torchrun --nproc-per-node N -m eval.generate       the shapes-benchmark prompts
+  score      eval.shapes_bench.score_folder                     per-tag accuracy next to chance
+  report     <out>/report.md                                    scores, sample grid, loss curve, figures, timings
+
+Re-running reuses finished stages: each writes <out>/stages/<name>.json when it completes, keyed by a fingerprint
+of its settings and of the stages it reads; a stage whose fingerprint changed runs again (from scratch), and an
+interrupted training stage resumes from its last checkpoint. Settings: `DemoConfig` (dotted overrides on the
+command line, e.g. `python -m cluster.demo t2i_steps=50 out=runs/demo_short`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "training" / "configs"
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    seed: int = 0
+    nproc: int = 2  # training and sampling processes (torchrun, gloo on CPU)
+    # data
+    samples: int = 4000
+    image_size: int = 32
+    samples_per_shard: int = 500
+    # binary tokenizer
+    tokenizer_config: str = str(CONFIGS / "demo_tokenizer.yaml")
+    tokenizer_steps: int = 300
+    # text-to-image model
+    t2i_config: str = str(CONFIGS / "demo_t2i.yaml")
+    t2i_steps: int = 800
+    text_vocab: int = 400
+    # sampling and scoring
+    prompts_per_tag: int = 12
+    images_per_prompt: int = 2
+    head_steps: int = 20
+    cfg_scale: float = 4.0
+    chance_samples: int = 300
+    grid_images: int = 24
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    name: str
+    what: str
+    settings: Callable[[DemoConfig], dict]  # what the stage's output depends on (besides upstream stages)
+    upstream: tuple[str, ...]
+    run: Callable[[DemoConfig, Path], dict]
+    resumable: tuple[str, ...] = ()  # settings that may change without starting over (training step counts)
+
+
+def _python() -> str:
+    return sys.executable
+
+
+def _torchrun(cfg: DemoConfig) -> list[str]:
+    return [_python(), "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.nproc}"]
+
+
+def _sh(cmd: list[str], cfg: DemoConfig, log: Path) -> None:
+    """Run one stage command, its output teed to <log>; a failure names the command and the log."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **cfg.extra_env}
+    env.setdefault("WANDB_SILENT", "true")
+    print("$ " + " ".join(cmd), flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            f.write(line)
+            if not line.lstrip().startswith(("[W", "[20")) and "Warning" not in line:
+                sys.stdout.write(line)
+        rc = proc.wait()
+    if rc:
+        raise SystemExit(f"demo stage command failed (exit {rc}): {' '.join(cmd)}; see {log}")
+
+
+def _last_metric(metrics: Path, key: str) -> float | None:
+    last = None
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        if key in row:
+            last = row[key]
+    return last
+
+
+# ---------------------------------------------------------------- stages
+
+
+def run_data(cfg: DemoConfig, out: Path) -> dict:
+    raw = out / "data" / "raw"
+    size = f"{cfg.image_size}x{cfg.image_size}"
+    _sh([_python(), "-m", "data_pipeline.shapes", "--out", str(raw), "--num-samples", str(cfg.samples),
+         "--size", size, "--per-shard", str(cfg.samples_per_shard), "--seed", str(cfg.seed)],
+        cfg, out / "logs" / "data.log")  # fmt: skip
+    return {"raw": str(raw), "samples": cfg.samples, "size": size}
+
+
+def run_tokenizer(cfg: DemoConfig, out: Path) -> dict:
+    run_dir = out / "tokenizer"
+    _sh([_python(), "-m", "training.tokenizer_trainer", "--config", cfg.tokenizer_config, f"run_dir={run_dir}",
+         f"data.data_dir={out / 'data' / 'raw'}", f"data.image_size={cfg.image_size}", f"seed={cfg.seed}",
+         f"schedule.total_steps={cfg.tokenizer_steps}"], cfg, out / "logs" / "tokenizer.log")  # fmt: skip
+    metrics = run_dir / "metrics.jsonl"
+    return {"export": str(run_dir / "export"), "psnr": _last_metric(metrics, "eval/psnr"),
+            "ssim": _last_metric(metrics, "eval/ssim"), "steps": cfg.tokenizer_steps}  # fmt: skip
+
+
+def run_text(cfg: DemoConfig, out: Path) -> dict:
+    from data_pipeline.shapes import sample_scene
+    from eval.shapes_bench import shapes_prompts
+    from models.text_tokenizer import build_chat_tokenizer
+
+    sizes = ((cfg.image_size, cfg.image_size),)
+    corpus = [sample_scene(i, cfg.seed, sizes).caption for i in range(min(cfg.samples, 2000))]
+    corpus += [p["prompt"] for p in shapes_prompts(cfg.seed, cfg.prompts_per_tag)]
+    path = build_chat_tokenizer(corpus, out / "text_tokenizer", vocab_size=cfg.text_vocab)
+    return {"path": str(path), "vocab_size": cfg.text_vocab}
+
+
+def _parallel_num(cfg: DemoConfig) -> int:
+    from models.bitdance_t2i import get_t2i_config
+
+    name = OmegaConf.load(cfg.t2i_config).model.name
+    return get_t2i_config(name).parallel_num
+
+
+def run_tokenize(cfg: DemoConfig, out: Path) -> dict:
+    tokens = out / "data" / "tokens"
+    size = f"{cfg.image_size}x{cfg.image_size}"
+    _sh([_python(), "-m", "data_pipeline.tokenize", "--source", "wds", "--input", str(out / "data" / "raw"),
+         "--output", str(tokens), "--tokenizer", str(out / "tokenizer" / "export"),
+         "--text-tokenizer", str(out / "text_tokenizer"), "--parallel-num", str(_parallel_num(cfg)),
+         "--size", size, "--num-cpus", str(max(2, cfg.nproc))], cfg, out / "logs" / "tokenize.log")  # fmt: skip
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    return {"tokens": str(tokens), "samples": manifest.get("num_samples"), "skipped": manifest.get("skipped"),
+            "bits_per_token": manifest.get("bits_per_token")}  # fmt: skip
+
+
+def run_train(cfg: DemoConfig, out: Path) -> dict:
+    run_dir = out / "t2i"
+    _sh([*_torchrun(cfg), "-m", "training.train", "--config", cfg.t2i_config, f"run_dir={run_dir}",
+         f"data.data_dir={out / 'data' / 'tokens'}", f"model.text_tokenizer={out / 'text_tokenizer'}",
+         f"model.image_tokenizer={out / 'tokenizer' / 'export'}", f"seed={cfg.seed}",
+         f"schedule.total_steps={cfg.t2i_steps}"], cfg, out / "logs" / "train.log")  # fmt: skip
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    speed = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:] or [float("nan")]
+    return {"export": str(run_dir / "export"), "steps": cfg.t2i_steps, "final_loss": rows[-1].get("loss"),
+            "tokens_per_s": sum(speed) / len(speed), "samples_per_s": _mean_of(rows, "samples_per_s")}  # fmt: skip
+
+
+def _mean_of(rows: list[dict], key: str) -> float:
+    vals = [r[key] for r in rows if key in r][1:] or [float("nan")]
+    return sum(vals) / len(vals)
+
+
+def run_sample(cfg: DemoConfig, out: Path) -> dict:
+    samples = out / "samples"
+    size = f"{cfg.image_size}x{cfg.image_size}"
+    start = time.perf_counter()
+    _sh([*_torchrun(cfg), "-m", "eval.generate", "--task", "shapes", "--model", str(out / "t2i" / "export"),
+         "--out", str(samples), "--height", str(cfg.image_size), "--width", str(cfg.image_size),
+         "--image-size", size, "--steps", str(cfg.head_steps), "--cfg-scale", str(cfg.cfg_scale),
+         "--images-per-prompt", str(cfg.images_per_prompt), "--batch-size", "16", "--seed", str(cfg.seed),
+         "--per-tag", str(cfg.prompts_per_tag)], cfg, out / "logs" / "sample.log")  # fmt: skip
+    images = len(list(samples.glob("*/samples/*.png")))
+    return {"samples": str(samples), "images": images, "images_per_s": images / (time.perf_counter() - start)}
+
+
+def run_score(cfg: DemoConfig, out: Path) -> dict:
+    from eval.shapes_bench import format_table, score_folder
+
+    result = score_folder(out / "samples", cfg.chance_samples, size=cfg.image_size)
+    (out / "samples" / "summary.json").write_text(json.dumps({"shapes": result}, indent=2))
+    print(format_table(result), flush=True)
+    return result
+
+
+def _pick(*keys: str) -> Callable[[DemoConfig], dict]:
+    return lambda c: {k: getattr(c, k) for k in keys}
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", "shapes dataset (webdataset tars)", _pick("seed", "samples", "image_size", "samples_per_shard"),
+          (), run_data),
+    Stage("tokenizer", "binary tokenizer training (DeepSpeed)",
+          lambda c: {"config": _file(c.tokenizer_config), "steps": c.tokenizer_steps}, ("data",), run_tokenizer,
+          ("steps",)),
+    Stage("text", "text tokenizer (BPE + Qwen3 special tokens)", _pick("text_vocab", "prompts_per_tag"), ("data",),
+          run_text),
+    Stage("tokenize", "Ray tokenization -> binary-token shards", lambda c: {"config": _file(c.t2i_config)},
+          ("tokenizer", "text"), run_tokenize),
+    Stage("train", "text-to-image training (torchrun, DeepSpeed)",
+          lambda c: {"config": _file(c.t2i_config), "steps": c.t2i_steps, "nproc": c.nproc}, ("tokenize",),
+          run_train, ("steps",)),
+    Stage("sample", "sampling the shapes-benchmark prompts",
+          _pick("prompts_per_tag", "images_per_prompt", "head_steps", "cfg_scale", "nproc"), ("train",), run_sample),
+    Stage("score", "scoring (per-tag accuracy, chance)", _pick("chance_samples"), ("sample",), run_score),
+)  # fmt: skip
+STAGE_DIRS = {"data": ("data/raw",), "tokenizer": ("tokenizer",), "text": ("text_tokenizer",),
+              "tokenize": ("data/tokens",), "train": ("t2i",), "sample": ("samples",), "score": ()}  # fmt: skip
+
+
+def _file(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def fingerprint(stage: Stage, cfg: DemoConfig, done: dict[str, dict], skip: tuple[str, ...] = ()) -> str:
+    settings = {k: v for k, v in stage.settings(cfg).items() if k not in skip}
+    ident = {"settings": settings, "upstream": {u: done[u]["fingerprint"] for u in stage.upstream}}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run (or reuse) every stage, then write <out>/report.md; returns the report path."""
+    out = Path(cfg.out).resolve()
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict] = {}
+    wall = time.perf_counter()
+    for stage in STAGES:
+        fp, base = fingerprint(stage, cfg, done), fingerprint(stage, cfg, done, skip=stage.resumable)
+        marker = out / "stages" / f"{stage.name}.json"
+        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fp:
+            done[stage.name] = {**json.loads(marker.read_text()), "reused": True}
+            print(f"== {stage.name}: reused ({done[stage.name]['seconds']:.1f} s when it ran)", flush=True)
+            continue
+        state = out / "stages" / f"{stage.name}.base"
+        if not state.is_file() or state.read_text() != base:  # new inputs or settings: start this stage over
+            for d in STAGE_DIRS[stage.name]:
+                shutil.rmtree(out / d, ignore_errors=True)
+        state.write_text(base)  # same base, other step count: the training stages resume from their checkpoints
+        print(f"== {stage.name}: {stage.what}", flush=True)
+        start = time.perf_counter()
+        result = stage.run(cfg, out)
+        record = {"fingerprint": fp, "seconds": time.perf_counter() - start, "result": result}
+        marker.write_text(json.dumps(record, indent=2, default=str))
+        done[stage.name] = {**record, "reused": False}
+        print(f"== {stage.name}: done in {record['seconds']:.1f} s", flush=True)
+    start = time.perf_counter()
+    from cluster.demo_report import write_demo_report
+
+    report = write_demo_report(cfg, out, done)
+    timings = {name: d["seconds"] for name, d in done.items()} | {"report": time.perf_counter() - start}
+    print("\nstage timings (s): " + ", ".join(f"{k} {v:.1f}" + (" (reused)" if done.get(k, {}).get("reused") else "")
+                                          for k, v in timings.items()), flush=True)  # fmt: skip
+    print(f"this run: {time.perf_counter() - wall:.1f} s; report: {report}", flush=True)
+    return report
+
+
+def load_demo_config(overrides: list[str]) -> DemoConfig:
+    base = OmegaConf.structured(DemoConfig)
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+    except Exception as e:  # omegaconf raises several types for unknown keys and bad values
+        known = ", ".join(asdict(DemoConfig()))
+        raise ValueError(f"bad demo override ({str(e).splitlines()[0]}); known keys: {known}") from None
+    cfg = DemoConfig(**OmegaConf.to_container(merged))
+    for name in ("tokenizer_config", "t2i_config"):
+        if not Path(getattr(cfg, name)).is_file():
+            raise ValueError(f"{name}={getattr(cfg, name)} does not exist; pass a YAML under training/configs/")
+    if cfg.nproc < 1 or cfg.samples < 16 or cfg.t2i_steps < 1 or cfg.tokenizer_steps < 1:
+        raise ValueError("nproc, t2i_steps and tokenizer_steps must be >= 1 and samples >= 16")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m cluster.demo", description=__doc__.splitlines()[0])
+    p.add_argument("overrides", nargs="*", help="DemoConfig fields, e.g. out=runs/demo t2i_steps=400")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_demo_config(args.overrides)
+    except ValueError as e:
+        p.error(str(e))
+    run_demo(cfg)
+
+
+if __name__ == "__main__":
+    from cluster.demo import main as _main
+
+    _main()
