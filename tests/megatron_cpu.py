@@ -1,8 +1,11 @@
 """Test-only harness for megatron-core on CPU: its CUDA device / RNG-tracker lookups redirected, gloo process groups.
 
-megatron-core has no CPU path: tensor-parallel layers allocate on `torch.cuda.current_device()` and the RNG tracker
-forks CUDA RNG state. Here the device lookup returns the CPU and the tracker fork is a no-op (the models under test
-have no dropout), which is enough for forward and backward of the T2I model at any TP/PP layout over gloo.
+megatron-core has no CPU path: tensor-parallel layers allocate on `torch.cuda.current_device()`, the RNG tracker
+forks CUDA RNG state, and the optimizer, gradient clipping and schedules allocate small tensors with `device="cuda"`
+and check parameters by their CUDA type names. Here the device lookup returns the CPU, the tracker fork is a no-op
+(the models under test have no dropout) and a torch function mode (`CudaAsCpu`) puts `device="cuda"` allocations on
+the CPU, which is enough for forward, backward, megatron's DDP and distributed optimizer and the no-pipelining schedule
+of the T2I model at any TP/PP layout over gloo (the pipeline schedules stay CUDA-only).
 """
 
 from __future__ import annotations
@@ -16,6 +19,22 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.overrides import TorchFunctionMode
+
+
+class CudaAsCpu(TorchFunctionMode):
+    """`device="cuda"` allocations land on the CPU, `.cuda()` is a no-op, `Tensor.type()` names a CUDA type."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
 
 
 def redirect_to_cpu(patch) -> None:
@@ -47,11 +66,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def megatron_in_process(tp: int = 1, pp: int = 1):
-    """megatron on CPU inside the pytest process (world size 1), undone on exit."""
-    with pytest.MonkeyPatch.context() as mp_:
+def megatron_in_process(tp: int = 1, pp: int = 1, init_model_parallel: bool = True):
+    """megatron on CPU inside the pytest process (world size 1), undone on exit. `init_model_parallel=False` leaves
+    `parallel_state` to the code under test (e.g. an engine that initialises it)."""
+    with pytest.MonkeyPatch.context() as mp_, CudaAsCpu():
         redirect_to_cpu(mp_.setattr)
-        init_parallel(0, 1, free_port(), tp, pp)
+        if init_model_parallel:
+            init_parallel(0, 1, free_port(), tp, pp)
+        else:
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         try:
             yield
         finally:
@@ -62,7 +85,11 @@ def _entry(rank: int, fn, world: int, port: int, tp: int, pp: int, args: tuple) 
     torch.set_num_threads(1)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     redirect_to_cpu(setattr)
-    init_parallel(rank, world, port, tp, pp)
+    CudaAsCpu().__enter__()  # for the life of this worker process
+    if tp:
+        init_parallel(rank, world, port, tp, pp)
+    else:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         fn(rank, *args)
     finally:
@@ -70,7 +97,8 @@ def _entry(rank: int, fn, world: int, port: int, tp: int, pp: int, args: tuple) 
 
 
 def spawn(fn, world: int, tp: int, pp: int, out_dir: Path, *args) -> list:
-    """Run `fn(rank, out_dir, *args)` on `world` gloo ranks; returns what each rank saved with `save_result`."""
+    """Run `fn(rank, out_dir, *args)` on `world` gloo ranks; returns what each rank saved with `save_result`.
+    `tp=0` leaves `parallel_state` uninitialised (for code that initialises it itself)."""
     mp.spawn(_entry, args=(fn, world, free_port(), tp, pp, (out_dir, *args)), nprocs=world, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
 

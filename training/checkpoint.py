@@ -1,4 +1,5 @@
-"""Training checkpoints: exact resume, atomic directories, `latest` written last, keep-last-N.
+"""Training checkpoints: exact resume, atomic directories, `latest` written last, keep-last-N; and the megatron
+checkpoint tools (`python -m training.checkpoint reshard|export|import ...`).
 
     <run_dir>/checkpoints/step_00000100/
         model.safetensors   full model weights (rank 0)      ema.safetensors  EMA weights (rank 0; ZeRO<=2)
@@ -6,9 +7,18 @@
         trainer.json        step, tokens/samples seen, skipped steps, world size, config
     <run_dir>/checkpoints/latest   name of the newest complete checkpoint
 
+The megatron engine writes `dist/` (model, EMA and optimizer state through megatron's dist_checkpointing, loadable at
+any TP/PP layout), `rank_*.pt` (RNG, loader) and `trainer.json` instead; see training/megatron_checkpoint.py.
 Everything is written into `.step_XXXXXXXX.tmp/`, renamed when all ranks are done, and only then is `latest`
 replaced, so a crash at any point leaves the previous checkpoint as `latest`. Loading uses safetensors and
 `torch.load(weights_only=True)` only.
+
+    python -m training.checkpoint reshard --src <ckpt> --dst <ckpt> --tp N --pp M [--virtual-pp V]
+    python -m training.checkpoint export --src <ckpt> --dst <official folder> --text-tokenizer <folder>
+        --image-tokenizer <ae.safetensors> [--weights auto|model|ema]
+    python -m training.checkpoint import --src <official folder | HF Qwen3 folder> --dst <ckpt> --tp N --pp M
+        [--model 14B-16x] [--vocab-size V] [--seed S]
+A `--src` may also be a run directory (its `checkpoints/latest` is used). All three run on CPU-only machines.
 """
 
 from __future__ import annotations
@@ -76,19 +86,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
-def save_checkpoint(
-    run_dir, step: int, engine, ema, loader_state: dict, trainer: dict, keep_last: int, extra: dict | None = None
-) -> Path:
-    """Every rank calls this; returns the final checkpoint directory. `extra`: more per-rank tensor state
-    (e.g. a second model and its optimizer), returned as is by `load_checkpoint`."""
+def _write_deepspeed(tmp: Path, step: int, engine, ema, loader_state: dict, trainer: dict, extra) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
-    root = checkpoint_root(run_dir)
-    name = f"step_{step:08d}"
-    tmp, final = root / f".{name}.tmp", root / name
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
     model_state = engine.full_state_dict()
     zero3 = engine.zero_stage == 3
     per_rank = {"optimizer": engine.optimizer_state(), "rng": rng_state(), "loader": loader_state, "extra": extra or {}}
@@ -102,6 +101,39 @@ def save_checkpoint(
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
         world = dist.get_world_size() if dist.is_initialized() else 1
         (tmp / "trainer.json").write_text(json.dumps({**trainer, "step": step, "world_size": world}, indent=2))
+
+
+def _write_megatron(tmp: Path, step: int, engine, ema, loader_state: dict, trainer: dict, extra) -> None:
+    from training.megatron_checkpoint import DIST, megatron_section
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine.save(tmp / DIST, ema)
+    torch.save({"rng": rng_state(), "loader": loader_state, "extra": extra or {}}, tmp / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        maybe_kill("after_model", step)
+        section = megatron_section(engine.model_cfg, **engine.layout(), contents=["model", "ema", "optimizer"])
+        (tmp / "trainer.json").write_text(
+            json.dumps({**trainer, "step": step, "world_size": world, "megatron": section}, indent=2)
+        )
+
+
+def save_checkpoint(
+    run_dir, step: int, engine, ema, loader_state: dict, trainer: dict, keep_last: int, extra: dict | None = None
+) -> Path:
+    """Every rank calls this; returns the final checkpoint directory. `extra`: more per-rank tensor state
+    (e.g. a second model and its optimizer), returned as is by `load_checkpoint`."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    root = checkpoint_root(run_dir)
+    name = f"step_{step:08d}"
+    tmp, final = root / f".{name}.tmp", root / name
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    if getattr(engine, "kind", "deepspeed") == "megatron":
+        _write_megatron(tmp, step, engine, ema, loader_state, trainer, extra)
+    else:
+        _write_deepspeed(tmp, step, engine, ema, loader_state, trainer, extra)
     _barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -117,11 +149,16 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, engine, ema) -> tuple[dict, dict, dict]:
-    """Restore model, optimizer, EMA and this rank's RNG; returns (trainer state, loader state, extra)."""
+def load_checkpoint(path: Path, engine, ema) -> tuple[dict, dict | None, dict]:
+    """Restore model, optimizer, EMA and this rank's RNG; returns (trainer state, loader state, extra). The loader
+    state is None when a megatron checkpoint was written with another data-parallel size (the stream restarts)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
+    if getattr(engine, "kind", "deepspeed") == "megatron":
+        return _load_megatron(Path(path), engine, ema)
     trainer = json.loads((path / "trainer.json").read_text())
+    if "megatron" in trainer:
+        raise ValueError(f"{path} was written by the megatron engine; resume it with engine.kind=megatron")
     if trainer["world_size"] != world:
         raise ValueError(
             f"{path} was written by {trainer['world_size']} ranks, this run has {world}; resume with the same "
@@ -133,3 +170,88 @@ def load_checkpoint(path: Path, engine, ema) -> tuple[dict, dict, dict]:
     ema.load_state_dict(per_rank["ema"] if "ema" in per_rank else load_file(str(path / "ema.safetensors")))
     set_rng_state(per_rank["rng"])
     return trainer, per_rank["loader"], per_rank.get("extra", {})
+
+
+def _load_megatron(path: Path, engine, ema) -> tuple[dict, dict | None, dict]:
+    """Any layout loads (dist_checkpointing reshards); RNG and loader state come back when the layout matches."""
+    from training.megatron_checkpoint import DIST, read_trainer
+
+    rank = dist.get_rank()
+    trainer = read_trainer(path)
+    section = trainer["megatron"]
+    contents = section["contents"]
+    engine.load(path / DIST, ema if "ema" in contents else None, optimizer="optimizer" in contents)
+    if "ema" not in contents:  # a model-only checkpoint (e.g. imported): the EMA starts at its weights
+        with torch.no_grad():
+            for name, p in engine.module.named_parameters():
+                if name in ema.shadow:
+                    ema.shadow[name].copy_(p.detach().float())
+    same = trainer.get("world_size") == dist.get_world_size() and section["layout"] == engine.layout()
+    own, first = path / f"rank_{rank:05d}.pt", path / f"rank_{0:05d}.pt"
+    if same and own.is_file():
+        per_rank = torch.load(own, map_location="cpu", weights_only=True)
+        set_rng_state(per_rank["rng"])
+        return trainer, per_rank["loader"], per_rank.get("extra", {})
+    loader = None
+    if section["layout"].get("dp") == engine.dp_size and first.is_file():  # one rank's loader state serves all
+        loader = torch.load(first, map_location="cpu", weights_only=True)["loader"]
+    if rank == 0:
+        restart = "" if loader is not None else "; the data stream restarts (data-parallel size changed)"
+        was = f"layout {section['layout']} on {trainer.get('world_size')} ranks"
+        print(f"{path} was written with {was}, this run has {engine.layout()}: weights and optimizer state "
+              f"resharded; RNG states start fresh{restart}", flush=True)  # fmt: skip
+    return trainer, loader, {}
+
+
+# ---- command line -------------------------------------------------------------------------------------------------
+
+
+def _source(path: str) -> Path:
+    """A checkpoint directory, or a run directory standing for its latest checkpoint."""
+    p = Path(path)
+    if (checkpoint_root(p) / LATEST).is_file():
+        return latest_checkpoint(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m training.checkpoint", description="megatron checkpoint tools")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("reshard", help="rewrite a megatron checkpoint (model, EMA, optimizer) for a new TP/PP layout")
+    e = sub.add_parser("export", help="megatron checkpoint -> official T2I folder")
+    i = sub.add_parser("import", help="official T2I folder or Hugging Face Qwen3 folder -> megatron checkpoint")
+    for q in (r, e, i):
+        q.add_argument("--src", required=True)
+        q.add_argument("--dst", required=True)
+    for q in (r, i):
+        q.add_argument("--tp", type=int, required=True)
+        q.add_argument("--pp", type=int, required=True)
+    r.add_argument("--virtual-pp", type=int, default=None)
+    e.add_argument("--text-tokenizer", required=True, help="text tokenizer folder (Hugging Face files)")
+    e.add_argument("--image-tokenizer", required=True, help="image tokenizer weights (ae safetensors)")
+    e.add_argument("--weights", choices=("auto", "model", "ema"), default="auto", help="auto: EMA when saved")
+    i.add_argument("--model", default=None, help="named T2I config for the head of a Qwen3 import, e.g. 14B-16x")
+    i.add_argument("--vocab-size", type=int, default=None, help="resize the text vocabulary (new rows: mean)")
+    i.add_argument("--seed", type=int, default=0, help="initialisation of the new head and projector")
+    args = p.parse_args(argv)
+    from training import megatron_checkpoint as mc
+
+    src, dst = _source(args.src), Path(args.dst)
+    try:
+        if args.command == "reshard":
+            out = mc.reshard(src, dst, args.tp, args.pp, args.virtual_pp)
+        elif args.command == "export":
+            out = mc.export_folder(src, dst, Path(args.text_tokenizer), Path(args.image_tokenizer), args.weights)
+        else:
+            out = mc.import_folder(src, dst, args.tp, args.pp, args.model, args.vocab_size, args.seed)
+    except ImportError as err:
+        p.exit(2, f"error: the megatron tools need megatron-core ({err}); pip install -e '.[megatron]'\n")
+    except (mc.CheckpointError, ValueError, FileNotFoundError) as err:
+        p.exit(2, f"error: {str(err).splitlines()[0]}\n")
+    print(f"{args.command}: wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 MODEL_KINDS = ("t2i", "c2i", "tokenizer")
+ENGINE_KINDS = ("deepspeed", "megatron")
 
 
 @dataclass
@@ -23,7 +24,7 @@ class ModelConfig:
     init_from: str | None = None  # t2i: HF Qwen3 folder or official T2I folder; c2i: official checkpoint
     image_tokenizer: str | None = None  # ae weights, to decode periodic samples (and online encoding)
     text_tokenizer: str | None = None  # HF tokenizer folder, to tokenize the periodic sample prompts
-    attention: str = "auto"  # t2i attention backend: auto | dense | flex
+    attention: str = "auto"  # t2i attention backend: auto (flex on GPU, segments on CPU) | dense | segments | flex
     activation_checkpointing: bool = False
     # tokenizer trainer
     disc_start: int = 0  # step at which the PatchGAN discriminator joins (0 = never)
@@ -65,9 +66,25 @@ class ScheduleConfig:
 
 @dataclass
 class EngineConfig:
-    kind: str = "deepspeed"
-    zero_stage: int = 0  # 0-3
+    kind: str = "deepspeed"  # deepspeed | megatron (t2i only; reads the `parallel` section)
+    zero_stage: int = 0  # 0-3 (deepspeed)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+
+
+@dataclass
+class ParallelConfig:
+    """Model parallelism of `engine.kind=megatron` (the deepspeed engine is data-parallel only and ignores it);
+    data-parallel size = world size / (tp * pp). Mapped onto `models.megatron.config.MegatronParallelConfig`."""
+
+    tp: int = 1  # tensor-parallel ranks (divides heads, KV heads, MLP width, vocabulary)
+    pp: int = 1  # pipeline stages (divides the layers)
+    virtual_pp: int | None = None  # model chunks per stage: interleaved 1F1B (micro-batches a multiple of pp)
+    sequence_parallel: bool = False  # split norms/dropout activations along the sequence over TP (needs tp > 1)
+    transformer_impl: str = "local"  # local (megatron's own layers) | te (Transformer Engine; needed for FP8)
+    fp8: str | None = None  # null | hybrid (e4m3 forward, e5m2 backward) | e4m3
+    fp8_recipe: str = "tensorwise"  # tensorwise | delayed | mxfp8 | blockwise
+    bf16_layers_at_start: int = 1  # with FP8: backbone layers kept in BF16 at the start / end of the stack
+    bf16_layers_at_end: int = 1
 
 
 @dataclass
@@ -109,6 +126,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -119,7 +137,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     checks = [
         (cfg.model.kind in MODEL_KINDS, f"model.kind must be one of {MODEL_KINDS}, got {cfg.model.kind!r}"),
         (0 <= cfg.engine.zero_stage <= 3, f"engine.zero_stage must be 0-3, got {cfg.engine.zero_stage}"),
-        (cfg.engine.kind == "deepspeed", f"engine.kind {cfg.engine.kind!r} is not available (deepspeed)"),
+        (cfg.engine.kind in ENGINE_KINDS, f"engine.kind must be one of {ENGINE_KINDS}, got {cfg.engine.kind!r}"),
+        (cfg.engine.kind != "megatron" or cfg.model.kind == "t2i", "engine.kind=megatron trains model.kind=t2i only"),
+        (cfg.parallel.tp >= 1 and cfg.parallel.pp >= 1, "parallel.tp and parallel.pp must be >= 1"),
         (cfg.engine.precision in ("auto", "fp32", "bf16"), "engine.precision must be auto, fp32 or bf16"),
         (cfg.schedule.decay in ("constant", "cosine"), "schedule.decay must be constant or cosine"),
         (cfg.schedule.total_steps > 0, "schedule.total_steps must be > 0"),
@@ -127,7 +147,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.data.micro_batch > 0 and cfg.data.global_batch > 0, "data.micro_batch and data.global_batch must be > 0"),
         (0.0 <= cfg.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
         (cfg.logging.wandb in ("auto", "online", "offline", "disabled"), "logging.wandb: auto|online|offline|disabled"),
-        (cfg.model.attention in ("auto", "dense", "flex"), "model.attention must be auto, dense or flex"),
+        (
+            cfg.model.attention in ("auto", "dense", "segments", "flex"),
+            "model.attention must be auto, dense, segments or flex",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -135,15 +158,32 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
+    """World size / (tp * pp) under the megatron engine (which must divide exactly); the world size otherwise."""
+    if cfg.engine.kind != "megatron":
+        return world_size
+    model_parallel = cfg.parallel.tp * cfg.parallel.pp
+    if world_size % model_parallel:
+        raise ValueError(f"world size {world_size} is not divisible by parallel.tp {cfg.parallel.tp} x parallel.pp "
+                         f"{cfg.parallel.pp}; launch a multiple of {model_parallel} processes")  # fmt: skip
+    return world_size // model_parallel
+
+
 def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
     """global_batch / (micro_batch * data-parallel size), which must divide exactly."""
-    per_step = cfg.data.micro_batch * world_size
+    dp = data_parallel_size(cfg, world_size)
+    per_step = cfg.data.micro_batch * dp
     if cfg.data.global_batch % per_step:
         raise ValueError(
             f"data.global_batch {cfg.data.global_batch} is not divisible by micro_batch {cfg.data.micro_batch} x "
-            f"data-parallel size {world_size}; change one of them"
+            f"data-parallel size {dp}; change one of them"
         )
-    return cfg.data.global_batch // per_step
+    accum = cfg.data.global_batch // per_step
+    p = cfg.parallel
+    if cfg.engine.kind == "megatron" and p.virtual_pp is not None and accum % p.pp:
+        raise ValueError(f"the interleaved schedule (parallel.virtual_pp) needs micro-batches per step ({accum}) to be "
+                         f"a multiple of parallel.pp {p.pp}; change data.global_batch")  # fmt: skip
+    return accum
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -1,8 +1,8 @@
 """The DeepSpeed engine behind the training loop: ZeRO stage 0-3, bf16 (GPU) or fp32 (CPU), gloo on CPU and NCCL
 on GPU, gradient clipping, and steps skipped (not applied) when the gradients are not finite.
 
-The loop sees only `backward`, `step`, `module` and the checkpoint hooks, so other engines (megatron-core)
-can stand behind the same calls.
+The loop sees only `train_step`, `set_lr`, `module` and the checkpoint hooks, so other engines
+(training/megatron_engine.py) stand behind the same calls.
 """
 
 from __future__ import annotations
@@ -22,6 +22,18 @@ class StepResult:
     applied: bool  # False at accumulation micro-steps and for skipped (non-finite) steps
     boundary: bool
     grad_norm: float
+
+
+@dataclass
+class StepStats:
+    """One optimizer step as the training loop logs it: this rank's means over its micro-batches, and the samples /
+    tokens it counts (summed over all ranks by the loop)."""
+
+    loss: float
+    metrics: dict[str, float]
+    samples: int
+    tokens: int
+    result: StepResult
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -73,6 +85,26 @@ class DeepSpeedEngine:
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.base_optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, batches, task, grad_accum: int, poison: bool = False) -> StepStats:
+        """Forward/backward over `grad_accum` micro-batches from `batches`, the update applied at the last one.
+        `poison` makes the loss NaN (fault injection: the step must be skipped)."""
+        losses, metrics, samples, tokens = [], {}, 0, 0
+        for _ in range(grad_accum):
+            out = task.step(self, next(batches))
+            loss = out.loss * float("nan") if poison else out.loss
+            self.backward(loss)
+            result = self.step()
+            losses.append(loss.item())
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v / grad_accum
+            samples += out.samples
+            tokens += out.tokens
+        return StepStats(sum(losses) / len(losses), metrics, samples, tokens, result)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

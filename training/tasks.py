@@ -16,7 +16,7 @@ from torch import nn
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
 from data_pipeline.shard_format import load_manifest
 from models.bitdance_c2i import ClassConditionalBitDance, get_c2i_config
-from models.bitdance_t2i import TextToImageBitDance, get_t2i_config
+from models.bitdance_t2i import T2IConfig, TextToImageBitDance, get_t2i_config
 from models.tokenizer import tensor_to_images
 from training.config import TrainConfig
 
@@ -79,8 +79,47 @@ class T2ITask(Task):
             )
         if mcfg.latent_dim != self.manifest["bits_per_token"]:
             raise ValueError(f"data has {self.manifest['bits_per_token']}-bit tokens, model expects {mcfg.latent_dim}")
-        mcfg = replace(mcfg, llm=replace(mcfg.llm, vocab_size=max(text["vocab_size"], mcfg.llm.vocab_size)))
-        self.model = self._init_model(mcfg)
+        mcfg = replace(mcfg, llm=replace(mcfg.llm, vocab_size=self.vocab(mcfg.llm.vocab_size)))
+        self.init_checkpoint: Path | None = None
+        if cfg.engine.kind == "megatron":
+            self.model, mcfg = self._init_megatron(mcfg)
+        else:
+            self.model = self._init_model(mcfg)
+        self.model_cfg = self.model.cfg if self.model is not None else mcfg
+
+    def vocab(self, model_vocab: int) -> int:
+        """Text vocabulary to train with: the model's or the data's, whichever is larger, padded to a multiple of the
+        tensor-parallel size under the megatron engine (padding rows are never used)."""
+        n = max(model_vocab, self.manifest["text_tokens"]["vocab_size"])
+        tp = self.cfg.parallel.tp if self.cfg.engine.kind == "megatron" else 1
+        return -(-n // tp) * tp
+
+    def _init_megatron(self, mcfg) -> tuple[TextToImageBitDance | None, T2IConfig]:
+        """The megatron engine builds its own model chunks: returns the full reference model (on CPU) only when its
+        weights come from an official or Hugging Face folder; a megatron checkpoint in `model.init_from` is loaded
+        by the engine (sharded) and supplies the model config."""
+        from training.megatron_checkpoint import is_megatron_checkpoint, model_config_of
+
+        src = self.cfg.model.init_from
+        if src and is_megatron_checkpoint(src):
+            self.init_checkpoint = Path(src)
+            ckpt_cfg = replace(model_config_of(src), attention=mcfg.attention, image_sizes=mcfg.image_sizes)
+            if (ckpt_cfg.parallel_num, ckpt_cfg.latent_dim) != (mcfg.parallel_num, mcfg.latent_dim):
+                raise ValueError(f"checkpoint {src} predicts P={ckpt_cfg.parallel_num} {ckpt_cfg.latent_dim}-bit "
+                                 f"tokens; the data has P={mcfg.parallel_num}, {mcfg.latent_dim} bits")  # fmt: skip
+            data_vocab = self.manifest["text_tokens"]["vocab_size"]
+            if ckpt_cfg.llm.vocab_size < data_vocab:
+                raise ValueError(f"checkpoint {src} embeds {ckpt_cfg.llm.vocab_size} text tokens but the data uses "
+                                 f"{data_vocab}; re-import it with --vocab-size")  # fmt: skip
+            return None, ckpt_cfg
+        if src:
+            device, self.device = self.device, torch.device("cpu")
+            try:
+                model = self._init_model(mcfg)
+            finally:
+                self.device = device
+            return model, model.cfg
+        return None, mcfg
 
     def _init_model(self, mcfg) -> TextToImageBitDance:
         src = self.cfg.model.init_from
@@ -88,7 +127,7 @@ class T2ITask(Task):
             from models.t2i_io import load_t2i_folder
 
             model, _, _ = load_t2i_folder(src, attention=self.cfg.model.attention, image_sizes=mcfg.image_sizes)
-            model.resize_vocab(max(model.cfg.llm.vocab_size, self.manifest["text_tokens"]["vocab_size"]))
+            model.resize_vocab(self.vocab(model.cfg.llm.vocab_size))
             return model.float().to(self.device)
         if src:  # a Hugging Face Qwen3 folder: the backbone starts from it
             import json
@@ -100,7 +139,7 @@ class T2ITask(Task):
             llm = Qwen3Config.from_hf_dict(json.loads((Path(src) / "config.json").read_text()))
             model = TextToImageBitDance(replace(mcfg, llm=llm, head=replace(mcfg.head, ch_cond=llm.hidden_size)))
             load_state_dict_strict(model.llm, read_llm_state_dict(Path(src)), f"Qwen3 backbone in {src}")
-            model.resize_vocab(max(llm.vocab_size, self.manifest["text_tokens"]["vocab_size"]))
+            model.resize_vocab(self.vocab(llm.vocab_size))
             return model.to(self.device)
         return TextToImageBitDance(mcfg).to(self.device)
 
@@ -108,15 +147,32 @@ class T2ITask(Task):
         d = self.cfg.data
         lc = LoaderConfig(d.data_dir, kind="t2i", seed=self.cfg.seed, shuffle_buffer=d.shuffle_buffer,
                           token_budget=d.token_budget, rows_per_batch=d.micro_batch,
-                          parallel_num=self.model.cfg.parallel_num, caption_dropout=d.caption_dropout,
+                          parallel_num=self.model_cfg.parallel_num, caption_dropout=d.caption_dropout,
                           num_workers=d.num_workers)  # fmt: skip
         return BinaryTokenLoader(lc, rank=rank, world_size=world)
+
+    metric_names = ("loss/text_ce", "loss/vision")
+
+    @staticmethod
+    def loss_metrics(out) -> dict[str, torch.Tensor]:
+        return {"loss/text_ce": out.text_ce.detach(), "loss/vision": out.vision_loss.detach()}
+
+    @staticmethod
+    def batch_counts(batch) -> tuple[int, int]:
+        """(samples, real tokens) of a packed batch."""
+        return batch.num_samples, int((batch.doc_ids >= 0).sum())
 
     def step(self, forward, batch) -> StepOutput:
         batch = batch.to(self.device)
         out = forward(batch)
-        metrics = {"loss/text_ce": out.text_ce.item(), "loss/vision": out.vision_loss.item()}
-        return StepOutput(out.loss, metrics, batch.num_samples, int((batch.doc_ids >= 0).sum()))
+        metrics = {k: v.item() for k, v in self.loss_metrics(out).items()}
+        return StepOutput(out.loss, metrics, *self.batch_counts(batch))
+
+    def flops_per_token(self) -> float:
+        if self.model is not None:
+            return super().flops_per_token()
+        with torch.device("meta"):
+            return 6.0 * dense_params(TextToImageBitDance(self.model_cfg))
 
     def sample_grid(self, model: TextToImageBitDance) -> Image.Image | None:
         ev, mc = self.cfg.eval, self.cfg.model
@@ -138,7 +194,7 @@ class T2ITask(Task):
         from models.tokenizer_io import load_tokenizer
 
         mc = self.cfg.model
-        text = T2ITextTokenizer.from_folder(mc.text_tokenizer, self.model.cfg.parallel_num)
+        text = T2ITextTokenizer.from_folder(mc.text_tokenizer, self.model_cfg.parallel_num)
         return text, load_tokenizer(mc.image_tokenizer, device=self.device)
 
     def export(self, model: TextToImageBitDance, out_dir: Path) -> Path | None:

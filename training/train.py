@@ -1,7 +1,8 @@
 """`torchrun --nproc_per_node N -m training.train --config <yaml> [key=value ...]`: the training loop.
 
-One loop for every model kind: data loader -> forward/backward through the engine with gradient accumulation
--> LR schedule -> EMA -> logging, periodic samples and checkpoints. Non-finite steps are skipped and counted
+One loop for every model kind and engine (DeepSpeed, or megatron-core with `engine.kind=megatron` and the `parallel`
+section): data loader -> one optimizer step through the engine over the step's micro-batches -> LR schedule -> EMA
+-> logging, periodic samples and checkpoints. Non-finite steps are skipped and counted
 (K in a row stop the run); SIGTERM saves a checkpoint and exits 0; `checkpoint.resume=auto` continues from
 `<run_dir>/checkpoints/latest` exactly where it stopped.
 """
@@ -24,7 +25,7 @@ from training.ema import EMA
 from training.engine import DeepSpeedEngine, init_distributed
 from training.faults import maybe_kill
 from training.logger import RunLogger
-from training.optim import build_optimizer, lr_at, set_lr
+from training.optim import build_optimizer, lr_at
 from training.tasks import build_task
 
 
@@ -88,25 +89,39 @@ def with_ema_weights(engine: DeepSpeedEngine, ema: EMA, fn):
             params[n].copy_(v)
 
 
-def train(cfg: TrainConfig) -> TrainerState:
-    rank, world, device = init_distributed()
-    torch.manual_seed(cfg.seed * 1000 + rank)
-    task = build_task(cfg, device)
+def build_engine(cfg: TrainConfig, task, world: int):
+    """(engine, data-parallel rank, data-parallel size, micro-batches per step) for `engine.kind`."""
+    grad_accum = grad_accumulation(cfg, world)
+    if cfg.engine.kind == "megatron":
+        from training.megatron_engine import MegatronEngine
+
+        reference, task.model = task.model, None  # the engine takes the weights; its chunks replace the model
+        engine = MegatronEngine(cfg, task.model_cfg, reference, task.init_checkpoint)
+        return engine, engine.dp_rank, engine.dp_size, grad_accum
     if cfg.model.activation_checkpointing:
         from training.activation_checkpointing import apply_activation_checkpointing
 
         apply_activation_checkpointing(task.model)
-    grad_accum = grad_accumulation(cfg, world)
     engine = DeepSpeedEngine(task.model, build_optimizer(task.model, cfg.optim), cfg, grad_accum)
+    return engine, dist.get_rank(), world, grad_accum
+
+
+def train(cfg: TrainConfig) -> TrainerState:
+    rank, world, device = init_distributed()
+    torch.manual_seed(cfg.seed * 1000 + rank)
+    task = build_task(cfg, device)
+    engine, dp_rank, dp_size, grad_accum = build_engine(cfg, task, world)
+    full_model_here = cfg.engine.kind == "deepspeed" and engine.zero_stage < 3  # rank 0 can sample / export
     ema = EMA(engine.module, cfg.ema_decay)
-    loader = task.loader(rank, world)
+    loader = task.loader(dp_rank, dp_size)
     state = TrainerState()
     resume = None if cfg.checkpoint.resume == "none" else (
         latest_checkpoint(cfg.run_dir) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
     )  # fmt: skip
     if resume is not None:
         trainer, loader_state, _ = load_checkpoint(resume, engine, ema)
-        loader.load_state_dict(loader_state)
+        if loader_state is not None:
+            loader.load_state_dict(loader_state)
         state = TrainerState(**{k: trainer[k] for k in TrainerState.__dataclass_fields__ if k in trainer})
         if rank == 0:
             print(f"resumed from {resume} at step {state.step}", flush=True)
@@ -122,22 +137,11 @@ def train(cfg: TrainConfig) -> TrainerState:
     try:
         while state.step < cfg.schedule.total_steps:
             lr = lr_at(state.step, cfg.optim.lr, cfg.schedule)
-            set_lr(engine.base_optimizer, lr)
+            engine.set_lr(lr)
             start = time.perf_counter()
-            losses, metrics, samples, tokens = [], {}, 0, 0
-            for _ in range(grad_accum):
-                out = task.step(engine, next(batches))
-                loss = out.loss
-                if state.step == cfg.fault_nan_at_step:
-                    loss = loss * float("nan")
-                engine.backward(loss)
-                result = engine.step()
-                losses.append(loss.item())
-                for k, v in out.metrics.items():
-                    metrics[k] = metrics.get(k, 0.0) + v / grad_accum
-                samples += out.samples
-                tokens += out.tokens
-            samples, tokens = sum_over_ranks([samples, tokens])
+            stats = engine.train_step(batches, task, grad_accum, poison=state.step == cfg.fault_nan_at_step)
+            result, metrics = stats.result, stats.metrics
+            samples, tokens = sum_over_ranks([stats.samples, stats.tokens])
             if result.applied:
                 ema.update(engine.module)
                 state.consecutive_skips = 0
@@ -149,7 +153,7 @@ def train(cfg: TrainConfig) -> TrainerState:
             state.tokens_seen += tokens
             seconds = time.perf_counter() - start
             keys = sorted(metrics)
-            means = mean_over_ranks([sum(losses) / len(losses), *[metrics[k] for k in keys]])
+            means = mean_over_ranks([stats.loss, *[metrics[k] for k in keys]])
             values = {"loss": means[0], **dict(zip(keys, means[1:], strict=True)), "lr": lr,
                       "grad_norm": result.grad_norm, "skipped_steps": state.skipped_steps,
                       "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds}  # fmt: skip
@@ -165,7 +169,7 @@ def train(cfg: TrainConfig) -> TrainerState:
                     f"(last at step {state.step}); lower optim.lr or check the data, then resume from the last "
                     "checkpoint"
                 )
-            if cfg.eval.sample_every and state.step % cfg.eval.sample_every == 0 and engine.zero_stage < 3:
+            if cfg.eval.sample_every and state.step % cfg.eval.sample_every == 0 and full_model_here:
                 if rank == 0:
                     grid = with_ema_weights(engine, ema, task.sample_grid)
                     if grid is not None:
@@ -182,8 +186,10 @@ def train(cfg: TrainConfig) -> TrainerState:
         last = latest_checkpoint(cfg.run_dir)
         if last is None or last.name != f"step_{state.step:08d}":
             checkpoint()
-        if cfg.checkpoint.export_official and engine.zero_stage == 3 and rank == 0:
-            print("ZeRO-3: the EMA is sharded; export it from the checkpoint with the resharding tools", flush=True)
+        if cfg.checkpoint.export_official and not full_model_here and rank == 0:
+            print("the EMA is sharded over ranks; export it from the last checkpoint with `python -m "
+                  "training.checkpoint export --src <checkpoint> --dst <folder> --text-tokenizer ... "
+                  "--image-tokenizer ...` (megatron engine)", flush=True)  # fmt: skip
         elif cfg.checkpoint.export_official and rank == 0:
             exported = with_ema_weights(engine, ema, lambda m: task.export(m, Path(cfg.run_dir) / "export"))
             if exported is not None:

@@ -24,12 +24,14 @@ FP8_RECIPES = ("tensorwise", "delayed", "mxfp8", "blockwise")
 class MegatronParallelConfig:
     tp: int = 1
     pp: int = 1
+    virtual_pp: int | None = None  # model chunks per pipeline stage (interleaved 1F1B); None: one chunk
     sequence_parallel: bool = False
     transformer_impl: str = "local"  # "local": megatron's own layers; "te": Transformer Engine layers (FP8)
     fp8: str | None = None  # None, "hybrid" (e4m3 forward, e5m2 backward) or "e4m3"
     fp8_recipe: str = "tensorwise"
     bf16_layers_at_start: int = 1  # with FP8: backbone layers kept in BF16 at each end of the stack
     bf16_layers_at_end: int = 1
+    recompute: bool = False  # recompute every layer's activations in the backward pass (full, uniform, 1 layer)
     params_dtype: torch.dtype = torch.bfloat16
     use_cpu_initialization: bool = False
     perform_initialization: bool = True
@@ -99,6 +101,12 @@ def validate_parallel(cfg: T2IConfig, par: MegatronParallelConfig) -> None:
              "pad the vocabulary to a multiple of tp (TextToImageBitDance.resize_vocab)")  # fmt: skip
     _divides("MLP channels", m.intermediate_size, par.tp, "tp", "choose tp dividing intermediate_size")
     _divides("layers", m.num_hidden_layers, par.pp, "pp", "choose pp dividing the number of layers")
+    if par.virtual_pp is not None:
+        if par.virtual_pp < 1 or par.pp < 2:
+            raise ValueError(f"virtual_pp={par.virtual_pp} needs pp >= 2 and virtual_pp >= 1; set pp > 1 or "
+                             "virtual_pp=None")  # fmt: skip
+        _divides("layers", m.num_hidden_layers, par.pp * par.virtual_pp, "pp * virtual_pp",
+                 "choose pp * virtual_pp dividing the number of layers")  # fmt: skip
     if par.sequence_parallel and par.tp == 1:
         raise ValueError("sequence_parallel needs tensor parallelism; set tp > 1 or sequence_parallel=False")
     _check_fp8(cfg, par)
@@ -119,6 +127,9 @@ def transformer_config(cfg: T2IConfig, par: MegatronParallelConfig):
         fp8 = dict(fp8=par.fp8, fp8_recipe=par.fp8_recipe, first_last_layers_bf16=keep,
                    num_layers_at_start_in_bf16=par.bf16_layers_at_start,
                    num_layers_at_end_in_bf16=par.bf16_layers_at_end)  # fmt: skip
+    recompute = {}
+    if par.recompute:
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     return TransformerConfig(
         num_layers=m.num_hidden_layers,
         hidden_size=m.hidden_size,
@@ -152,5 +163,9 @@ def transformer_config(cfg: T2IConfig, par: MegatronParallelConfig):
         fp16=par.params_dtype == torch.float16,
         use_cpu_initialization=par.use_cpu_initialization,
         perform_initialization=par.perform_initialization,
+        virtual_pipeline_model_parallel_size=par.virtual_pp,
+        variable_seq_lengths=par.pp > 1,  # packed rows differ in length: pipeline stages exchange shapes
+        moe_token_dispatcher_type="alltoall",  # no MoE; megatron rejects its default with variable_seq_lengths
+        **recompute,
         **fp8,
     )

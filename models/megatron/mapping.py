@@ -123,6 +123,17 @@ _DIM1 = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 _GATED = "mlp.linear_fc1.weight"
 
 
+def tp_split(key: str) -> tuple[int | None, int]:
+    """How a megatron tensor splits over TP ranks: (axis, pieces per rank). fc1 is (0, 2): rank r holds pieces r and
+    tp + r of 2 * tp ([gate_r; up_r]); column-parallel / vocab weights (0, 1), row-parallel (1, 1), replicated
+    (None, 1)."""
+    if key.endswith(_GATED):
+        return 0, 2
+    if key.endswith(_DIM0) or key.endswith(_DIM1):
+        return (0 if key.endswith(_DIM0) else 1), 1
+    return None, 1
+
+
 def split_tp(state: State, tp: int) -> list[State]:
     """Per-rank states of a (TP=1) megatron state: column-parallel and vocab weights split on dim 0 (QKV whole
     query groups), row-parallel on dim 1, fc1 as [gate_r; up_r]; everything else replicated."""

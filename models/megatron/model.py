@@ -11,6 +11,10 @@ Built on megatron's `TransformerBlock` (not GPTModel) so the stage ends can hold
 
 Design:
 
+- Checkpoints: the inherited `sharded_state_dict()` is the dist_checkpointing layout. `TransformerBlock` keys its
+  layers by global index (layer offset of this stage and virtual chunk), the vocab-parallel embedding, the LM head
+  and the column/row-parallel layer weights carry their TP axis, and every plain torch submodule (projector,
+  diffusion head, norms) is a replicated tensor whose main replica is TP rank 0 / DP rank 0.
 - Mask: every stage builds a `BlockCausalMask` from the batch it reads (doc/block ids) and passes it as
   `attention_mask`; the schedule gives every stage the batch, so no mask crosses the pipeline.
 - RoPE: megatron's `RotaryEmbedding` (base 1e6) owns the inverse frequencies; its forward only makes positions
@@ -34,6 +38,7 @@ import copy
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -49,17 +54,20 @@ from models.t2i_packing import IGNORE_INDEX, PackedT2IBatch
 
 class MegatronT2IBitDance(MegatronModule):
     def __init__(self, cfg: T2IConfig, par: MegatronParallelConfig, pre_process: bool = True,
-                 post_process: bool = True):  # fmt: skip
+                 post_process: bool = True, vp_stage: int | None = None):  # fmt: skip
+        """One model chunk: `pre_process` / `post_process` mark the first / last chunk of the whole pipeline,
+        `vp_stage` is the chunk's index on its pipeline rank under interleaving (None without)."""
         config = transformer_config(cfg, par)
         super().__init__(config=config)
-        self.cfg, self.par = cfg, par
+        self.cfg, self.par, self.vp_stage = cfg, par, vp_stage
         self.pre_process, self.post_process = pre_process, post_process
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.share_embeddings_and_output_weights = False  # read by megatron's finalize_model_grads
         m = cfg.llm
         self.rotary_pos_emb = RotaryEmbedding(m.head_dim, rotary_percent=1.0, rotary_base=m.rope_theta,
                                               use_cpu_initialization=True)  # fmt: skip
-        self.decoder = TransformerBlock(config, block_spec(config, par), pre_process=pre_process,
-                                        post_process=post_process)  # fmt: skip
+        self.decoder = TransformerBlock(config, block_spec(config, par, vp_stage), pre_process=pre_process,
+                                        post_process=post_process, vp_stage=vp_stage)  # fmt: skip
         tp_group, init = parallel_state.get_tensor_model_parallel_group(), config.init_method
         if pre_process:
             self.word_embeddings = tensor_parallel.VocabParallelEmbedding(

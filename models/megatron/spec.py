@@ -54,7 +54,8 @@ def final_norm(par: MegatronParallelConfig) -> type:
     return RMSNorm
 
 
-def block_spec(config, par: MegatronParallelConfig) -> TransformerBlockSubmodules:
-    """The layers of this pipeline stage plus the final norm (built only on the last stage by TransformerBlock)."""
-    n = get_num_layers_to_build(config)
+def block_spec(config, par: MegatronParallelConfig, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """The layers of this pipeline stage (model chunk `vp_stage` of it when interleaved) plus the final norm (built
+    only on the last stage by TransformerBlock)."""
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer_spec(par)] * n, layer_norm=final_norm(par))

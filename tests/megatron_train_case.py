@@ -1,0 +1,87 @@
+"""A tiny text-to-image training case for the megatron engine and checkpoint tests: the reference model and packed
+batch of test_megatron_model, a megatron TrainConfig, and helpers to step an engine and read its weights."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from types import SimpleNamespace
+
+import torch
+from test_megatron_model import make_case
+
+from models.megatron.mapping import megatron_to_reference, merge_tp, model_state
+from training.config import TrainConfig, load_config
+from training.tasks import T2ITask
+
+TASK = SimpleNamespace(batch_counts=T2ITask.batch_counts, loss_metrics=T2ITask.loss_metrics,
+                       metric_names=T2ITask.metric_names)  # fmt: skip
+
+
+def train_config(tp: int = 1, pp: int = 1, *overrides: str) -> TrainConfig:
+    layout = [f"parallel.tp={tp}", f"parallel.pp={pp}"]
+    return load_config(None, ["engine.kind=megatron", "engine.precision=fp32", *layout, "optim.lr=1e-3",
+                              "optim.weight_decay=0.1", "optim.grad_clip=1.0", *overrides])  # fmt: skip
+
+
+def case_file(path, vocab_size: int | None = None, num_layers: int | None = None) -> None:
+    """The case (model config, reference weights, batch) saved for spawned workers; `vocab_size` grows the text
+    vocabulary (room for a real T2I tokenizer's added tokens), `num_layers` deepens the backbone (fresh weights)."""
+    cfg, ref, batch, head_t, head_noise = make_case()
+    if num_layers is not None:
+        from models.bitdance_t2i import TextToImageBitDance
+
+        torch.manual_seed(1)
+        ref = TextToImageBitDance(replace(cfg, llm=replace(cfg.llm, num_hidden_layers=num_layers)))
+    if vocab_size is not None:
+        ref.resize_vocab(vocab_size)
+    torch.save(dict(cfg=ref.cfg, ref=ref.state_dict(), batch=batch, head_t=head_t, head_noise=head_noise), path)
+
+
+def load_case(path) -> dict:
+    return torch.load(path, weights_only=False)
+
+
+def reference_model(case: dict):
+    from models.bitdance_t2i import TextToImageBitDance
+
+    model = TextToImageBitDance(case["cfg"])
+    model.load_state_dict(case["ref"])
+    return model
+
+
+def new_engine(case: dict, tp: int = 1, pp: int = 1, reference: bool = True, init_checkpoint=None, overrides=()):
+    from training.megatron_engine import MegatronEngine
+
+    ref = reference_model(case) if reference else None
+    return MegatronEngine(train_config(tp, pp, *overrides), case["cfg"], ref, init_checkpoint)
+
+
+def step(engine, batch, grad_accum: int = 1, poison: bool = False):
+    return engine.train_step(itertools.repeat(batch), TASK, grad_accum, poison)
+
+
+def local_weights(engine) -> dict[str, torch.Tensor]:
+    """This rank's weights (single chunk, megatron names), detached copies."""
+    (chunk,) = engine.chunks
+    return {k: v.detach().clone() for k, v in model_state(chunk).items()}
+
+
+def reference_weights(shards: list[dict], cfg) -> dict[str, torch.Tensor]:
+    """TP shards of a full single-stage model -> reference (official) names."""
+    return megatron_to_reference(merge_tp(shards), cfg.llm)
+
+
+def forward_loss(engine, case: dict) -> float:
+    """The loss of the case batch with fixed diffusion draws (no bit flips), from this engine's single chunk."""
+    (chunk,) = engine.chunks
+    chunk.eval()
+    with torch.no_grad():
+        out = chunk(case["batch"], case["head_t"], case["head_noise"])
+    chunk.train()
+    return float(out.loss)
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)

@@ -1,0 +1,389 @@
+"""The megatron checkpoint format and the offline tools on it: reshard, import from and export to the official layout.
+
+    <ckpt>/
+        trainer.json    step, counters and config of the run; `megatron`: the layout it was written with (tp, pp,
+                        virtual_pp, dp), the model config (T2IConfig) and what `dist/` holds (model, ema, optimizer)
+        rank_00000.pt   per rank: RNG states and loader state (training checkpoints only)
+        dist/           a megatron.core.dist_checkpointing directory (torch_dist: metadata.json, common.pt, .metadata,
+                        __<rank>_<i>.distcp). Every tensor is stored in global coordinates, so any TP/PP layout loads
+                        it (TE's FP8 scaling history, `_extra_state`, is not stored):
+            model.<key>     weights under megatron's sharded keys: decoder layers stacked on a leading axis by global
+                            layer index (`model.decoder.layers.mlp.linear_fc1.weight` [L, 2F, D]), norm names as in
+                            the TE spec (`...linear_qkv.layer_norm_weight`) whichever spec wrote them
+            ema.<key>       EMA weights (fp32), same keys
+            optimizer.state.{param,exp_avg,exp_avg_sq}.model.<key>   fp32 main weights and Adam state
+                            (DistributedOptimizer "fully_reshardable"); its param groups and step live in common.pt
+
+Tensors are chunked per layer and per TP shard of the layout that wrote them (reshard rewrites the chunks for a new
+layout; loading at another layout works either way, only less efficiently). Saving uses megatron's torch_dist writer
+on GPU machines and `HostSaveStrategy` (the same format, written synchronously from host memory) where there is no
+CUDA, so every tool here runs on CPU-only machines over gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+from dataclasses import asdict, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from models.bitdance_t2i import T2IConfig, TextToImageBitDance, get_t2i_config
+from models.diffusion_head import HeadConfig
+from models.megatron.config import MegatronParallelConfig, validate_parallel
+from models.megatron.mapping import stage_layers, tp_split
+from models.qwen3 import Qwen3Config
+
+DIST = "dist"
+TRAINER = "trainer.json"
+LAYER_KEY = "decoder.layers."
+_PREFIX = re.compile(r"^(optimizer\.state\.[^.]+\.)?(model|ema)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or a requested layout that the tools cannot use (one-line message)."""
+
+
+# ---- saving without CUDA ------------------------------------------------------------------------------------------
+
+
+def _host_save_strategy():
+    from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed import checkpoint as dcp
+
+    class HostSaveStrategy(SaveShardedStrategy):
+        """megatron's torch_dist format written synchronously with torch.distributed.checkpoint: what
+        `TorchDistSaveShardedStrategy` writes, without its CUDA stream synchronisation and CUDA status tensor."""
+
+        def __init__(self):
+            super().__init__("torch_dist", 1)
+
+        def save(self, sharded_state_dict, checkpoint_dir):
+            flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
+            planner = MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False)
+            dcp.save(mcore_to_pyt_state_dict(flat, False), storage_writer=dcp.FileSystemWriter(checkpoint_dir),
+                     planner=planner)  # fmt: skip
+
+        def can_handle_sharded_objects(self):
+            return True
+
+    return HostSaveStrategy()
+
+
+def save_dist(state: dict, directory: Path) -> None:
+    """`dist_checkpointing.save` on every rank (megatron's writer on GPU machines, `HostSaveStrategy` without CUDA)."""
+    from megatron.core import dist_checkpointing
+
+    if dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    strategy = None if torch.cuda.is_available() else _host_save_strategy()
+    dist_checkpointing.save(state, str(directory), sharded_strategy=strategy)
+
+
+# ---- side file ----------------------------------------------------------------------------------------------------
+
+
+def t2i_config_to_dict(cfg: T2IConfig) -> dict:
+    return asdict(cfg)
+
+
+def t2i_config_from_dict(d: dict) -> T2IConfig:
+    d = dict(d)
+    llm, head = Qwen3Config(**d.pop("llm")), HeadConfig(**d.pop("head"))
+    return T2IConfig(llm=llm, head=head, image_sizes=tuple(tuple(s) for s in d.pop("image_sizes")), **d)
+
+
+def is_megatron_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / TRAINER).is_file() and (Path(path) / DIST / "metadata.json").is_file()
+
+
+def read_trainer(path: str | Path) -> dict:
+    """trainer.json of a megatron checkpoint; a one-line error when `path` is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not is_megatron_checkpoint(path):
+        raise CheckpointError(f"{path} is not a megatron checkpoint (needs {TRAINER} and {DIST}/metadata.json)")
+    trainer = json.loads((path / TRAINER).read_text())
+    if "megatron" not in trainer:
+        raise CheckpointError(f"{path / TRAINER} has no `megatron` section (written by the deepspeed engine?)")
+    return trainer
+
+
+def model_config_of(path: str | Path) -> T2IConfig:
+    return t2i_config_from_dict(read_trainer(path)["megatron"]["model"])
+
+
+def megatron_section(cfg: T2IConfig, tp: int, pp: int, virtual_pp: int | None, dp: int | None, contents) -> dict:
+    return {"layout": {"tp": tp, "pp": pp, "virtual_pp": virtual_pp, "dp": dp}, "model": t2i_config_to_dict(cfg),
+            "contents": sorted(contents)}  # fmt: skip
+
+
+def check_layout(cfg: T2IConfig | Qwen3Config, tp: int, pp: int, virtual_pp: int | None = None) -> None:
+    """One-line CheckpointError when the model (or its backbone alone: the layout only constrains the backbone)
+    cannot run at (tp, pp, virtual_pp)."""
+    if isinstance(cfg, Qwen3Config):
+        cfg = SimpleNamespace(llm=cfg)
+    try:
+        validate_parallel(cfg, MegatronParallelConfig(tp=tp, pp=pp, virtual_pp=virtual_pp))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+# ---- chunking tensors for a layout --------------------------------------------------------------------------------
+
+
+def model_key(sharded_key: str) -> str:
+    """The model tensor a checkpoint key belongs to (`optimizer.state.exp_avg.model.x` -> `x`)."""
+    return _PREFIX.sub("", sharded_key)
+
+
+def layout_shards(meta: dict, tp: int, pp: int, stages, tp_ranks, make) -> dict:
+    """ShardedTensors of the checkpoint tensors `meta` ({key: (global shape, dtype)}) chunked for a (tp, pp) layout:
+    per global layer and per TP piece, restricted to pipeline `stages` and `tp_ranks`; tensors outside the decoder
+    layers belong to stage 0, replicated ones to TP rank 0. `make(key, index, shape, dtype)` gives each chunk's data
+    (`index`: the chunk's slices of the global tensor). Every chunk is a main replica."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    out = {}
+    for key, (shape, dtype) in meta.items():
+        mkey = model_key(key)
+        layered = mkey.startswith(LAYER_KEY)
+        axis, pieces = tp_split(mkey)
+        n = shape[0] if layered else 0
+        layers = [i for s in stages for i in stage_layers(n, pp, s)] if layered else ([None] if 0 in stages else [])
+        inner = shape[1:] if layered else shape
+        for r in tp_ranks:
+            if axis is None and r != 0:
+                continue
+            parts = [(None, 0, 1)] if axis is None else [(axis, r + j * tp, tp * pieces) for j in range(pieces)]
+            for layer in layers:
+                for ax, idx, count in parts:
+                    index, local = [slice(None)] * len(inner), list(inner)
+                    offsets = []
+                    if ax is not None:
+                        size = inner[ax] // count
+                        index[ax], local[ax] = slice(idx * size, (idx + 1) * size), size
+                        offsets.append((ax + layered, idx, count))
+                    if layered:
+                        index, offsets = [layer, *index], [(0, layer, n), *offsets]
+                    data = make(key, tuple(index), tuple(local), dtype)
+                    out[f"{key}|{layer}|{idx}"] = ShardedTensor.from_rank_offsets(
+                        key, data, *offsets, replica_id=0, prepend_axis_num=int(layered)
+                    )
+    return out
+
+
+def tensor_meta(directory: Path, prefixes: tuple[str, ...] = ("model.", "ema.", "optimizer.")) -> dict:
+    """{key: (global shape, dtype)} of the checkpoint's tensors whose key starts with one of `prefixes`."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(directory))
+    return {k: (tuple(v.global_shape), v.dtype) for k, v in meta.items() if k.startswith(prefixes)}
+
+
+def load_full(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The full tensors under `prefix` (`model.` or `ema.`) as a full megatron state: layers unstacked to
+    `decoder.layers.<i>.<name>`, keys without the prefix (needs a process group; reads everything into memory)."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(directory))
+    wanted = {k: v for k, v in meta.items() if k.startswith(prefix)}
+    if not wanted:
+        raise CheckpointError(f"{directory} holds no `{prefix}` tensors")
+    loaded = dist_checkpointing.load(wanted, str(directory), validate_access_integrity=False)
+    out = {}
+    for key in wanted:  # `loaded` also holds the checkpoint's common (non-tensor) state
+        t = loaded[key]
+        name = key[len(prefix) :]
+        if name.startswith(LAYER_KEY):
+            rest = name[len(LAYER_KEY) :]
+            out.update({f"{LAYER_KEY}{i}.{rest}": t[i].clone() for i in range(t.shape[0])})
+        else:
+            out[name] = t
+    return out
+
+
+def stacked(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, tuple]:
+    """Checkpoint tensor metadata {`model.<key>`: (global shape, dtype)} of a full megatron state (layers stacked)."""
+    meta = {}
+    for key, t in state.items():
+        if key.startswith(LAYER_KEY):
+            rest = key[len(LAYER_KEY) :].split(".", 1)[1]
+            meta[f"model.{LAYER_KEY}{rest}"] = ((num_layers, *t.shape), t.dtype)
+        else:
+            meta[f"model.{key}"] = (tuple(t.shape), t.dtype)
+    return meta
+
+
+# ---- process groups for the offline tools -------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_group(rank: int, world: int, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+
+def single_process(fn, *args):
+    """Run `fn(*args)` inside a one-process gloo group (what dist_checkpointing's load/save need)."""
+    _init_group(0, 1, _free_port())
+    try:
+        return fn(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- import / export / reshard ------------------------------------------------------------------------------------
+
+
+def _fresh_dir(dst: Path) -> None:
+    if dst.exists() and any(dst.iterdir()):
+        raise CheckpointError(f"destination {dst} exists and is not empty; choose a new directory")
+    (dst / DIST).mkdir(parents=True, exist_ok=True)
+
+
+def write_model_checkpoint(state: dict[str, torch.Tensor], cfg: T2IConfig, dst: Path, tp: int, pp: int) -> Path:
+    """A model-only megatron checkpoint of a full megatron state (TE-spec names), chunked for (tp, pp)."""
+    check_layout(cfg, tp, pp)
+    _fresh_dir(dst)
+    meta = stacked(state, cfg.llm.num_hidden_layers)
+
+    def chunk(key, index, shape, dtype):
+        name = key[len("model.") :]
+        if name.startswith(LAYER_KEY):
+            rest = name[len(LAYER_KEY) :]
+            return state[f"{LAYER_KEY}{index[0]}.{rest}"][index[1:]].clone()
+        return state[name][index].clone()
+
+    shards = layout_shards(meta, tp, pp, range(pp), range(tp), chunk)
+    single_process(save_dist, {"tensors": shards}, dst / DIST)
+    trainer = {"step": 0, "megatron": megatron_section(cfg, tp, pp, None, None, ["model"])}
+    (dst / TRAINER).write_text(json.dumps(trainer, indent=2) + "\n")
+    return dst
+
+
+def reference_from_hf(folder: Path, model_name: str, vocab_size: int | None, seed: int) -> TextToImageBitDance:
+    """A T2I model whose backbone is the Qwen3 of a Hugging Face folder; projector and head freshly initialised
+    (seeded) in the backbone's dtype; the vocabulary resized to `vocab_size` when given."""
+    from models.state_dict_utils import load_state_dict_strict
+    from models.t2i_io import read_llm_state_dict
+
+    llm = Qwen3Config.from_hf_dict(json.loads((folder / "config.json").read_text()))
+    base = get_t2i_config(model_name)
+    cfg = replace(base, llm=llm, head=replace(base.head, ch_cond=llm.hidden_size))
+    torch.manual_seed(seed)
+    model = TextToImageBitDance(cfg)
+    weights = read_llm_state_dict(folder)
+    dtype = next(iter(weights.values())).dtype
+    model.to(dtype)
+    load_state_dict_strict(model.llm, weights, f"Qwen3 backbone in {folder}")
+    if vocab_size is not None:
+        model.resize_vocab(vocab_size)
+    return model
+
+
+def import_folder(src: Path, dst: Path, tp: int, pp: int, model_name: str | None = None,
+                  vocab_size: int | None = None, seed: int = 0) -> Path:  # fmt: skip
+    """Official T2I folder (`vision_head_config.json` present) or Hugging Face Qwen3 folder -> megatron checkpoint."""
+    from models.megatron.mapping import reference_to_megatron
+
+    if not src.is_dir():
+        raise CheckpointError(f"import source {src} does not exist")
+    if not (src / "config.json").is_file():
+        raise CheckpointError(
+            f"{src} is neither an official T2I folder nor a Hugging Face Qwen3 folder (no config.json)"
+        )
+    llm = Qwen3Config.from_hf_dict(json.loads((src / "config.json").read_text()))
+    check_layout(replace(llm, vocab_size=vocab_size or llm.vocab_size), tp, pp)  # before reading the weights
+    if (src / "vision_head_config.json").is_file():
+        from models.t2i_io import load_t2i_folder
+
+        model, _, _ = load_t2i_folder(src)
+        if vocab_size is not None:
+            model.resize_vocab(vocab_size)
+    else:
+        if model_name is None:
+            raise CheckpointError("importing a Hugging Face Qwen3 folder needs --model (e.g. 14B-16x) for the head")
+        model = reference_from_hf(src, model_name, vocab_size, seed)
+    check_layout(model.cfg, tp, pp)
+    state = reference_to_megatron({k: v.detach() for k, v in model.state_dict().items()}, model.cfg.llm, "te")
+    return write_model_checkpoint(state, model.cfg, dst, tp, pp)
+
+
+def export_folder(src: Path, dst: Path, text_tokenizer: Path, image_tokenizer: Path, weights: str = "auto") -> Path:
+    """A megatron checkpoint's model (or EMA) weights -> official T2I folder with the given tokenizers."""
+    from models.megatron.mapping import export_megatron_to_folder
+    from models.text_tokenizer import T2ITextTokenizer
+    from models.tokenizer_io import load_tokenizer
+
+    trainer = read_trainer(src)
+    cfg = t2i_config_from_dict(trainer["megatron"]["model"])
+    contents = trainer["megatron"]["contents"]
+    if weights == "auto":
+        weights = "ema" if "ema" in contents else "model"
+    if weights not in contents:
+        raise CheckpointError(f"{src} holds no {weights} weights (it holds {contents})")
+    for path in (text_tokenizer, image_tokenizer):
+        if not path.exists():
+            raise CheckpointError(f"tokenizer {path} does not exist")
+    text_tok = T2ITextTokenizer.from_folder(text_tokenizer, cfg.parallel_num)
+    image_tok = load_tokenizer(image_tokenizer)
+    if len(text_tok) > cfg.llm.vocab_size:
+        raise CheckpointError(f"text tokenizer has {len(text_tok)} tokens but the model embeds {cfg.llm.vocab_size}")
+    if image_tok.config.z_channels != cfg.latent_dim:
+        raise CheckpointError(f"image tokenizer makes {image_tok.config.z_channels}-bit tokens; the model predicts "
+                              f"{cfg.latent_dim}")  # fmt: skip
+    state = single_process(load_full, src / DIST, f"{weights}.")
+    return export_megatron_to_folder(state, cfg, text_tok, image_tok, dst, layout="te")
+
+
+def _reshard_worker(rank: int, src: str, dst: str, tp: int, pp: int, port: int) -> None:
+    from megatron.core import dist_checkpointing
+
+    torch.set_num_threads(1)
+    _init_group(rank, tp * pp, port)
+    try:
+        stage, tp_rank = divmod(rank, tp)
+        meta = tensor_meta(Path(src))
+        empty = lambda key, index, shape, dtype: torch.empty(shape, dtype=dtype)  # noqa: E731
+        shards = layout_shards(meta, tp, pp, [stage], [tp_rank], empty)
+        loaded = dist_checkpointing.load({"tensors": shards}, src)["tensors"]
+        for k, sh in shards.items():
+            sh.data = loaded[k]
+        save_dist({**dist_checkpointing.load_common_state_dict(src), "tensors": shards}, Path(dst))
+    finally:
+        dist.destroy_process_group()
+
+
+def reshard(src: Path, dst: Path, tp: int, pp: int, virtual_pp: int | None = None) -> Path:
+    """Rewrite a megatron checkpoint (model, EMA, optimizer state) chunked for a new (tp, pp) layout, with tp * pp gloo
+    CPU processes each loading and writing its share."""
+    import torch.multiprocessing as mp
+
+    trainer = read_trainer(src)
+    cfg = t2i_config_from_dict(trainer["megatron"]["model"])
+    check_layout(cfg, tp, pp, virtual_pp)
+    _fresh_dir(dst)
+    mp.spawn(_reshard_worker, args=(str(src / DIST), str(dst / DIST), tp, pp, _free_port()), nprocs=tp * pp)
+    section = trainer["megatron"]
+    section["layout"] = {"tp": tp, "pp": pp, "virtual_pp": virtual_pp, "dp": section["layout"].get("dp")}
+    (dst / TRAINER).write_text(json.dumps(trainer, indent=2) + "\n")
+    for rank_file in sorted(src.glob("rank_*.pt")):  # RNG and loader states: used when the world layout matches
+        shutil.copy2(rank_file, dst / rank_file.name)
+    return dst
