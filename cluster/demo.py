@@ -3,7 +3,7 @@
 Each stage runs a real entry point exactly as a user runs it on a cluster (a subprocess per stage):
 
   data       python -m data_pipeline.shapes                     captioned 32x32 shape scenes as webdataset tars
-  tokenizer  python -m training.tokenizer_trainer               tiny binary tokenizer, DeepSpeed engine
+  tokenizer  torchrun --nproc-per-node N -m training.tokenizer_trainer   tiny binary tokenizer, DeepSpeed engine
   text       models.text_tokenizer.build_chat_tokenizer         small BPE with the Qwen3 special tokens
   tokenize   python -m data_pipeline.tokenize                   Ray Data job on a local Ray -> binary-token shards
   train      torchrun --nproc-per-node N -m training.train      tiny text-to-image BitDance, P=4, DeepSpeed
@@ -48,7 +48,7 @@ class DemoConfig:
     samples_per_shard: int = 500
     # binary tokenizer
     tokenizer_config: str = str(CONFIGS / "demo_tokenizer.yaml")
-    tokenizer_steps: int = 300
+    tokenizer_steps: int = 500
     # text-to-image model
     t2i_config: str = str(CONFIGS / "demo_t2i.yaml")
     t2i_steps: int = 800
@@ -57,7 +57,7 @@ class DemoConfig:
     prompts_per_tag: int = 12
     images_per_prompt: int = 2
     head_steps: int = 20
-    cfg_scale: float = 4.0
+    cfg_scale: float = 2.0
     chance_samples: int = 300
     grid_images: int = 24
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -121,7 +121,7 @@ def run_data(cfg: DemoConfig, out: Path) -> dict:
 
 def run_tokenizer(cfg: DemoConfig, out: Path) -> dict:
     run_dir = out / "tokenizer"
-    _sh([_python(), "-m", "training.tokenizer_trainer", "--config", cfg.tokenizer_config, f"run_dir={run_dir}",
+    _sh([*_torchrun(cfg), "-m", "training.tokenizer_trainer", "--config", cfg.tokenizer_config, f"run_dir={run_dir}",
          f"data.data_dir={out / 'data' / 'raw'}", f"data.image_size={cfg.image_size}", f"seed={cfg.seed}",
          f"schedule.total_steps={cfg.tokenizer_steps}"], cfg, out / "logs" / "tokenizer.log")  # fmt: skip
     metrics = run_dir / "metrics.jsonl"
@@ -156,7 +156,7 @@ def run_tokenize(cfg: DemoConfig, out: Path) -> dict:
          "--text-tokenizer", str(out / "text_tokenizer"), "--parallel-num", str(_parallel_num(cfg)),
          "--size", size, "--num-cpus", str(max(2, cfg.nproc))], cfg, out / "logs" / "tokenize.log")  # fmt: skip
     manifest = json.loads((tokens / "manifest.json").read_text())
-    return {"tokens": str(tokens), "samples": manifest.get("num_samples"), "skipped": manifest.get("skipped"),
+    return {"tokens": str(tokens), "samples": manifest.get("samples"), "skipped": manifest.get("skipped"),
             "bits_per_token": manifest.get("bits_per_token")}  # fmt: skip
 
 

@@ -79,20 +79,17 @@ def t2i_head_config(width: int, latent_dim: int, parallel_num: int, **kw) -> Hea
 
 
 def get_t2i_config(name: str, **overrides) -> T2IConfig:
-    """ "14B-16x", "14B-64x" (official sizes); "tiny-<P>x" (CPU tests) and "small-<P>x" (the CPU demo): 2x tokenizer,
-    small image sizes."""
-    m = re.fullmatch(r"(14B|tiny|small)-(\d+)x", name)
+    """ "14B-16x", "14B-64x" (official sizes) or "tiny-4x"/"tiny-16x"/... (CPU tests and the demo; 2x tokenizer,
+    small sizes)."""
+    m = re.fullmatch(r"(14B|tiny)-(\d+)x", name)
     if m is None:
-        raise ValueError(f"unknown T2I config {name!r}; known: 14B-16x, 14B-64x, tiny-<P>x, small-<P>x")
+        raise ValueError(f"unknown T2I config {name!r}; known: 14B-16x, 14B-64x, tiny-<P>x")
     P = int(m.group(2))
     if m.group(1) == "14B":
         llm = get_qwen3_config("14B")
         base = T2IConfig(llm=llm, head=t2i_head_config(llm.hidden_size, 32, P))
     else:
         llm = get_qwen3_config("tiny")
-        if m.group(1) == "small":  # 4x the tiny backbone's width x depth product: learns the demo data faster
-            llm = replace(llm, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-                          num_key_value_heads=4)  # fmt: skip
         base = T2IConfig(
             llm=llm,
             head=t2i_head_config(llm.hidden_size, 16, P, depth_latent=2, depth_adanln=1),

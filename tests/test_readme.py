@@ -1,0 +1,84 @@
+"""README commands stay accurate: every `python -m`, `torchrun` and `ray job submit` command in README.md names a
+real module, passes that module's own argument parser, and (for training) its config and overrides load.
+
+Commands that need a cluster, GPUs or released weights cannot run here; `make demo` and the other tests run the
+same entry points for real on small data (tests/test_demo.py, tests/test_ray_job_submit.py, ...)."""
+
+import argparse
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+class _Parsed(Exception):
+    pass
+
+
+def readme_commands() -> list[list[str]]:
+    text = README.read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(shlex.split(line))
+    inline = re.findall(r"`((?:python|torchrun) -m [^`]+)`", text)
+    return commands + [shlex.split(c) for c in inline if "<" not in c and " --" in c]  # full inline commands
+
+
+def entry_point(argv: list[str]) -> tuple[str, list[str]]:
+    """(module, its arguments) of a python -m / torchrun / ray job submit command line."""
+    if argv[0] == "ray":
+        assert argv[1:3] == ["job", "submit"], argv
+        return entry_point(argv[argv.index("--") + 1 :])
+    if argv[0] == "torchrun":
+        from torch.distributed.run import get_args_parser
+
+        m = argv.index("-m")
+        get_args_parser().parse_args([*argv[1:m], "--module", argv[m + 1], *argv[m + 2 :]])  # torchrun's own flags
+        return argv[m + 1], argv[m + 2 :]
+    assert argv[:2] == ["python", "-m"], f"unexpected README command {' '.join(argv)}"
+    return argv[2], argv[3:]
+
+
+def check_arguments(module: str, args: list[str], monkeypatch) -> argparse.Namespace:
+    """Parse `args` with the module's own parser (through its main(argv)), stopping right after parsing."""
+    original, seen = argparse.ArgumentParser.parse_args, {}
+
+    def parse_only(self, argv=None, namespace=None):
+        try:
+            seen["ns"] = original(self, argv, namespace)
+        except SystemExit:
+            raise AssertionError(f"README command rejected by {module}: {' '.join(args)}") from None
+        raise _Parsed
+
+    mod = importlib.import_module(module)
+    with monkeypatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+        with pytest.raises(_Parsed):
+            mod.main(args)
+    return seen["ns"]
+
+
+def test_readme_starts_with_make_demo_then_make_test():
+    first_block = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.S).group(1).splitlines()
+    assert [line.split()[:2] for line in first_block[:2]] == [["make", "demo"], ["make", "test"]]
+
+
+def test_every_readme_command_parses(monkeypatch):
+    commands = [c for c in readme_commands() if c[0] != "make"]
+    assert len(commands) >= 15
+    for argv in commands:
+        module, args = entry_point(argv)
+        ns = check_arguments(module, args, monkeypatch)
+        if module == "training.train":
+            from training.config import load_config
+
+            cfg = load_config(ns.config, ns.overrides)
+            assert Path(ns.config).is_file() and cfg.run_dir
