@@ -51,7 +51,7 @@ class DemoConfig:
     tokenizer_steps: int = 500
     # text-to-image model
     t2i_config: str = str(CONFIGS / "demo_t2i.yaml")
-    t2i_steps: int = 800
+    t2i_steps: int = 1200
     text_vocab: int = 400
     # sampling and scoring
     prompts_per_tag: int = 12
@@ -98,6 +98,12 @@ def _sh(cmd: list[str], cfg: DemoConfig, log: Path) -> None:
         raise SystemExit(f"demo stage command failed (exit {rc}): {' '.join(cmd)}; see {log}")
 
 
+def _schedule(config: str, steps: int) -> list[str]:
+    """Step-count overrides; the YAML's warmup is shortened when a short run (tests) has fewer steps."""
+    warmup = int(OmegaConf.load(config).get("schedule", {}).get("warmup_steps", 0))
+    return [f"schedule.total_steps={steps}", f"schedule.warmup_steps={min(warmup, steps)}"]
+
+
 def _last_metric(metrics: Path, key: str) -> float | None:
     last = None
     for line in metrics.read_text().splitlines():
@@ -123,7 +129,7 @@ def run_tokenizer(cfg: DemoConfig, out: Path) -> dict:
     run_dir = out / "tokenizer"
     _sh([*_torchrun(cfg), "-m", "training.tokenizer_trainer", "--config", cfg.tokenizer_config, f"run_dir={run_dir}",
          f"data.data_dir={out / 'data' / 'raw'}", f"data.image_size={cfg.image_size}", f"seed={cfg.seed}",
-         f"schedule.total_steps={cfg.tokenizer_steps}"], cfg, out / "logs" / "tokenizer.log")  # fmt: skip
+         *_schedule(cfg.tokenizer_config, cfg.tokenizer_steps)], cfg, out / "logs" / "tokenizer.log")  # fmt: skip
     metrics = run_dir / "metrics.jsonl"
     return {"export": str(run_dir / "export"), "psnr": _last_metric(metrics, "eval/psnr"),
             "ssim": _last_metric(metrics, "eval/ssim"), "steps": cfg.tokenizer_steps}  # fmt: skip
@@ -165,7 +171,7 @@ def run_train(cfg: DemoConfig, out: Path) -> dict:
     _sh([*_torchrun(cfg), "-m", "training.train", "--config", cfg.t2i_config, f"run_dir={run_dir}",
          f"data.data_dir={out / 'data' / 'tokens'}", f"model.text_tokenizer={out / 'text_tokenizer'}",
          f"model.image_tokenizer={out / 'tokenizer' / 'export'}", f"seed={cfg.seed}",
-         f"schedule.total_steps={cfg.t2i_steps}"], cfg, out / "logs" / "train.log")  # fmt: skip
+         *_schedule(cfg.t2i_config, cfg.t2i_steps)], cfg, out / "logs" / "train.log")  # fmt: skip
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     speed = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:] or [float("nan")]
     return {"export": str(run_dir / "export"), "steps": cfg.t2i_steps, "final_loss": rows[-1].get("loss"),

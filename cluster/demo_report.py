@@ -63,9 +63,14 @@ def write_demo_report(cfg, out: Path, done: dict[str, dict]) -> Path:
         lines += ["## Samples", "", "First image of each prompt, with the scorer's verdict:", "",
                   "![samples](samples_grid.png)", ""]  # fmt: skip
     curves = read_metrics(out / "t2i" / "metrics.jsonl", ("loss", "loss/vision", "loss/text_ce"))
-    line_plot(curves, out / "loss_curve.png", title="text-to-image training loss (0.01 x text CE + vision)")
+    line_plot(
+        curves,
+        out / "loss_curve.png",
+        title="text-to-image training loss (0.01 x text CE + vision), log scale",
+        log_y=True,
+    )
     tok_curves = read_metrics(out / "tokenizer" / "metrics.jsonl", ("loss/rec",))
-    line_plot(tok_curves, out / "tokenizer_curve.png", title="tokenizer L1 reconstruction loss")
+    line_plot(tok_curves, out / "tokenizer_curve.png", title="tokenizer L1 reconstruction loss, log scale", log_y=True)
     lines += ["## Training", "", "![loss curve](loss_curve.png)", "",
               f"Final loss {_fmt(train['final_loss'], '.4f')} after {train['steps']} steps on {cfg.nproc} processes.",
               "", "![tokenizer curve](tokenizer_curve.png)", "",

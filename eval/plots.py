@@ -37,8 +37,11 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, title: str = "",
-              x_label: str = "step", size: tuple[int, int] = (640, 360)) -> Path:  # fmt: skip
-    """Draw each non-empty series as a coloured line on shared axes with a legend; returns the PNG path."""
+              x_label: str = "step", size: tuple[int, int] = (640, 360), log_y: bool = False) -> Path:  # fmt: skip
+    """Draw each non-empty series as a coloured line on shared axes with a legend (log10 y axis with `log_y`:
+    non-positive values are dropped); returns the PNG path."""
+    if log_y:
+        series = {k: [(x, math.log10(y)) for x, y in v if y > 0] for k, v in series.items()}
     series = {k: v for k, v in series.items() if v}
     if not series:
         raise ValueError(f"nothing to plot for {path}: every series is empty")
@@ -59,7 +62,7 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, ti
     for t in _ticks(y0, y1):
         _, y = px(x0, t)
         d.line([(left, y), (w - right, y)], fill=(230, 230, 230))
-        d.text((4, y - 6), f"{t:.3g}", fill="black")
+        d.text((4, y - 6), f"{10**t:.3g}" if log_y else f"{t:.3g}", fill="black")
     for t in _ticks(x0, x1):
         x, _ = px(t, y0)
         d.line([(x, top), (x, h - bottom)], fill=(240, 240, 240))

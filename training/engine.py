@@ -36,20 +36,24 @@ class StepStats:
     result: StepResult
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Process group from the torchrun / deepspeed launcher env (single process when absent)."""
-    import deepspeed
-
+def init_distributed(engine_kind: str = "deepspeed") -> tuple[int, int, torch.device]:
+    """Process group from the torchrun / deepspeed launcher env (single process when absent). The megatron engine
+    needs no DeepSpeed: its process group comes from torch.distributed directly."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # gloo next to NCCL on GPUs: the loop's small CPU collectives (metrics, flags) need it
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    if engine_kind == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # adopts the process group above
     return dist.get_rank(), dist.get_world_size(), device
 
 

@@ -107,7 +107,7 @@ def build_engine(cfg: TrainConfig, task, world: int):
 
 
 def train(cfg: TrainConfig) -> TrainerState:
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.engine.kind)
     torch.manual_seed(cfg.seed * 1000 + rank)
     task = build_task(cfg, device)
     engine, dp_rank, dp_size, grad_accum = build_engine(cfg, task, world)
@@ -159,7 +159,8 @@ def train(cfg: TrainConfig) -> TrainerState:
                       "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds}  # fmt: skip
             if cfg.logging.peak_tflops > 0:
                 values["mfu"] = flops_per_token * tokens / seconds / (cfg.logging.peak_tflops * 1e12 * world)
-            if state.step % cfg.logging.every == 0 or state.step == 1 or not result.applied:
+            last = state.step == cfg.schedule.total_steps
+            if state.step % cfg.logging.every == 0 or state.step == 1 or last or not result.applied:
                 log.log(state.step, values)
             log.advance()
             maybe_kill("step", state.step)
