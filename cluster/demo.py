@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -60,7 +60,6 @@ class DemoConfig:
     cfg_scale: float = 2.0
     chance_samples: int = 300
     grid_images: int = 24
-    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -73,17 +72,13 @@ class Stage:
     resumable: tuple[str, ...] = ()  # settings that may change without starting over (training step counts)
 
 
-def _python() -> str:
-    return sys.executable
-
-
 def _torchrun(cfg: DemoConfig) -> list[str]:
-    return [_python(), "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.nproc}"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.nproc}"]
 
 
 def _sh(cmd: list[str], cfg: DemoConfig, log: Path) -> None:
     """Run one stage command, its output teed to <log>; a failure names the command and the log."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **cfg.extra_env}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("WANDB_SILENT", "true")
     print("$ " + " ".join(cmd), flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -104,13 +99,18 @@ def _schedule(config: str, steps: int) -> list[str]:
     return [f"schedule.total_steps={steps}", f"schedule.warmup_steps={min(warmup, steps)}"]
 
 
-def _last_metric(metrics: Path, key: str) -> float | None:
-    last = None
-    for line in metrics.read_text().splitlines():
-        row = json.loads(line)
-        if key in row:
-            last = row[key]
-    return last
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _last(rows: list[dict], key: str) -> float | None:
+    return next((r[key] for r in reversed(rows) if key in r), None)
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    """Mean over the logged steps after the first (which includes start-up)."""
+    vals = [r[key] for r in rows if key in r][1:] or [float("nan")]
+    return sum(vals) / len(vals)
 
 
 # ---------------------------------------------------------------- stages
@@ -119,7 +119,7 @@ def _last_metric(metrics: Path, key: str) -> float | None:
 def run_data(cfg: DemoConfig, out: Path) -> dict:
     raw = out / "data" / "raw"
     size = f"{cfg.image_size}x{cfg.image_size}"
-    _sh([_python(), "-m", "data_pipeline.shapes", "--out", str(raw), "--num-samples", str(cfg.samples),
+    _sh([sys.executable, "-m", "data_pipeline.shapes", "--out", str(raw), "--num-samples", str(cfg.samples),
          "--size", size, "--per-shard", str(cfg.samples_per_shard), "--seed", str(cfg.seed)],
         cfg, out / "logs" / "data.log")  # fmt: skip
     return {"raw": str(raw), "samples": cfg.samples, "size": size}
@@ -130,9 +130,9 @@ def run_tokenizer(cfg: DemoConfig, out: Path) -> dict:
     _sh([*_torchrun(cfg), "-m", "training.tokenizer_trainer", "--config", cfg.tokenizer_config, f"run_dir={run_dir}",
          f"data.data_dir={out / 'data' / 'raw'}", f"data.image_size={cfg.image_size}", f"seed={cfg.seed}",
          *_schedule(cfg.tokenizer_config, cfg.tokenizer_steps)], cfg, out / "logs" / "tokenizer.log")  # fmt: skip
-    metrics = run_dir / "metrics.jsonl"
-    return {"export": str(run_dir / "export"), "psnr": _last_metric(metrics, "eval/psnr"),
-            "ssim": _last_metric(metrics, "eval/ssim"), "steps": cfg.tokenizer_steps}  # fmt: skip
+    rows = _metrics(run_dir)
+    return {"export": str(run_dir / "export"), "psnr": _last(rows, "eval/psnr"), "ssim": _last(rows, "eval/ssim"),
+            "steps": cfg.tokenizer_steps}  # fmt: skip
 
 
 def run_text(cfg: DemoConfig, out: Path) -> dict:
@@ -157,7 +157,7 @@ def _parallel_num(cfg: DemoConfig) -> int:
 def run_tokenize(cfg: DemoConfig, out: Path) -> dict:
     tokens = out / "data" / "tokens"
     size = f"{cfg.image_size}x{cfg.image_size}"
-    _sh([_python(), "-m", "data_pipeline.tokenize", "--source", "wds", "--input", str(out / "data" / "raw"),
+    _sh([sys.executable, "-m", "data_pipeline.tokenize", "--source", "wds", "--input", str(out / "data" / "raw"),
          "--output", str(tokens), "--tokenizer", str(out / "tokenizer" / "export"),
          "--text-tokenizer", str(out / "text_tokenizer"), "--parallel-num", str(_parallel_num(cfg)),
          "--size", size, "--num-cpus", str(max(2, cfg.nproc))], cfg, out / "logs" / "tokenize.log")  # fmt: skip
@@ -172,15 +172,9 @@ def run_train(cfg: DemoConfig, out: Path) -> dict:
          f"data.data_dir={out / 'data' / 'tokens'}", f"model.text_tokenizer={out / 'text_tokenizer'}",
          f"model.image_tokenizer={out / 'tokenizer' / 'export'}", f"seed={cfg.seed}",
          *_schedule(cfg.t2i_config, cfg.t2i_steps)], cfg, out / "logs" / "train.log")  # fmt: skip
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    speed = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:] or [float("nan")]
-    return {"export": str(run_dir / "export"), "steps": cfg.t2i_steps, "final_loss": rows[-1].get("loss"),
-            "tokens_per_s": sum(speed) / len(speed), "samples_per_s": _mean_of(rows, "samples_per_s")}  # fmt: skip
-
-
-def _mean_of(rows: list[dict], key: str) -> float:
-    vals = [r[key] for r in rows if key in r][1:] or [float("nan")]
-    return sum(vals) / len(vals)
+    rows = _metrics(run_dir)
+    return {"export": str(run_dir / "export"), "steps": cfg.t2i_steps, "final_loss": _last(rows, "loss"),
+            "tokens_per_s": _mean(rows, "tokens_per_s"), "samples_per_s": _mean(rows, "samples_per_s")}  # fmt: skip
 
 
 def run_sample(cfg: DemoConfig, out: Path) -> dict:

@@ -72,7 +72,10 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, ti
     d.text((left, 8), title, fill="black")
     for i, (name, pts) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
-        d.line([px(x, y) for x, y in pts], fill=color, width=2) if len(pts) > 1 else d.point(px(*pts[0]), color)
+        if len(pts) > 1:
+            d.line([px(x, y) for x, y in pts], fill=color, width=2)
+        else:
+            d.point(px(*pts[0]), color)
         lx = w - right - 150
         ly = top + 8 + 14 * i
         d.line([(lx, ly + 6), (lx + 18, ly + 6)], fill=color, width=3)

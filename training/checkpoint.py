@@ -254,4 +254,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from training.checkpoint import main as _main  # the importable module, not a second copy under __main__
+
+    _main()

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from training.config import TrainConfig
+from training.optim import set_lr
 
 
 @dataclass
@@ -91,8 +92,7 @@ class DeepSpeedEngine:
         return self.engine(*args, **kwargs)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.base_optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.base_optimizer, lr)
 
     def train_step(self, batches, task, grad_accum: int, poison: bool = False) -> StepStats:
         """Forward/backward over `grad_accum` micro-batches from `batches`, the update applied at the last one.

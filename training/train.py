@@ -159,8 +159,8 @@ def train(cfg: TrainConfig) -> TrainerState:
                       "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds}  # fmt: skip
             if cfg.logging.peak_tflops > 0:
                 values["mfu"] = flops_per_token * tokens / seconds / (cfg.logging.peak_tflops * 1e12 * world)
-            last = state.step == cfg.schedule.total_steps
-            if state.step % cfg.logging.every == 0 or state.step == 1 or last or not result.applied:
+            final_step = state.step == cfg.schedule.total_steps
+            if state.step % cfg.logging.every == 0 or state.step == 1 or final_step or not result.applied:
                 log.log(state.step, values)
             log.advance()
             maybe_kill("step", state.step)
@@ -188,9 +188,13 @@ def train(cfg: TrainConfig) -> TrainerState:
         if last is None or last.name != f"step_{state.step:08d}":
             checkpoint()
         if cfg.checkpoint.export_official and not full_model_here and rank == 0:
-            print("the EMA is sharded over ranks; export it from the last checkpoint with `python -m "
-                  "training.checkpoint export --src <checkpoint> --dst <folder> --text-tokenizer ... "
-                  "--image-tokenizer ...` (megatron engine)", flush=True)  # fmt: skip
+            how = (
+                "`python -m training.checkpoint export --src <checkpoint> --dst <folder> --text-tokenizer ... "
+                "--image-tokenizer ...`"
+                if cfg.engine.kind == "megatron"
+                else "the resharding tools (ZeRO-3)"
+            )
+            print(f"the EMA is sharded over ranks; export it from the last checkpoint with {how}", flush=True)
         elif cfg.checkpoint.export_official and rank == 0:
             exported = with_ema_weights(engine, ema, lambda m: task.export(m, Path(cfg.run_dir) / "export"))
             if exported is not None:
