@@ -119,20 +119,53 @@ def _mean(rows: list[dict], key: str) -> float:
 def run_data(cfg: DemoConfig, out: Path) -> dict:
     raw = out / "data" / "raw"
     size = f"{cfg.image_size}x{cfg.image_size}"
-    _sh([sys.executable, "-m", "data_pipeline.shapes", "--out", str(raw), "--num-samples", str(cfg.samples),
-         "--size", size, "--per-shard", str(cfg.samples_per_shard), "--seed", str(cfg.seed)],
-        cfg, out / "logs" / "data.log")  # fmt: skip
+    _sh(
+        [
+            sys.executable,
+            "-m",
+            "data_pipeline.shapes",
+            "--out",
+            str(raw),
+            "--num-samples",
+            str(cfg.samples),
+            "--size",
+            size,
+            "--per-shard",
+            str(cfg.samples_per_shard),
+            "--seed",
+            str(cfg.seed),
+        ],
+        cfg,
+        out / "logs" / "data.log",
+    )
     return {"raw": str(raw), "samples": cfg.samples, "size": size}
 
 
 def run_tokenizer(cfg: DemoConfig, out: Path) -> dict:
     run_dir = out / "tokenizer"
-    _sh([*_torchrun(cfg), "-m", "training.tokenizer_trainer", "--config", cfg.tokenizer_config, f"run_dir={run_dir}",
-         f"data.data_dir={out / 'data' / 'raw'}", f"data.image_size={cfg.image_size}", f"seed={cfg.seed}",
-         *_schedule(cfg.tokenizer_config, cfg.tokenizer_steps)], cfg, out / "logs" / "tokenizer.log")  # fmt: skip
+    _sh(
+        [
+            *_torchrun(cfg),
+            "-m",
+            "training.tokenizer_trainer",
+            "--config",
+            cfg.tokenizer_config,
+            f"run_dir={run_dir}",
+            f"data.data_dir={out / 'data' / 'raw'}",
+            f"data.image_size={cfg.image_size}",
+            f"seed={cfg.seed}",
+            *_schedule(cfg.tokenizer_config, cfg.tokenizer_steps),
+        ],
+        cfg,
+        out / "logs" / "tokenizer.log",
+    )
     rows = _metrics(run_dir)
-    return {"export": str(run_dir / "export"), "psnr": _last(rows, "eval/psnr"), "ssim": _last(rows, "eval/ssim"),
-            "steps": cfg.tokenizer_steps}  # fmt: skip
+    return {
+        "export": str(run_dir / "export"),
+        "psnr": _last(rows, "eval/psnr"),
+        "ssim": _last(rows, "eval/ssim"),
+        "steps": cfg.tokenizer_steps,
+    }
 
 
 def run_text(cfg: DemoConfig, out: Path) -> dict:
@@ -157,35 +190,106 @@ def _parallel_num(cfg: DemoConfig) -> int:
 def run_tokenize(cfg: DemoConfig, out: Path) -> dict:
     tokens = out / "data" / "tokens"
     size = f"{cfg.image_size}x{cfg.image_size}"
-    _sh([sys.executable, "-m", "data_pipeline.tokenize", "--source", "wds", "--input", str(out / "data" / "raw"),
-         "--output", str(tokens), "--tokenizer", str(out / "tokenizer" / "export"),
-         "--text-tokenizer", str(out / "text_tokenizer"), "--parallel-num", str(_parallel_num(cfg)),
-         "--size", size, "--num-cpus", str(max(2, cfg.nproc))], cfg, out / "logs" / "tokenize.log")  # fmt: skip
+    _sh(
+        [
+            sys.executable,
+            "-m",
+            "data_pipeline.tokenize",
+            "--source",
+            "wds",
+            "--input",
+            str(out / "data" / "raw"),
+            "--output",
+            str(tokens),
+            "--tokenizer",
+            str(out / "tokenizer" / "export"),
+            "--text-tokenizer",
+            str(out / "text_tokenizer"),
+            "--parallel-num",
+            str(_parallel_num(cfg)),
+            "--size",
+            size,
+            "--num-cpus",
+            str(max(2, cfg.nproc)),
+        ],
+        cfg,
+        out / "logs" / "tokenize.log",
+    )
     manifest = json.loads((tokens / "manifest.json").read_text())
-    return {"tokens": str(tokens), "samples": manifest.get("samples"), "skipped": manifest.get("skipped"),
-            "bits_per_token": manifest.get("bits_per_token")}  # fmt: skip
+    return {
+        "tokens": str(tokens),
+        "samples": manifest.get("samples"),
+        "skipped": manifest.get("skipped"),
+        "bits_per_token": manifest.get("bits_per_token"),
+    }
 
 
 def run_train(cfg: DemoConfig, out: Path) -> dict:
     run_dir = out / "t2i"
-    _sh([*_torchrun(cfg), "-m", "training.train", "--config", cfg.t2i_config, f"run_dir={run_dir}",
-         f"data.data_dir={out / 'data' / 'tokens'}", f"model.text_tokenizer={out / 'text_tokenizer'}",
-         f"model.image_tokenizer={out / 'tokenizer' / 'export'}", f"seed={cfg.seed}",
-         *_schedule(cfg.t2i_config, cfg.t2i_steps)], cfg, out / "logs" / "train.log")  # fmt: skip
+    _sh(
+        [
+            *_torchrun(cfg),
+            "-m",
+            "training.train",
+            "--config",
+            cfg.t2i_config,
+            f"run_dir={run_dir}",
+            f"data.data_dir={out / 'data' / 'tokens'}",
+            f"model.text_tokenizer={out / 'text_tokenizer'}",
+            f"model.image_tokenizer={out / 'tokenizer' / 'export'}",
+            f"seed={cfg.seed}",
+            *_schedule(cfg.t2i_config, cfg.t2i_steps),
+        ],
+        cfg,
+        out / "logs" / "train.log",
+    )
     rows = _metrics(run_dir)
-    return {"export": str(run_dir / "export"), "steps": cfg.t2i_steps, "final_loss": _last(rows, "loss"),
-            "tokens_per_s": _mean(rows, "tokens_per_s"), "samples_per_s": _mean(rows, "samples_per_s")}  # fmt: skip
+    return {
+        "export": str(run_dir / "export"),
+        "steps": cfg.t2i_steps,
+        "final_loss": _last(rows, "loss"),
+        "tokens_per_s": _mean(rows, "tokens_per_s"),
+        "samples_per_s": _mean(rows, "samples_per_s"),
+    }
 
 
 def run_sample(cfg: DemoConfig, out: Path) -> dict:
     samples = out / "samples"
     size = f"{cfg.image_size}x{cfg.image_size}"
     start = time.perf_counter()
-    _sh([*_torchrun(cfg), "-m", "eval.generate", "--task", "shapes", "--model", str(out / "t2i" / "export"),
-         "--out", str(samples), "--height", str(cfg.image_size), "--width", str(cfg.image_size),
-         "--image-size", size, "--steps", str(cfg.head_steps), "--cfg-scale", str(cfg.cfg_scale),
-         "--images-per-prompt", str(cfg.images_per_prompt), "--batch-size", "16", "--seed", str(cfg.seed),
-         "--per-tag", str(cfg.prompts_per_tag)], cfg, out / "logs" / "sample.log")  # fmt: skip
+    _sh(
+        [
+            *_torchrun(cfg),
+            "-m",
+            "eval.generate",
+            "--task",
+            "shapes",
+            "--model",
+            str(out / "t2i" / "export"),
+            "--out",
+            str(samples),
+            "--height",
+            str(cfg.image_size),
+            "--width",
+            str(cfg.image_size),
+            "--image-size",
+            size,
+            "--steps",
+            str(cfg.head_steps),
+            "--cfg-scale",
+            str(cfg.cfg_scale),
+            "--images-per-prompt",
+            str(cfg.images_per_prompt),
+            "--batch-size",
+            "16",
+            "--seed",
+            str(cfg.seed),
+            "--per-tag",
+            str(cfg.prompts_per_tag),
+        ],
+        cfg,
+        out / "logs" / "sample.log",
+    )
     images = len(list(samples.glob("*/samples/*.png")))
     return {"samples": str(samples), "images": images, "images_per_s": images / (time.perf_counter() - start)}
 
@@ -204,24 +308,61 @@ def _pick(*keys: str) -> Callable[[DemoConfig], dict]:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("data", "shapes dataset (webdataset tars)", _pick("seed", "samples", "image_size", "samples_per_shard"),
-          (), run_data),
-    Stage("tokenizer", "binary tokenizer training (DeepSpeed)",
-          lambda c: {"config": _file(c.tokenizer_config), "steps": c.tokenizer_steps}, ("data",), run_tokenizer,
-          ("steps",)),
-    Stage("text", "text tokenizer (BPE + Qwen3 special tokens)", _pick("text_vocab", "prompts_per_tag"), ("data",),
-          run_text),
-    Stage("tokenize", "Ray tokenization -> binary-token shards", lambda c: {"config": _file(c.t2i_config)},
-          ("tokenizer", "text"), run_tokenize),
-    Stage("train", "text-to-image training (torchrun, DeepSpeed)",
-          lambda c: {"config": _file(c.t2i_config), "steps": c.t2i_steps, "nproc": c.nproc}, ("tokenize",),
-          run_train, ("steps",)),
-    Stage("sample", "sampling the shapes-benchmark prompts",
-          _pick("prompts_per_tag", "images_per_prompt", "head_steps", "cfg_scale", "nproc"), ("train",), run_sample),
+    Stage(
+        "data",
+        "shapes dataset (webdataset tars)",
+        _pick("seed", "samples", "image_size", "samples_per_shard"),
+        (),
+        run_data,
+    ),
+    Stage(
+        "tokenizer",
+        "binary tokenizer training (DeepSpeed)",
+        lambda c: {"config": _file(c.tokenizer_config), "steps": c.tokenizer_steps},
+        ("data",),
+        run_tokenizer,
+        ("steps",),
+    ),
+    Stage(
+        "text",
+        "text tokenizer (BPE + Qwen3 special tokens)",
+        _pick("text_vocab", "prompts_per_tag"),
+        ("data",),
+        run_text,
+    ),
+    Stage(
+        "tokenize",
+        "Ray tokenization -> binary-token shards",
+        lambda c: {"config": _file(c.t2i_config)},
+        ("tokenizer", "text"),
+        run_tokenize,
+    ),
+    Stage(
+        "train",
+        "text-to-image training (torchrun, DeepSpeed)",
+        lambda c: {"config": _file(c.t2i_config), "steps": c.t2i_steps, "nproc": c.nproc},
+        ("tokenize",),
+        run_train,
+        ("steps",),
+    ),
+    Stage(
+        "sample",
+        "sampling the shapes-benchmark prompts",
+        _pick("prompts_per_tag", "images_per_prompt", "head_steps", "cfg_scale", "nproc"),
+        ("train",),
+        run_sample,
+    ),
     Stage("score", "scoring (per-tag accuracy, chance)", _pick("chance_samples"), ("sample",), run_score),
-)  # fmt: skip
-STAGE_DIRS = {"data": ("data/raw",), "tokenizer": ("tokenizer",), "text": ("text_tokenizer",),
-              "tokenize": ("data/tokens",), "train": ("t2i",), "sample": ("samples",), "score": ()}  # fmt: skip
+)
+STAGE_DIRS = {
+    "data": ("data/raw",),
+    "tokenizer": ("tokenizer",),
+    "text": ("text_tokenizer",),
+    "tokenize": ("data/tokens",),
+    "train": ("t2i",),
+    "sample": ("samples",),
+    "score": (),
+}
 
 
 def _file(path: str) -> str:
@@ -264,8 +405,13 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     report = write_demo_report(cfg, out, done)
     timings = {name: d["seconds"] for name, d in done.items()} | {"report": time.perf_counter() - start}
-    print("\nstage timings (s): " + ", ".join(f"{k} {v:.1f}" + (" (reused)" if done.get(k, {}).get("reused") else "")
-                                          for k, v in timings.items()), flush=True)  # fmt: skip
+    print(
+        "\nstage timings (s): "
+        + ", ".join(
+            f"{k} {v:.1f}" + (" (reused)" if done.get(k, {}).get("reused") else "") for k, v in timings.items()
+        ),
+        flush=True,
+    )
     print(f"this run: {time.perf_counter() - wall:.1f} s; report: {report}", flush=True)
     return report
 

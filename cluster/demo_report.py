@@ -43,25 +43,40 @@ def _wandb_run(run_dir: Path) -> str:
 def write_demo_report(cfg, out: Path, done: dict[str, dict]) -> Path:
     res = {name: d["result"] for name, d in done.items()}
     score, tok, train = res["score"], res["tokenizer"], res["train"]
-    lines = ["# BitDance demo report", "",
-             f"Text-to-image BitDance (`{Path(cfg.t2i_config).name}`, P=4 next-patch decoding) trained on "
-             f"{res['data']['samples']} generated {res['data']['size']} shape scenes, end to end on this machine. "
-             "Re-create with `make demo` (finished stages are reused).", ""]  # fmt: skip
+    lines = [
+        "# BitDance demo report",
+        "",
+        f"Text-to-image BitDance (`{Path(cfg.t2i_config).name}`, P=4 next-patch decoding) trained on "
+        f"{res['data']['samples']} generated {res['data']['size']} shape scenes, end to end on this machine. "
+        "Re-create with `make demo` (finished stages are reused).",
+        "",
+    ]
     chance, achieved = score["chance"]["overall"], score["overall"]
-    lines += ["## Shapes benchmark", "",
-              f"Mean accuracy over the tags: **{_fmt(achieved)}**; chance (a random training image per prompt): "
-              f"**{_fmt(chance)}**; ratio {_fmt(achieved / chance if chance else float('nan'), '.1f')}x. "
-              f"{score['images']} images, {cfg.images_per_prompt} per prompt, {cfg.head_steps} head steps, "
-              f"CFG {cfg.cfg_scale}.", "",
-              "| tag | accuracy | chance | images |", "| --- | --- | --- | --- |"]  # fmt: skip
+    lines += [
+        "## Shapes benchmark",
+        "",
+        f"Mean accuracy over the tags: **{_fmt(achieved)}**; chance (a random training image per prompt): "
+        f"**{_fmt(chance)}**; ratio {_fmt(achieved / chance if chance else float('nan'), '.1f')}x. "
+        f"{score['images']} images, {cfg.images_per_prompt} per prompt, {cfg.head_steps} head steps, "
+        f"CFG {cfg.cfg_scale}.",
+        "",
+        "| tag | accuracy | chance | images |",
+        "| --- | --- | --- | --- |",
+    ]
     for tag, acc in score["per_tag"].items():
         lines.append(f"| {tag} | {_fmt(acc)} | {_fmt(score['chance']['per_tag'].get(tag))} | {score['counts'][tag]} |")
     lines += [f"| **mean** | **{_fmt(achieved)}** | {_fmt(chance)} | {score['images']} |", ""]
     cells = graded_cells(out / "samples", cfg.grid_images)
     if cells:
         captioned_grid(cells, columns=6).save(out / "samples_grid.png")
-        lines += ["## Samples", "", "First image of each prompt, with the scorer's verdict:", "",
-                  "![samples](samples_grid.png)", ""]  # fmt: skip
+        lines += [
+            "## Samples",
+            "",
+            "First image of each prompt, with the scorer's verdict:",
+            "",
+            "![samples](samples_grid.png)",
+            "",
+        ]
     curves = read_metrics(out / "t2i" / "metrics.jsonl", ("loss", "loss/vision", "loss/text_ce"))
     line_plot(
         curves,
@@ -71,33 +86,50 @@ def write_demo_report(cfg, out: Path, done: dict[str, dict]) -> Path:
     )
     tok_curves = read_metrics(out / "tokenizer" / "metrics.jsonl", ("loss/rec",))
     line_plot(tok_curves, out / "tokenizer_curve.png", title="tokenizer L1 reconstruction loss, log scale", log_y=True)
-    lines += ["## Training", "", "![loss curve](loss_curve.png)", "",
-              f"Final loss {_fmt(train['final_loss'], '.4f')} after {train['steps']} steps on {cfg.nproc} processes.",
-              "", "![tokenizer curve](tokenizer_curve.png)", "",
-              f"Binary tokenizer ({tok['steps']} steps): held-out reconstruction "
-              f"**PSNR {_fmt(tok['psnr'], '.2f')} dB**, "
-              f"SSIM {_fmt(tok['ssim'], '.4f')}.", ""]  # fmt: skip
+    lines += [
+        "## Training",
+        "",
+        "![loss curve](loss_curve.png)",
+        "",
+        f"Final loss {_fmt(train['final_loss'], '.4f')} after {train['steps']} steps on {cfg.nproc} processes.",
+        "",
+        "![tokenizer curve](tokenizer_curve.png)",
+        "",
+        f"Binary tokenizer ({tok['steps']} steps): held-out reconstruction "
+        f"**PSNR {_fmt(tok['psnr'], '.2f')} dB**, "
+        f"SSIM {_fmt(tok['ssim'], '.4f')}.",
+        "",
+    ]
     tk, sm = done["tokenize"], done["sample"]
-    lines += ["## Throughput (this machine)", "", "| stage | figure |", "| --- | --- |",
-              f"| text-to-image training | {_fmt(train['tokens_per_s'], '.0f')} tokens/s, "
-              f"{_fmt(train['samples_per_s'], '.1f')} images/s ({cfg.nproc} processes) |",
-              f"| Ray tokenization | {_fmt(res['tokenize']['samples'] / tk['seconds'], '.1f')} images/s "
-              f"(whole stage, Ray start included) |",
-              f"| tokenizer training | {_fmt(tok['steps'] / done['tokenizer']['seconds'], '.2f')} steps/s "
-              "(whole stage) |",
-              f"| sampling (P=4, {cfg.head_steps} head steps, CFG) | {_fmt(res['sample']['images_per_s'], '.2f')} "
-              f"images/s over {cfg.nproc} processes; {_fmt(sm['seconds'], '.1f')} s |", ""]  # fmt: skip
+    lines += [
+        "## Throughput (this machine)",
+        "",
+        "| stage | figure |",
+        "| --- | --- |",
+        f"| text-to-image training | {_fmt(train['tokens_per_s'], '.0f')} tokens/s, "
+        f"{_fmt(train['samples_per_s'], '.1f')} images/s ({cfg.nproc} processes) |",
+        f"| Ray tokenization | {_fmt(res['tokenize']['samples'] / tk['seconds'], '.1f')} images/s "
+        f"(whole stage, Ray start included) |",
+        f"| tokenizer training | {_fmt(tok['steps'] / done['tokenizer']['seconds'], '.2f')} steps/s (whole stage) |",
+        f"| sampling (P=4, {cfg.head_steps} head steps, CFG) | {_fmt(res['sample']['images_per_s'], '.2f')} "
+        f"images/s over {cfg.nproc} processes; {_fmt(sm['seconds'], '.1f')} s |",
+        "",
+    ]
     lines += ["## Stage timings", "", "| stage | seconds | |", "| --- | --- | --- |"]
     for name, d in done.items():
         lines.append(f"| {name} | {d['seconds']:.1f} | {'reused from an earlier run' if d.get('reused') else ''} |")
     lines += [f"| **total** | **{sum(d['seconds'] for d in done.values()):.1f}** | |", ""]
-    lines += ["## Where things are", "",
-              f"- wandb offline run: `{_wandb_run(out / 't2i')}` (upload with `wandb sync <dir>`); tokenizer run: "
-              f"`{_wandb_run(out / 'tokenizer')}`",
-              f"- metrics: `{out / 't2i' / 'metrics.jsonl'}`; checkpoints: `{out / 't2i' / 'checkpoints'}`",
-              f"- exported model (official T2I folder layout): `{train['export']}`",
-              f"- binary-token shards: `{res['tokenize']['tokens']}`; samples and per-image verdicts: "
-              f"`{out / 'samples'}`; stage logs: `{out / 'logs'}`", ""]  # fmt: skip
+    lines += [
+        "## Where things are",
+        "",
+        f"- wandb offline run: `{_wandb_run(out / 't2i')}` (upload with `wandb sync <dir>`); tokenizer run: "
+        f"`{_wandb_run(out / 'tokenizer')}`",
+        f"- metrics: `{out / 't2i' / 'metrics.jsonl'}`; checkpoints: `{out / 't2i' / 'checkpoints'}`",
+        f"- exported model (official T2I folder layout): `{train['export']}`",
+        f"- binary-token shards: `{res['tokenize']['tokens']}`; samples and per-image verdicts: "
+        f"`{out / 'samples'}`; stage logs: `{out / 'logs'}`",
+        "",
+    ]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -44,9 +44,16 @@ FIRST_TEXT_ID = 100  # synthetic text ids are drawn from [FIRST_TEXT_ID, vocab);
 def check_config(quick: bool = False) -> T2IConfig:
     """~1.0B T2I model: Qwen3-style backbone (2048 wide, 16 layers, 16 heads / 8 KV groups of 128, SwiGLU 6144,
     vocab 32768), a 1024-wide 6-block diffusion head, P=16, 32-bit tokens, official image sizes at 16x down."""
-    llm = get_qwen3_config("14B", vocab_size=32768, hidden_size=2048, intermediate_size=6144,
-                           num_hidden_layers=4 if quick else 16, num_attention_heads=16, num_key_value_heads=8,
-                           head_dim=128)  # fmt: skip
+    llm = get_qwen3_config(
+        "14B",
+        vocab_size=32768,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=4 if quick else 16,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+    )
     head = replace(t2i_head_config(llm.hidden_size, 32, 16), ch_latent=1024)
     return T2IConfig(llm=llm, head=head)
 
@@ -115,10 +122,21 @@ def linear_params(cfg: T2IConfig) -> dict[str, int]:
     layer = d * q + 2 * d * kv + q * d + 3 * d * m.intermediate_size
     w, hidden = h.ch_latent, int(h.ch_latent * 1.5)
     mlp = 3 * w * hidden if h.use_swiglu else 2 * w * hidden
-    head_token = (h.ch_target * w + h.ch_cond * w + h.depth_adanln * 6 * w * w + h.depth_latent * (4 * w * w + mlp)
-                  + 2 * w * w + w * h.ch_target)  # fmt: skip
-    return dict(backbone=m.num_hidden_layers * layer, lm_head=d * m.vocab_size,
-                projector=cfg.latent_dim * d + d * d, head_token=head_token, head_patch=256 * w + w * w)  # fmt: skip
+    head_token = (
+        h.ch_target * w
+        + h.ch_cond * w
+        + h.depth_adanln * 6 * w * w
+        + h.depth_latent * (4 * w * w + mlp)
+        + 2 * w * w
+        + w * h.ch_target
+    )
+    return dict(
+        backbone=m.num_hidden_layers * layer,
+        lm_head=d * m.vocab_size,
+        projector=cfg.latent_dim * d + d * d,
+        head_token=head_token,
+        head_patch=256 * w + w * w,
+    )
 
 
 def batch_flops(cfg: T2IConfig, batch: PackedT2IBatch, pairs: int | None = None) -> dict[str, int]:
@@ -126,13 +144,24 @@ def batch_flops(cfg: T2IConfig, batch: PackedT2IBatch, pairs: int | None = None)
     allowed pairs, backbone and head), `total`, and the token counts they use."""
     m, h, P = cfg.llm, cfg.head, cfg.parallel_num
     pairs = mask_pairs(batch.doc_ids, batch.block_ids) if pairs is None else pairs
-    n = dict(positions=batch.input_ids.numel(), text=int((batch.text_labels != IGNORE_INDEX).sum()),
-             image_in=batch.image_in_index.numel(), targets=batch.target_index.numel() * h.diff_batch_mul)  # fmt: skip
+    n = dict(
+        positions=batch.input_ids.numel(),
+        text=int((batch.text_labels != IGNORE_INDEX).sum()),
+        image_in=batch.image_in_index.numel(),
+        targets=batch.target_index.numel() * h.diff_batch_mul,
+    )
     lp = linear_params(cfg)
-    dense = 6 * (lp["backbone"] * n["positions"] + lp["lm_head"] * n["text"] + lp["projector"] * n["image_in"]
-                 + lp["head_token"] * n["targets"] + lp["head_patch"] * n["targets"] // P)  # fmt: skip
-    attention = (12 * m.num_hidden_layers * m.num_attention_heads * m.head_dim * pairs
-                 + 12 * h.depth_latent * h.ch_latent * n["targets"] * P)  # fmt: skip
+    dense = 6 * (
+        lp["backbone"] * n["positions"]
+        + lp["lm_head"] * n["text"]
+        + lp["projector"] * n["image_in"]
+        + lp["head_token"] * n["targets"]
+        + lp["head_patch"] * n["targets"] // P
+    )
+    attention = (
+        12 * m.num_hidden_layers * m.num_attention_heads * m.head_dim * pairs
+        + 12 * h.depth_latent * h.ch_latent * n["targets"] * P
+    )
     return dict(dense=dense, attention=attention, total=dense + attention, pairs=pairs, **n)
 
 
@@ -201,11 +230,18 @@ def env_section() -> dict:
     from models.megatron.config import transformer_engine_available
 
     props = torch.cuda.get_device_properties(0)
-    return dict(gpu=props.name, capability=".".join(map(str, torch.cuda.get_device_capability(0))),
-                gpu_memory_gib=gib(props.total_memory), torch=torch.__version__, cuda=torch.version.cuda,
-                megatron_core=version("megatron-core"), triton=version("triton"), python=platform.python_version(),
-                transformer_engine=transformer_engine_available(),
-                matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)  # fmt: skip
+    return dict(
+        gpu=props.name,
+        capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+        gpu_memory_gib=gib(props.total_memory),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        megatron_core=version("megatron-core"),
+        triton=version("triton"),
+        python=platform.python_version(),
+        transformer_engine=transformer_engine_available(),
+        matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+    )
 
 
 def schedule_section(micro: int = 3) -> dict:
@@ -248,18 +284,32 @@ def schedule_section(micro: int = 3) -> dict:
     ddp.zero_grad_buffer()
     data = iter(micro_batches)
     fb = get_forward_backward_func()
-    store = fb(forward_step_func=forward_step, data_iterator=data, model=[ddp], num_microbatches=micro,
-               seq_length=512, micro_batch_size=2)  # fmt: skip
+    store = fb(
+        forward_step_func=forward_step,
+        data_iterator=data,
+        model=[ddp],
+        num_microbatches=micro,
+        seq_length=512,
+        micro_batch_size=2,
+    )
     sched = {k: p.main_grad for k, p in model.named_parameters()}
     rel = {k: ((sched[k] - g).norm() / g.norm().clamp_min(1e-30)).item() for k, g in hand.items()}
     worst = max(rel, key=rel.get)
     loss_diff = max(abs(s["loss"].item() - h) / abs(h) for s, h in zip(store, hand_losses, strict=True))
     nonzero = sum(g.abs().sum().item() > 0 for g in hand.values())
     ok = rel[worst] <= 1e-5 and loss_diff <= 1e-5 and next(data, None) is None and nonzero == len(hand)
-    return dict(schedule=fb_name(fb), micro_batches=micro, params=len(hand), params_with_grad=nonzero,
-                worst_grad_rel_err=rel[worst], worst_param=worst, max_loss_rel_diff=loss_diff,
-                tolerance="grad and loss rel err <= 1e-5 (fp32)", pipeline_parallel="not run: needs more than one rank",
-                ok=ok)  # fmt: skip
+    return dict(
+        schedule=fb_name(fb),
+        micro_batches=micro,
+        params=len(hand),
+        params_with_grad=nonzero,
+        worst_grad_rel_err=rel[worst],
+        worst_param=worst,
+        max_loss_rel_diff=loss_diff,
+        tolerance="grad and loss rel err <= 1e-5 (fp32)",
+        pipeline_parallel="not run: needs more than one rank",
+        ok=ok,
+    )
 
 
 def time_ms(fn, iters: int, warmup: int = 2) -> float:
@@ -280,8 +330,10 @@ def time_ms(fn, iters: int, warmup: int = 2) -> float:
 def _qkv(batch: int, seq: int, heads: int, kv_heads: int, dim: int, dtype, seed: int):
     """Leaves in megatron's [s, b, heads, d] layout and the [b, heads, s, d] views the core attention passes on."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    leaves = [torch.randn(seq, batch, n, dim, device="cuda", dtype=dtype, generator=g).requires_grad_()
-              for n in (heads, kv_heads, kv_heads)]  # fmt: skip
+    leaves = [
+        torch.randn(seq, batch, n, dim, device="cuda", dtype=dtype, generator=g).requires_grad_()
+        for n in (heads, kv_heads, kv_heads)
+    ]
     return leaves, [t.permute(1, 2, 0, 3) for t in leaves]
 
 
@@ -305,8 +357,18 @@ def attention_section(cfg: T2IConfig, seq: int, iters: int, fp32_seq: int) -> di
     batch = synthetic_batch(cfg, seq, rows=1, seed=7).to("cuda")
     doc, blk = batch.doc_ids, batch.block_ids
     pairs = mask_pairs(doc, blk)
-    res = dict(shape=dict(seq=seq, heads=heads, kv_heads=kv_heads, head_dim=dim, dtype="bf16", P=cfg.parallel_num,
-                          docs=batch.num_samples), mask_density=pairs / seq**2)  # fmt: skip
+    res = dict(
+        shape=dict(
+            seq=seq,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=dim,
+            dtype="bf16",
+            P=cfg.parallel_num,
+            docs=batch.num_samples,
+        ),
+        mask_density=pairs / seq**2,
+    )
     build_mask(doc, blk, "flex")  # compiles create_block_mask
     res["dense_mask_build_ms"] = time_ms(lambda: build_mask(doc, blk, "dense"), 5, 1)
     res["block_mask_build_ms"] = time_ms(lambda: build_mask(doc, blk, "flex"), 5, 1)
@@ -315,16 +377,24 @@ def attention_section(cfg: T2IConfig, seq: int, iters: int, fp32_seq: int) -> di
     grad_out = torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16)
     results = {name: _fwd_bwd(leaves, views, mask, grad_out) for name, mask in masks.items()}  # also compiles
     # also dense SDPA with K/V expanded to every head (no GQA), which admits the memory-efficient kernel
-    mha = [leaves[0].detach().requires_grad_()] + [t.detach().repeat_interleave(heads // kv_heads, dim=2)
-                                                   .requires_grad_() for t in leaves[1:]]  # fmt: skip
-    variants = dict(flex=(leaves, views, masks["flex"]), dense=(leaves, views, masks["dense"]),
-                    dense_mha=(mha, [t.permute(1, 2, 0, 3) for t in mha], masks["dense"]))  # fmt: skip
+    mha = [leaves[0].detach().requires_grad_()] + [
+        t.detach().repeat_interleave(heads // kv_heads, dim=2).requires_grad_() for t in leaves[1:]
+    ]
+    variants = dict(
+        flex=(leaves, views, masks["flex"]),
+        dense=(leaves, views, masks["dense"]),
+        dense_mha=(mha, [t.permute(1, 2, 0, 3) for t in mha], masks["dense"]),
+    )
     fwd_flops, fwd_bwd_flops = 4 * heads * dim * pairs, 12 * heads * dim * pairs
     for name, (ls, vs, mask) in variants.items():
         fwd = time_ms(lambda vs=vs, mask=mask: attend(*vs, mask), iters)
         both = time_ms(lambda ls=ls, vs=vs, mask=mask: _fwd_bwd(ls, vs, mask, grad_out), iters)
-        res[name] = dict(fwd_ms=fwd, fwd_bwd_ms=both, useful_tflops_fwd_bwd=fwd_bwd_flops / both / 1e9,
-                         useful_tflops_fwd=fwd_flops / fwd / 1e9)  # fmt: skip
+        res[name] = dict(
+            fwd_ms=fwd,
+            fwd_bwd_ms=both,
+            useful_tflops_fwd_bwd=fwd_bwd_flops / both / 1e9,
+            useful_tflops_fwd=fwd_flops / fwd / 1e9,
+        )
     for base in ("dense", "dense_mha"):
         suffix = "" if base == "dense" else "_vs_dense_mha"
         res["speedup_fwd" + suffix] = res[base]["fwd_ms"] / res["flex"]["fwd_ms"]
@@ -337,12 +407,21 @@ def attention_section(cfg: T2IConfig, seq: int, iters: int, fp32_seq: int) -> di
     for i, name in enumerate(names):
         scale = flat["fp32_ref"][i].abs().max().item()
         diff = max_abs(flat["flex"][i], flat["dense"][i])
-        eq[name] = dict(flex_vs_dense=diff, flex_vs_fp32=max_abs(flat["flex"][i], flat["fp32_ref"][i]),
-                        dense_vs_fp32=max_abs(flat["dense"][i], flat["fp32_ref"][i]), ref_max_abs=scale)  # fmt: skip
+        eq[name] = dict(
+            flex_vs_dense=diff,
+            flex_vs_fp32=max_abs(flat["flex"][i], flat["fp32_ref"][i]),
+            dense_vs_fp32=max_abs(flat["dense"][i], flat["fp32_ref"][i]),
+            ref_max_abs=scale,
+        )
         ok &= diff <= 2e-2 * scale
     flex_err, dense_err = (max(eq[n][f"{k}_vs_fp32"] / eq[n]["ref_max_abs"] for n in names) for k in ("flex", "dense"))
-    res["bf16_equality"] = dict(eq, tolerance="max|flex - dense| <= 2e-2 * max|fp32 ref| per tensor", ok=ok,
-                                flex_worst_rel_err_vs_fp32=flex_err, dense_worst_rel_err_vs_fp32=dense_err)  # fmt: skip
+    res["bf16_equality"] = dict(
+        eq,
+        tolerance="max|flex - dense| <= 2e-2 * max|fp32 ref| per tensor",
+        ok=ok,
+        flex_worst_rel_err_vs_fp32=flex_err,
+        dense_worst_rel_err_vs_fp32=dense_err,
+    )
     res["fp32_equality"] = _fp32_equality(cfg, fp32_seq)
     return res
 
@@ -353,22 +432,32 @@ def _fp32_equality(cfg: T2IConfig, seq: int) -> dict:
     batch = synthetic_batch(cfg, seq, rows=2, seed=8).to("cuda")
     leaves, views = _qkv(2, seq, 4, 2, 64, torch.float32, seed=2)
     grad_out = torch.randn(2, 4, seq, 64, device="cuda")
-    got = {b: _fwd_bwd(leaves, views, build_mask(batch.doc_ids, batch.block_ids, b), grad_out)
-           for b in ("flex", "dense")}  # fmt: skip
+    got = {
+        b: _fwd_bwd(leaves, views, build_mask(batch.doc_ids, batch.block_ids, b), grad_out) for b in ("flex", "dense")
+    }
     eq, ok = {}, True
     for i, name in enumerate(("out", "dq", "dk", "dv")):
         a, b = ([r[0], *r[1]][i] for r in got.values())
         scale = b.abs().max().item()
         eq[name] = dict(max_abs_diff=max_abs(a, b), ref_max_abs=scale)
         ok &= eq[name]["max_abs_diff"] <= 1e-4 * scale
-    return dict(shape=dict(batch=2, seq=seq, heads=4, kv_heads=2, head_dim=64), **eq,
-                tolerance="max|flex - dense| <= 1e-4 * max|dense| per tensor", ok=ok)  # fmt: skip
+    return dict(
+        shape=dict(batch=2, seq=seq, heads=4, kv_heads=2, head_dim=64),
+        **eq,
+        tolerance="max|flex - dense| <= 1e-4 * max|dense| per tensor",
+        ok=ok,
+    )
 
 
 def param_counts(model) -> dict[str, int]:
     """Parameters of the megatron model by top-level module, and their total."""
-    names = dict(decoder="backbone", word_embeddings="embedding", output_layer="lm_head",
-                 vision_head="diffusion_head", projector="projector")  # fmt: skip
+    names = dict(
+        decoder="backbone",
+        word_embeddings="embedding",
+        output_layer="lm_head",
+        vision_head="diffusion_head",
+        projector="projector",
+    )
     counts = dict.fromkeys(["total", *names.values()], 0)
     for name, p in model.named_parameters():
         counts["total"] += p.numel()
@@ -392,11 +481,26 @@ def train_section(cfg: T2IConfig, par, seq: int, steps: int, micro: int, peak_tf
     counts = param_counts(model)
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
     ddp = DistributedDataParallel(model.config, ddp_cfg, model)
-    res = dict(transformer_impl=par.transformer_impl, fp8=par.fp8, fp8_recipe=par.fp8_recipe if par.fp8 else None,
-               params=counts, seq_len=seq, micro_batch_rows=1, micro_batches=micro)  # fmt: skip
+    res = dict(
+        transformer_impl=par.transformer_impl,
+        fp8=par.fp8,
+        fp8_recipe=par.fp8_recipe if par.fp8 else None,
+        params=counts,
+        seq_len=seq,
+        micro_batch_rows=1,
+        micro_batches=micro,
+    )
     try:
-        opt_cfg = OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.1, adam_beta2=0.95, clip_grad=1.0,
-                                  bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=True)  # fmt: skip
+        opt_cfg = OptimizerConfig(
+            optimizer="adam",
+            lr=1e-4,
+            weight_decay=0.1,
+            adam_beta2=0.95,
+            clip_grad=1.0,
+            bf16=True,
+            params_dtype=torch.bfloat16,
+            use_distributed_optimizer=True,
+        )
         opt = get_megatron_optimizer(opt_cfg, [ddp])
         inner = ", ".join(type(o).__name__ for o in getattr(opt, "chained_optimizers", [opt]))
         res["optimizer"] = f"megatron {type(opt).__name__}[{inner}] (get_megatron_optimizer, distributed, Adam)"
@@ -409,11 +513,13 @@ def train_section(cfg: T2IConfig, par, seq: int, steps: int, micro: int, peak_tf
     micro_batches = [synthetic_batch(cfg, seq, rows=1, seed=i).to("cuda") for i in range(micro)]
     flops = [batch_flops(cfg, b) for b in micro_batches]
     step_flops = sum(f["total"] for f in flops)
-    res["flops_per_step"] = dict(total=step_flops, dense=sum(f["dense"] for f in flops),
-                                 attention=sum(f["attention"] for f in flops),
-                                 mask_density=sum(f["pairs"] for f in flops) / (micro * seq**2),
-                                 padding_fraction=sum(int((b.doc_ids < 0).sum()) for b in micro_batches)
-                                 / (micro * seq))  # fmt: skip
+    res["flops_per_step"] = dict(
+        total=step_flops,
+        dense=sum(f["dense"] for f in flops),
+        attention=sum(f["attention"] for f in flops),
+        mask_density=sum(f["pairs"] for f in flops) / (micro * seq**2),
+        padding_fraction=sum(int((b.doc_ids < 0).sum()) for b in micro_batches) / (micro * seq),
+    )
 
     def forward_step(data_iterator, model):
         out = model(next(data_iterator))
@@ -428,8 +534,14 @@ def train_section(cfg: T2IConfig, par, seq: int, steps: int, micro: int, peak_tf
         ddp.zero_grad_buffer()
         if opt is not None:
             opt.zero_grad()
-        store = fb(forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[ddp],
-                   num_microbatches=micro, seq_length=seq, micro_batch_size=1)  # fmt: skip
+        store = fb(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=[ddp],
+            num_microbatches=micro,
+            seq_length=seq,
+            micro_batch_size=1,
+        )
         if opt is not None:
             _, grad_norm, _ = opt.step()
         else:
@@ -442,8 +554,11 @@ def train_section(cfg: T2IConfig, par, seq: int, steps: int, micro: int, peak_tf
         dt = time.perf_counter() - t0
         loss = sum(s["loss"].item() for s in store) / micro
         log.append(dict(step=step, seconds=round(dt, 3), loss=round(loss, 4), grad_norm=float(grad_norm)))
-        print(f"  [{res['transformer_impl']}{'/fp8' if par.fp8 else ''}] step {step}: {dt:.2f}s loss {loss:.4f} "
-              f"grad_norm {float(grad_norm):.3f}", flush=True)  # fmt: skip
+        print(
+            f"  [{res['transformer_impl']}{'/fp8' if par.fp8 else ''}] step {step}: {dt:.2f}s loss {loss:.4f} "
+            f"grad_norm {float(grad_norm):.3f}",
+            flush=True,
+        )
     res["steps"] = log
     timed = log[1:] or log
     seconds = sum(s["seconds"] for s in timed)
@@ -490,27 +605,47 @@ def table(report: dict) -> str:
         if "error" in sec:
             row(name, "ERROR " + sec["error"][:200])
         elif name == "env":
-            row(name, f"{sec['gpu']} cc{sec['capability']} torch {sec['torch']} cuda {sec['cuda']} "
-                      f"megatron-core {sec['megatron_core']} TE {sec['transformer_engine']}")  # fmt: skip
+            row(
+                name,
+                f"{sec['gpu']} cc{sec['capability']} torch {sec['torch']} cuda {sec['cuda']} "
+                f"megatron-core {sec['megatron_core']} TE {sec['transformer_engine']}",
+            )
         elif name == "config":
             row(name, sec["summary"])
         elif name == "schedule":
-            row(name, f"{sec['schedule']} x{sec['micro_batches']}: worst grad rel err {sec['worst_grad_rel_err']:.1e}"
-                      f", loss rel diff {sec['max_loss_rel_diff']:.1e} -> {'OK' if sec['ok'] else 'FAIL'}")  # fmt: skip
+            row(
+                name,
+                f"{sec['schedule']} x{sec['micro_batches']}: worst grad rel err {sec['worst_grad_rel_err']:.1e}"
+                f", loss rel diff {sec['max_loss_rel_diff']:.1e} -> {'OK' if sec['ok'] else 'FAIL'}",
+            )
         elif name == "attention":
             f, d = sec["flex"], sec["dense"]
-            row(name, f"flex fwd {f['fwd_ms']:.2f} / fwd+bwd {f['fwd_bwd_ms']:.2f} ms; dense {d['fwd_ms']:.2f} / "
-                      f"{d['fwd_bwd_ms']:.2f} ms; speedup {sec['speedup_fwd']:.1f}x / {sec['speedup_fwd_bwd']:.1f}x; "
-                      f"density {sec['mask_density']:.3f}")  # fmt: skip
-            row("", f"dense without GQA (K/V expanded) {sec['dense_mha']['fwd_ms']:.2f} / "
-                    f"{sec['dense_mha']['fwd_bwd_ms']:.2f} ms; speedup {sec['speedup_fwd_vs_dense_mha']:.1f}x / "
-                    f"{sec['speedup_fwd_bwd_vs_dense_mha']:.1f}x")  # fmt: skip
+            row(
+                name,
+                f"flex fwd {f['fwd_ms']:.2f} / fwd+bwd {f['fwd_bwd_ms']:.2f} ms; dense {d['fwd_ms']:.2f} / "
+                f"{d['fwd_bwd_ms']:.2f} ms; speedup {sec['speedup_fwd']:.1f}x / {sec['speedup_fwd_bwd']:.1f}x; "
+                f"density {sec['mask_density']:.3f}",
+            )
+            row(
+                "",
+                f"dense without GQA (K/V expanded) {sec['dense_mha']['fwd_ms']:.2f} / "
+                f"{sec['dense_mha']['fwd_bwd_ms']:.2f} ms; speedup {sec['speedup_fwd_vs_dense_mha']:.1f}x / "
+                f"{sec['speedup_fwd_bwd_vs_dense_mha']:.1f}x",
+            )
             eq = sec["bf16_equality"]
-            row("", "bf16 max|flex-dense| " + " ".join(f"{k} {eq[k]['flex_vs_dense']:.1e}" for k in
-                    ("out", "dq", "dk", "dv")) + f" -> {'OK' if eq['ok'] else 'FAIL'}")  # fmt: skip
+            row(
+                "",
+                "bf16 max|flex-dense| "
+                + " ".join(f"{k} {eq[k]['flex_vs_dense']:.1e}" for k in ("out", "dq", "dk", "dv"))
+                + f" -> {'OK' if eq['ok'] else 'FAIL'}",
+            )
             e32 = sec["fp32_equality"]
-            row("", "fp32 max|flex-dense| " + " ".join(f"{k} {e32[k]['max_abs_diff']:.1e}" for k in
-                    ("out", "dq", "dk", "dv")) + f" -> {'OK' if e32['ok'] else 'FAIL'}")  # fmt: skip
+            row(
+                "",
+                "fp32 max|flex-dense| "
+                + " ".join(f"{k} {e32[k]['max_abs_diff']:.1e}" for k in ("out", "dq", "dk", "dv"))
+                + f" -> {'OK' if e32['ok'] else 'FAIL'}",
+            )
         elif name in ("train", "fp8"):
             runs = {name: sec} if name == "train" else {k: v for k, v in sec.items() if isinstance(v, dict)}
             if "skipped" in sec:
@@ -521,9 +656,12 @@ def table(report: dict) -> str:
                     row(label, "ERROR " + r["error"][:200])
                     continue
                 mfu, mfu6 = 100 * r["mfu"], 100 * r["mfu_6n_only"]
-                row(label, f"{r['tokens_per_s']:,.0f} tok/s, {r['achieved_tflops']:.0f} TFLOP/s, MFU {mfu:.1f}% "
-                           f"(6N only {mfu6:.1f}%) of {r['peak_tflops_used']:.0f} TFLOP/s peak, peak mem "
-                           f"{r['peak_memory_gib']} GiB, finite {r['finite']}")  # fmt: skip
+                row(
+                    label,
+                    f"{r['tokens_per_s']:,.0f} tok/s, {r['achieved_tflops']:.0f} TFLOP/s, MFU {mfu:.1f}% "
+                    f"(6N only {mfu6:.1f}%) of {r['peak_tflops_used']:.0f} TFLOP/s peak, peak mem "
+                    f"{r['peak_memory_gib']} GiB, finite {r['finite']}",
+                )
                 row("", f"optimizer: {r['optimizer'][:100]}; schedule {r['schedule']}")
     return "\n".join(lines)
 
@@ -535,8 +673,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="4 layers, 4096-position rows, 2 micro-batches")
     p.add_argument("--seq-len", type=int, default=None, help="positions per packed row (default 8192; quick 4096)")
     p.add_argument("--micro-batches", type=int, default=None, help="micro-batches per step (default 4; quick 2)")
-    p.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS,
-                   help=f"dense BF16 peak for MFU (default {H200_BF16_PEAK_TFLOPS}, H100/H200 SXM)")  # fmt: skip
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=H200_BF16_PEAK_TFLOPS,
+        help=f"dense BF16 peak for MFU (default {H200_BF16_PEAK_TFLOPS}, H100/H200 SXM)",
+    )
     return p.parse_args(argv)
 
 
@@ -558,8 +700,9 @@ def main(argv=None) -> int:
         try:
             report["sections"][name] = fn()
         except Exception as e:
-            report["sections"][name] = dict(error=f"{type(e).__name__}: {e}"[:1000],
-                                            traceback=traceback.format_exc()[-3000:])  # fmt: skip
+            report["sections"][name] = dict(
+                error=f"{type(e).__name__}: {e}"[:1000], traceback=traceback.format_exc()[-3000:]
+            )
             print(report["sections"][name]["traceback"], file=sys.stderr, flush=True)
         report["sections"][name]["seconds"] = round(time.perf_counter() - t0, 1)
         path.write_text(json.dumps(report, indent=1, default=str))
@@ -568,12 +711,21 @@ def main(argv=None) -> int:
     def config() -> dict:
         lp = linear_params(cfg)
         m, h = cfg.llm, cfg.head
-        summary = (f"Qwen3-style {m.num_hidden_layers}L d{m.hidden_size} {m.num_attention_heads}h/"
-                   f"{m.num_key_value_heads}kv x{m.head_dim} ffn{m.intermediate_size} vocab{m.vocab_size}; head "
-                   f"w{h.ch_latent} x{h.depth_latent} blocks; P={cfg.parallel_num}, {cfg.latent_dim}-bit tokens; "
-                   f"backbone matmul params {lp['backbone'] / 1e6:.0f}M")  # fmt: skip
-        return dict(summary=summary, llm=asdict(m), head=asdict(h), parallel_num=cfg.parallel_num,
-                    latent_dim=cfg.latent_dim, attention=cfg.attention, linear_params=lp)  # fmt: skip
+        summary = (
+            f"Qwen3-style {m.num_hidden_layers}L d{m.hidden_size} {m.num_attention_heads}h/"
+            f"{m.num_key_value_heads}kv x{m.head_dim} ffn{m.intermediate_size} vocab{m.vocab_size}; head "
+            f"w{h.ch_latent} x{h.depth_latent} blocks; P={cfg.parallel_num}, {cfg.latent_dim}-bit tokens; "
+            f"backbone matmul params {lp['backbone'] / 1e6:.0f}M"
+        )
+        return dict(
+            summary=summary,
+            llm=asdict(m),
+            head=asdict(h),
+            parallel_num=cfg.parallel_num,
+            latent_dim=cfg.latent_dim,
+            attention=cfg.attention,
+            linear_params=lp,
+        )
 
     run("env", env_section)
     run("config", config)
@@ -588,8 +740,12 @@ def main(argv=None) -> int:
     run("train", lambda: train_section(cfg, MegatronParallelConfig(), seq, steps, micro, args.peak_tflops))
     run("fp8", lambda: fp8_section(cfg, seq, max(2, steps - 2), micro, args.peak_tflops))
     failed = [name for name, sec in report["sections"].items() if "error" in sec or sec.get("ok") is False]
-    failed += [f"{name}.{k}" for name, sec in report["sections"].items() for k, v in sec.items()
-               if isinstance(v, dict) and ("error" in v or v.get("ok") is False)]  # fmt: skip
+    failed += [
+        f"{name}.{k}"
+        for name, sec in report["sections"].items()
+        for k, v in sec.items()
+        if isinstance(v, dict) and ("error" in v or v.get("ok") is False)
+    ]
     report["failed"] = failed
     path.write_text(json.dumps(report, indent=1, default=str))
     try:

@@ -98,8 +98,14 @@ class ManifestTokenIds:
         t = manifest.get("text_tokens")
         if t is None:
             raise ValueError("the manifest has no `text_tokens`; was the dataset tokenized for T2I?")
-        ids = cls(int(t["pad_id"]), int(t["vision_start_id"]), list(t["res_ids"]), list(t["query_ids"]),
-                  list(t["uncond_ids"]), int(t["parallel_num"]))  # fmt: skip
+        ids = cls(
+            int(t["pad_id"]),
+            int(t["vision_start_id"]),
+            list(t["res_ids"]),
+            list(t["query_ids"]),
+            list(t["uncond_ids"]),
+            int(t["parallel_num"]),
+        )
         if len(ids.query_ids) != ids.parallel_num - 1:
             raise ValueError(f"manifest has {len(ids.query_ids)} query ids for parallel_num {ids.parallel_num}")
         return ids
@@ -320,8 +326,12 @@ class BinaryTokenDataset(IterableDataset):
             if item.length > cfg.token_budget:
                 counters.skipped_too_long += 1
                 if not warned:
-                    log.warning("skipping sample %s: %d tokens > token_budget %d (counted in stats; warned once)",
-                                item.record.key, item.length, cfg.token_budget)  # fmt: skip
+                    log.warning(
+                        "skipping sample %s: %d tokens > token_budget %d (counted in stats; warned once)",
+                        item.record.key,
+                        item.length,
+                        cfg.token_budget,
+                    )
                     warned = True
                 continue
             yield item
@@ -417,8 +427,13 @@ class BinaryTokenLoader:
     def stats(self) -> dict[str, float]:
         c = self._counters
         fill = c.row_tokens / (c.rows * self.cfg.token_budget) if c.rows else 0.0
-        return {"batches": self.batches_consumed, "samples_seen": c.samples, "skipped_too_long": c.skipped_too_long,
-                "rows": c.rows, "fill_ratio": fill}  # fmt: skip
+        return {
+            "batches": self.batches_consumed,
+            "samples_seen": c.samples,
+            "skipped_too_long": c.skipped_too_long,
+            "rows": c.rows,
+            "fill_ratio": fill,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         d = self.dataset

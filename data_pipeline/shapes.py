@@ -62,10 +62,16 @@ class Scene:
 
     def to_json(self) -> dict:
         """A JSON-ready dict with everything needed to check or redraw the image."""
-        objects = [{"shape": o["shape"], "color": o["color"], "bbox": [int(v) for v in o["bbox"]]}
-                   for o in self.objects]  # fmt: skip
-        return {"caption": self.caption, "objects": objects, "relation": self.relation, "kind": self.kind,
-                "size": [int(self.size[0]), int(self.size[1])]}  # fmt: skip
+        objects = [
+            {"shape": o["shape"], "color": o["color"], "bbox": [int(v) for v in o["bbox"]]} for o in self.objects
+        ]
+        return {
+            "caption": self.caption,
+            "objects": objects,
+            "relation": self.relation,
+            "kind": self.kind,
+            "size": [int(self.size[0]), int(self.size[1])],
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> Scene:
@@ -234,8 +240,11 @@ def sample_members(index: int, seed: int = 0, sizes: Sizes = DEFAULT_SIZES) -> l
     """The tar members (name, payload) of one sample: `<key>.png`, `<key>.txt`, `<key>.json`."""
     scene = sample_scene(index, seed, sizes)
     key = f"shapes-{index:08d}"
-    return [(f"{key}.png", png_bytes(render(scene))), (f"{key}.txt", scene.caption.encode("utf-8")),
-            (f"{key}.json", json.dumps(scene.to_json(), sort_keys=True).encode("utf-8"))]  # fmt: skip
+    return [
+        (f"{key}.png", png_bytes(render(scene))),
+        (f"{key}.txt", scene.caption.encode("utf-8")),
+        (f"{key}.json", json.dumps(scene.to_json(), sort_keys=True).encode("utf-8")),
+    ]
 
 
 def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:

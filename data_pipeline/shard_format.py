@@ -92,9 +92,17 @@ def record_from_members(key: str, bits: bytes, meta: bytes | dict) -> TokenRecor
     m = json.loads(meta) if isinstance(meta, bytes | str) else meta
     arr = np.frombuffer(bits, dtype=np.uint8).reshape(m["h"] * m["w"], m["bits_per_token"] // 8)
     return TokenRecord(
-        key=key, bits=arr, h=m["h"], w=m["w"], bits_per_token=m["bits_per_token"], text_ids=list(m["text_ids"]),
-        caption=m["caption"], source_key=m["source_key"], label=m.get("label"), image_hw=tuple(m["image_hw"]),
-    )  # fmt: skip
+        key=key,
+        bits=arr,
+        h=m["h"],
+        w=m["w"],
+        bits_per_token=m["bits_per_token"],
+        text_ids=list(m["text_ids"]),
+        caption=m["caption"],
+        source_key=m["source_key"],
+        label=m.get("label"),
+        image_hw=tuple(m["image_hw"]),
+    )
 
 
 def read_shard(path: Path) -> list[TokenRecord]:

@@ -89,8 +89,9 @@ class TokenizeConfig:
             raise ValueError("--batch-size and --chunk-samples must be >= 1")
 
     def source_config(self) -> SourceConfig:
-        return SourceConfig(self.source, self.input, self.samples_per_shard, self.image_column, self.caption_column,
-                            self.class_index)  # fmt: skip
+        return SourceConfig(
+            self.source, self.input, self.samples_per_shard, self.image_column, self.caption_column, self.class_index
+        )
 
 
 # ---------------------------------------------------------------- identity of a tokenized dataset
@@ -115,10 +116,13 @@ def dataset_identity(cfg: TokenizeConfig) -> dict:
     weights = sorted(p for p in Path(cfg.tokenizer).glob("ae*") if p.suffix in (".safetensors", ".pt"))
     weights_file = Path(cfg.tokenizer) if Path(cfg.tokenizer).is_file() else weights[0]
     ident = {
-        "format": FORMAT, "mode": cfg.mode, "image_tokenizer": ae.config.to_ddconfig(),
-        "gan_decoder": ae.config.gan_decoder, "image_tokenizer_sha256": _file_digest(weights_file),
+        "format": FORMAT,
+        "mode": cfg.mode,
+        "image_tokenizer": ae.config.to_ddconfig(),
+        "gan_decoder": ae.config.gan_decoder,
+        "image_tokenizer_sha256": _file_digest(weights_file),
         "max_pixels": cfg.max_pixels,
-    }  # fmt: skip
+    }
     if cfg.mode == "t2i":
         ident["sizes"] = [list(s) for s in cfg.sizes]
         ident["text_tokenizer"] = _text_tokenizer(cfg.text_tokenizer, cfg.parallel_num).fingerprint()
@@ -169,8 +173,9 @@ def decode_shard(shard: InputShard, cfg: TokenizeConfig) -> list[dict]:
                 raise SkipSample(raw.error, raw.detail)
             samples.append({"key": key, **_prepare(raw, cfg)})
         except SkipSample as e:
-            errors.append({"shard": shard.name, "key": key, "source_key": raw.key, "reason": e.reason,
-                           "detail": e.detail[:300]})  # fmt: skip
+            errors.append(
+                {"shard": shard.name, "key": key, "source_key": raw.key, "reason": e.reason, "detail": e.detail[:300]}
+            )
     chunks, cur, size = [], [], 0
     for s in samples:
         if cur and (len(cur) >= cfg.chunk_samples or size + s["pixels"].nbytes > CHUNK_BYTES):
@@ -221,9 +226,14 @@ class ChunkEncoder:
                     bits = self.ae.encode(x).bits
                 for s, grid in zip(part, bits.float().cpu(), strict=True):
                     records[s["key"]] = TokenRecord.from_grid(
-                        s["key"], grid, text_ids=s["text_ids"], caption=s["caption"], source_key=s["source_key"],
-                        label=s["label"], image_hw=tuple(s["pixels"].shape[:2]),
-                    )  # fmt: skip
+                        s["key"],
+                        grid,
+                        text_ids=s["text_ids"],
+                        caption=s["caption"],
+                        source_key=s["source_key"],
+                        label=s["label"],
+                        image_hw=tuple(s["pixels"].shape[:2]),
+                    )
         return [records[s["key"]] for s in samples]
 
     def _maybe_die(self) -> None:
@@ -258,8 +268,13 @@ def connect_ray(cfg: TokenizeConfig):
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 dashboard_host="127.0.0.1", log_to_driver=False)  # fmt: skip
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            dashboard_host="127.0.0.1",
+            log_to_driver=False,
+        )
     return ray
 
 
@@ -294,19 +309,29 @@ def write_manifest(out: Path, cfg: TokenizeConfig, shards: list[InputShard], ide
         sizes.update(st["sizes"])
     dd = ident["image_tokenizer"]  # the tokenizer's ddconfig, read once by dataset_identity
     manifest = {
-        "format": FORMAT, "kind": cfg.mode, "config_hash": identity_hash(ident), "identity": ident,
-        "bits_per_token": dd["z_channels"], "downsample": 2 ** (len(dd["ch_mult"]) - 1),
+        "format": FORMAT,
+        "kind": cfg.mode,
+        "config_hash": identity_hash(ident),
+        "identity": ident,
+        "bits_per_token": dd["z_channels"],
+        "downsample": 2 ** (len(dd["ch_mult"]) - 1),
         "shards": [{"name": st["name"], "samples": st["ok"], "tokens": st["tokens"]} for st in stats],
-        "samples": sum(st["ok"] for st in stats), "inputs": sum(st["inputs"] for st in stats),
-        "skipped": dict(sorted(skipped.items())), "size_histogram": dict(sorted(sizes.items())),
-    }  # fmt: skip
+        "samples": sum(st["ok"] for st in stats),
+        "inputs": sum(st["inputs"] for st in stats),
+        "skipped": dict(sorted(skipped.items())),
+        "size_histogram": dict(sorted(sizes.items())),
+    }
     if cfg.mode == "t2i":
         tok = _text_tokenizer(cfg.text_tokenizer, cfg.parallel_num)
         manifest["text_tokens"] = {
-            "pad_id": tok.pad_id, "vision_start_id": tok.vision_start_id,
-            "res_ids": [tok.res_id(k) for k in range(1, tok.num_res_tokens + 1)], "query_ids": tok.query_ids(),
-            "uncond_ids": tok.uncond_ids(), "parallel_num": cfg.parallel_num, "vocab_size": len(tok),
-        }  # fmt: skip
+            "pad_id": tok.pad_id,
+            "vision_start_id": tok.vision_start_id,
+            "res_ids": [tok.res_id(k) for k in range(1, tok.num_res_tokens + 1)],
+            "query_ids": tok.query_ids(),
+            "uncond_ids": tok.uncond_ids(),
+            "parallel_num": cfg.parallel_num,
+            "vocab_size": len(tok),
+        }
     errors = "".join((out / f"{s.name}.errors.jsonl").read_text() for s in shards)
     (out / f".{ERRORS}.tmp").write_text(errors)
     os.replace(out / f".{ERRORS}.tmp", out / ERRORS)
@@ -367,7 +392,7 @@ def _run_ray(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0,
         num_cpus=0 if gpus else 1,
-    )  # fmt: skip  (Ray Data restarts dead actors and retries their tasks: max_restarts = max_task_retries = -1)
+    )  # (Ray Data restarts dead actors and retries their tasks: max_restarts = max_task_retries = -1)
     pending: dict[str, dict[int, dict]] = {}
     with tqdm(total=len(todo), desc="tokenizing", unit="shard") as bar:
         for row in ds.iter_rows():

@@ -113,8 +113,9 @@ class Generator:
             from models.bitdance_c2i import get_c2i_config
             from models.checkpoint_io import load_c2i_checkpoint
 
-            self.model, self.ae = load_c2i_checkpoint(args.model, get_c2i_config(args.model_config),
-                                                      tokenizer_path=args.tokenizer)  # fmt: skip
+            self.model, self.ae = load_c2i_checkpoint(
+                args.model, get_c2i_config(args.model_config), tokenizer_path=args.tokenizer
+            )
         else:
             from models.t2i_io import load_t2i_folder
 
@@ -136,8 +137,17 @@ class Generator:
             else:
                 from models.t2i_sampler import sample_t2i
 
-                bits = sample_t2i(self.model, self.text, [j.prompt for j, _ in pairs], a.height, a.width, a.steps,
-                                  a.cfg_scale, a.cfg_schedule, gens)  # fmt: skip
+                bits = sample_t2i(
+                    self.model,
+                    self.text,
+                    [j.prompt for j, _ in pairs],
+                    a.height,
+                    a.width,
+                    a.steps,
+                    a.cfg_scale,
+                    a.cfg_schedule,
+                    gens,
+                )
             q = bits.to(next(self.ae.parameters()).dtype)
             noise = randn_rows(tuple(q.shape), self.device, gens).to(q.dtype) if self.ae.config.gan_decoder else None
             decoded = self.ae.decode(q, noise=noise)
@@ -216,8 +226,10 @@ def main(argv: list[str] | None = None) -> None:
         first = np.asarray(Image.open(out / "images" / f"{jobs[0].name}.png"))
         writer = NpzWriter(out / "samples.npz", len(jobs), first.shape[0], first.shape[1])
         for start in range(0, len(jobs), 1000):
-            batch = [np.asarray(Image.open(out / "images" / f"{j.name}.png").convert("RGB"))
-                     for j in jobs[start : start + 1000]]  # fmt: skip
+            batch = [
+                np.asarray(Image.open(out / "images" / f"{j.name}.png").convert("RGB"))
+                for j in jobs[start : start + 1000]
+            ]
             writer.add(np.stack(batch), start)
         writer.close()
         print(f"wrote {out / 'samples.npz'}", flush=True)

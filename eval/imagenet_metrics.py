@@ -245,8 +245,9 @@ def inception_extractor(inception_weights: str | None, device: str | torch.devic
             f"ImageNet FID needs torch-fidelity 0.4.0, which imports torchvision ({e}): "
             "pip install -e '.[eval]' and the torchvision build matching your torch"
         ) from e
-    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                      feature_extractor_weights_path=str(inception_weights))  # fmt: skip
+    net = FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(inception_weights)
+    )
     return net.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -282,9 +283,15 @@ def load_reference(ref_stats: str | Path, feature_extractor: Callable, batch_siz
     return stats.mean, stats.sigma
 
 
-def compute_metrics(npz_or_folder: str | Path, ref_stats: str | None, inception_weights: str | None,
-                    feature_extractor: Callable | None = None, batch_size: int = 50, is_splits: int = 10,
-                    device: str | None = None) -> dict:  # fmt: skip
+def compute_metrics(
+    npz_or_folder: str | Path,
+    ref_stats: str | None,
+    inception_weights: str | None,
+    feature_extractor: Callable | None = None,
+    batch_size: int = 50,
+    is_splits: int = 10,
+    device: str | None = None,
+) -> dict:
     """FID against `ref_stats` (skipped when None) and Inception Score of the images in `npz_or_folder`.
 
     `feature_extractor` (uint8 [B, 3, H, W] -> features [B, D] or (features, logits [B, K])) replaces the Inception
@@ -314,8 +321,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--summary-dir", help="merge the result into <dir>/summary.json (default: next to the samples)")
     args = p.parse_args(argv)
     try:
-        result = compute_metrics(args.samples, args.ref_stats, args.inception_weights, batch_size=args.batch_size,
-                                 device=args.device)  # fmt: skip
+        result = compute_metrics(
+            args.samples, args.ref_stats, args.inception_weights, batch_size=args.batch_size, device=args.device
+        )
     except MissingScorerError as e:
         raise SystemExit(f"error: {e}") from None
     samples = Path(args.samples)

@@ -36,8 +36,14 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def line_plot(series: dict[str, list[tuple[float, float]]], path: str | Path, title: str = "",
-              x_label: str = "step", size: tuple[int, int] = (640, 360), log_y: bool = False) -> Path:  # fmt: skip
+def line_plot(
+    series: dict[str, list[tuple[float, float]]],
+    path: str | Path,
+    title: str = "",
+    x_label: str = "step",
+    size: tuple[int, int] = (640, 360),
+    log_y: bool = False,
+) -> Path:
     """Draw each non-empty series as a coloured line on shared axes with a legend (log10 y axis with `log_y`:
     non-positive values are dropped); returns the PNG path."""
     if log_y:

@@ -71,8 +71,19 @@ def write_report(out: str | Path, limit: int = 16) -> Path:
     run = out / "run.json"
     if run.is_file():
         meta = json.loads(run.read_text())
-        keys = ("task", "model", "steps", "cfg_scale", "cfg_schedule", "height", "width", "images_per_prompt",
-                "seed", "world_size", "prompts")  # fmt: skip
+        keys = (
+            "task",
+            "model",
+            "steps",
+            "cfg_scale",
+            "cfg_schedule",
+            "height",
+            "width",
+            "images_per_prompt",
+            "seed",
+            "world_size",
+            "prompts",
+        )
         lines += ["## Run", "", "| setting | value |", "| --- | --- |"]
         lines += [f"| {k} | {meta[k]} |" for k in keys if k in meta]
         lines += [

@@ -49,8 +49,10 @@ def _probe_modules(python: str, modules: tuple[str, ...], what: str) -> None:
     proc = subprocess.run([python, "-c", code, *modules], capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise MissingScorerError(f"{what} cannot import its packages with {python} ({last}): "
-                                 f"install {', '.join(modules)} there or pass --python")  # fmt: skip
+        raise MissingScorerError(
+            f"{what} cannot import its packages with {python} ({last}): "
+            f"install {', '.join(modules)} there or pass --python"
+        )
 
 
 def _run(cmd: list[str], cwd: str | Path | None = None, capture: bool = False) -> str:
@@ -84,13 +86,20 @@ def _geneval_checks(geneval_repo, detector_weights, detector_config) -> tuple[Pa
     if not weights.is_file():
         raise MissingScorerError(f"GenEval detector weights not found at {weights}: {fetch}")
     if detector_config and not Path(detector_config).is_file():
-        raise MissingScorerError(f"GenEval detector config not found at {detector_config}: pass --detector-config "
-                                 f"<mmdet 2.x>/configs/mask2former/{GENEVAL_DETECTOR}.py")  # fmt: skip
+        raise MissingScorerError(
+            f"GenEval detector config not found at {detector_config}: pass --detector-config "
+            f"<mmdet 2.x>/configs/mask2former/{GENEVAL_DETECTOR}.py"
+        )
     return repo, weights, detector_config
 
 
-def run_geneval_scorer(out_dir: str | Path, geneval_repo: str | None, detector_weights: str | None,
-                       python: str = sys.executable, detector_config: str | None = None) -> dict:  # fmt: skip
+def run_geneval_scorer(
+    out_dir: str | Path,
+    geneval_repo: str | None,
+    detector_weights: str | None,
+    python: str = sys.executable,
+    detector_config: str | None = None,
+) -> dict:
     """Score `<out_dir>/<idx:05d>/{metadata.jsonl,samples/*.png}` with GenEval's official scripts.
 
     `detector_weights` is the Mask2Former `.pth` (or the folder holding it); `detector_config` defaults to the one
@@ -108,11 +117,26 @@ def run_geneval_scorer(out_dir: str | Path, geneval_repo: str | None, detector_w
         mmdet_dir = _run([python, "-c", code], capture=True).strip()
         config = str(Path(mmdet_dir).parent / "configs" / "mask2former" / f"{GENEVAL_DETECTOR}.py")
         if not Path(config).is_file():
-            raise MissingScorerError(f"mmdet's Mask2Former config not found at {config} (a wheel install has no "
-                                     f"configs/): pass --detector-config /path/to/{GENEVAL_DETECTOR}.py")  # fmt: skip
+            raise MissingScorerError(
+                f"mmdet's Mask2Former config not found at {config} (a wheel install has no "
+                f"configs/): pass --detector-config /path/to/{GENEVAL_DETECTOR}.py"
+            )
     results = out / "geneval_results.jsonl"
-    _run([python, str(repo / GENEVAL_SCRIPTS[0]), str(out), "--outfile", str(results), "--model-config", str(config),
-          "--model-path", str(weights.parent), "--options", f"model={weights.stem}"])  # fmt: skip
+    _run(
+        [
+            python,
+            str(repo / GENEVAL_SCRIPTS[0]),
+            str(out),
+            "--outfile",
+            str(results),
+            "--model-config",
+            str(config),
+            "--model-path",
+            str(weights.parent),
+            "--options",
+            f"model={weights.stem}",
+        ]
+    )
     printed = _run([python, str(repo / GENEVAL_SCRIPTS[1]), str(results)], cwd=repo / "evaluation", capture=True)
     (out / "geneval_summary.txt").write_text(printed)
     return parse_geneval(results, printed)
@@ -142,8 +166,13 @@ def _find_dpg_script(repo: Path) -> Path | None:
     return None
 
 
-def run_dpg_scorer(out_dir: str | Path, dpg_repo: str | None, mplug_weights: str | None,
-                   python: str = sys.executable, resolution: int | None = None) -> dict:  # fmt: skip
+def run_dpg_scorer(
+    out_dir: str | Path,
+    dpg_repo: str | None,
+    mplug_weights: str | None,
+    python: str = sys.executable,
+    resolution: int | None = None,
+) -> dict:
     """Score the 2x2 grids `<out_dir>/<id>.png` with DPG-Bench's compute_dpg_bench.py (ELLA repo), single process.
 
     `mplug_weights` is a local copy of the ModelScope model `damo/mplug_visual-question-answering_coco_large_en`
@@ -166,8 +195,9 @@ def run_dpg_scorer(out_dir: str | Path, dpg_repo: str | None, mplug_weights: str
     if not mplug_weights:
         raise MissingScorerError(f"DPG-Bench needs the mPLUG VQA model: {fetch}")
     if not (Path(mplug_weights) / "configuration.json").is_file():
-        raise MissingScorerError(f"mPLUG model folder incomplete: {Path(mplug_weights) / 'configuration.json'} "
-                                 f"not found; {fetch}")  # fmt: skip
+        raise MissingScorerError(
+            f"mPLUG model folder incomplete: {Path(mplug_weights) / 'configuration.json'} not found; {fetch}"
+        )
     grids = sorted(out.glob("*.png"))
     if not grids:
         raise FileNotFoundError(f"no DPG-Bench grids (<id>.png) in {out}")
@@ -178,9 +208,29 @@ def run_dpg_scorer(out_dir: str | Path, dpg_repo: str | None, mplug_weights: str
             resolution = im.width // 2
     _probe_modules(python, DPG_MODULES, "DPG-Bench's scorer (modelscope, accelerate)")
     res = out / "dpg_results.txt"
-    printed = _run([python, "-c", _DPG_BOOTSTRAP, str(Path(mplug_weights).resolve()), DPG_UPSTREAM_MODEL,
-                    str(script), "--image-root-path", str(out), "--resolution", str(resolution), "--pic-num", "4",
-                    "--csv", str(csv), "--res-path", str(res), "--vqa-model", "mplug"], capture=True)  # fmt: skip
+    printed = _run(
+        [
+            python,
+            "-c",
+            _DPG_BOOTSTRAP,
+            str(Path(mplug_weights).resolve()),
+            DPG_UPSTREAM_MODEL,
+            str(script),
+            "--image-root-path",
+            str(out),
+            "--resolution",
+            str(resolution),
+            "--pic-num",
+            "4",
+            "--csv",
+            str(csv),
+            "--res-path",
+            str(res),
+            "--vqa-model",
+            "mplug",
+        ],
+        capture=True,
+    )
     (out / "dpg_summary.txt").write_text(printed)
     return parse_dpg(printed)
 
@@ -237,8 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         if args.task == "geneval":
-            result = run_geneval_scorer(args.out, args.geneval_repo, args.detector_weights, args.python,
-                                        args.detector_config)  # fmt: skip
+            result = run_geneval_scorer(
+                args.out, args.geneval_repo, args.detector_weights, args.python, args.detector_config
+            )
         else:
             result = run_dpg_scorer(args.out, args.dpg_repo, args.mplug_weights, args.python, args.resolution)
     except MissingScorerError as e:

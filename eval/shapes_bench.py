@@ -248,8 +248,15 @@ def detect(image: Image.Image | np.ndarray) -> list[Blob]:
         ys, xs = np.divmod(pixels, width)
         x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
         fill, aspect = len(pixels) / ((x1 - x0) * (y1 - y0)), (x1 - x0) / (y1 - y0)
-        blobs.append(Blob(_PALETTE_NAMES[color], classify(fill, aspect), len(pixels), (x0, y0, x1, y1),
-                          (float(xs.mean()), float(ys.mean()))))  # fmt: skip
+        blobs.append(
+            Blob(
+                _PALETTE_NAMES[color],
+                classify(fill, aspect),
+                len(pixels),
+                (x0, y0, x1, y1),
+                (float(xs.mean()), float(ys.mean())),
+            )
+        )
     return sorted(blobs, key=lambda b: -b.area)
 
 
@@ -334,8 +341,9 @@ def score_folder(out_dir: str | os.PathLike, chance_samples: int = 500, size: in
             with Image.open(png) as image:
                 correct, reason = score_image(image, spec)
             sample = int(png.stem) if png.stem.isdigit() else png.stem
-            rows.append({"index": int(folder.name), "sample": sample, "tag": spec["tag"], "correct": correct,
-                         "reason": reason})  # fmt: skip
+            rows.append(
+                {"index": int(folder.name), "sample": sample, "tag": spec["tag"], "correct": correct, "reason": reason}
+            )
     if not rows:
         raise ValueError(f"no <index>/metadata.jsonl + samples/*.png under {root}")
     with (root / "shapes_results.jsonl").open("w") as f:
@@ -347,9 +355,13 @@ def score_folder(out_dir: str | os.PathLike, chance_samples: int = 500, size: in
     chance_all = chance_level(chance_samples, size=size) if chance_samples > 0 else {}
     chance = {t: chance_all[t] for t in tags if t in chance_all}
     chance_overall = float(np.mean(list(chance.values()))) if chance else math.nan
-    return {"per_tag": per_tag, "overall": float(np.mean(list(per_tag.values()))), "images": len(rows),
-            "chance": {"per_tag": chance, "overall": chance_overall},
-            "counts": {t: sum(r["tag"] == t for r in rows) for t in tags}}  # fmt: skip
+    return {
+        "per_tag": per_tag,
+        "overall": float(np.mean(list(per_tag.values()))),
+        "images": len(rows),
+        "chance": {"per_tag": chance, "overall": chance_overall},
+        "counts": {t: sum(r["tag"] == t for r in rows) for t in tags},
+    }
 
 
 # ---------------------------------------------------------------- CLI

@@ -59,8 +59,9 @@ def segment_block_causal_mask(doc_ids: torch.Tensor, block_ids: torch.Tensor) ->
         runs = list(zip(bounds[:-1], bounds[1:], strict=True))
         if len({int(d[s]) for s, _ in runs}) != len(runs):
             return dense_block_causal_mask(doc_ids, block_ids)
-        rows.append(tuple((s, e, dense_block_causal_mask(doc_ids[b : b + 1, s:e], block_ids[b : b + 1, s:e]))
-                          for s, e in runs))  # fmt: skip
+        rows.append(
+            tuple((s, e, dense_block_causal_mask(doc_ids[b : b + 1, s:e], block_ids[b : b + 1, s:e])) for s, e in runs)
+        )
     return SegmentMask(tuple(rows))
 
 
@@ -92,9 +93,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
         if q.shape[2] != k.shape[2]:
             raise ValueError("a SegmentMask is for full-sequence attention (queries = keys); use a dense mask")
         rows = [
-            torch.cat([F.scaled_dot_product_attention(q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e],
-                                                      attn_mask=m, enable_gqa=gqa) for s, e, m in segments], dim=2)
+            torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e], attn_mask=m, enable_gqa=gqa
+                    )
+                    for s, e, m in segments
+                ],
+                dim=2,
+            )
             for b, segments in enumerate(mask.rows)
-        ]  # fmt: skip
+        ]
         return torch.cat(rows, dim=0)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -24,10 +24,25 @@ from models.t2i_packing import IGNORE_INDEX, PackedT2IBatch
 
 # (height, width) in pixels, as the official pipeline lists them.
 OFFICIAL_IMAGE_SIZES: tuple[tuple[int, int], ...] = (
-    (2048, 512), (1920, 512), (1536, 640), (1280, 768), (1152, 896), (1024, 1024),
-    (896, 1152), (768, 1280), (640, 1536), (512, 1920), (512, 2048),
-    (1024, 256), (896, 256), (640, 384), (512, 512), (384, 640), (256, 896), (256, 1024),
-)  # fmt: skip
+    (2048, 512),
+    (1920, 512),
+    (1536, 640),
+    (1280, 768),
+    (1152, 896),
+    (1024, 1024),
+    (896, 1152),
+    (768, 1280),
+    (640, 1536),
+    (512, 1920),
+    (512, 2048),
+    (1024, 256),
+    (896, 256),
+    (640, 384),
+    (512, 512),
+    (384, 640),
+    (256, 896),
+    (256, 1024),
+)
 
 
 @dataclass
@@ -72,8 +87,16 @@ class T2IConfig:
 
 
 def t2i_head_config(width: int, latent_dim: int, parallel_num: int, **kw) -> HeadConfig:
-    base = dict(depth_latent=6, depth_adanln=2, head_dim=128, use_swiglu=True, sigmoid_output=True, P_mean=-0.8,
-                P_std=0.8, diff_batch_mul=1)  # fmt: skip
+    base = dict(
+        depth_latent=6,
+        depth_adanln=2,
+        head_dim=128,
+        use_swiglu=True,
+        sigmoid_output=True,
+        P_mean=-0.8,
+        P_std=0.8,
+        diff_batch_mul=1,
+    )
     base.update(kw)
     return HeadConfig(ch_target=latent_dim, ch_cond=width, ch_latent=width, parallel_num=parallel_num, **base)
 
@@ -203,8 +226,9 @@ class TextToImageBitDance(nn.Module):
             return
         emb, head = self.llm.model.embed_tokens, self.llm.lm_head
         new_emb = nn.Embedding(vocab_size, emb.embedding_dim, device=emb.weight.device, dtype=emb.weight.dtype)
-        new_head = nn.Linear(head.in_features, vocab_size, bias=False, device=head.weight.device,
-                             dtype=head.weight.dtype)  # fmt: skip
+        new_head = nn.Linear(
+            head.in_features, vocab_size, bias=False, device=head.weight.device, dtype=head.weight.dtype
+        )
         keep = min(old, vocab_size)
         with torch.no_grad():
             for new, cur in ((new_emb.weight, emb.weight), (new_head.weight, head.weight)):

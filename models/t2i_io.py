@@ -22,8 +22,20 @@ from models.text_tokenizer import T2ITextTokenizer
 from models.tokenizer import BinaryAutoencoder
 from models.tokenizer_io import load_tokenizer, save_tokenizer
 
-HEAD_JSON_KEYS = ("ch_target", "ch_cond", "ch_latent", "depth_latent", "depth_adanln", "time_shift", "time_schedule",
-                  "P_mean", "P_std", "parallel_num", "diff_batch_mul", "use_swiglu")  # fmt: skip
+HEAD_JSON_KEYS = (
+    "ch_target",
+    "ch_cond",
+    "ch_latent",
+    "depth_latent",
+    "depth_adanln",
+    "time_shift",
+    "time_schedule",
+    "P_mean",
+    "P_std",
+    "parallel_num",
+    "diff_batch_mul",
+    "use_swiglu",
+)
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -69,8 +81,13 @@ def load_t2i_folder(
         raise ValueError(
             f"ae makes {image_tok.config.z_channels}-bit tokens but the vision head predicts {head_cfg.ch_target}"
         )
-    kw = dict(llm=llm_cfg, head=head_cfg, downsample=image_tok.config.downsample, attention=attention,
-              tokenizer=image_tok.config.name)  # fmt: skip
+    kw = dict(
+        llm=llm_cfg,
+        head=head_cfg,
+        downsample=image_tok.config.downsample,
+        attention=attention,
+        tokenizer=image_tok.config.name,
+    )
     if image_sizes is not None:
         kw["image_sizes"] = tuple(tuple(s) for s in image_sizes)
     cfg = T2IConfig(**kw)

@@ -33,8 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images-per-prompt", type=int, default=1)
     p.add_argument("--batch-prompts", type=int, default=4, help="prompts decoded together")
     p.add_argument("--seed", type=int, default=0, help="batch k uses a generator seeded with seed + k")
-    p.add_argument("--image-size", action="append", default=None, metavar="HxW",
-                   help="supported size (repeatable); default: the official size list")  # fmt: skip
+    p.add_argument(
+        "--image-size",
+        action="append",
+        default=None,
+        metavar="HxW",
+        help="supported size (repeatable); default: the official size list",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
@@ -76,8 +81,17 @@ def main(argv: list[str] | None = None) -> None:
             chunk = prompts[start : start + args.batch_prompts]
             gen = torch.Generator(device=args.device).manual_seed(args.seed + k)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                bits = sample_t2i(model, text_tok, chunk, args.height, args.width, args.steps, args.cfg_scale,
-                                  generator=gen, images_per_prompt=n)  # fmt: skip
+                bits = sample_t2i(
+                    model,
+                    text_tok,
+                    chunk,
+                    args.height,
+                    args.width,
+                    args.steps,
+                    args.cfg_scale,
+                    generator=gen,
+                    images_per_prompt=n,
+                )
                 images = tensor_to_images(image_tok.decode(bits.to(next(image_tok.parameters()).dtype)))
             for i, img in enumerate(images.cpu().numpy()):
                 index = start + i // n

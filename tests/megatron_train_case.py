@@ -14,14 +14,25 @@ from models.megatron.mapping import megatron_to_reference, merge_tp, model_state
 from training.config import TrainConfig, load_config
 from training.tasks import T2ITask
 
-TASK = SimpleNamespace(batch_counts=T2ITask.batch_counts, loss_metrics=T2ITask.loss_metrics,
-                       metric_names=T2ITask.metric_names)  # fmt: skip
+TASK = SimpleNamespace(
+    batch_counts=T2ITask.batch_counts, loss_metrics=T2ITask.loss_metrics, metric_names=T2ITask.metric_names
+)
 
 
 def train_config(tp: int = 1, pp: int = 1, *overrides: str) -> TrainConfig:
     layout = [f"parallel.tp={tp}", f"parallel.pp={pp}"]
-    return load_config(None, ["engine.kind=megatron", "engine.precision=fp32", *layout, "optim.lr=1e-3",
-                              "optim.weight_decay=0.1", "optim.grad_clip=1.0", *overrides])  # fmt: skip
+    return load_config(
+        None,
+        [
+            "engine.kind=megatron",
+            "engine.precision=fp32",
+            *layout,
+            "optim.lr=1e-3",
+            "optim.weight_decay=0.1",
+            "optim.grad_clip=1.0",
+            *overrides,
+        ],
+    )
 
 
 def case_file(path, vocab_size: int | None = None, num_layers: int | None = None) -> None:

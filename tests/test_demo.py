@@ -8,8 +8,17 @@ from PIL import Image
 
 from cluster.demo import STAGES, load_demo_config, run_demo
 
-SHORT = ["samples=64", "samples_per_shard=32", "tokenizer_steps=3", "t2i_steps=2", "prompts_per_tag=1",
-         "images_per_prompt=1", "head_steps=2", "chance_samples=10", "grid_images=6"]  # fmt: skip
+SHORT = [
+    "samples=64",
+    "samples_per_shard=32",
+    "tokenizer_steps=3",
+    "t2i_steps=2",
+    "prompts_per_tag=1",
+    "images_per_prompt=1",
+    "head_steps=2",
+    "chance_samples=10",
+    "grid_images=6",
+]
 
 
 @pytest.mark.slow
@@ -17,8 +26,18 @@ def test_short_demo_runs_end_to_end_and_reuses_stages(tmp_path, capsys):
     out = tmp_path / "demo"
     report = run_demo(load_demo_config([*SHORT, f"out={out}"]))
     text = report.read_text()
-    for section in ("## Shapes benchmark", "| single_object |", "chance", "PSNR", "## Throughput", "tokens/s",
-                    "wandb offline run", "## Stage timings", "samples_grid.png", "loss_curve.png"):  # fmt: skip
+    for section in (
+        "## Shapes benchmark",
+        "| single_object |",
+        "chance",
+        "PSNR",
+        "## Throughput",
+        "tokens/s",
+        "wandb offline run",
+        "## Stage timings",
+        "samples_grid.png",
+        "loss_curve.png",
+    ):
         assert section in text, section
     for png in ("samples_grid.png", "loss_curve.png", "tokenizer_curve.png"):
         assert Image.open(out / png).size[0] > 100

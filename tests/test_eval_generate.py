@@ -34,9 +34,31 @@ def folder(tmp_path_factory):
 
 
 def generate(folder, out, task, *extra, nproc=1):
-    args = ["-m", "eval.generate", "--task", task, "--model", str(folder), "--out", str(out), "--limit", "3",
-            "--image-size", "32x32", "--height", "32", "--width", "32", "--steps", "2", "--cfg-scale", "2",
-            "--batch-size", "1", *extra]  # fmt: skip
+    args = [
+        "-m",
+        "eval.generate",
+        "--task",
+        task,
+        "--model",
+        str(folder),
+        "--out",
+        str(out),
+        "--limit",
+        "3",
+        "--image-size",
+        "32x32",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--steps",
+        "2",
+        "--cfg-scale",
+        "2",
+        "--batch-size",
+        "1",
+        *extra,
+    ]
     cmd = (
         [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *args]
         if nproc > 1
@@ -104,11 +126,34 @@ def test_imagenet_npz_has_the_adm_layout(tmp_path):
 
     ckpt = tmp_path / "c2i.pt"
     torch.manual_seed(0)
-    save_c2i_checkpoint(ckpt, ClassConditionalBitDance(get_c2i_config("tiny-4x")),
-                        BinaryAutoencoder(get_tokenizer_config("tiny")))  # fmt: skip
-    cmd = [sys.executable, "-m", "eval.generate", "--task", "imagenet", "--model", str(ckpt), "--model-config",
-           "tiny-4x", "--out", str(tmp_path / "in"), "--num-classes", "3", "--per-class", "2", "--steps", "2",
-           "--cfg-scale", "2", "--cfg-schedule", "linear", "--batch-size", "4"]  # fmt: skip
+    save_c2i_checkpoint(
+        ckpt, ClassConditionalBitDance(get_c2i_config("tiny-4x")), BinaryAutoencoder(get_tokenizer_config("tiny"))
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "eval.generate",
+        "--task",
+        "imagenet",
+        "--model",
+        str(ckpt),
+        "--model-config",
+        "tiny-4x",
+        "--out",
+        str(tmp_path / "in"),
+        "--num-classes",
+        "3",
+        "--per-class",
+        "2",
+        "--steps",
+        "2",
+        "--cfg-scale",
+        "2",
+        "--cfg-schedule",
+        "linear",
+        "--batch-size",
+        "4",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     arr = np.load(tmp_path / "in" / "samples.npz")["arr_0"]

@@ -32,7 +32,12 @@ def test_check_config_is_about_one_billion():
     cfg = check_config()
     m = cfg.llm
     assert (m.hidden_size, m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads, m.head_dim) == (
-        2048, 16, 16, 8, 128)  # fmt: skip
+        2048,
+        16,
+        16,
+        8,
+        128,
+    )
     assert (cfg.parallel_num, cfg.latent_dim, cfg.head.ch_latent) == (16, 32, 1024)
     lp = linear_params(cfg)
     assert lp["backbone"] == 16 * (2 * 2048 * 2048 + 2 * 2048 * 1024 + 3 * 2048 * 6144)
@@ -111,8 +116,13 @@ def test_help_and_no_gpu_error(capsys, monkeypatch, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
 def test_cli_without_gpu_fails_in_one_line(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "cluster.gpu_check", "--out", str(tmp_path)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "cluster.gpu_check", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1
     assert run.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in run.stderr
 

@@ -74,8 +74,17 @@ def t2i_dir(tmp_path_factory) -> Path:
 
 
 def t2i_config(data_dir: Path, **kw) -> LoaderConfig:
-    base = dict(data_dir=data_dir, kind="t2i", seed=3, shuffle_buffer=8, token_budget=256, parallel_num=P,
-                caption_dropout=0.3, num_workers=0, lookahead=16)  # fmt: skip
+    base = dict(
+        data_dir=data_dir,
+        kind="t2i",
+        seed=3,
+        shuffle_buffer=8,
+        token_budget=256,
+        parallel_num=P,
+        caption_dropout=0.3,
+        num_workers=0,
+        lookahead=16,
+    )
     base.update(kw)
     return LoaderConfig(**base)
 

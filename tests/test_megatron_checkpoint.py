@@ -140,8 +140,11 @@ def _tp2_worker(rank, out_dir, case_path, tp1_path):
     qkv = sharded["model.decoder.layers.0.self_attention.linear_qkv.weight"]
     head = sharded["model.vision_head.net.input_proj.weight"]
     fc1 = sharded["model.decoder.layers.1.mlp.linear_fc1.weight"]
-    layout = {"qkv": (qkv.key, qkv.global_shape, qkv.global_offset, qkv.replica_id), "head": head.replica_id,
-              "fc1": [(t.global_offset, t.axis_fragmentations) for t in fc1.build()]}  # fmt: skip
+    layout = {
+        "qkv": (qkv.key, qkv.global_shape, qkv.global_offset, qkv.replica_id),
+        "head": head.replica_id,
+        "fc1": [(t.global_offset, t.axis_fragmentations) for t in fc1.build()],
+    }
     _, path = first_step_and_save(engine, case, out_dir / "tp2_run")
     saved = {"path": path, "loss1": forward_loss(engine, case), **second_step(engine, case)}
     engine, ema = resume(case, tp1_path, tp=2)
@@ -246,8 +249,9 @@ def test_interleaved_chunks_hold_their_global_layers(tmp_path):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "training.checkpoint", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.checkpoint", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -310,8 +314,22 @@ def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def test_import_export_round_trip_is_byte_identical(official, tokenizers, tmp_path):
     text_dir, ae_dir = tokenizers
     assert main(["import", "--src", str(official), "--dst", str(tmp_path / "ckpt"), "--tp", "2", "--pp", "2"]) is None
-    assert main(["export", "--src", str(tmp_path / "ckpt"), "--dst", str(tmp_path / "out"), "--text-tokenizer",
-                 str(text_dir), "--image-tokenizer", str(ae_dir)]) is None  # fmt: skip
+    assert (
+        main(
+            [
+                "export",
+                "--src",
+                str(tmp_path / "ckpt"),
+                "--dst",
+                str(tmp_path / "out"),
+                "--text-tokenizer",
+                str(text_dir),
+                "--image-tokenizer",
+                str(ae_dir),
+            ]
+        )
+        is None
+    )
     want, got = folder_tensors(official), folder_tensors(tmp_path / "out")
     assert got.keys() == want.keys()
     for k, v in want.items():
@@ -329,16 +347,28 @@ def test_import_from_a_hugging_face_qwen3_folder(official, tmp_path):
     main([*args, "--model", "tiny-4x", "--vocab-size", "520"])
     state = single_process(load_full, tmp_path / "ckpt" / DIST, "model.")
     backbone = load_file(str(official / "model.safetensors"))
-    assert torch.equal(state["decoder.layers.1.self_attention.k_layernorm.weight"],
-                       backbone["model.layers.1.self_attn.k_norm.weight"])  # fmt: skip
+    assert torch.equal(
+        state["decoder.layers.1.self_attention.k_layernorm.weight"], backbone["model.layers.1.self_attn.k_norm.weight"]
+    )
     assert state["word_embeddings.weight"].shape[0] == 520 and state["projector.fc1.weight"].dtype == torch.bfloat16
 
 
 @pytest.mark.slow
 def test_export_of_a_trained_checkpoint_gives_the_same_loss(base, tokenizers, case_path, tmp_path):
     text_dir, ae_dir = tokenizers
-    cli("export", "--src", str(base["path"]), "--dst", str(tmp_path / "out"), "--text-tokenizer", str(text_dir),
-        "--image-tokenizer", str(ae_dir), "--weights", "model")  # fmt: skip
+    cli(
+        "export",
+        "--src",
+        str(base["path"]),
+        "--dst",
+        str(tmp_path / "out"),
+        "--text-tokenizer",
+        str(text_dir),
+        "--image-tokenizer",
+        str(ae_dir),
+        "--weights",
+        "model",
+    )
     case = load_case(case_path)
     model, _, _ = load_t2i_folder(tmp_path / "out", attention="dense", image_sizes=case["cfg"].image_sizes)
     with torch.no_grad():
@@ -352,17 +382,47 @@ def test_cli_errors_are_one_line(official, tokenizers, tmp_path, capsys):
     main(["import", "--src", str(official), "--dst", str(ckpt), "--tp", "1", "--pp", "1"])
     capsys.readouterr()
     cases = [
-        (["reshard", "--src", str(tmp_path / "nope"), "--dst", str(tmp_path / "x"), "--tp", "1", "--pp", "1"],
-         "does not exist"),
-        (["import", "--src", str(official), "--dst", str(tmp_path / "y"), "--tp", "3", "--pp", "1"],
-         "tp=3 does not divide the 4 attention heads"),
-        (["import", "--src", str(official), "--dst", str(tmp_path / "z"), "--tp", "1", "--pp", "3"],
-         "pp=3 does not divide the 2 layers"),
-        (["export", "--src", str(official), "--dst", str(tmp_path / "w"), "--text-tokenizer", str(text_dir),
-          "--image-tokenizer", "x"], "is not a megatron checkpoint"),
-        (["export", "--src", str(ckpt), "--dst", str(tmp_path / "v"), "--text-tokenizer", str(text_dir),
-          "--image-tokenizer", str(tmp_path / "no_ae")], "no_ae does not exist"),
-    ]  # fmt: skip
+        (
+            ["reshard", "--src", str(tmp_path / "nope"), "--dst", str(tmp_path / "x"), "--tp", "1", "--pp", "1"],
+            "does not exist",
+        ),
+        (
+            ["import", "--src", str(official), "--dst", str(tmp_path / "y"), "--tp", "3", "--pp", "1"],
+            "tp=3 does not divide the 4 attention heads",
+        ),
+        (
+            ["import", "--src", str(official), "--dst", str(tmp_path / "z"), "--tp", "1", "--pp", "3"],
+            "pp=3 does not divide the 2 layers",
+        ),
+        (
+            [
+                "export",
+                "--src",
+                str(official),
+                "--dst",
+                str(tmp_path / "w"),
+                "--text-tokenizer",
+                str(text_dir),
+                "--image-tokenizer",
+                "x",
+            ],
+            "is not a megatron checkpoint",
+        ),
+        (
+            [
+                "export",
+                "--src",
+                str(ckpt),
+                "--dst",
+                str(tmp_path / "v"),
+                "--text-tokenizer",
+                str(text_dir),
+                "--image-tokenizer",
+                str(tmp_path / "no_ae"),
+            ],
+            "no_ae does not exist",
+        ),
+    ]
     for args, message in cases:
         with pytest.raises(SystemExit) as info:
             main(args)

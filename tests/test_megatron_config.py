@@ -70,8 +70,9 @@ def test_fp8_size_and_recipe_checks(fake_te, monkeypatch):
     assert "set transformer_impl='te'" in error_of(tiny(), fp8="hybrid")
     msg = error_of(tiny(intermediate_size=264), fp8="hybrid", transformer_impl="te")
     assert "divisible by 16" in msg and "intermediate_size / tp is 264" in msg
-    assert "divisible by 32" in error_of(tiny(intermediate_size=272), fp8="e4m3", transformer_impl="te",
-                                         fp8_recipe="mxfp8")  # fmt: skip
+    assert "divisible by 32" in error_of(
+        tiny(intermediate_size=272), fp8="e4m3", transformer_impl="te", fp8_recipe="mxfp8"
+    )
     assert "fp8_recipe='tensorwise'" in error_of(tiny(), fp8="hybrid", transformer_impl="te", fp8_recipe="delayed")
     validate_parallel(tiny(), MegatronParallelConfig(fp8="hybrid", transformer_impl="te", tp=2))  # fine
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -59,8 +59,15 @@ def tp1(case_path):
         grads = {k: p.main_grad.detach().clone() for k, p in chunk.named_parameters()}
         after = local_weights(engine)
         losses, weights = run_steps(engine, case["batch"], STEPS - 1)
-    return dict(case=case, before=before, first=first, grads=grads, after=after, losses=[first.loss, *losses],
-                weights=[after, *weights])  # fmt: skip
+    return dict(
+        case=case,
+        before=before,
+        first=first,
+        grads=grads,
+        after=after,
+        losses=[first.loss, *losses],
+        weights=[after, *weights],
+    )
 
 
 def test_tp1_step_is_the_reference_adamw_step(tp1):
@@ -127,8 +134,15 @@ def test_parallel_section_maps_onto_the_model_settings():
     from training.config import grad_accumulation
     from training.megatron_engine import parallel_config
 
-    cfg = train_config(4, 2, "parallel.virtual_pp=2", "parallel.sequence_parallel=true", "engine.precision=bf16",
-                       "model.activation_checkpointing=true", "data.global_batch=16")  # fmt: skip
+    cfg = train_config(
+        4,
+        2,
+        "parallel.virtual_pp=2",
+        "parallel.sequence_parallel=true",
+        "engine.precision=bf16",
+        "model.activation_checkpointing=true",
+        "data.global_batch=16",
+    )
     par = parallel_config(cfg)
     assert (par.tp, par.pp, par.virtual_pp, par.sequence_parallel, par.recompute) == (4, 2, 2, True, True)
     assert par.params_dtype == torch.bfloat16
@@ -160,7 +174,7 @@ def _loop_worker(rank, out_dir, data_dir, run_dir):
         "logging.wandb=disabled",
         "checkpoint.export_official=false",
     ]
-    cfg = load_config(REPO / "training" / "configs" / "tiny_t2i.yaml", overrides)  # fmt: skip
+    cfg = load_config(REPO / "training" / "configs" / "tiny_t2i.yaml", overrides)
     save_result(out_dir, rank, vars(train(cfg)))
 
 

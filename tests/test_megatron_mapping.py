@@ -103,8 +103,9 @@ def test_pp_split_merge_round_trip_with_layer_offsets(reference):
     meg = reference_to_megatron(state, cfg.llm)
     first, last = split_pp(meg, cfg.llm.num_hidden_layers, 2)
     assert stage_layers(2, 2, 1) == range(1, 2)
-    assert torch.equal(last[LAYER + "self_attention.linear_qkv.weight"],
-                       meg["decoder.layers.1.self_attention.linear_qkv.weight"])  # fmt: skip
+    assert torch.equal(
+        last[LAYER + "self_attention.linear_qkv.weight"], meg["decoder.layers.1.self_attention.linear_qkv.weight"]
+    )
     assert not any(k.startswith("decoder.layers.1.") for k in first | last)
     assert {"word_embeddings.weight", "projector.fc1.weight"} <= first.keys()
     assert {"output_layer.weight", "decoder.final_layernorm.weight", "vision_head.net.input_proj.weight"} <= last.keys()

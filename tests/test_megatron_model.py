@@ -116,8 +116,16 @@ def case(tmp_path_factory):
     full = reference_to_megatron({k: v.detach() for k, v in ref.state_dict().items()}, cfg.llm)
     path = tmp_path_factory.mktemp("megatron_case") / "case.pt"
     torch.save(dict(cfg=cfg, full=full, batch=batch, head_t=head_t, head_noise=head_noise), path)
-    return dict(cfg=cfg, batch=batch, head_t=head_t, head_noise=head_noise, full=full, path=path,
-                ref_terms=loss_terms(out), ref_grads=ref_grads)  # fmt: skip
+    return dict(
+        cfg=cfg,
+        batch=batch,
+        head_t=head_t,
+        head_noise=head_noise,
+        full=full,
+        path=path,
+        ref_terms=loss_terms(out),
+        ref_grads=ref_grads,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +198,9 @@ def test_tp2_with_and_without_sequence_parallel_equals_tp1_and_reference(case, t
         assert terms[0] == terms[1], f"{what}: TP ranks disagree on the loss"
         grads = merge_tp([r[sp][1] for r in ranks])  # raises if a replicated gradient differs between ranks
         assert_matches_reference(terms[0], grads, case["ref_terms"], case["ref_grads"], case["cfg"], what)
-        assert_matches_reference(terms[0], grads, tp1[0], megatron_to_reference(tp1[1], case["cfg"].llm),
-                                 case["cfg"], f"{what} vs TP=1")  # fmt: skip
+        assert_matches_reference(
+            terms[0], grads, tp1[0], megatron_to_reference(tp1[1], case["cfg"].llm), case["cfg"], f"{what} vs TP=1"
+        )
 
 
 def _pp_worker(rank, out_dir, case_path):
@@ -229,8 +238,9 @@ def test_pp2_stages_equal_single_stage(case, tp1, tmp_path):
     assert not any(k.startswith(("output_layer.", "vision_head.", "decoder.final_layernorm")) for k in first)
     assert not any(k.startswith(("word_embeddings.", "projector.")) for k in last)
     grads = merge_pp([first, last], case["cfg"].llm.num_hidden_layers)
-    assert_matches_reference(terms, grads, tp1[0], megatron_to_reference(tp1[1], case["cfg"].llm),
-                             case["cfg"], "PP=2 vs single stage")  # fmt: skip
+    assert_matches_reference(
+        terms, grads, tp1[0], megatron_to_reference(tp1[1], case["cfg"].llm), case["cfg"], "PP=2 vs single stage"
+    )
     assert_matches_reference(terms, grads, case["ref_terms"], case["ref_grads"], case["cfg"], "PP=2 vs reference")
 
 

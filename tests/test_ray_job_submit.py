@@ -34,14 +34,29 @@ def head(tmp_path_factory):
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("ray CLI not installed")
     # token authentication on, with a token that only this test's head and client know
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    }
     env.pop("RAY_ADDRESS", None)
     temp = tmp_path_factory.mktemp("r", numbered=True)
     port, dash = free_port(), free_port()
-    start = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-             f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+    start = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--include-dashboard=true",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+    ]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     yield env, f"http://127.0.0.1:{dash}"
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
@@ -55,10 +70,34 @@ def test_ray_job_submit_tokenizes(head, tmp_path):
     torch.manual_seed(0)
     save_tokenizer(BinaryAutoencoder(cfg), cfg, tmp_path / "ae", name="tiny")
     text = build_chat_tokenizer([p["prompt"] for p in benchmark_prompts()], tmp_path / "text", vocab_size=400)
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-           "python", "-m", "data_pipeline.tokenize", "--source", "wds", "--input", str(tmp_path / "raw"),
-           "--output", str(tmp_path / "tokens"), "--tokenizer", str(tmp_path / "ae"), "--text-tokenizer", str(text),
-           "--parallel-num", "4", "--num-actors", "1", *[f"--size={h}x{w}" for h, w in sizes]]  # fmt: skip
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--",
+        "python",
+        "-m",
+        "data_pipeline.tokenize",
+        "--source",
+        "wds",
+        "--input",
+        str(tmp_path / "raw"),
+        "--output",
+        str(tmp_path / "tokens"),
+        "--tokenizer",
+        str(tmp_path / "ae"),
+        "--text-tokenizer",
+        str(text),
+        "--parallel-num",
+        "4",
+        "--num-actors",
+        "1",
+        *[f"--size={h}x{w}" for h, w in sizes],
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout

@@ -95,8 +95,12 @@ def test_geometry():
             assert a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1], f"objects touch in {s}"
         if s.kind == "relation":
             (ax, ay), (bx, by) = centre(s.objects[0]["bbox"]), centre(s.objects[1]["bbox"])
-            gaps = {"left of": (bx - ax, ay - by, w), "right of": (ax - bx, ay - by, w),
-                    "above": (by - ay, ax - bx, h), "below": (ay - by, ax - bx, h)}  # fmt: skip
+            gaps = {
+                "left of": (bx - ax, ay - by, w),
+                "right of": (ax - bx, ay - by, w),
+                "above": (by - ay, ax - bx, h),
+                "below": (ay - by, ax - bx, h),
+            }
             main_gap, off_gap, side = gaps[s.relation]
             assert main_gap >= 0.25 * side, s  # unambiguous: far apart along the relation's axis ...
             assert abs(off_gap) < main_gap, s  # ... and closer along the other one
@@ -192,9 +196,15 @@ def test_cli(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("size", "message"),
-    [("64", "expected HEIGHTxWIDTH"), ("64x", "expected HEIGHTxWIDTH"), ("axb", "expected HEIGHTxWIDTH"),
-     ("64x64x3", "expected HEIGHTxWIDTH"), ("8x64", "at least 16 px"), ("64x15", "at least 16 px")],
-)  # fmt: skip
+    [
+        ("64", "expected HEIGHTxWIDTH"),
+        ("64x", "expected HEIGHTxWIDTH"),
+        ("axb", "expected HEIGHTxWIDTH"),
+        ("64x64x3", "expected HEIGHTxWIDTH"),
+        ("8x64", "at least 16 px"),
+        ("64x15", "at least 16 px"),
+    ],
+)
 def test_cli_bad_size(tmp_path, size, message):
     with pytest.raises(SystemExit, match=message) as exc:
         main(["--out", str(tmp_path), "--num-samples", "1", "--size", size])

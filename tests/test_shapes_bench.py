@@ -61,8 +61,14 @@ def test_prompt_set_is_unique_deterministic_and_in_caption_language():
     assert [p["index"] for p in PROMPTS] == list(range(len(PROMPTS)))
     assert len({p["prompt"] for p in PROMPTS}) == len(PROMPTS)
     counts = {tag: sum(p["tag"] == tag for p in PROMPTS) for tag in TAGS}
-    assert counts == {"single_object": 9, "two_object": 12, "counting": 12, "colors": 9, "position": 12,
-                      "color_attr": 12}  # fmt: skip
+    assert counts == {
+        "single_object": 9,
+        "two_object": 12,
+        "counting": 12,
+        "colors": 9,
+        "position": 12,
+        "color_attr": 12,
+    }
     pairs = set()
     for p in PROMPTS:
         inc = p["include"]
@@ -177,14 +183,22 @@ def test_unchecked_attributes_are_ignored_and_reasons_name_the_error():
     swapped[0]["color"], swapped[1]["color"] = swapped[1]["color"], swapped[0]["color"]
     assert score_image(render_prompt(_with(position, include=swapped), rng), position)[0]
 
-    three = {"prompt": "three red circles", "tag": "counting", "relation": None,
-             "include": [{"shape": "circle", "color": "red", "count": 3}]}  # fmt: skip
+    three = {
+        "prompt": "three red circles",
+        "tag": "counting",
+        "relation": None,
+        "include": [{"shape": "circle", "color": "red", "count": 3}],
+    }
     two = _with(three, include=[{"shape": "circle", "color": "red", "count": 2}])
     ok, reason = score_image(render_prompt(two, rng), three)
     assert not ok and reason.startswith("expected 3 red circles, found 2"), reason
     objects = [{"shape": "square", "color": "blue", "count": 1}, {"shape": "circle", "color": "red", "count": 1}]
-    spec = {"prompt": "a blue square to the left of a red circle", "tag": "position", "include": objects,
-            "relation": {"subject": 0, "relation": "left of", "reference": 1}}  # fmt: skip
+    spec = {
+        "prompt": "a blue square to the left of a red circle",
+        "tag": "position",
+        "include": objects,
+        "relation": {"subject": 0, "relation": "left of", "reference": 1},
+    }
     flipped = _with(spec, relation=dict(spec["relation"], relation="right of"))
     ok, reason = score_image(render_prompt(flipped, rng), spec)
     assert not ok and reason.startswith("blue square is not left of red circle"), reason
@@ -196,8 +210,14 @@ def test_unchecked_attributes_are_ignored_and_reasons_name_the_error():
 
 
 def test_chance_level_matches_the_analytic_values():
-    analytic = {"single_object": 4 / 9, "two_object": 1 / 9, "counting": 1 / 108, "colors": 2 / 27,
-                "position": 1 / 36, "color_attr": 1 / 270}  # fmt: skip
+    analytic = {
+        "single_object": 4 / 9,
+        "two_object": 1 / 9,
+        "counting": 1 / 108,
+        "colors": 2 / 27,
+        "position": 1 / 36,
+        "color_attr": 1 / 270,
+    }
     n = 300
     chance = chance_level(n)
     assert chance == chance_level(n)
@@ -222,8 +242,12 @@ def _write_layout(root, plan: dict[int, list[bool]]) -> None:
 
 def test_score_folder(tmp_path):
     first = {tag: next(p["index"] for p in PROMPTS if p["tag"] == tag) for tag in TAGS}
-    plan = {first["single_object"]: [True] * 4, first["counting"]: [True, False, True, False],
-            first["position"]: [False] * 4, first["position"] + 1: [True] * 4}  # fmt: skip
+    plan = {
+        first["single_object"]: [True] * 4,
+        first["counting"]: [True, False, True, False],
+        first["position"]: [False] * 4,
+        first["position"] + 1: [True] * 4,
+    }
     _write_layout(tmp_path, plan)
     (tmp_path / "notes").mkdir()  # ignored: not an index folder
     result = score_folder(tmp_path, chance_samples=0)

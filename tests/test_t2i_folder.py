@@ -126,8 +126,25 @@ def test_t2i_sample_cli_writes_pngs(exported, tmp_path):
 
     _, out, _ = exported
     args = ["--model-dir", str(out), "--image-size", "16x48", "--image-size", "32x32", "--out", str(tmp_path / "s")]
-    main([*args, "--prompt", "a red circle", "--prompt", "two blue squares", "--height", "16", "--width", "48",
-          "--steps", "2", "--cfg-scale", "3", "--images-per-prompt", "2"])  # fmt: skip
+    main(
+        [
+            *args,
+            "--prompt",
+            "a red circle",
+            "--prompt",
+            "two blue squares",
+            "--height",
+            "16",
+            "--width",
+            "48",
+            "--steps",
+            "2",
+            "--cfg-scale",
+            "3",
+            "--images-per-prompt",
+            "2",
+        ]
+    )
     pngs = sorted(p.name for p in (tmp_path / "s").glob("*.png"))
     assert pngs == ["00000_0.png", "00000_1.png", "00001_0.png", "00001_1.png"]
     with pytest.raises(SystemExit, match="20x20"):

@@ -89,9 +89,19 @@ def setup(tmp_path_factory):
 
 
 def config(root, text, out, **kw):
-    base = dict(source="wds", input=str(root / "raw"), output=str(root / out), tokenizer=str(root / "ae"),
-                text_tokenizer=str(text), parallel_num=4, sizes=[(32, 32), (16, 64), (64, 16), (48, 24)],
-                batch_size=4, chunk_samples=5, num_actors=1, max_pixels=200 * 200)  # fmt: skip
+    base = dict(
+        source="wds",
+        input=str(root / "raw"),
+        output=str(root / out),
+        tokenizer=str(root / "ae"),
+        text_tokenizer=str(text),
+        parallel_num=4,
+        sizes=[(32, 32), (16, 64), (64, 16), (48, 24)],
+        batch_size=4,
+        chunk_samples=5,
+        num_actors=1,
+        max_pixels=200 * 200,
+    )
     base.update(kw)
     return TokenizeConfig(**base)
 
@@ -175,9 +185,17 @@ def test_imagenet_class_folders(setup, tmp_path):
             (tmp_path / "in" / wnid / f"img{i}.JPEG").write_bytes(png(50 + 10 * i, 40, color))
     index = tmp_path / "classes.json"
     index.write_text(json.dumps({"0": ["n0001", "red"], "1": ["n0002", "blue"]}))
-    cfg = TokenizeConfig(source="imagenet", input=str(tmp_path / "in"), output=str(tmp_path / "out"), mode="imagenet",
-                         tokenizer=str(root / "ae"), image_size=32, class_index=str(index), samples_per_shard=4,
-                         num_actors=1)  # fmt: skip
+    cfg = TokenizeConfig(
+        source="imagenet",
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "out"),
+        mode="imagenet",
+        tokenizer=str(root / "ae"),
+        image_size=32,
+        class_index=str(index),
+        samples_per_shard=4,
+        num_actors=1,
+    )
     manifest = run_tokenize(cfg)
     assert manifest["kind"] == "imagenet" and manifest["samples"] == 6 and len(manifest["shards"]) == 2
     recs = records_by_key(tmp_path / "out")

@@ -20,9 +20,19 @@ def test_tokenizer_trainer_improves_psnr_and_runs_the_gan(tmp_path):
     lpips_file = tmp_path / "lpips.pt"
     torch.manual_seed(0)
     torch.save(LPIPS().state_dict(), lpips_file)
-    cmd = [sys.executable, "-m", "training.tokenizer_trainer", "--config", "training/configs/tiny_tokenizer.yaml",
-           f"run_dir={tmp_path / 'run'}", f"data.data_dir={tmp_path / 'raw'}", "logging.wandb=disabled",
-           "schedule.total_steps=40", "model.disc_start=30", f"model.lpips_weights={lpips_file}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.tokenizer_trainer",
+        "--config",
+        "training/configs/tiny_tokenizer.yaml",
+        f"run_dir={tmp_path / 'run'}",
+        f"data.data_dir={tmp_path / 'raw'}",
+        "logging.wandb=disabled",
+        "schedule.total_steps=40",
+        "model.disc_start=30",
+        f"model.lpips_weights={lpips_file}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

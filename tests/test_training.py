@@ -28,12 +28,19 @@ def data(tmp_path_factory):
 def run(run_dir, data, *overrides, nproc=2, kind="t2i", env=None, check=True, timeout=600):
     config = REPO / "training" / "configs" / f"tiny_{kind}.yaml"
     data_dir = data["tokens"] if kind == "t2i" else data["c2i"]
-    args = [f"run_dir={run_dir}", f"data.data_dir={data_dir}", "logging.every=1", "logging.wandb=disabled",
-            "checkpoint.export_official=false", *overrides]  # fmt: skip
+    args = [
+        f"run_dir={run_dir}",
+        f"data.data_dir={data_dir}",
+        "logging.every=1",
+        "logging.wandb=disabled",
+        "checkpoint.export_official=false",
+        *overrides,
+    ]
     launcher = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     cmd = [*launcher, "-m", "training.train", "--config", str(config), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(proc.stdout[-3000:] + proc.stderr[-5000:])
     return proc
@@ -58,8 +65,9 @@ def test_two_processes_loss_falls(data, tmp_path):
 def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(data, tmp_path, kind, nproc, zero):
     common = ["schedule.total_steps=12", "checkpoint.every=5", f"engine.zero_stage={zero}"]
     run(tmp_path / "full", data, *common, kind=kind, nproc=nproc)
-    killed = run(tmp_path / "cut", data, *common, kind=kind, nproc=nproc, env={"BITDANCE_FAULT_KILL": "step:8"},
-                 check=False)  # fmt: skip
+    killed = run(
+        tmp_path / "cut", data, *common, kind=kind, nproc=nproc, env={"BITDANCE_FAULT_KILL": "step:8"}, check=False
+    )
     assert killed.returncode != 0
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == "step_00000005"
     resumed = run(tmp_path / "cut", data, *common, kind=kind, nproc=nproc)
@@ -103,8 +111,15 @@ def test_zero2_matches_zero0(data, tmp_path):
 
 
 def test_nan_step_is_skipped_and_counted(data, tmp_path):
-    run(tmp_path / "r", data, "schedule.total_steps=6", "schedule.warmup_steps=2", "checkpoint.every=0",
-        "fault_nan_at_step=2", "engine.zero_stage=2")  # fmt: skip
+    run(
+        tmp_path / "r",
+        data,
+        "schedule.total_steps=6",
+        "schedule.warmup_steps=2",
+        "checkpoint.every=0",
+        "fault_nan_at_step=2",
+        "engine.zero_stage=2",
+    )
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in rows}
     assert by_step[2]["skipped_steps"] == 0 and by_step[3]["skipped_steps"] == 1 and by_step[6]["skipped_steps"] == 1
@@ -119,9 +134,19 @@ def test_consecutive_nan_steps_stop_the_run(data, tmp_path):
 
 def test_sigterm_writes_a_checkpoint_and_exits_zero(data, tmp_path):
     config = REPO / "training" / "configs" / "tiny_t2i.yaml"
-    cmd = [sys.executable, "-m", "training.train", "--config", str(config), f"run_dir={tmp_path / 'r'}",
-           f"data.data_dir={data['tokens']}", "logging.every=1", "logging.wandb=disabled", "checkpoint.every=0",
-           "schedule.total_steps=100000"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.train",
+        "--config",
+        str(config),
+        f"run_dir={tmp_path / 'r'}",
+        f"data.data_dir={data['tokens']}",
+        "logging.every=1",
+        "logging.wandb=disabled",
+        "checkpoint.every=0",
+        "schedule.total_steps=100000",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "r" / "metrics.jsonl"
     deadline = time.time() + 300
@@ -151,11 +176,24 @@ def test_every_shipped_config_validates():
 
 
 def test_samples_export_wandb_offline_and_keep_last(data, tmp_path):
-    run(tmp_path / "r", data, "schedule.total_steps=4", "schedule.warmup_steps=1", "checkpoint.every=1",
-        "checkpoint.keep_last=2", "eval.sample_every=2", "eval.prompts=[a red circle,two blue squares]",
-        "eval.height=32", "eval.width=64", "eval.num_steps=2", f"model.image_tokenizer={data['ae']}",
-        f"model.text_tokenizer={data['text']}", "checkpoint.export_official=true", "logging.wandb=offline",
-        nproc=1)  # fmt: skip
+    run(
+        tmp_path / "r",
+        data,
+        "schedule.total_steps=4",
+        "schedule.warmup_steps=1",
+        "checkpoint.every=1",
+        "checkpoint.keep_last=2",
+        "eval.sample_every=2",
+        "eval.prompts=[a red circle,two blue squares]",
+        "eval.height=32",
+        "eval.width=64",
+        "eval.num_steps=2",
+        f"model.image_tokenizer={data['ae']}",
+        f"model.text_tokenizer={data['text']}",
+        "checkpoint.export_official=true",
+        "logging.wandb=offline",
+        nproc=1,
+    )
     r = tmp_path / "r"
     assert sorted(p.name for p in (r / "samples").glob("*.png")) == ["samples_00000002.png", "samples_00000004.png"]
     assert sorted(p.name for p in (r / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000004"]
@@ -180,8 +218,14 @@ def test_t2i_backbone_initialises_from_a_local_qwen3_folder(data, tmp_path):
     export_t2i_folder(model, text, load_tokenizer(data["ae"]), tmp_path / "hf")
     for name in ("vision_head_config.json", "vision_head.safetensors", "projector.safetensors"):
         (tmp_path / "hf" / name).unlink()  # what is left is a plain Hugging Face Qwen3 folder
-    run(tmp_path / "r", data, "schedule.total_steps=2", "schedule.warmup_steps=1", f"model.init_from={tmp_path / 'hf'}",
-        nproc=1)  # fmt: skip
+    run(
+        tmp_path / "r",
+        data,
+        "schedule.total_steps=2",
+        "schedule.warmup_steps=1",
+        f"model.init_from={tmp_path / 'hf'}",
+        nproc=1,
+    )
     from safetensors.torch import load_file
 
     trained = load_file(str(tmp_path / "r" / "checkpoints" / "step_00000002" / "model.safetensors"))

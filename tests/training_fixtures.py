@@ -19,8 +19,15 @@ def make_t2i_data(root: Path, samples: int = 96, parallel_num: int = 4) -> dict[
     torch.manual_seed(0)
     save_tokenizer(BinaryAutoencoder(cfg), cfg, root / "ae", name="tiny")
     text = build_chat_tokenizer([p["prompt"] for p in benchmark_prompts()], root / "text", vocab_size=400)
-    tok = TokenizeConfig(source="wds", input=str(root / "raw"), output=str(root / "tokens"), tokenizer=str(root / "ae"),
-                         text_tokenizer=str(text), parallel_num=parallel_num, sizes=[(32, 32), (32, 64)])  # fmt: skip
+    tok = TokenizeConfig(
+        source="wds",
+        input=str(root / "raw"),
+        output=str(root / "tokens"),
+        tokenizer=str(root / "ae"),
+        text_tokenizer=str(text),
+        parallel_num=parallel_num,
+        sizes=[(32, 32), (32, 64)],
+    )
     run_tokenize(tok, local=True)
     return {"tokens": root / "tokens", "ae": root / "ae", "text": text}
 
@@ -33,7 +40,14 @@ def make_c2i_data(root: Path, ae: Path, samples: int = 64) -> Path:
     for i in range(samples):
         color = [(220, 30, 30), (30, 200, 60), (40, 60, 230), (230, 210, 40)][i % 4]
         Image.new("RGB", (40, 40), color).save(root / "in" / f"n{i % 4:04d}" / f"{i}.png")
-    cfg = TokenizeConfig(source="imagenet", input=str(root / "in"), output=str(root / "tokens"), mode="imagenet",
-                         tokenizer=str(ae), image_size=32, samples_per_shard=16)  # fmt: skip
+    cfg = TokenizeConfig(
+        source="imagenet",
+        input=str(root / "in"),
+        output=str(root / "tokens"),
+        mode="imagenet",
+        tokenizer=str(ae),
+        image_size=32,
+        samples_per_shard=16,
+    )
     run_tokenize(cfg, local=True)
     return root / "tokens"

@@ -54,7 +54,7 @@ def rng_state() -> dict:
             "pos": int(np_state[2]),
             "has_gauss": int(np_state[3]),
             "cached": float(np_state[4]),
-        },  # fmt: skip
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -198,8 +198,11 @@ def _load_megatron(path: Path, engine, ema) -> tuple[dict, dict | None, dict]:
     if rank == 0:
         restart = "" if loader is not None else "; the data stream restarts (data-parallel size changed)"
         was = f"layout {section['layout']} on {trainer.get('world_size')} ranks"
-        print(f"{path} was written with {was}, this run has {engine.layout()}: weights and optimizer state "
-              f"resharded; RNG states start fresh{restart}", flush=True)  # fmt: skip
+        print(
+            f"{path} was written with {was}, this run has {engine.layout()}: weights and optimizer state "
+            f"resharded; RNG states start fresh{restart}",
+            flush=True,
+        )
     return trainer, loader, {}
 
 

@@ -164,8 +164,10 @@ def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
         return world_size
     model_parallel = cfg.parallel.tp * cfg.parallel.pp
     if world_size % model_parallel:
-        raise ValueError(f"world size {world_size} is not divisible by parallel.tp {cfg.parallel.tp} x parallel.pp "
-                         f"{cfg.parallel.pp}; launch a multiple of {model_parallel} processes")  # fmt: skip
+        raise ValueError(
+            f"world size {world_size} is not divisible by parallel.tp {cfg.parallel.tp} x parallel.pp "
+            f"{cfg.parallel.pp}; launch a multiple of {model_parallel} processes"
+        )
     return world_size // model_parallel
 
 
@@ -181,8 +183,10 @@ def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
     accum = cfg.data.global_batch // per_step
     p = cfg.parallel
     if cfg.engine.kind == "megatron" and p.virtual_pp is not None and accum % p.pp:
-        raise ValueError(f"the interleaved schedule (parallel.virtual_pp) needs micro-batches per step ({accum}) to be "
-                         f"a multiple of parallel.pp {p.pp}; change data.global_batch")  # fmt: skip
+        raise ValueError(
+            f"the interleaved schedule (parallel.virtual_pp) needs micro-batches per step ({accum}) to be "
+            f"a multiple of parallel.pp {p.pp}; change data.global_batch"
+        )
     return accum
 
 

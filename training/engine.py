@@ -155,7 +155,7 @@ class DeepSpeedEngine:
                 if f in base.state
                 else {}
                 for f in flats
-            ],  # fmt: skip
+            ],
             "fp32_partitions": [t.detach().clone() for t in flats],
             "param_shards": [p.ds_tensor.detach().clone() for p in self.module.parameters()],
         }

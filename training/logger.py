@@ -24,8 +24,9 @@ class RunLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = (self.run_dir / "metrics.jsonl").open("a")
-        self.bar = tqdm(total=cfg.schedule.total_steps, initial=start_step, desc="train", unit="step",
-                        dynamic_ncols=True)  # fmt: skip
+        self.bar = tqdm(
+            total=cfg.schedule.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+        )
         mode = cfg.logging.wandb
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
@@ -35,8 +36,15 @@ class RunLogger:
             id_file = self.run_dir / "wandb_id.txt"
             run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
-            self.wandb = wandb.init(project=cfg.logging.project, name=cfg.logging.run_name, id=run_id,
-                                    resume="allow", dir=str(self.run_dir), mode=mode, config=to_dict(cfg))  # fmt: skip
+            self.wandb = wandb.init(
+                project=cfg.logging.project,
+                name=cfg.logging.run_name,
+                id=run_id,
+                resume="allow",
+                dir=str(self.run_dir),
+                mode=mode,
+                config=to_dict(cfg),
+            )
 
     @property
     def wandb_dir(self) -> str | None:

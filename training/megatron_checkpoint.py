@@ -71,8 +71,11 @@ def _host_save_strategy():
         def save(self, sharded_state_dict, checkpoint_dir):
             flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
             planner = MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False)
-            dcp.save(mcore_to_pyt_state_dict(flat, False), storage_writer=dcp.FileSystemWriter(checkpoint_dir),
-                     planner=planner)  # fmt: skip
+            dcp.save(
+                mcore_to_pyt_state_dict(flat, False),
+                storage_writer=dcp.FileSystemWriter(checkpoint_dir),
+                planner=planner,
+            )
 
         def can_handle_sharded_objects(self):
             return True
@@ -126,8 +129,11 @@ def model_config_of(path: str | Path) -> T2IConfig:
 
 
 def megatron_section(cfg: T2IConfig, tp: int, pp: int, virtual_pp: int | None, dp: int | None, contents) -> dict:
-    return {"layout": {"tp": tp, "pp": pp, "virtual_pp": virtual_pp, "dp": dp}, "model": t2i_config_to_dict(cfg),
-            "contents": sorted(contents)}  # fmt: skip
+    return {
+        "layout": {"tp": tp, "pp": pp, "virtual_pp": virtual_pp, "dp": dp},
+        "model": t2i_config_to_dict(cfg),
+        "contents": sorted(contents),
+    }
 
 
 def check_layout(cfg: T2IConfig | Qwen3Config, tp: int, pp: int, virtual_pp: int | None = None) -> None:
@@ -298,8 +304,9 @@ def reference_from_hf(folder: Path, model_name: str, vocab_size: int | None, see
     return model
 
 
-def import_folder(src: Path, dst: Path, tp: int, pp: int, model_name: str | None = None,
-                  vocab_size: int | None = None, seed: int = 0) -> Path:  # fmt: skip
+def import_folder(
+    src: Path, dst: Path, tp: int, pp: int, model_name: str | None = None, vocab_size: int | None = None, seed: int = 0
+) -> Path:
     """Official T2I folder (`vision_head_config.json` present) or Hugging Face Qwen3 folder -> megatron checkpoint."""
     from models.megatron.mapping import reference_to_megatron
 
@@ -347,8 +354,9 @@ def export_folder(src: Path, dst: Path, text_tokenizer: Path, image_tokenizer: P
     if len(text_tok) > cfg.llm.vocab_size:
         raise CheckpointError(f"text tokenizer has {len(text_tok)} tokens but the model embeds {cfg.llm.vocab_size}")
     if image_tok.config.z_channels != cfg.latent_dim:
-        raise CheckpointError(f"image tokenizer makes {image_tok.config.z_channels}-bit tokens; the model predicts "
-                              f"{cfg.latent_dim}")  # fmt: skip
+        raise CheckpointError(
+            f"image tokenizer makes {image_tok.config.z_channels}-bit tokens; the model predicts {cfg.latent_dim}"
+        )
     state = single_process(load_full, src / DIST, f"{weights}.")
     return export_megatron_to_folder(state, cfg, text_tok, image_tok, dst, layout="te")
 

@@ -49,12 +49,19 @@ def parallel_config(cfg: TrainConfig) -> MegatronParallelConfig:
     p = cfg.parallel
     dtype = torch.bfloat16 if precision(cfg) == "bf16" else torch.float32
     return MegatronParallelConfig(
-        tp=p.tp, pp=p.pp, virtual_pp=p.virtual_pp, sequence_parallel=p.sequence_parallel,
-        transformer_impl=p.transformer_impl, fp8=p.fp8, fp8_recipe=p.fp8_recipe,
-        bf16_layers_at_start=p.bf16_layers_at_start, bf16_layers_at_end=p.bf16_layers_at_end,
-        recompute=cfg.model.activation_checkpointing, params_dtype=dtype,
+        tp=p.tp,
+        pp=p.pp,
+        virtual_pp=p.virtual_pp,
+        sequence_parallel=p.sequence_parallel,
+        transformer_impl=p.transformer_impl,
+        fp8=p.fp8,
+        fp8_recipe=p.fp8_recipe,
+        bf16_layers_at_start=p.bf16_layers_at_start,
+        bf16_layers_at_end=p.bf16_layers_at_end,
+        recompute=cfg.model.activation_checkpointing,
+        params_dtype=dtype,
         use_cpu_initialization=not torch.cuda.is_available(),
-    )  # fmt: skip
+    )
 
 
 def no_decay(param: torch.Tensor, name: str) -> bool:
@@ -65,8 +72,13 @@ def no_decay(param: torch.Tensor, name: str) -> bool:
 class MegatronEngine:
     kind = "megatron"
 
-    def __init__(self, cfg: TrainConfig, model_cfg: T2IConfig, reference: TextToImageBitDance | None = None,
-                 init_checkpoint: Path | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model_cfg: T2IConfig,
+        reference: TextToImageBitDance | None = None,
+        init_checkpoint: Path | None = None,
+    ):
         """Model chunks from megatron's own initialisation, or the weights of `reference` (a full model) or of a
         megatron checkpoint's model (`init_checkpoint`)."""
         from megatron.core import parallel_state, tensor_parallel
@@ -77,8 +89,11 @@ class MegatronEngine:
         ps = parallel_state
         if not ps.model_parallel_is_initialized():
             ps.initialize_model_parallel(p.tp, p.pp, p.virtual_pp)
-        elif (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-              ps.get_virtual_pipeline_model_parallel_world_size()) != (p.tp, p.pp, p.virtual_pp):  # fmt: skip
+        elif (
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_virtual_pipeline_model_parallel_world_size(),
+        ) != (p.tp, p.pp, p.virtual_pp):
             raise ValueError("megatron's model-parallel state is already initialised with another layout")
         self.ps = parallel_state
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -139,11 +154,19 @@ class MegatronEngine:
 
         o = self.cfg.optim
         config = OptimizerConfig(
-            optimizer="adam", lr=o.lr, min_lr=self.cfg.schedule.min_lr, weight_decay=o.weight_decay,
-            adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.grad_clip,
-            bf16=self.precision == "bf16", params_dtype=self.par.params_dtype, use_distributed_optimizer=True,
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=self.cfg.schedule.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.betas[0],
+            adam_beta2=o.betas[1],
+            adam_eps=o.eps,
+            clip_grad=o.grad_clip,
+            bf16=self.precision == "bf16",
+            params_dtype=self.par.params_dtype,
+            use_distributed_optimizer=True,
             loss_scale=1.0,  # a constant scaler of 1: megatron then checks gradients for inf/NaN and skips
-        )  # fmt: skip
+        )
         overrides = {ParamKey(with_name_predicate=ParamWithNamePredicate("no_decay", no_decay)): {"wd_mult": 0.0}}
         return get_megatron_optimizer(config, self.ddp, config_overrides=overrides)
 
@@ -190,10 +213,14 @@ class MegatronEngine:
             return model(next(data_iterator).to(self.device)), loss_func
 
         store = self.forward_backward(
-            forward_step_func=forward_step, data_iterator=[iter(micro) for _ in self.chunks], model=self.ddp,
-            num_microbatches=grad_accum, seq_length=max(b.input_ids.shape[1] for b in micro),
-            micro_batch_size=micro[0].input_ids.shape[0], forward_only=False,
-        )  # fmt: skip
+            forward_step_func=forward_step,
+            data_iterator=[iter(micro) for _ in self.chunks],
+            model=self.ddp,
+            num_microbatches=grad_accum,
+            seq_length=max(b.input_ids.shape[1] for b in micro),
+            micro_batch_size=micro[0].input_ids.shape[0],
+            forward_only=False,
+        )
         applied, grad_norm, _ = self.optimizer.step()
         values = self._from_last_stage(store, ["loss", *task.metric_names], grad_accum)
         result = StepResult(bool(applied), True, float(grad_norm) if applied else float("nan"))
@@ -203,8 +230,9 @@ class MegatronEngine:
     def _from_last_stage(self, store: list[dict], keys: list[str], n: int) -> dict[str, float]:
         """Means over the micro-batches of the values the last pipeline stage collected, on every rank of the pipeline
         (the other stages contribute zeros to a sum over the pipeline group)."""
-        values = torch.tensor([sum(float(s[k]) for s in store) / n for k in keys] if store else [0.0] * len(keys),
-                              dtype=torch.float64)  # fmt: skip
+        values = torch.tensor(
+            [sum(float(s[k]) for s in store) / n for k in keys] if store else [0.0] * len(keys), dtype=torch.float64
+        )
         if self.par.pp > 1:
             dist.all_reduce(values, group=self.ps.get_pipeline_model_parallel_group())
         return dict(zip(keys, values.tolist(), strict=True))

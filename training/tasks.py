@@ -70,8 +70,9 @@ class T2ITask(Task):
         self.manifest = load_manifest(Path(cfg.data.data_dir))
         text = self.manifest["text_tokens"]
         sizes = tuple(tuple(s) for s in self.manifest["identity"]["sizes"])
-        mcfg = get_t2i_config(cfg.model.name, attention=cfg.model.attention, image_sizes=sizes,
-                              downsample=self.manifest["downsample"])  # fmt: skip
+        mcfg = get_t2i_config(
+            cfg.model.name, attention=cfg.model.attention, image_sizes=sizes, downsample=self.manifest["downsample"]
+        )
         if mcfg.parallel_num != text["parallel_num"]:
             raise ValueError(
                 f"model {cfg.model.name} predicts P={mcfg.parallel_num} tokens but the data was tokenized for "
@@ -105,12 +106,16 @@ class T2ITask(Task):
             self.init_checkpoint = Path(src)
             ckpt_cfg = replace(model_config_of(src), attention=mcfg.attention, image_sizes=mcfg.image_sizes)
             if (ckpt_cfg.parallel_num, ckpt_cfg.latent_dim) != (mcfg.parallel_num, mcfg.latent_dim):
-                raise ValueError(f"checkpoint {src} predicts P={ckpt_cfg.parallel_num} {ckpt_cfg.latent_dim}-bit "
-                                 f"tokens; the data has P={mcfg.parallel_num}, {mcfg.latent_dim} bits")  # fmt: skip
+                raise ValueError(
+                    f"checkpoint {src} predicts P={ckpt_cfg.parallel_num} {ckpt_cfg.latent_dim}-bit "
+                    f"tokens; the data has P={mcfg.parallel_num}, {mcfg.latent_dim} bits"
+                )
             data_vocab = self.manifest["text_tokens"]["vocab_size"]
             if ckpt_cfg.llm.vocab_size < data_vocab:
-                raise ValueError(f"checkpoint {src} embeds {ckpt_cfg.llm.vocab_size} text tokens but the data uses "
-                                 f"{data_vocab}; re-import it with --vocab-size")  # fmt: skip
+                raise ValueError(
+                    f"checkpoint {src} embeds {ckpt_cfg.llm.vocab_size} text tokens but the data uses "
+                    f"{data_vocab}; re-import it with --vocab-size"
+                )
             return None, ckpt_cfg
         if src:
             device, self.device = self.device, torch.device("cpu")
@@ -145,10 +150,17 @@ class T2ITask(Task):
 
     def loader(self, rank: int, world: int) -> BinaryTokenLoader:
         d = self.cfg.data
-        lc = LoaderConfig(d.data_dir, kind="t2i", seed=self.cfg.seed, shuffle_buffer=d.shuffle_buffer,
-                          token_budget=d.token_budget, rows_per_batch=d.micro_batch,
-                          parallel_num=self.model_cfg.parallel_num, caption_dropout=d.caption_dropout,
-                          num_workers=d.num_workers)  # fmt: skip
+        lc = LoaderConfig(
+            d.data_dir,
+            kind="t2i",
+            seed=self.cfg.seed,
+            shuffle_buffer=d.shuffle_buffer,
+            token_budget=d.token_budget,
+            rows_per_batch=d.micro_batch,
+            parallel_num=self.model_cfg.parallel_num,
+            caption_dropout=d.caption_dropout,
+            num_workers=d.num_workers,
+        )
         return BinaryTokenLoader(lc, rank=rank, world_size=world)
 
     metric_names = ("loss/text_ce", "loss/vision")
@@ -214,8 +226,12 @@ class C2ITask(Task):
         self.cfg, self.device = cfg, device
         self.manifest = load_manifest(Path(cfg.data.data_dir))
         size = self.manifest["identity"]["image_size"]
-        mcfg = get_c2i_config(cfg.model.name, image_size=size, downsample=self.manifest["downsample"],
-                              latent_dim=self.manifest["bits_per_token"])  # fmt: skip
+        mcfg = get_c2i_config(
+            cfg.model.name,
+            image_size=size,
+            downsample=self.manifest["downsample"],
+            latent_dim=self.manifest["bits_per_token"],
+        )
         if cfg.model.init_from:
             from models.checkpoint_io import load_c2i_checkpoint
 
@@ -227,8 +243,14 @@ class C2ITask(Task):
 
     def loader(self, rank: int, world: int) -> BinaryTokenLoader:
         d = self.cfg.data
-        lc = LoaderConfig(d.data_dir, kind="imagenet", seed=self.cfg.seed, shuffle_buffer=d.shuffle_buffer,
-                          batch_size=d.micro_batch, num_workers=d.num_workers)  # fmt: skip
+        lc = LoaderConfig(
+            d.data_dir,
+            kind="imagenet",
+            seed=self.cfg.seed,
+            shuffle_buffer=d.shuffle_buffer,
+            batch_size=d.micro_batch,
+            num_workers=d.num_workers,
+        )
         return BinaryTokenLoader(lc, rank=rank, world_size=world)
 
     def step(self, forward, batch) -> StepOutput:

@@ -80,8 +80,9 @@ def train_tokenizer(cfg: TrainConfig) -> dict[str, float]:
         disc = DeepSpeedEngine(d, build_optimizer(d, cfg.optim), cfg, grad_accum)
     lpips = LPIPS.from_file(mc.lpips_weights).to(device) if mc.lpips_weights else None
     ema = EMA(g.module, cfg.ema_decay)
-    data = RawImageBatches(cfg.data.data_dir, cfg.data.image_size, cfg.data.micro_batch, rank, world, cfg.seed,
-                           cfg.data.holdout)  # fmt: skip
+    data = RawImageBatches(
+        cfg.data.data_dir, cfg.data.image_size, cfg.data.micro_batch, rank, world, cfg.seed, cfg.data.holdout
+    )
     step = 0
     resume = latest_checkpoint(cfg.run_dir) if cfg.checkpoint.resume == "auto" else None
     if resume is not None:
@@ -99,8 +100,16 @@ def train_tokenizer(cfg: TrainConfig) -> dict[str, float]:
 
     def checkpoint():
         extra = {"disc_model": disc.full_state_dict(), "disc_optimizer": disc.optimizer_state()} if disc else None
-        save_checkpoint(cfg.run_dir, step, g, ema, data.state_dict(), {"step": step, "config": to_dict(cfg)},
-                        cfg.checkpoint.keep_last, extra)  # fmt: skip
+        save_checkpoint(
+            cfg.run_dir,
+            step,
+            g,
+            ema,
+            data.state_dict(),
+            {"step": step, "config": to_dict(cfg)},
+            cfg.checkpoint.keep_last,
+            extra,
+        )
 
     batches = iter(data)
     last_layer = g.module.decoder.conv_out.weight

@@ -115,9 +115,11 @@ def train(cfg: TrainConfig) -> TrainerState:
     ema = EMA(engine.module, cfg.ema_decay)
     loader = task.loader(dp_rank, dp_size)
     state = TrainerState()
-    resume = None if cfg.checkpoint.resume == "none" else (
-        latest_checkpoint(cfg.run_dir) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
-    )  # fmt: skip
+    resume = (
+        None
+        if cfg.checkpoint.resume == "none"
+        else (latest_checkpoint(cfg.run_dir) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
+    )
     if resume is not None:
         trainer, loader_state, _ = load_checkpoint(resume, engine, ema)
         if loader_state is not None:
@@ -154,9 +156,15 @@ def train(cfg: TrainConfig) -> TrainerState:
             seconds = time.perf_counter() - start
             keys = sorted(metrics)
             means = mean_over_ranks([stats.loss, *[metrics[k] for k in keys]])
-            values = {"loss": means[0], **dict(zip(keys, means[1:], strict=True)), "lr": lr,
-                      "grad_norm": result.grad_norm, "skipped_steps": state.skipped_steps,
-                      "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds}  # fmt: skip
+            values = {
+                "loss": means[0],
+                **dict(zip(keys, means[1:], strict=True)),
+                "lr": lr,
+                "grad_norm": result.grad_norm,
+                "skipped_steps": state.skipped_steps,
+                "tokens_per_s": tokens / seconds,
+                "samples_per_s": samples / seconds,
+            }
             if cfg.logging.peak_tflops > 0:
                 values["mfu"] = flops_per_token * tokens / seconds / (cfg.logging.peak_tflops * 1e12 * world)
             final_step = state.step == cfg.schedule.total_steps

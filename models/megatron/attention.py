@@ -31,8 +31,16 @@ class BlockCausalMask:
 class BlockCausalCoreAttention(MegatronModule):
     """Core attention for `SelfAttentionSubmodules(core_attention=...)`: GQA over a `BlockCausalMask`."""
 
-    def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
-                 cp_comm_type=None, softmax_scale: float | None = None, pg_collection=None):  # fmt: skip
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type=None,
+        attention_type: str = "self",
+        cp_comm_type=None,
+        softmax_scale: float | None = None,
+        pg_collection=None,
+    ):
         super().__init__(config=config)
         if softmax_scale is not None:
             raise ValueError("BlockCausalCoreAttention uses the 1/sqrt(head_dim) scale; leave softmax_scale unset")
@@ -40,8 +48,9 @@ class BlockCausalCoreAttention(MegatronModule):
             raise ValueError("BlockCausalCoreAttention has no context parallelism; set context_parallel_size=1")
         self.layer_number = layer_number
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ) -> torch.Tensor:
         """q [s, b, Hq, d], k/v [s, b, Hkv, d] -> [s, b, Hq * d]."""
         if not isinstance(attention_mask, BlockCausalMask):
             raise TypeError(f"expected a BlockCausalMask as attention_mask, got {type(attention_mask).__name__}")

@@ -57,23 +57,32 @@ def _check_fp8(cfg: T2IConfig, par: MegatronParallelConfig) -> None:
     if par.fp8 is None:
         return
     if not transformer_engine_available():
-        raise ValueError("fp8 needs Transformer Engine, which is not importable here; install transformer-engine "
-                         "(the 'gpu' extra) or set fp8=None")  # fmt: skip
+        raise ValueError(
+            "fp8 needs Transformer Engine, which is not importable here; install transformer-engine "
+            "(the 'gpu' extra) or set fp8=None"
+        )
     if par.transformer_impl != "te":
         raise ValueError("fp8 runs only on Transformer Engine layers; set transformer_impl='te'")
     if par.fp8_recipe not in FP8_RECIPES:
         raise ValueError(f"unknown fp8_recipe {par.fp8_recipe!r}; choose one of {FP8_RECIPES}")
     m = cfg.llm
     align = 32 if par.fp8_recipe == "mxfp8" else 16
-    dims = {"hidden_size": m.hidden_size, "intermediate_size / tp": m.intermediate_size // par.tp,
-            "attention width / tp": m.num_attention_heads * m.head_dim // par.tp}  # fmt: skip
+    dims = {
+        "hidden_size": m.hidden_size,
+        "intermediate_size / tp": m.intermediate_size // par.tp,
+        "attention width / tp": m.num_attention_heads * m.head_dim // par.tp,
+    }
     for name, d in dims.items():
         if d % align:
-            raise ValueError(f"fp8 ({par.fp8_recipe}) needs sizes divisible by {align} but {name} is {d}; "
-                             "change the model size or tp, or set fp8=None")  # fmt: skip
+            raise ValueError(
+                f"fp8 ({par.fp8_recipe}) needs sizes divisible by {align} but {name} is {d}; "
+                "change the model size or tp, or set fp8=None"
+            )
     if par.fp8_recipe == "delayed" and (par.bf16_layers_at_start or par.bf16_layers_at_end):
-        raise ValueError("delayed-scaling fp8 cannot keep the first/last layers in BF16; use fp8_recipe='tensorwise' "
-                         "or set bf16_layers_at_start=bf16_layers_at_end=0")  # fmt: skip
+        raise ValueError(
+            "delayed-scaling fp8 cannot keep the first/last layers in BF16; use fp8_recipe='tensorwise' "
+            "or set bf16_layers_at_start=bf16_layers_at_end=0"
+        )
     per_stage = m.num_hidden_layers // par.pp
     for name in ("bf16_layers_at_start", "bf16_layers_at_end"):
         if not 0 <= getattr(par, name) <= per_stage:
@@ -81,8 +90,10 @@ def _check_fp8(cfg: T2IConfig, par: MegatronParallelConfig) -> None:
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         if (major, minor) < (8, 9):
-            raise ValueError(f"fp8 needs a GPU of compute capability >= 8.9 (Ada/Hopper) but this one is "
-                             f"{major}.{minor}; set fp8=None")  # fmt: skip
+            raise ValueError(
+                f"fp8 needs a GPU of compute capability >= 8.9 (Ada/Hopper) but this one is "
+                f"{major}.{minor}; set fp8=None"
+            )
 
 
 def validate_parallel(cfg: T2IConfig, par: MegatronParallelConfig) -> None:
@@ -95,24 +106,38 @@ def validate_parallel(cfg: T2IConfig, par: MegatronParallelConfig) -> None:
     if par.tp < 1 or par.pp < 1:
         raise ValueError(f"tp and pp must be >= 1, got tp={par.tp} pp={par.pp}")
     _divides("attention heads", m.num_attention_heads, par.tp, "tp", "choose tp dividing the number of heads")
-    _divides("query groups (KV heads)", m.num_key_value_heads, par.tp, "tp",
-             "choose tp dividing the number of KV heads")  # fmt: skip
-    _divides("vocabulary entries", m.vocab_size, par.tp, "tp",
-             "pad the vocabulary to a multiple of tp (TextToImageBitDance.resize_vocab)")  # fmt: skip
+    _divides(
+        "query groups (KV heads)", m.num_key_value_heads, par.tp, "tp", "choose tp dividing the number of KV heads"
+    )
+    _divides(
+        "vocabulary entries",
+        m.vocab_size,
+        par.tp,
+        "tp",
+        "pad the vocabulary to a multiple of tp (TextToImageBitDance.resize_vocab)",
+    )
     _divides("MLP channels", m.intermediate_size, par.tp, "tp", "choose tp dividing intermediate_size")
     _divides("layers", m.num_hidden_layers, par.pp, "pp", "choose pp dividing the number of layers")
     if par.virtual_pp is not None:
         if par.virtual_pp < 1 or par.pp < 2:
-            raise ValueError(f"virtual_pp={par.virtual_pp} needs pp >= 2 and virtual_pp >= 1; set pp > 1 or "
-                             "virtual_pp=None")  # fmt: skip
-        _divides("layers", m.num_hidden_layers, par.pp * par.virtual_pp, "pp * virtual_pp",
-                 "choose pp * virtual_pp dividing the number of layers")  # fmt: skip
+            raise ValueError(
+                f"virtual_pp={par.virtual_pp} needs pp >= 2 and virtual_pp >= 1; set pp > 1 or virtual_pp=None"
+            )
+        _divides(
+            "layers",
+            m.num_hidden_layers,
+            par.pp * par.virtual_pp,
+            "pp * virtual_pp",
+            "choose pp * virtual_pp dividing the number of layers",
+        )
     if par.sequence_parallel and par.tp == 1:
         raise ValueError("sequence_parallel needs tensor parallelism; set tp > 1 or sequence_parallel=False")
     _check_fp8(cfg, par)
     if par.transformer_impl == "te" and not transformer_engine_available():
-        raise ValueError("transformer_impl='te' needs Transformer Engine, which is not importable here; "
-                         "install transformer-engine (the 'gpu' extra) or set transformer_impl='local'")  # fmt: skip
+        raise ValueError(
+            "transformer_impl='te' needs Transformer Engine, which is not importable here; "
+            "install transformer-engine (the 'gpu' extra) or set transformer_impl='local'"
+        )
 
 
 def transformer_config(cfg: T2IConfig, par: MegatronParallelConfig):
@@ -124,9 +149,13 @@ def transformer_config(cfg: T2IConfig, par: MegatronParallelConfig):
     fp8 = {}
     if par.fp8 is not None:
         keep = par.bf16_layers_at_start + par.bf16_layers_at_end > 0
-        fp8 = dict(fp8=par.fp8, fp8_recipe=par.fp8_recipe, first_last_layers_bf16=keep,
-                   num_layers_at_start_in_bf16=par.bf16_layers_at_start,
-                   num_layers_at_end_in_bf16=par.bf16_layers_at_end)  # fmt: skip
+        fp8 = dict(
+            fp8=par.fp8,
+            fp8_recipe=par.fp8_recipe,
+            first_last_layers_bf16=keep,
+            num_layers_at_start_in_bf16=par.bf16_layers_at_start,
+            num_layers_at_end_in_bf16=par.bf16_layers_at_end,
+        )
     recompute = {}
     if par.recompute:
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)

@@ -77,8 +77,9 @@ def reference_to_megatron(state: State, cfg: Qwen3Config, layout: str = "local")
             out[dst + b] = state[src + a]
         q, k, v = (state[f"{src}self_attn.{n}_proj.weight"] for n in "qkv")
         out[dst + "self_attention.linear_qkv.weight"] = fuse_qkv(q, k, v, g, hd)
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat([state[src + "mlp.gate_proj.weight"],
-                                                        state[src + "mlp.up_proj.weight"]])  # fmt: skip
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat(
+            [state[src + "mlp.gate_proj.weight"], state[src + "mlp.up_proj.weight"]]
+        )
     for a, b in _TOP.items():
         out[b] = state[a]
     out.update({k: v for k, v in state.items() if k.startswith(_SAME_PREFIXES)})
@@ -95,8 +96,9 @@ def megatron_to_reference(state: State, cfg: Qwen3Config, layout: str = "local")
             out[dst + a] = state[src + b]
         qkv = state[src + "self_attention.linear_qkv.weight"]
         q, k, v = unfuse_qkv(qkv, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
-        out.update({f"{dst}self_attn.q_proj.weight": q, f"{dst}self_attn.k_proj.weight": k,
-                    f"{dst}self_attn.v_proj.weight": v})  # fmt: skip
+        out.update(
+            {f"{dst}self_attn.q_proj.weight": q, f"{dst}self_attn.k_proj.weight": k, f"{dst}self_attn.v_proj.weight": v}
+        )
         gate, up = state[src + "mlp.linear_fc1.weight"].chunk(2)
         out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
     for a, b in _TOP.items():
@@ -112,8 +114,10 @@ def _check_consumed(src: State, out: State, cfg: Qwen3Config, to_megatron: bool)
     expected = per_layer * cfg.num_hidden_layers + len(_TOP) + sum(k.startswith(_SAME_PREFIXES) for k in src)
     if len(src) != expected:
         direction = "reference -> megatron" if to_megatron else "megatron -> reference"
-        raise StateDictMismatchError(f"{direction}: state has {len(src)} tensors, a {cfg.num_hidden_layers}-layer "
-                                     f"model has {expected}; check num_hidden_layers and the layout")  # fmt: skip
+        raise StateDictMismatchError(
+            f"{direction}: state has {len(src)} tensors, a {cfg.num_hidden_layers}-layer "
+            f"model has {expected}; check num_hidden_layers and the layout"
+        )
 
 
 # ---- tensor parallelism -------------------------------------------------------------------------------------------
@@ -235,11 +239,16 @@ def load_model_state(module: torch.nn.Module, state: State) -> None:
     own = module.state_dict()
     tensors = {k: v for k, v in own.items() if not k.endswith("_extra_state")}
     missing, unexpected = sorted(tensors.keys() - state.keys()), sorted(state.keys() - tensors.keys())
-    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(tensors[k].shape)}"
-                    for k in tensors.keys() & state.keys() if state[k].shape != tensors[k].shape)  # fmt: skip
+    shapes = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(tensors[k].shape)}"
+        for k in tensors.keys() & state.keys()
+        if state[k].shape != tensors[k].shape
+    )
     if missing or unexpected or shapes:
-        raise StateDictMismatchError(f"state does not match {type(module).__name__}: missing {missing[:8]}, "
-                                     f"unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}")  # fmt: skip
+        raise StateDictMismatchError(
+            f"state does not match {type(module).__name__}: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}, shape mismatches {shapes[:8]}"
+        )
     extra = {k: v for k, v in own.items() if k.endswith("_extra_state")}
     module.load_state_dict({**state, **extra}, strict=True)
 
@@ -258,8 +267,10 @@ def reference_model_from_megatron(state: State, cfg: T2IConfig, layout: str = "l
     return model
 
 
-def export_megatron_to_folder(state: State, cfg: T2IConfig, text_tok, image_tok, out_dir: str | Path,
-                              layout: str = "local", **export_kw) -> Path:  # fmt: skip
+def export_megatron_to_folder(
+    state: State, cfg: T2IConfig, text_tok, image_tok, out_dir: str | Path, layout: str = "local", **export_kw
+) -> Path:
     """Write a full megatron state in the official T2I folder layout (loadable by `load_t2i_folder`)."""
-    return export_t2i_folder(reference_model_from_megatron(state, cfg, layout), text_tok, image_tok, out_dir,
-                             **export_kw)  # fmt: skip
+    return export_t2i_folder(
+        reference_model_from_megatron(state, cfg, layout), text_tok, image_tok, out_dir, **export_kw
+    )

@@ -53,8 +53,14 @@ from models.t2i_packing import IGNORE_INDEX, PackedT2IBatch
 
 
 class MegatronT2IBitDance(MegatronModule):
-    def __init__(self, cfg: T2IConfig, par: MegatronParallelConfig, pre_process: bool = True,
-                 post_process: bool = True, vp_stage: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: T2IConfig,
+        par: MegatronParallelConfig,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: int | None = None,
+    ):
         """One model chunk: `pre_process` / `post_process` mark the first / last chunk of the whole pipeline,
         `vp_stage` is the chunk's index on its pipeline rank under interleaving (None without)."""
         config = transformer_config(cfg, par)
@@ -64,10 +70,16 @@ class MegatronT2IBitDance(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.share_embeddings_and_output_weights = False  # read by megatron's finalize_model_grads
         m = cfg.llm
-        self.rotary_pos_emb = RotaryEmbedding(m.head_dim, rotary_percent=1.0, rotary_base=m.rope_theta,
-                                              use_cpu_initialization=True)  # fmt: skip
-        self.decoder = TransformerBlock(config, block_spec(config, par, vp_stage), pre_process=pre_process,
-                                        post_process=post_process, vp_stage=vp_stage)  # fmt: skip
+        self.rotary_pos_emb = RotaryEmbedding(
+            m.head_dim, rotary_percent=1.0, rotary_base=m.rope_theta, use_cpu_initialization=True
+        )
+        self.decoder = TransformerBlock(
+            config,
+            block_spec(config, par, vp_stage),
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
+        )
         tp_group, init = parallel_state.get_tensor_model_parallel_group(), config.init_method
         if pre_process:
             self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
@@ -115,12 +127,15 @@ class MegatronT2IBitDance(MegatronModule):
         `TextToImageBitDance.forward` (`head_t` / `head_noise` fix the diffusion draws, for tests)."""
         length = batch.input_ids.shape[1]
         if self.config.sequence_parallel and length % self.par.tp:
-            raise ValueError(f"sequence parallelism needs the packed length {length} to be a multiple of "
-                             f"tp={self.par.tp}; pad it with models.megatron.batch.pad_packed_batch")  # fmt: skip
+            raise ValueError(
+                f"sequence parallelism needs the packed length {length} to be a multiple of "
+                f"tp={self.par.tp}; pad it with models.megatron.batch.pad_packed_batch"
+            )
         mask = BlockCausalMask(batch.doc_ids, batch.block_ids, self.cfg.attention)
         hidden = self.embed(batch) if self.pre_process else None
-        hidden = self.decoder(hidden_states=hidden, attention_mask=mask,
-                              rotary_pos_emb=self.rotary_freqs(batch.position_ids))  # fmt: skip
+        hidden = self.decoder(
+            hidden_states=hidden, attention_mask=mask, rotary_pos_emb=self.rotary_freqs(batch.position_ids)
+        )
         if not self.post_process:
             return hidden
         return self.loss(hidden, batch, head_t, head_noise)

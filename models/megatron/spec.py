@@ -39,8 +39,10 @@ def layer_spec(par: MegatronParallelConfig) -> ModuleSpec:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
         layer = replace(spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm)
         attn = layer.self_attention
-        layer = replace(layer, self_attention=replace(attn, submodules=replace(
-            attn.submodules, q_layernorm=RMSNorm, k_layernorm=RMSNorm)))  # fmt: skip
+        layer = replace(
+            layer,
+            self_attention=replace(attn, submodules=replace(attn.submodules, q_layernorm=RMSNorm, k_layernorm=RMSNorm)),
+        )
     attn = layer.self_attention
     attn = replace(attn, submodules=replace(attn.submodules, core_attention=BlockCausalCoreAttention))
     return replace(spec, submodules=replace(layer, self_attention=attn))

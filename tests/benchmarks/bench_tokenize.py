@@ -50,11 +50,21 @@ def main() -> None:
         write_shapes_dataset(root / "raw", args.samples, sizes=sizes, samples_per_shard=args.per_shard)
         ae_cfg = get_tokenizer_config("tiny")
         save_tokenizer(BinaryAutoencoder(ae_cfg), ae_cfg, root / "ae", name="tiny")
-        text = build_chat_tokenizer(["a red circle to the left of a blue square", "two green triangles"],
-                                    root / "text", vocab_size=400)  # fmt: skip
-        cfg = TokenizeConfig(source="wds", input=str(root / "raw"), output=str(root / "bare"),
-                             tokenizer=str(root / "ae"), text_tokenizer=str(text), parallel_num=4, sizes=sizes,
-                             batch_size=args.batch_size, num_actors=1, num_cpus=2)  # fmt: skip
+        text = build_chat_tokenizer(
+            ["a red circle to the left of a blue square", "two green triangles"], root / "text", vocab_size=400
+        )
+        cfg = TokenizeConfig(
+            source="wds",
+            input=str(root / "raw"),
+            output=str(root / "bare"),
+            tokenizer=str(root / "ae"),
+            text_tokenizer=str(text),
+            parallel_num=4,
+            sizes=sizes,
+            batch_size=args.batch_size,
+            num_actors=1,
+            num_cpus=2,
+        )
 
         start = time.perf_counter()
         n_bare = run_tokenize(cfg, local=True)["samples"]
@@ -69,10 +79,14 @@ def main() -> None:
         ray_rate = manifest["samples"] / (time.perf_counter() - start)
         ray.shutdown()
         bare_s, ray_s = steady_rate(root / "bare"), steady_rate(root / "ray")
-        print(f"\ntokenize, end to end: bare loop {bare:.1f} images/s ({n_bare} images), Ray job {ray_rate:.1f} "
-              f"images/s (incl. actor start-up), ratio {bare / ray_rate:.2f}")  # fmt: skip
-        print(f"tokenize, steady state (after the first shard): bare loop {bare_s:.1f} images/s, Ray job "
-              f"{ray_s:.1f} images/s, Ray overhead {100 * (bare_s / ray_s - 1):+.1f}% (target <= 15%)")  # fmt: skip
+        print(
+            f"\ntokenize, end to end: bare loop {bare:.1f} images/s ({n_bare} images), Ray job {ray_rate:.1f} "
+            f"images/s (incl. actor start-up), ratio {bare / ray_rate:.2f}"
+        )
+        print(
+            f"tokenize, steady state (after the first shard): bare loop {bare_s:.1f} images/s, Ray job "
+            f"{ray_s:.1f} images/s, Ray overhead {100 * (bare_s / ray_s - 1):+.1f}% (target <= 15%)"
+        )
 
         tiny = get_t2i_config("tiny-4x", attention="dense")
         vocab = load_manifest(root / "ray")["text_tokens"]["vocab_size"]
@@ -94,9 +108,11 @@ def main() -> None:
             model(batch).loss.backward()
             opt.step()
         train_s = time.perf_counter() - start
-        print(f"loader: {samples / load_s:.1f} samples/s (1 worker, incl. start-up); tiny T2I training consumes "
-              f"{samples / train_s:.1f} samples/s -> loader is {train_s / load_s:.1f}x faster than needed; "
-              f"row fill {loader.stats()['fill_ratio']:.3f}")  # fmt: skip
+        print(
+            f"loader: {samples / load_s:.1f} samples/s (1 worker, incl. start-up); tiny T2I training consumes "
+            f"{samples / train_s:.1f} samples/s -> loader is {train_s / load_s:.1f}x faster than needed; "
+            f"row fill {loader.stats()['fill_ratio']:.3f}"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

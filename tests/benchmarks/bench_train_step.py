@@ -48,8 +48,9 @@ def main() -> None:
         cfg = replace(cfg, llm=replace(cfg.llm, vocab_size=manifest["text_tokens"]["vocab_size"]))
         torch.manual_seed(0)
         model = TextToImageBitDance(cfg).train()
-        loader = BinaryTokenLoader(LoaderConfig(data["tokens"], parallel_num=4, token_budget=2048, num_workers=0),
-                                   rank=0, world_size=1)  # fmt: skip
+        loader = BinaryTokenLoader(
+            LoaderConfig(data["tokens"], parallel_num=4, token_budget=2048, num_workers=0), rank=0, world_size=1
+        )
         batches = [b for _, b in zip(range(args.steps + 1), loader, strict=False)]
         ae = load_tokenizer(data["ae"])
         shapes = [torch.rand(3, 32, 32) * 2 - 1, torch.rand(3, 32, 64) * 2 - 1]  # the dataset's two image sizes
@@ -75,8 +76,10 @@ def main() -> None:
             opt.step()
 
         online = timed(step_online, args.steps)
-        print(f"step time: pre-tokenized {pre * 1e3:.1f} ms, online encoding {online * 1e3:.1f} ms "
-              f"-> online is {online / pre:.2f}x slower (tiny tokenizer; d16c32 costs far more)")  # fmt: skip
+        print(
+            f"step time: pre-tokenized {pre * 1e3:.1f} ms, online encoding {online * 1e3:.1f} ms "
+            f"-> online is {online / pre:.2f}x slower (tiny tokenizer; d16c32 costs far more)"
+        )
 
         from training.config import load_config
         from training.engine import DeepSpeedEngine, init_distributed
@@ -108,8 +111,10 @@ def main() -> None:
             opt3.step()
 
         bare = timed(step_bare, args.steps)
-        print(f"step time: DeepSpeed engine {ds * 1e3:.1f} ms, bare PyTorch {bare * 1e3:.1f} ms "
-              f"-> engine overhead {100 * (ds / bare - 1):+.1f}%")  # fmt: skip
+        print(
+            f"step time: DeepSpeed engine {ds * 1e3:.1f} ms, bare PyTorch {bare * 1e3:.1f} ms "
+            f"-> engine overhead {100 * (ds / bare - 1):+.1f}%"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
