@@ -4,7 +4,7 @@ Each stage runs a real entry point exactly as a user runs it on a cluster (a sub
 
   data       python -m data_pipeline.shapes                     captioned 32x32 shape scenes as webdataset tars
   tokenizer  torchrun --nproc-per-node N -m training.tokenizer_trainer   tiny binary tokenizer, DeepSpeed engine
-  text       models.text_tokenizer.build_chat_tokenizer         small BPE with the Qwen3 special tokens
+  text       models.t2i.text_tokenizer.build_chat_tokenizer         small BPE with the Qwen3 special tokens
   tokenize   python -m data_pipeline.tokenize                   Ray Data job on a local Ray -> binary-token shards
   train      torchrun --nproc-per-node N -m training.train      tiny text-to-image BitDance, P=4, DeepSpeed
   sample     torchrun --nproc-per-node N -m eval.generate       the shapes-benchmark prompts
@@ -171,7 +171,7 @@ def run_tokenizer(cfg: DemoConfig, out: Path) -> dict:
 def run_text(cfg: DemoConfig, out: Path) -> dict:
     from data_pipeline.shapes import sample_scene
     from eval.shapes_bench import shapes_prompts
-    from models.text_tokenizer import build_chat_tokenizer
+    from models.t2i.text_tokenizer import build_chat_tokenizer
 
     sizes = ((cfg.image_size, cfg.image_size),)
     corpus = [sample_scene(i, cfg.seed, sizes).caption for i in range(min(cfg.samples, 2000))]
@@ -181,7 +181,7 @@ def run_text(cfg: DemoConfig, out: Path) -> dict:
 
 
 def _parallel_num(cfg: DemoConfig) -> int:
-    from models.bitdance_t2i import get_t2i_config
+    from models.t2i.model import get_t2i_config
 
     name = OmegaConf.load(cfg.t2i_config).model.name
     return get_t2i_config(name).parallel_num

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from models.bitdance_t2i import T2IConfig, get_t2i_config, t2i_head_config
-from models.megatron.batch import pad_packed_batch
-from models.qwen3 import get_qwen3_config
-from models.t2i_packing import IGNORE_INDEX, PackedT2IBatch, T2ISample, pack_rows, sample_length
+from models.t2i.megatron.batch import pad_packed_batch
+from models.t2i.model import T2IConfig, get_t2i_config, t2i_head_config
+from models.t2i.packing import IGNORE_INDEX, PackedT2IBatch, T2ISample, pack_rows, sample_length
+from models.t2i.qwen3 import get_qwen3_config
 
 H200_BF16_PEAK_TFLOPS = 989.0  # dense BF16 tensor-core peak of an H100/H200 SXM (no sparsity)
 FIRST_TEXT_ID = 100  # synthetic text ids are drawn from [FIRST_TEXT_ID, vocab); special ids sit below
@@ -105,7 +105,7 @@ def synthetic_batch(cfg: T2IConfig, seq_len: int, rows: int = 1, seed: int = 0) 
 
 def mask_pairs(doc_ids: torch.Tensor, block_ids: torch.Tensor, chunk: int = 1024) -> int:
     """(query, key) pairs the block-causal mask allows: same document, key block <= query block (as
-    `models.attention.dense_block_causal_mask`), counted over query chunks to bound memory."""
+    `models.core.attention.dense_block_causal_mask`), counted over query chunks to bound memory."""
     total = 0
     for s in range(0, doc_ids.shape[1], chunk):
         dq, bq = doc_ids[:, s : s + chunk, None], block_ids[:, s : s + chunk, None]
@@ -192,7 +192,7 @@ def init_megatron() -> None:
 def build_model(cfg: T2IConfig, par):
     from megatron.core.enums import ModelType
 
-    from models.megatron.model import MegatronT2IBitDance
+    from models.t2i.megatron.model import MegatronT2IBitDance
 
     model = MegatronT2IBitDance(cfg, par).cuda()
     model.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
@@ -227,7 +227,7 @@ def env_section() -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    from models.megatron.config import transformer_engine_available
+    from models.t2i.megatron.config import transformer_engine_available
 
     props = torch.cuda.get_device_properties(0)
     return dict(
@@ -250,7 +250,7 @@ def schedule_section(micro: int = 3) -> dict:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from models.megatron.config import MegatronParallelConfig
+    from models.t2i.megatron.config import MegatronParallelConfig
 
     cfg = replace(get_t2i_config("tiny-16x"), attention="dense")
     torch.manual_seed(0)
@@ -338,7 +338,7 @@ def _qkv(batch: int, seq: int, heads: int, kv_heads: int, dim: int, dtype, seed:
 
 
 def _fwd_bwd(leaves, views, mask, grad_out):
-    from models.attention import attend
+    from models.core.attention import attend
 
     for t in leaves:
         t.grad = None
@@ -348,9 +348,9 @@ def _fwd_bwd(leaves, views, mask, grad_out):
 
 
 def attention_section(cfg: T2IConfig, seq: int, iters: int, fp32_seq: int) -> dict:
-    """FlexAttention BlockMask vs dense boolean-mask SDPA through `models.attention.attend` (the model's GQA shape,
+    """FlexAttention BlockMask vs dense boolean-mask SDPA through `models.core.attention.attend` (the model's GQA shape,
     bf16) on one synthetic packed row; equality vs each other and an fp32 dense reference; fp32 flex == dense."""
-    from models.attention import attend, build_mask
+    from models.core.attention import attend, build_mask
 
     m = cfg.llm
     heads, kv_heads, dim = m.num_attention_heads, m.num_key_value_heads, m.head_dim
@@ -427,7 +427,7 @@ def attention_section(cfg: T2IConfig, seq: int, iters: int, fp32_seq: int) -> di
 
 
 def _fp32_equality(cfg: T2IConfig, seq: int) -> dict:
-    from models.attention import build_mask
+    from models.core.attention import build_mask
 
     batch = synthetic_batch(cfg, seq, rows=2, seed=8).to("cuda")
     leaves, views = _qkv(2, seq, 4, 2, 64, torch.float32, seed=2)
@@ -576,7 +576,7 @@ def train_section(cfg: T2IConfig, par, seq: int, steps: int, micro: int, peak_tf
 
 
 def fp8_section(cfg: T2IConfig, seq: int, steps: int, micro: int, peak_tflops: float) -> dict:
-    from models.megatron.config import MegatronParallelConfig, transformer_engine_available
+    from models.t2i.megatron.config import MegatronParallelConfig, transformer_engine_available
 
     if not transformer_engine_available():
         return dict(skipped="transformer_engine not installed")
@@ -735,7 +735,7 @@ def main(argv=None) -> int:
         report["megatron_init_error"] = f"{type(e).__name__}: {e}"
     run("schedule", schedule_section)
     run("attention", lambda: attention_section(cfg, seq, iters=10, fp32_seq=1024 if args.quick else 2048))
-    from models.megatron.config import MegatronParallelConfig
+    from models.t2i.megatron.config import MegatronParallelConfig
 
     run("train", lambda: train_section(cfg, MegatronParallelConfig(), seq, steps, micro, args.peak_tflops))
     run("fp8", lambda: fp8_section(cfg, seq, max(2, steps - 2), micro, args.peak_tflops))

@@ -32,7 +32,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.shard_format import TokenRecord, load_manifest, record_from_members
-from models.t2i_packing import PackedT2IBatch, T2ISample, pack_rows, sample_length
+from models.t2i.packing import PackedT2IBatch, T2ISample, pack_rows, sample_length
 
 log = logging.getLogger(__name__)
 

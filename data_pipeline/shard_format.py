@@ -1,7 +1,7 @@
 """The binary-token shard format: webdataset tars of packed bits + metadata, and the dataset manifest.
 
 One output shard per input shard, named `<input shard stem>.tar`. Each sample has two members:
-  `<key>.bits`  packed token bits, uint8, row-major [h * w, C / 8] in raster order (bit order: `models/bits.py`)
+  `<key>.bits`  packed token bits, uint8, row-major [h * w, C / 8] in raster order (bit order: `models/core/bits.py`)
   `<key>.json`  {"h", "w", "bits_per_token", "text_ids", "caption", "source_key", "label", "image_hw"}
 The key is `<shard stem>-<index in the input shard:06d>`, so it is deterministic and unique in the dataset.
 Beside the shards: `<stem>.stats.json` per shard, `manifest.json` and `errors.jsonl` per dataset.
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.bits import pack_bits, unpack_bits
+from models.core.bits import pack_bits, unpack_bits
 
 FORMAT = "bitdance-binary-tokens/v1"
 MANIFEST = "manifest.json"

@@ -48,9 +48,9 @@ from data_pipeline.shard_format import (
     write_shard_atomic,
 )
 from data_pipeline.sources import SOURCE_KINDS, InputShard, SourceConfig, iter_samples, list_shards
-from models.bitdance_t2i import OFFICIAL_IMAGE_SIZES
-from models.tokenizer import images_to_tensor
-from models.tokenizer_io import load_tokenizer
+from models.t2i.model import OFFICIAL_IMAGE_SIZES
+from models.tokenizer.io import load_tokenizer
+from models.tokenizer.model import images_to_tensor
 
 CONFIG_FILE = "tokenize_config.json"
 CHUNK_BYTES = 128 * 2**20  # decoded pixels per chunk handed from stage 1 to stage 2
@@ -105,7 +105,7 @@ def _file_digest(path: Path) -> str:
 
 @functools.cache
 def _text_tokenizer(path: str, parallel_num: int):
-    from models.text_tokenizer import T2ITextTokenizer
+    from models.t2i.text_tokenizer import T2ITextTokenizer
 
     return T2ITextTokenizer.from_folder(path, parallel_num)
 

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from models.head_sampler import randn_rows
-from models.tokenizer import tensor_to_images
+from models.core.head_sampler import randn_rows
+from models.tokenizer.model import tensor_to_images
 
 SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "eval_prompts"
 TASKS = ("geneval", "dpg", "shapes", "imagenet")
@@ -110,14 +110,14 @@ class Generator:
     def __init__(self, args: argparse.Namespace, device: torch.device):
         self.args, self.device = args, device
         if args.task == "imagenet":
-            from models.bitdance_c2i import get_c2i_config
-            from models.checkpoint_io import load_c2i_checkpoint
+            from models.c2i.io import load_c2i_checkpoint
+            from models.c2i.model import get_c2i_config
 
             self.model, self.ae = load_c2i_checkpoint(
                 args.model, get_c2i_config(args.model_config), tokenizer_path=args.tokenizer
             )
         else:
-            from models.t2i_io import load_t2i_folder
+            from models.t2i.io import load_t2i_folder
 
             sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.image_size] if args.image_size else None
             self.model, self.text, self.ae = load_t2i_folder(args.model, image_sizes=sizes, device=str(device))
@@ -130,12 +130,12 @@ class Generator:
         gens = [torch.Generator(device=self.device).manual_seed(image_seed(a.seed, j.index, k)) for j, k in pairs]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             if a.task == "imagenet":
-                from models.c2i_sampler import sample_class_conditional
+                from models.c2i.sampler import sample_class_conditional
 
                 labels = torch.tensor([j.label for j, _ in pairs], device=self.device)
                 bits = sample_class_conditional(self.model, labels, a.steps, a.cfg_scale, a.cfg_schedule, gens)
             else:
-                from models.t2i_sampler import sample_t2i
+                from models.t2i.sampler import sample_t2i
 
                 bits = sample_t2i(
                     self.model,

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from models.bitdance_c2i import get_c2i_config
-from models.c2i_sampler import CFG_SCHEDULES, sample_class_conditional
-from models.checkpoint_io import load_c2i_checkpoint
-from models.tokenizer import tensor_to_images
+from models.c2i.io import load_c2i_checkpoint
+from models.c2i.model import get_c2i_config
+from models.c2i.sampler import CFG_SCHEDULES, sample_class_conditional
+from models.tokenizer.model import tensor_to_images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

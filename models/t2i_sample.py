@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from models.t2i_io import load_t2i_folder
-from models.t2i_sampler import sample_t2i
-from models.tokenizer import tensor_to_images
+from models.t2i.io import load_t2i_folder
+from models.t2i.sampler import sample_t2i
+from models.tokenizer.model import tensor_to_images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import torch
 from test_megatron_model import make_case
 
-from models.megatron.mapping import megatron_to_reference, merge_tp, model_state
+from models.t2i.megatron.mapping import megatron_to_reference, merge_tp, model_state
 from training.config import TrainConfig, load_config
 from training.tasks import T2ITask
 
@@ -40,7 +40,7 @@ def case_file(path, vocab_size: int | None = None, num_layers: int | None = None
     vocabulary (room for a real T2I tokenizer's added tokens), `num_layers` deepens the backbone (fresh weights)."""
     cfg, ref, batch, head_t, head_noise = make_case()
     if num_layers is not None:
-        from models.bitdance_t2i import TextToImageBitDance
+        from models.t2i.model import TextToImageBitDance
 
         torch.manual_seed(1)
         ref = TextToImageBitDance(replace(cfg, llm=replace(cfg.llm, num_hidden_layers=num_layers)))
@@ -54,7 +54,7 @@ def load_case(path) -> dict:
 
 
 def reference_model(case: dict):
-    from models.bitdance_t2i import TextToImageBitDance
+    from models.t2i.model import TextToImageBitDance
 
     model = TextToImageBitDance(case["cfg"])
     model.load_state_dict(case["ref"])

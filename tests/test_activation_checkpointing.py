@@ -4,9 +4,9 @@ from dataclasses import replace
 
 import torch
 
-from models.bitdance_c2i import ClassConditionalBitDance, get_c2i_config
-from models.bitdance_t2i import TextToImageBitDance, get_t2i_config
-from models.t2i_packing import T2ISample, pack_rows
+from models.c2i.model import ClassConditionalBitDance, get_c2i_config
+from models.t2i.model import TextToImageBitDance, get_t2i_config
+from models.t2i.packing import T2ISample, pack_rows
 from training.activation_checkpointing import apply_activation_checkpointing
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.bits import pack_bits, sign_quantize, sign_quantize_ste, unpack_bits
+from models.core.bits import pack_bits, sign_quantize, sign_quantize_ste, unpack_bits
 
 
 @pytest.mark.parametrize("num_bits", [8, 16, 32, 256])

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from models.bitdance_c2i import ClassConditionalBitDance, flip_bits, get_c2i_config
-from models.c2i_sampler import cfg_at_step, sample_class_conditional
-from models.patch_order import to_patch_raster
-from models.rope import apply_rope, rope_2d_angles
+from models.c2i.model import ClassConditionalBitDance, get_c2i_config
+from models.c2i.sampler import cfg_at_step, sample_class_conditional
+from models.core.bits import flip_bits
+from models.core.patch_order import to_patch_raster
+from models.core.rope import apply_rope, rope_2d_angles
 
 
 def tiny(P=1, **kw):

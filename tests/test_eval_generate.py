@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models.bitdance_t2i import TextToImageBitDance, get_t2i_config
-from models.t2i_io import export_t2i_folder
-from models.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer
-from models.tokenizer import BinaryAutoencoder, get_tokenizer_config
+from models.t2i.io import export_t2i_folder
+from models.t2i.model import TextToImageBitDance, get_t2i_config
+from models.t2i.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer
+from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -121,8 +121,8 @@ def test_shapes_generation_scoring_and_report(folder, tmp_path):
 
 @pytest.mark.slow
 def test_imagenet_npz_has_the_adm_layout(tmp_path):
-    from models.bitdance_c2i import ClassConditionalBitDance, get_c2i_config
-    from models.checkpoint_io import save_c2i_checkpoint
+    from models.c2i.io import save_c2i_checkpoint
+    from models.c2i.model import ClassConditionalBitDance, get_c2i_config
 
     ckpt = tmp_path / "c2i.pt"
     torch.manual_seed(0)

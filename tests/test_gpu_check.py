@@ -17,9 +17,9 @@ from cluster.gpu_check import (
     mask_pairs,
     synthetic_batch,
 )
-from models.attention import dense_block_causal_mask
-from models.bitdance_t2i import TextToImageBitDance, get_t2i_config
-from models.t2i_packing import T2ISample, pack_rows
+from models.core.attention import dense_block_causal_mask
+from models.t2i.model import TextToImageBitDance, get_t2i_config
+from models.t2i.packing import T2ISample, pack_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,8 +132,8 @@ def test_param_counts_cover_the_megatron_model():
     sys.path.insert(0, str(ROOT / "tests"))
     from megatron_cpu import megatron_in_process
 
-    from models.megatron.config import MegatronParallelConfig
-    from models.megatron.model import MegatronT2IBitDance
+    from models.t2i.megatron.config import MegatronParallelConfig
+    from models.t2i.megatron.model import MegatronT2IBitDance
 
     with megatron_in_process():
         par = MegatronParallelConfig(params_dtype=torch.float32, use_cpu_initialization=True)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from models.diffusion_head import BinaryDiffusionHead, HeadConfig, shift_time, timestep_features
-from models.head_sampler import euler_maruyama
+from models.core.diffusion_head import BinaryDiffusionHead, HeadConfig, shift_time, timestep_features
+from models.core.head_sampler import euler_maruyama
 
 
 def _cfg(**kw):

@@ -10,7 +10,7 @@ import torch
 
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig, ManifestTokenIds, greedy_rows
 from data_pipeline.shard_format import FORMAT, MANIFEST, TokenRecord, write_shard_atomic
-from models.t2i_packing import PackedT2IBatch
+from models.t2i.packing import PackedT2IBatch
 
 C = 16  # bits per token of the tiny tokenizer
 P = 4
@@ -175,7 +175,7 @@ def test_imagenet_mixed_sizes_raise(tmp_path):
 
 
 def test_t2i_batch_runs_through_the_tiny_model(t2i_dir):
-    from models.bitdance_t2i import TextToImageBitDance, get_t2i_config
+    from models.t2i.model import TextToImageBitDance, get_t2i_config
 
     cfg = get_t2i_config("tiny-4x", attention="dense")
     assert cfg.llm.vocab_size > 500

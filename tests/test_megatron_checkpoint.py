@@ -26,12 +26,12 @@ from megatron_train_case import (  # noqa: E402
 )
 from safetensors.torch import load_file  # noqa: E402
 
-from models.bitdance_t2i import TextToImageBitDance, get_t2i_config  # noqa: E402
-from models.megatron.mapping import megatron_to_reference, merge_tp  # noqa: E402
-from models.t2i_io import export_t2i_folder, load_t2i_folder  # noqa: E402
-from models.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer  # noqa: E402
-from models.tokenizer import BinaryAutoencoder, get_tokenizer_config  # noqa: E402
-from models.tokenizer_io import save_tokenizer  # noqa: E402
+from models.t2i.io import export_t2i_folder, load_t2i_folder  # noqa: E402
+from models.t2i.megatron.mapping import megatron_to_reference, merge_tp  # noqa: E402
+from models.t2i.model import TextToImageBitDance, get_t2i_config  # noqa: E402
+from models.t2i.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer  # noqa: E402
+from models.tokenizer.io import save_tokenizer  # noqa: E402
+from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config  # noqa: E402
 from training.checkpoint import load_checkpoint, main, save_checkpoint  # noqa: E402
 from training.ema import EMA  # noqa: E402
 from training.megatron_checkpoint import DIST, load_full, single_process, tensor_meta  # noqa: E402
@@ -302,7 +302,7 @@ def official(tokenizers, tmp_path_factory):
     cfg = replace(cfg, llm=replace(cfg.llm, vocab_size=len(tok) + (-len(tok)) % 4))
     torch.manual_seed(1)
     model = TextToImageBitDance(cfg).to(torch.bfloat16)
-    from models.tokenizer_io import load_tokenizer
+    from models.tokenizer.io import load_tokenizer
 
     return export_t2i_folder(model, tok, load_tokenizer(ae_dir), tmp_path_factory.mktemp("official") / "folder")
 

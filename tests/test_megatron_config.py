@@ -5,9 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from models.bitdance_t2i import get_t2i_config
-from models.megatron import config as mcfg
-from models.megatron.config import MegatronParallelConfig, validate_parallel
+from models.t2i.megatron import config as mcfg
+from models.t2i.megatron.config import MegatronParallelConfig, validate_parallel
+from models.t2i.model import get_t2i_config
 
 
 def tiny(**llm):

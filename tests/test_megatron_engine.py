@@ -23,7 +23,7 @@ from megatron_train_case import (  # noqa: E402
     train_config,
 )
 
-from models.megatron.mapping import megatron_to_reference  # noqa: E402
+from models.t2i.megatron.mapping import megatron_to_reference  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 
 STEPS = 4
@@ -73,7 +73,7 @@ def tp1(case_path):
 def test_tp1_step_is_the_reference_adamw_step(tp1):
     """Same weights, same (clipped) gradients: megatron's distributed Adam equals torch AdamW with the official
     parameter groups (no decay on norms, biases, embeddings, projector), lr, betas, eps and weight decay."""
-    from models.bitdance_t2i import TextToImageBitDance
+    from models.t2i.model import TextToImageBitDance
 
     case, cfg = tp1["case"], train_config()
     assert tp1["first"].result.applied and tp1["first"].result.grad_norm > cfg.optim.grad_clip  # clipping is active

@@ -6,8 +6,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from models.bitdance_t2i import TextToImageBitDance, get_t2i_config
-from models.megatron.mapping import (
+from models.core.state_dict import StateDictMismatchError
+from models.t2i.io import export_t2i_folder, load_t2i_folder
+from models.t2i.megatron.mapping import (
     export_megatron_to_folder,
     fuse_qkv,
     megatron_state_from_folder,
@@ -19,10 +20,9 @@ from models.megatron.mapping import (
     split_tp,
     stage_layers,
 )
-from models.state_dict_utils import StateDictMismatchError
-from models.t2i_io import export_t2i_folder, load_t2i_folder
-from models.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer
-from models.tokenizer import BinaryAutoencoder, get_tokenizer_config
+from models.t2i.model import TextToImageBitDance, get_t2i_config
+from models.t2i.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer
+from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 
 LAYER = "decoder.layers.0."
 

@@ -17,11 +17,10 @@ from megatron.core.distributed import (  # noqa: E402
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb  # noqa: E402
 from megatron_cpu import megatron_in_process, save_result, spawn  # noqa: E402
 
-from models.bitdance_t2i import TextToImageBitDance, get_t2i_config  # noqa: E402
-from models.megatron.attention import BlockCausalCoreAttention, BlockCausalMask  # noqa: E402
-from models.megatron.batch import pad_packed_batch  # noqa: E402
-from models.megatron.config import MegatronParallelConfig  # noqa: E402
-from models.megatron.mapping import (  # noqa: E402
+from models.t2i.megatron.attention import BlockCausalCoreAttention, BlockCausalMask  # noqa: E402
+from models.t2i.megatron.batch import pad_packed_batch  # noqa: E402
+from models.t2i.megatron.config import MegatronParallelConfig  # noqa: E402
+from models.t2i.megatron.mapping import (  # noqa: E402
     load_model_state,
     megatron_to_reference,
     merge_pp,
@@ -30,9 +29,10 @@ from models.megatron.mapping import (  # noqa: E402
     split_pp,
     split_tp,
 )
-from models.megatron.model import MegatronT2IBitDance  # noqa: E402
-from models.qwen3 import apply_rotary, rope_cos_sin  # noqa: E402
-from models.t2i_packing import T2ISample, pack_rows  # noqa: E402
+from models.t2i.megatron.model import MegatronT2IBitDance  # noqa: E402
+from models.t2i.model import TextToImageBitDance, get_t2i_config  # noqa: E402
+from models.t2i.packing import T2ISample, pack_rows  # noqa: E402
+from models.t2i.qwen3 import apply_rotary, rope_cos_sin  # noqa: E402
 
 P, C, PAD = 4, 16, 0
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from models.bitdance_c2i import get_c2i_config
-from models.checkpoint_io import load_c2i_checkpoint, save_c2i_checkpoint
-from models.state_dict_utils import StateDictMismatchError
-from models.tokenizer import get_tokenizer_config
-from models.tokenizer_io import save_tokenizer
+from models.c2i.io import load_c2i_checkpoint, save_c2i_checkpoint
+from models.c2i.model import get_c2i_config
+from models.core.state_dict import StateDictMismatchError
+from models.tokenizer.io import save_tokenizer
+from models.tokenizer.model import get_tokenizer_config
 
 
 def _resblock(prefix, cin, cout):
@@ -25,7 +25,7 @@ def _resblock(prefix, cin, cout):
 
 
 def official_tokenizer_shapes(ch, ch_mult, nrb, z):
-    """Spec section 1, written out independently of models/tokenizer.py."""
+    """Spec section 1, written out independently of models/tokenizer/model.py."""
     s = {"encoder.conv_in.weight": (ch, 3, 3, 3)}
     in_mult = (1, *ch_mult)
     for i, m in enumerate(ch_mult):
@@ -203,7 +203,7 @@ def test_checkpoint_without_vae_takes_tokenizer_from_its_file(official_checkpoin
 
 def test_wrong_latent_width_tokenizer_is_rejected(official_checkpoint, tmp_path):
     cfg, path, _, _ = official_checkpoint
-    from models.tokenizer import BinaryAutoencoder
+    from models.tokenizer.model import BinaryAutoencoder
 
     other = get_tokenizer_config("tiny16")
     save_tokenizer(BinaryAutoencoder(other), other, tmp_path / "tok", name="tiny16")

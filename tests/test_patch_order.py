@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.patch_order import block_causal_mask, from_patch_raster, patch_raster_index, to_patch_raster
+from models.core.patch_order import block_causal_mask, from_patch_raster, patch_raster_index, to_patch_raster
 
 
 def brute_force_mask(prefix_len: int, parallel_num: int, grid_tokens: int) -> torch.Tensor:

@@ -5,8 +5,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from models.attention import dense_block_causal_mask  # noqa: E402
-from models.qwen3 import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from models.core.attention import dense_block_causal_mask  # noqa: E402
+from models.t2i.qwen3 import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 
 @pytest.fixture(scope="module")

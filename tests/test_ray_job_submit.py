@@ -14,9 +14,9 @@ import torch
 
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
 from data_pipeline.shapes import benchmark_prompts, write_shapes_dataset
-from models.text_tokenizer import build_chat_tokenizer
-from models.tokenizer import BinaryAutoencoder, get_tokenizer_config
-from models.tokenizer_io import save_tokenizer
+from models.t2i.text_tokenizer import build_chat_tokenizer
+from models.tokenizer.io import save_tokenizer
+from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-from models.bitdance_c2i import ClassConditionalBitDance, get_c2i_config
-from models.checkpoint_io import save_c2i_checkpoint
+from models.c2i.io import save_c2i_checkpoint
+from models.c2i.model import ClassConditionalBitDance, get_c2i_config
 from models.sample import main
-from models.tokenizer import BinaryAutoencoder, get_tokenizer_config
+from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.bitdance_t2i import TextToImageBitDance, get_t2i_config
-from models.state_dict_utils import StateDictMismatchError
-from models.t2i_io import export_t2i_folder, load_t2i_folder
-from models.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer
-from models.tokenizer import BinaryAutoencoder, get_tokenizer_config
+from models.core.state_dict import StateDictMismatchError
+from models.t2i.io import export_t2i_folder, load_t2i_folder
+from models.t2i.model import TextToImageBitDance, get_t2i_config
+from models.t2i.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer
+from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_transformers_reads_the_backbone(exported):
     hf = transformers.Qwen3ForCausalLM.from_pretrained(str(out), local_files_only=True, dtype=torch.float32)
     ours = model.llm.float()
     ids = torch.randint(0, 300, (1, 12))
-    from models.attention import dense_block_causal_mask
+    from models.core.attention import dense_block_causal_mask
 
     mask = dense_block_causal_mask(torch.zeros(1, 12, dtype=torch.long), torch.arange(12)[None])
     with torch.no_grad():

@@ -5,10 +5,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from models.bitdance_t2i import TextToImageBitDance, get_t2i_config, sincos_2d
-from models.t2i_packing import IGNORE_INDEX, T2ISample, pack_rows
-from models.t2i_sampler import T2IDecoder, sample_t2i
-from models.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer
+from models.t2i.model import TextToImageBitDance, get_t2i_config, sincos_2d
+from models.t2i.packing import IGNORE_INDEX, T2ISample, pack_rows
+from models.t2i.sampler import T2IDecoder, sample_t2i
+from models.t2i.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer
 
 CAPTIONS = ["a red circle left of a blue square", "two green triangles", "a yellow star above a cat"]
 
@@ -76,7 +76,7 @@ def test_attention_backends_equal_dense_on_a_packed_batch(tok_dir, P, backend):
 
 
 def test_segment_mask_keeps_the_dense_mask_for_split_documents():
-    from models.attention import SegmentMask, build_mask
+    from models.core.attention import SegmentMask, build_mask
 
     blk = torch.arange(6)[None]
     split = build_mask(torch.tensor([[0, 0, 1, 1, 0, 0]]), blk, "segments")  # document 0 in two runs
@@ -188,7 +188,7 @@ def test_bad_configs_and_batches(tok_dir):
 
 
 def test_caption_dropout_swaps_in_the_unconditional_prompt(tok_dir):
-    from models.t2i_packing import caption_sample
+    from models.t2i.packing import caption_sample
 
     tok = T2ITextTokenizer.from_folder(tok_dir, 4)
     bits = torch.ones(16, 8, 8)

@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as tok_models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from models.text_tokenizer import QWEN_SPECIAL_TOKENS, T2ITextTokenizer, build_chat_tokenizer
+from models.t2i.text_tokenizer import QWEN_SPECIAL_TOKENS, T2ITextTokenizer, build_chat_tokenizer
 
 CAPTIONS = [
     "a red cat sitting on a blue mat",

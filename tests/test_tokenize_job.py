@@ -12,9 +12,9 @@ from PIL import Image
 
 from data_pipeline.shard_format import load_manifest, read_shard
 from data_pipeline.tokenize import TokenizeConfig, run_tokenize
-from models.text_tokenizer import build_chat_tokenizer
-from models.tokenizer import BinaryAutoencoder, get_tokenizer_config, images_to_tensor
-from models.tokenizer_io import save_tokenizer
+from models.t2i.text_tokenizer import build_chat_tokenizer
+from models.tokenizer.io import save_tokenizer
+from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config, images_to_tensor
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -130,7 +130,7 @@ def test_bad_data_is_counted_and_bits_are_exact(setup):
     assert len(recs) == manifest["samples"] == 36
     assert sorted(p.name for p in out.glob("*.tar")) == ["part-000.tar", "part-001.tar", "part-002.tar", "part-999.tar"]
     # bits equal a plain single-process encode of the same resized image with the same tokenizer
-    from models.tokenizer_io import load_tokenizer
+    from models.tokenizer.io import load_tokenizer
 
     ae = load_tokenizer(root / "ae")
     r = recs["part-001-000004"]

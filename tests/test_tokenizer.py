@@ -6,8 +6,10 @@ import math
 import pytest
 import torch
 
-from models.state_dict_utils import StateDictMismatchError
-from models.tokenizer import (
+from models.core.state_dict import StateDictMismatchError
+from models.tokenizer.io import load_tokenizer, save_tokenizer
+from models.tokenizer.losses import commitment_loss, group_entropy_loss
+from models.tokenizer.model import (
     TOKENIZER_CONFIGS,
     AdaptiveGroupNorm,
     BinaryAutoencoder,
@@ -17,8 +19,6 @@ from models.tokenizer import (
     images_to_tensor,
     tensor_to_images,
 )
-from models.tokenizer_io import load_tokenizer, save_tokenizer
-from models.tokenizer_losses import commitment_loss, group_entropy_loss
 
 
 def _tiny(name: str = "tiny", **overrides) -> BinaryAutoencoder:

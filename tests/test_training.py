@@ -198,7 +198,7 @@ def test_samples_export_wandb_offline_and_keep_last(data, tmp_path):
     assert sorted(p.name for p in (r / "samples").glob("*.png")) == ["samples_00000002.png", "samples_00000004.png"]
     assert sorted(p.name for p in (r / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000004"]
     assert list((r / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
-    from models.t2i_io import load_t2i_folder
+    from models.t2i.io import load_t2i_folder
 
     model, text, ae = load_t2i_folder(r / "export", image_sizes=[(32, 32), (32, 64)])
     assert model.cfg.parallel_num == 4 and ae.config.z_channels == 16
@@ -207,10 +207,10 @@ def test_samples_export_wandb_offline_and_keep_last(data, tmp_path):
 def test_t2i_backbone_initialises_from_a_local_qwen3_folder(data, tmp_path):
     from dataclasses import replace
 
-    from models.bitdance_t2i import TextToImageBitDance, get_t2i_config
-    from models.t2i_io import export_t2i_folder
-    from models.text_tokenizer import T2ITextTokenizer
-    from models.tokenizer_io import load_tokenizer
+    from models.t2i.io import export_t2i_folder
+    from models.t2i.model import TextToImageBitDance, get_t2i_config
+    from models.t2i.text_tokenizer import T2ITextTokenizer
+    from models.tokenizer.io import load_tokenizer
 
     cfg = get_t2i_config("tiny-4x")
     text = T2ITextTokenizer.from_folder(data["text"], 4)

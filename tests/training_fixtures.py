@@ -8,9 +8,9 @@ import torch
 
 from data_pipeline.shapes import benchmark_prompts, write_shapes_dataset
 from data_pipeline.tokenize import TokenizeConfig, run_tokenize
-from models.text_tokenizer import build_chat_tokenizer
-from models.tokenizer import BinaryAutoencoder, get_tokenizer_config
-from models.tokenizer_io import save_tokenizer
+from models.t2i.text_tokenizer import build_chat_tokenizer
+from models.tokenizer.io import save_tokenizer
+from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 
 
 def make_t2i_data(root: Path, samples: int = 96, parallel_num: int = 4) -> dict[str, Path]:

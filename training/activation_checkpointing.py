@@ -9,8 +9,8 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-from models.bitdance_c2i import ClassConditionalBitDance
-from models.bitdance_t2i import TextToImageBitDance
+from models.c2i.model import ClassConditionalBitDance
+from models.t2i.model import TextToImageBitDance
 
 
 def _wrap_all(blocks: nn.ModuleList) -> int:

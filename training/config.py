@@ -74,7 +74,7 @@ class EngineConfig:
 @dataclass
 class ParallelConfig:
     """Model parallelism of `engine.kind=megatron` (the deepspeed engine is data-parallel only and ignores it);
-    data-parallel size = world size / (tp * pp). Mapped onto `models.megatron.config.MegatronParallelConfig`."""
+    data-parallel size = world size / (tp * pp). Mapped onto `models.t2i.megatron.config.MegatronParallelConfig`."""
 
     tp: int = 1  # tensor-parallel ranks (divides heads, KV heads, MLP width, vocabulary)
     pp: int = 1  # pipeline stages (divides the layers)

@@ -16,7 +16,7 @@ import torch
 
 from data_pipeline.image_ops import SkipSample, decode_image, resize_cover_crop
 from data_pipeline.sources import SourceConfig, iter_samples, list_shards
-from models.tokenizer import images_to_tensor
+from models.tokenizer.model import images_to_tensor
 
 
 class RawImageBatches:

@@ -33,11 +33,11 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from models.bitdance_t2i import T2IConfig, TextToImageBitDance, get_t2i_config
-from models.diffusion_head import HeadConfig
-from models.megatron.config import MegatronParallelConfig, validate_parallel
-from models.megatron.mapping import stage_layers, tp_split
-from models.qwen3 import Qwen3Config
+from models.core.diffusion_head import HeadConfig
+from models.t2i.megatron.config import MegatronParallelConfig, validate_parallel
+from models.t2i.megatron.mapping import stage_layers, tp_split
+from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config
+from models.t2i.qwen3 import Qwen3Config
 
 DIST = "dist"
 TRAINER = "trainer.json"
@@ -287,8 +287,8 @@ def write_model_checkpoint(state: dict[str, torch.Tensor], cfg: T2IConfig, dst: 
 def reference_from_hf(folder: Path, model_name: str, vocab_size: int | None, seed: int) -> TextToImageBitDance:
     """A T2I model whose backbone is the Qwen3 of a Hugging Face folder; projector and head freshly initialised
     (seeded) in the backbone's dtype; the vocabulary resized to `vocab_size` when given."""
-    from models.state_dict_utils import load_state_dict_strict
-    from models.t2i_io import read_llm_state_dict
+    from models.core.state_dict import load_state_dict_strict
+    from models.t2i.io import read_llm_state_dict
 
     llm = Qwen3Config.from_hf_dict(json.loads((folder / "config.json").read_text()))
     base = get_t2i_config(model_name)
@@ -308,7 +308,7 @@ def import_folder(
     src: Path, dst: Path, tp: int, pp: int, model_name: str | None = None, vocab_size: int | None = None, seed: int = 0
 ) -> Path:
     """Official T2I folder (`vision_head_config.json` present) or Hugging Face Qwen3 folder -> megatron checkpoint."""
-    from models.megatron.mapping import reference_to_megatron
+    from models.t2i.megatron.mapping import reference_to_megatron
 
     if not src.is_dir():
         raise CheckpointError(f"import source {src} does not exist")
@@ -319,7 +319,7 @@ def import_folder(
     llm = Qwen3Config.from_hf_dict(json.loads((src / "config.json").read_text()))
     check_layout(replace(llm, vocab_size=vocab_size or llm.vocab_size), tp, pp)  # before reading the weights
     if (src / "vision_head_config.json").is_file():
-        from models.t2i_io import load_t2i_folder
+        from models.t2i.io import load_t2i_folder
 
         model, _, _ = load_t2i_folder(src)
         if vocab_size is not None:
@@ -335,9 +335,9 @@ def import_folder(
 
 def export_folder(src: Path, dst: Path, text_tokenizer: Path, image_tokenizer: Path, weights: str = "auto") -> Path:
     """A megatron checkpoint's model (or EMA) weights -> official T2I folder with the given tokenizers."""
-    from models.megatron.mapping import export_megatron_to_folder
-    from models.text_tokenizer import T2ITextTokenizer
-    from models.tokenizer_io import load_tokenizer
+    from models.t2i.megatron.mapping import export_megatron_to_folder
+    from models.t2i.text_tokenizer import T2ITextTokenizer
+    from models.tokenizer.io import load_tokenizer
 
     trainer = read_trainer(src)
     cfg = t2i_config_from_dict(trainer["megatron"]["model"])

@@ -5,7 +5,7 @@ chunks (`MegatronT2IBitDance` with pre/post_process; one chunk per virtual stage
 `DistributedDataParallel` with the distributed optimizer (`get_megatron_optimizer`, Adam with decoupled weight decay),
 one optimizer step as megatron's micro-batch schedule (`get_forward_backward_func`: no pipelining, 1F1B or
 interleaved 1F1B) with `finalize_model_grads`, and the dist_checkpointing state of model, EMA and optimizer (format:
-`training.megatron_checkpoint`). The models stay engine-free: everything here wraps `models.megatron` from outside.
+`training.megatron_checkpoint`). The models stay engine-free: everything here wraps `models.t2i.megatron` from outside.
 
 - Data: every rank of a model-parallel group reads the same micro-batches (the loader is split over data-parallel
   ranks only); each pipeline stage builds its attention mask from them, the first embeds, the last scores.
@@ -15,7 +15,7 @@ interleaved 1F1B) with `finalize_model_grads`, and the dist_checkpointing state 
 - Non-finite steps: a constant loss scale of 1 makes megatron's optimizer check the gradients for inf/NaN and skip
   the update (`step()` returns False), as the DeepSpeed engine does.
 - Micro-batches are `PackedT2IBatch`es; with sequence parallelism they are padded to a multiple of tp
-  (`models.megatron.batch.pad_packed_batch`); pipelines exchange variable sequence lengths.
+  (`models.t2i.megatron.batch.pad_packed_batch`); pipelines exchange variable sequence lengths.
 
 Runs on GPUs (NCCL). megatron-core has no CPU path: on CPU this engine runs only under the test harness
 (tests/megatron_cpu.py, which redirects megatron's CUDA lookups), and only without pipelining.
@@ -30,11 +30,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.bitdance_t2i import T2IConfig, TextToImageBitDance
-from models.megatron.batch import pad_packed_batch
-from models.megatron.config import MegatronParallelConfig, validate_parallel
-from models.megatron.mapping import load_model_state, reference_to_megatron, split_pp, split_tp
-from models.megatron.model import MegatronT2IBitDance
+from models.t2i.megatron.batch import pad_packed_batch
+from models.t2i.megatron.config import MegatronParallelConfig, validate_parallel
+from models.t2i.megatron.mapping import load_model_state, reference_to_megatron, split_pp, split_tp
+from models.t2i.megatron.model import MegatronT2IBitDance
+from models.t2i.model import T2IConfig, TextToImageBitDance
 from training.config import TrainConfig
 from training.engine import StepResult, StepStats, precision
 from training.megatron_checkpoint import DIST, model_key, save_dist

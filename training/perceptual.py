@@ -50,7 +50,7 @@ class LPIPS(nn.Module):
 
     @classmethod
     def from_file(cls, path: str | Path) -> LPIPS:
-        from models.state_dict_utils import load_state_dict_strict
+        from models.core.state_dict import load_state_dict_strict
 
         path = Path(path)
         if path.suffix == ".safetensors":

@@ -15,9 +15,9 @@ from torch import nn
 
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
 from data_pipeline.shard_format import load_manifest
-from models.bitdance_c2i import ClassConditionalBitDance, get_c2i_config
-from models.bitdance_t2i import T2IConfig, TextToImageBitDance, get_t2i_config
-from models.tokenizer import tensor_to_images
+from models.c2i.model import ClassConditionalBitDance, get_c2i_config
+from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config
+from models.tokenizer.model import tensor_to_images
 from training.config import TrainConfig
 
 
@@ -129,7 +129,7 @@ class T2ITask(Task):
     def _init_model(self, mcfg) -> TextToImageBitDance:
         src = self.cfg.model.init_from
         if src and (Path(src) / "vision_head_config.json").is_file():
-            from models.t2i_io import load_t2i_folder
+            from models.t2i.io import load_t2i_folder
 
             model, _, _ = load_t2i_folder(src, attention=self.cfg.model.attention, image_sizes=mcfg.image_sizes)
             model.resize_vocab(self.vocab(model.cfg.llm.vocab_size))
@@ -137,9 +137,9 @@ class T2ITask(Task):
         if src:  # a Hugging Face Qwen3 folder: the backbone starts from it
             import json
 
-            from models.qwen3 import Qwen3Config
-            from models.state_dict_utils import load_state_dict_strict
-            from models.t2i_io import read_llm_state_dict
+            from models.core.state_dict import load_state_dict_strict
+            from models.t2i.io import read_llm_state_dict
+            from models.t2i.qwen3 import Qwen3Config
 
             llm = Qwen3Config.from_hf_dict(json.loads((Path(src) / "config.json").read_text()))
             model = TextToImageBitDance(replace(mcfg, llm=llm, head=replace(mcfg.head, ch_cond=llm.hidden_size)))
@@ -190,7 +190,7 @@ class T2ITask(Task):
         ev, mc = self.cfg.eval, self.cfg.model
         if not (ev.prompts and mc.image_tokenizer and mc.text_tokenizer):
             return None
-        from models.t2i_sampler import sample_t2i
+        from models.t2i.sampler import sample_t2i
 
         text, ae = self.tokenizers
         gen = torch.Generator(device=self.device).manual_seed(0)
@@ -202,8 +202,8 @@ class T2ITask(Task):
     @functools.cached_property
     def tokenizers(self):
         """(text tokenizer, image tokenizer) for sampling and export, loaded once."""
-        from models.text_tokenizer import T2ITextTokenizer
-        from models.tokenizer_io import load_tokenizer
+        from models.t2i.text_tokenizer import T2ITextTokenizer
+        from models.tokenizer.io import load_tokenizer
 
         mc = self.cfg.model
         text = T2ITextTokenizer.from_folder(mc.text_tokenizer, self.model_cfg.parallel_num)
@@ -213,7 +213,7 @@ class T2ITask(Task):
         mc = self.cfg.model
         if not (mc.image_tokenizer and mc.text_tokenizer):
             return None
-        from models.t2i_io import export_t2i_folder
+        from models.t2i.io import export_t2i_folder
 
         text, ae = self.tokenizers
         return export_t2i_folder(model, text, ae, out_dir)
@@ -233,7 +233,7 @@ class C2ITask(Task):
             latent_dim=self.manifest["bits_per_token"],
         )
         if cfg.model.init_from:
-            from models.checkpoint_io import load_c2i_checkpoint
+            from models.c2i.io import load_c2i_checkpoint
 
             self.model, _ = load_c2i_checkpoint(cfg.model.init_from, mcfg, tokenizer_path=cfg.model.image_tokenizer)
             self.model.train()
@@ -263,8 +263,8 @@ class C2ITask(Task):
         ev, mc = self.cfg.eval, self.cfg.model
         if not (ev.classes and mc.image_tokenizer):
             return None
-        from models.c2i_sampler import sample_class_conditional
-        from models.tokenizer_io import load_tokenizer
+        from models.c2i.sampler import sample_class_conditional
+        from models.tokenizer.io import load_tokenizer
 
         ae = load_tokenizer(mc.image_tokenizer, device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(0)
@@ -275,11 +275,11 @@ class C2ITask(Task):
         return image_grid([Image.fromarray(i) for i in images], columns=min(8, len(images)))
 
     def export(self, model: ClassConditionalBitDance, out_dir: Path) -> Path | None:
-        from models.checkpoint_io import save_c2i_checkpoint
+        from models.c2i.io import save_c2i_checkpoint
 
         tokenizer = None
         if self.cfg.model.image_tokenizer:
-            from models.tokenizer_io import load_tokenizer
+            from models.tokenizer.io import load_tokenizer
 
             tokenizer = load_tokenizer(self.cfg.model.image_tokenizer)
         path = Path(out_dir) / "bitdance_c2i.pt"

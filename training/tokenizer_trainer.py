@@ -18,9 +18,9 @@ import torch.distributed as dist
 from torch import nn
 
 from eval.image_metrics import psnr, ssim
-from models.tokenizer import BinaryAutoencoder, get_tokenizer_config
-from models.tokenizer_io import save_tokenizer
-from models.tokenizer_losses import commitment_loss, group_entropy_loss
+from models.tokenizer.io import save_tokenizer
+from models.tokenizer.losses import commitment_loss, group_entropy_loss
+from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, grad_accumulation, load_config, to_dict
 from training.ema import EMA

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from models.bitdance_c2i import ClassConditionalBitDance, get_c2i_config
-from models.c2i_sampler import sample_class_conditional
+from models.c2i.model import ClassConditionalBitDance, get_c2i_config
+from models.c2i.sampler import sample_class_conditional
 
 
 def per_image_seconds(model, batch: int, steps: int, cfg: float, batched: bool, repeats: int) -> float:

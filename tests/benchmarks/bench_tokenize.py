@@ -23,10 +23,10 @@ from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
 from data_pipeline.shapes import write_shapes_dataset
 from data_pipeline.shard_format import load_manifest
 from data_pipeline.tokenize import TokenizeConfig, run_tokenize
-from models.bitdance_t2i import TextToImageBitDance, get_t2i_config
-from models.text_tokenizer import build_chat_tokenizer
-from models.tokenizer import BinaryAutoencoder, get_tokenizer_config
-from models.tokenizer_io import save_tokenizer
+from models.t2i.model import TextToImageBitDance, get_t2i_config
+from models.t2i.text_tokenizer import build_chat_tokenizer
+from models.tokenizer.io import save_tokenizer
+from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 
 
 def steady_rate(out: Path) -> float:

@@ -23,8 +23,8 @@ from training_fixtures import make_t2i_data  # noqa: E402
 
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig  # noqa: E402
 from data_pipeline.shard_format import load_manifest  # noqa: E402
-from models.bitdance_t2i import TextToImageBitDance, get_t2i_config  # noqa: E402
-from models.tokenizer_io import load_tokenizer  # noqa: E402
+from models.t2i.model import TextToImageBitDance, get_t2i_config  # noqa: E402
+from models.tokenizer.io import load_tokenizer  # noqa: E402
 
 
 def timed(fn, steps: int) -> float:

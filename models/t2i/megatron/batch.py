@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.t2i_packing import IGNORE_INDEX, PackedT2IBatch
+from models.t2i.packing import IGNORE_INDEX, PackedT2IBatch
 
 
 def _remap(flat: torch.Tensor, length: int, new_length: int) -> torch.Tensor:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from models.bitdance_t2i import T2IConfig, TextToImageBitDance
-from models.qwen3 import Qwen3Config
-from models.state_dict_utils import StateDictMismatchError, load_state_dict_strict
-from models.t2i_io import export_t2i_folder, load_t2i_folder
+from models.core.state_dict import StateDictMismatchError, load_state_dict_strict
+from models.t2i.io import export_t2i_folder, load_t2i_folder
+from models.t2i.model import T2IConfig, TextToImageBitDance
+from models.t2i.qwen3 import Qwen3Config
 
 State = dict[str, torch.Tensor]
 LAYOUTS = ("local", "te")

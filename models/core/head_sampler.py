@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from models.diffusion_head import shift_time, velocity
+from models.core.diffusion_head import shift_time, velocity
 
 NetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | list[torch.Generator] | None

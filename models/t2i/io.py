@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.bitdance_t2i import T2IConfig, TextToImageBitDance
-from models.diffusion_head import HeadConfig
-from models.qwen3 import Qwen3Config
-from models.state_dict_utils import load_state_dict_strict
-from models.text_tokenizer import T2ITextTokenizer
-from models.tokenizer import BinaryAutoencoder
-from models.tokenizer_io import load_tokenizer, save_tokenizer
+from models.core.diffusion_head import HeadConfig
+from models.core.state_dict import load_state_dict_strict
+from models.t2i.model import T2IConfig, TextToImageBitDance
+from models.t2i.qwen3 import Qwen3Config
+from models.t2i.text_tokenizer import T2ITextTokenizer
+from models.tokenizer.io import load_tokenizer, save_tokenizer
+from models.tokenizer.model import BinaryAutoencoder
 
 HEAD_JSON_KEYS = (
     "ch_target",

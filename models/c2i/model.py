@@ -1,8 +1,8 @@
 """Class-conditional (ImageNet) BitDance: class prefix, query tokens, block-causal backbone and binary head.
 
 Spec sections 3 and 4. Parameter names follow the official ImageNet checkpoints. The frozen tokenizer is not
-a submodule here: official checkpoints carry it under `vae.`, which `models.checkpoint_io` splits off.
-Training: `forward(bits, labels)` returns the diffusion loss. Sampling: `models.c2i_sampler`.
+a submodule here: official checkpoints carry it under `vae.`, which `models.c2i.io` splits off.
+Training: `forward(bits, labels)` returns the diffusion loss. Sampling: `models.c2i.sampler`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.diffusion_head import BinaryDiffusionHead, HeadConfig
-from models.patch_order import block_causal_mask, patch_raster_index, patch_side, to_patch_raster
-from models.rope import rope_2d_angles
-from models.transformer import KVCache, TransformerBlock
+from models.c2i.transformer import TransformerBlock
+from models.core.bits import flip_bits
+from models.core.diffusion_head import BinaryDiffusionHead, HeadConfig
+from models.core.kv_cache import KVCache
+from models.core.patch_order import block_causal_mask, patch_raster_index, patch_side, to_patch_raster
+from models.core.rope import rope_2d_angles
 
 
 @dataclass
@@ -111,13 +113,6 @@ def get_c2i_config(name: str, **overrides) -> C2IConfig:
     if m.group(2):
         overrides.setdefault("parallel_num", int(m.group(2)))
     return replace(C2I_CONFIGS[m.group(1)], **overrides)
-
-
-def flip_bits(bits: torch.Tensor, p_max: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Flip each ±1 element with probability p_max * u, u ~ U(0, 1) drawn per element."""
-    r1 = torch.rand(bits.shape, device=bits.device, generator=generator)
-    r2 = torch.rand(bits.shape, device=bits.device, generator=generator)
-    return torch.where(r1 < p_max * r2, -bits, bits)
 
 
 class SwiGLUConnector(nn.Module):

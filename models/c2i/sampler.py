@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from models.bitdance_c2i import ClassConditionalBitDance
-from models.head_sampler import euler_maruyama
-from models.patch_order import from_patch_raster
+from models.c2i.model import ClassConditionalBitDance
+from models.core.head_sampler import euler_maruyama
+from models.core.patch_order import from_patch_raster
 
 CFG_SCHEDULES = ("linear", "constant")
 

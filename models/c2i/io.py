@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from models.bitdance_c2i import C2IConfig, ClassConditionalBitDance
-from models.state_dict_utils import load_state_dict_strict, strip_prefixes
-from models.tokenizer import BinaryAutoencoder, get_tokenizer_config
-from models.tokenizer_io import load_tokenizer
+from models.c2i.model import C2IConfig, ClassConditionalBitDance
+from models.core.state_dict import load_state_dict_strict, strip_prefixes
+from models.tokenizer.io import load_tokenizer
+from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 

@@ -10,31 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.rope import apply_rope
+from models.core.kv_cache import KVCache
+from models.core.rope import apply_rope
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int = 256) -> int:
     """int(2 * 4 * dim / 3) rounded up to a multiple of 256."""
     hidden = int(2 * 4 * dim / 3)
     return -(-hidden // multiple_of) * multiple_of
-
-
-class KVCache:
-    """Preallocated keys/values of every layer for incremental decoding: [B, H, max_len, d] per layer."""
-
-    def __init__(self, n_layer: int, batch: int, n_head: int, head_dim: int, max_len: int, device, dtype):
-        shape = (batch, n_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.max_len = max_len
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Attention(nn.Module):

@@ -2,7 +2,7 @@
 
 Spec section 2. Parameter names follow the official checkpoints (`net.*`). Two variants share one class:
 the ImageNet head (head_dim 64, SwiGLU, linear output) and the text-to-image head (head_dim 128, SwiGLU or
-plain MLP, output mapped by 2*sigmoid(o) - 1). Sampling lives in `models/head_sampler.py`.
+plain MLP, output mapped by 2*sigmoid(o) - 1). Sampling lives in `models/core/head_sampler.py`.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def velocity(x_hat: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Ten
 
 
 class BinaryDiffusionHead(nn.Module):
-    """The head: `net` plus the flow-matching (x-prediction) training loss. Sampling: `models.head_sampler`."""
+    """The head: `net` plus the flow-matching (x-prediction) training loss. Sampling: `models.core.head_sampler`."""
 
     def __init__(self, cfg: HeadConfig):
         super().__init__()

@@ -14,8 +14,8 @@ import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from models.megatron.attention import BlockCausalCoreAttention
-from models.megatron.config import MegatronParallelConfig
+from models.t2i.megatron.attention import BlockCausalCoreAttention
+from models.t2i.megatron.config import MegatronParallelConfig
 
 
 class RMSNorm(torch.nn.RMSNorm):

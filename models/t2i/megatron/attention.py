@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from models.attention import AttentionMask, attend, build_mask
+from models.core.attention import AttentionMask, attend, build_mask
 
 
 class BlockCausalMask:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from models.attention import dense_block_causal_mask
-from models.bitdance_t2i import TextToImageBitDance
-from models.c2i_sampler import cfg_at_step, to_bits
-from models.head_sampler import euler_maruyama
-from models.patch_order import from_patch_raster
-from models.t2i_packing import grid_coords
+from models.c2i.sampler import cfg_at_step, to_bits
+from models.core.attention import dense_block_causal_mask
+from models.core.head_sampler import euler_maruyama
+from models.core.patch_order import from_patch_raster
+from models.t2i.model import TextToImageBitDance
+from models.t2i.packing import grid_coords
 
 
 class T2IDecoder:

@@ -14,13 +14,13 @@ from typing import Protocol
 
 import torch
 
-from models.patch_order import patch_raster_index, patch_side, to_patch_raster
+from models.core.patch_order import patch_raster_index, patch_side, to_patch_raster
 
 IGNORE_INDEX = -100
 
 
 class ImageTokenIds(Protocol):
-    """What packing needs from the text tokenizer (see `models.text_tokenizer.T2ITextTokenizer`)."""
+    """What packing needs from the text tokenizer (see `models.t2i.text_tokenizer.T2ITextTokenizer`)."""
 
     pad_id: int
 

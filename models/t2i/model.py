@@ -3,7 +3,7 @@
 Spec section 5. Module names follow the official folder layout: `llm` (a Hugging Face Qwen3 model's keys),
 `projector` (`fc1`, `fc2`), `vision_head` (`net.*`). Training: `forward(PackedT2IBatch)` returns the loss terms;
 loss = 0.01 x text cross-entropy + 1.0 x vision diffusion loss, each a mean over its tokens. Sampling:
-`models.t2i_sampler`.
+`models.t2i.sampler`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention import ATTENTION_BACKENDS, build_mask
-from models.bitdance_c2i import flip_bits
-from models.diffusion_head import BinaryDiffusionHead, HeadConfig
-from models.patch_order import patch_side
-from models.qwen3 import Qwen3Config, Qwen3ForCausalLM, get_qwen3_config
-from models.t2i_packing import IGNORE_INDEX, PackedT2IBatch
+from models.core.attention import ATTENTION_BACKENDS, build_mask
+from models.core.bits import flip_bits
+from models.core.diffusion_head import BinaryDiffusionHead, HeadConfig
+from models.core.patch_order import patch_side
+from models.t2i.packing import IGNORE_INDEX, PackedT2IBatch
+from models.t2i.qwen3 import Qwen3Config, Qwen3ForCausalLM, get_qwen3_config
 
 # (height, width) in pixels, as the official pipeline lists them.
 OFFICIAL_IMAGE_SIZES: tuple[tuple[int, int], ...] = (

@@ -1,7 +1,7 @@
 """The BitDance binary tokenizer: a convolutional autoencoder whose latent is sign-quantized to ±1 bits.
 
 Parameter names match the official checkpoints (``encoder.*``, ``decoder.*``) so they load strictly.
-Training losses live in ``models/tokenizer_losses.py``; file loading and saving in ``models/tokenizer_io.py``.
+Training losses live in ``models/tokenizer/losses.py``; file loading and saving in ``models/tokenizer/io.py``.
 """
 
 from dataclasses import dataclass, replace
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.bits import sign_quantize, sign_quantize_ste
+from models.core.bits import sign_quantize, sign_quantize_ste
 
 _GN_GROUPS = 32
 _GN_EPS = 1e-6

@@ -47,3 +47,10 @@ def unpack_bits(packed: torch.Tensor, num_bits: int, dtype: torch.dtype = torch.
     ones = torch.bitwise_right_shift(packed.to(torch.int64).unsqueeze(-1), shifts) & 1
     ones = ones.reshape(*packed.shape[:-1], num_bits)
     return ones.to(dtype) * 2 - 1
+
+
+def flip_bits(bits: torch.Tensor, p_max: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each ±1 element with probability p_max * u, u ~ U(0, 1) drawn per element."""
+    r1 = torch.rand(bits.shape, device=bits.device, generator=generator)
+    r2 = torch.rand(bits.shape, device=bits.device, generator=generator)
+    return torch.where(r1 < p_max * r2, -bits, bits)

@@ -1,7 +1,7 @@
 """Qwen3 decoder in plain PyTorch with Hugging Face parameter names (`model.*`, `lm_head.*`).
 
 GQA attention with per-head RMSNorm on q and k, 1D RoPE (rotate-half convention) over explicit position ids,
-SwiGLU MLP, RMSNorm eps 1e-6, untied LM head. The attention mask is any `models.attention.AttentionMask`, so
+SwiGLU MLP, RMSNorm eps 1e-6, untied LM head. The attention mask is any `models.core.attention.AttentionMask`, so
 packed block-causal sequences and KV-cache decoding use the same layers.
 """
 
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention import AttentionMask, attend
-from models.transformer import KVCache
+from models.core.attention import AttentionMask, attend
+from models.core.kv_cache import KVCache
 
 
 @dataclass

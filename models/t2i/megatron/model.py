@@ -1,4 +1,4 @@
-"""`MegatronT2IBitDance`: the text-to-image model of `models.bitdance_t2i` on megatron-core, one pipeline stage of it.
+"""`MegatronT2IBitDance`: the text-to-image model of `models.t2i.model` on megatron-core, one pipeline stage of it.
 
 Built on megatron's `TransformerBlock` (not GPTModel) so the stage ends can hold what a language model does not:
 
@@ -19,10 +19,10 @@ Design:
   `attention_mask`; the schedule gives every stage the batch, so no mask crosses the pipeline.
 - RoPE: megatron's `RotaryEmbedding` (base 1e6) owns the inverse frequencies; its forward only makes positions
   0..s-1, so angles for the packed per-token `position_ids` are formed here and passed as `rotary_pos_emb`
-  [s, b, 1, d]; megatron applies them rotate-half (non-interleaved) like HF Qwen3 / models/qwen3.py.
+  [s, b, 1, d]; megatron applies them rotate-half (non-interleaved) like HF Qwen3 / models/t2i/qwen3.py.
 - Diffusion head: replicated on every TP rank of the last stage, not sharded. It is a small transformer over P
   tokens per patch (1.6B parameters at 14B scale) whose cost is a few percent of the backbone's; sharding it would
-  need a second TP implementation of models/diffusion_head.py. Its input (the gathered hidden states) and its
+  need a second TP implementation of models/core/diffusion_head.py. Its input (the gathered hidden states) and its
   random draws (default generator, seeded alike on the TP ranks of a data-parallel replica, as megatron's
   `model_parallel_cuda_manual_seed` does) are identical on every TP rank, so every TP rank computes the same
   loss and the same head gradient: no TP all-reduce is needed, only the usual data-parallel one. The gather keeps
@@ -43,13 +43,13 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
-from models.bitdance_c2i import flip_bits
-from models.bitdance_t2i import T2IConfig, T2ILoss, VisionProjector, sincos_2d
-from models.diffusion_head import BinaryDiffusionHead
-from models.megatron.attention import BlockCausalMask
-from models.megatron.config import MegatronParallelConfig, transformer_config
-from models.megatron.spec import block_spec
-from models.t2i_packing import IGNORE_INDEX, PackedT2IBatch
+from models.core.bits import flip_bits
+from models.core.diffusion_head import BinaryDiffusionHead
+from models.t2i.megatron.attention import BlockCausalMask
+from models.t2i.megatron.config import MegatronParallelConfig, transformer_config
+from models.t2i.megatron.spec import block_spec
+from models.t2i.model import T2IConfig, T2ILoss, VisionProjector, sincos_2d
+from models.t2i.packing import IGNORE_INDEX, PackedT2IBatch
 
 
 class MegatronT2IBitDance(MegatronModule):
@@ -129,7 +129,7 @@ class MegatronT2IBitDance(MegatronModule):
         if self.config.sequence_parallel and length % self.par.tp:
             raise ValueError(
                 f"sequence parallelism needs the packed length {length} to be a multiple of "
-                f"tp={self.par.tp}; pad it with models.megatron.batch.pad_packed_batch"
+                f"tp={self.par.tp}; pad it with models.t2i.megatron.batch.pad_packed_batch"
             )
         mask = BlockCausalMask(batch.doc_ids, batch.block_ids, self.cfg.attention)
         hidden = self.embed(batch) if self.pre_process else None

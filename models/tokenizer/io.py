@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.state_dict_utils import load_state_dict_strict, strip_prefixes
-from models.tokenizer import TOKENIZER_CONFIGS, BinaryAutoencoder, TokenizerConfig
+from models.core.state_dict import load_state_dict_strict, strip_prefixes
+from models.tokenizer.model import TOKENIZER_CONFIGS, BinaryAutoencoder, TokenizerConfig
 
 _PREFIXES = ("module.", "_orig_mod.", "vae.")
 _SUFFIXES = (".safetensors", ".pt")

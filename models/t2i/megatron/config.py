@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.bitdance_t2i import T2IConfig
+from models.t2i.model import T2IConfig
 
 TRANSFORMER_IMPLS = ("local", "te")
 FP8_FORMATS = (None, "hybrid", "e4m3")
