@@ -62,7 +62,7 @@ def reference_model(case: dict):
 
 
 def new_engine(case: dict, tp: int = 1, pp: int = 1, reference: bool = True, init_checkpoint=None, overrides=()):
-    from training.megatron_engine import MegatronEngine
+    from training.engines.megatron import MegatronEngine
 
     ref = reference_model(case) if reference else None
     return MegatronEngine(train_config(tp, pp, *overrides), case["cfg"], ref, init_checkpoint)

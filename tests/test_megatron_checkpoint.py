@@ -34,7 +34,7 @@ from models.tokenizer.io import save_tokenizer  # noqa: E402
 from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config  # noqa: E402
 from training.checkpoint import load_checkpoint, main, save_checkpoint  # noqa: E402
 from training.ema import EMA  # noqa: E402
-from training.megatron_checkpoint import DIST, load_full, single_process, tensor_meta  # noqa: E402
+from training.engines.megatron_checkpoint import DIST, load_full, single_process, tensor_meta  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_STEP1, SEED_STEP2 = 11, 22
@@ -433,8 +433,8 @@ def test_cli_errors_are_one_line(official, tokenizers, tmp_path, capsys):
 
 def test_engine_starts_from_an_imported_checkpoint(official, case_path, tmp_path):
     """`model.init_from=<megatron checkpoint>`: every rank reads its shard; the optimizer's main weights follow."""
-    from training.megatron_checkpoint import model_config_of
-    from training.megatron_engine import MegatronEngine
+    from training.engines.megatron_checkpoint import model_config_of
+    from training.engines.megatron import MegatronEngine
 
     main(["import", "--src", str(official), "--dst", str(tmp_path / "ckpt"), "--tp", "1", "--pp", "1"])
     cfg = replace(model_config_of(tmp_path / "ckpt"), attention="dense")
@@ -451,7 +451,7 @@ def test_engine_starts_from_an_imported_checkpoint(official, case_path, tmp_path
 
 def test_bf16_resume_restores_the_fp32_main_weights(case_path, tmp_path):
     """bf16 weights, fp32 main weights and Adam state in the distributed optimizer: resuming is exact."""
-    from training.megatron_engine import MegatronEngine
+    from training.engines.megatron import MegatronEngine
 
     case, cfg = load_case(case_path), train_config(1, 1, "engine.precision=bf16")
     with megatron_in_process(init_model_parallel=False):

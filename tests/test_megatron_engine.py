@@ -132,7 +132,7 @@ def test_non_finite_step_is_skipped(case_path):
 
 def test_parallel_section_maps_onto_the_model_settings():
     from training.config import grad_accumulation
-    from training.megatron_engine import parallel_config
+    from training.engines.megatron import parallel_config
 
     cfg = train_config(
         4,

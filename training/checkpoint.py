@@ -8,7 +8,7 @@ checkpoint tools (`python -m training.checkpoint reshard|export|import ...`).
     <run_dir>/checkpoints/latest   name of the newest complete checkpoint
 
 The megatron engine writes `dist/` (model, EMA and optimizer state through megatron's dist_checkpointing, loadable at
-any TP/PP layout), `rank_*.pt` (RNG, loader) and `trainer.json` instead; see training/megatron_checkpoint.py.
+any TP/PP layout), `rank_*.pt` (RNG, loader) and `trainer.json` instead; see training/engines/megatron_checkpoint.py.
 Everything is written into `.step_XXXXXXXX.tmp/`, renamed when all ranks are done, and only then is `latest`
 replaced, so a crash at any point leaves the previous checkpoint as `latest`. Loading uses safetensors and
 `torch.load(weights_only=True)` only.
@@ -104,7 +104,7 @@ def _write_deepspeed(tmp: Path, step: int, engine, ema, loader_state: dict, trai
 
 
 def _write_megatron(tmp: Path, step: int, engine, ema, loader_state: dict, trainer: dict, extra) -> None:
-    from training.megatron_checkpoint import DIST, megatron_section
+    from training.engines.megatron_checkpoint import DIST, megatron_section
 
     rank, world = dist.get_rank(), dist.get_world_size()
     engine.save(tmp / DIST, ema)
@@ -174,7 +174,7 @@ def load_checkpoint(path: Path, engine, ema) -> tuple[dict, dict | None, dict]:
 
 def _load_megatron(path: Path, engine, ema) -> tuple[dict, dict | None, dict]:
     """Any layout loads (dist_checkpointing reshards); RNG and loader state come back when the layout matches."""
-    from training.megatron_checkpoint import DIST, read_trainer
+    from training.engines.megatron_checkpoint import DIST, read_trainer
 
     rank = dist.get_rank()
     trainer = read_trainer(path)

@@ -99,7 +99,7 @@ class T2ITask(Task):
         """The megatron engine builds its own model chunks: returns the full reference model (on CPU) only when its
         weights come from an official or Hugging Face folder; a megatron checkpoint in `model.init_from` is loaded
         by the engine (sharded) and supplies the model config."""
-        from training.megatron_checkpoint import is_megatron_checkpoint, model_config_of
+        from training.engines.megatron_checkpoint import is_megatron_checkpoint, model_config_of
 
         src = self.cfg.model.init_from
         if src and is_megatron_checkpoint(src):

@@ -24,7 +24,7 @@ from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, grad_accumulation, load_config, to_dict
 from training.ema import EMA
-from training.engine import DeepSpeedEngine, init_distributed
+from training.engines.deepspeed import DeepSpeedEngine, init_distributed
 from training.image_data import RawImageBatches
 from training.logger import RunLogger
 from training.optim import build_optimizer, lr_at, set_lr

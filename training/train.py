@@ -22,7 +22,7 @@ import torch.distributed as dist
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, grad_accumulation, load_config, to_dict
 from training.ema import EMA
-from training.engine import DeepSpeedEngine, init_distributed
+from training.engines.deepspeed import DeepSpeedEngine, init_distributed
 from training.faults import maybe_kill
 from training.logger import RunLogger
 from training.optim import build_optimizer, lr_at
@@ -93,7 +93,7 @@ def build_engine(cfg: TrainConfig, task, world: int):
     """(engine, data-parallel rank, data-parallel size, micro-batches per step) for `engine.kind`."""
     grad_accum = grad_accumulation(cfg, world)
     if cfg.engine.kind == "megatron":
-        from training.megatron_engine import MegatronEngine
+        from training.engines.megatron import MegatronEngine
 
         reference, task.model = task.model, None  # the engine takes the weights; its chunks replace the model
         engine = MegatronEngine(cfg, task.model_cfg, reference, task.init_checkpoint)

@@ -82,7 +82,7 @@ def main() -> None:
         )
 
         from training.config import load_config
-        from training.engine import DeepSpeedEngine, init_distributed
+        from training.engines.deepspeed import DeepSpeedEngine, init_distributed
         from training.optim import build_optimizer
 
         os.environ.setdefault("MASTER_PORT", "29533")

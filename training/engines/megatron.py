@@ -5,7 +5,7 @@ chunks (`MegatronT2IBitDance` with pre/post_process; one chunk per virtual stage
 `DistributedDataParallel` with the distributed optimizer (`get_megatron_optimizer`, Adam with decoupled weight decay),
 one optimizer step as megatron's micro-batch schedule (`get_forward_backward_func`: no pipelining, 1F1B or
 interleaved 1F1B) with `finalize_model_grads`, and the dist_checkpointing state of model, EMA and optimizer (format:
-`training.megatron_checkpoint`). The models stay engine-free: everything here wraps `models.t2i.megatron` from outside.
+`training.engines.megatron_checkpoint`). The models stay engine-free: everything here wraps `models.t2i.megatron` from outside.
 
 - Data: every rank of a model-parallel group reads the same micro-batches (the loader is split over data-parallel
   ranks only); each pipeline stage builds its attention mask from them, the first embeds, the last scores.
@@ -36,8 +36,8 @@ from models.t2i.megatron.mapping import load_model_state, reference_to_megatron,
 from models.t2i.megatron.model import MegatronT2IBitDance
 from models.t2i.model import T2IConfig, TextToImageBitDance
 from training.config import TrainConfig
-from training.engine import StepResult, StepStats, precision
-from training.megatron_checkpoint import DIST, model_key, save_dist
+from training.engines.deepspeed import StepResult, StepStats, precision
+from training.engines.megatron_checkpoint import DIST, model_key, save_dist
 from training.optim import NO_DECAY_NAMES
 
 PAD_ID = 0  # sequence-parallel padding: any in-vocabulary id (padded positions are their own document, unlabelled)

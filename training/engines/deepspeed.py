@@ -2,7 +2,7 @@
 on GPU, gradient clipping, and steps skipped (not applied) when the gradients are not finite.
 
 The loop sees only `train_step`, `set_lr`, `module` and the checkpoint hooks, so other engines
-(training/megatron_engine.py) stand behind the same calls.
+(training/engines/megatron.py) stand behind the same calls.
 """
 
 from __future__ import annotations

@@ -1,0 +1,38 @@
+"""The sampling settings every generator shares (diffusion-head steps, guidance scale and schedule, head time shift)
+and the per-step guidance weight; one dataclass used by training sample grids, `eval.generate` and the demo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = 50  # Euler-Maruyama steps of the diffusion head per next-patch step
+    cfg_scale: float = 7.5  # classifier-free guidance weight w (<= 1: no guidance, no unconditional rows)
+    cfg_schedule: str = "constant"  # constant: w at every step; linear: 1 at the first patch growing towards w
+    batched_cfg: bool = True  # conditional and unconditional rows in one batched call (same numbers as two calls)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"sampling steps must be >= 1, got {self.steps}")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"unknown cfg_schedule {self.cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale > 1.0
+
+
+def cfg_at_step(cfg_scale: float, schedule: str, step: int, num_ar_steps: int) -> float:
+    """Guidance weight of next-patch step `step` of `num_ar_steps`: linear grows from 1 at step 0 towards w;
+    constant is w; 1 (no guidance) when w <= 1."""
+    if cfg_scale <= 1.0:
+        return 1.0
+    if schedule == "constant":
+        return cfg_scale
+    if schedule == "linear":
+        return 1.0 + (cfg_scale - 1.0) * step / num_ar_steps
+    raise ValueError(f"unknown cfg_schedule {schedule!r}; choose one of {CFG_SCHEDULES}")
