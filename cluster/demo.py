@@ -3,8 +3,8 @@
 Each stage runs a real entry point exactly as a user runs it on a cluster (a subprocess per stage):
 
   data       python -m data_pipeline.shapes                     captioned 32x32 shape scenes as webdataset tars
-  tokenizer  torchrun --nproc-per-node N -m training.tokenizer_trainer   tiny binary tokenizer, DeepSpeed engine
-  text       models.t2i.text_tokenizer.build_chat_tokenizer         small BPE with the Qwen3 special tokens
+  tokenizer  torchrun --nproc-per-node N -m training.train      tiny binary tokenizer (model.kind=tokenizer), DeepSpeed
+  text       models.t2i.text_tokenizer.build_chat_tokenizer     small BPE with the Qwen3 special tokens
   tokenize   python -m data_pipeline.tokenize                   Ray Data job on a local Ray -> binary-token shards
   train      torchrun --nproc-per-node N -m training.train      tiny text-to-image BitDance, P=4, DeepSpeed
   sample     torchrun --nproc-per-node N -m eval.generate       the shapes-benchmark prompts
@@ -147,7 +147,7 @@ def run_tokenizer(cfg: DemoConfig, out: Path) -> dict:
         [
             *_torchrun(cfg),
             "-m",
-            "training.tokenizer_trainer",
+            "training.train",
             "--config",
             cfg.tokenizer_config,
             f"run_dir={run_dir}",

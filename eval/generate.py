@@ -1,11 +1,14 @@
-"""`torchrun ... -m eval.generate --task geneval|dpg|shapes|imagenet --model <ckpt or folder> --out <dir>`.
+"""`[torchrun ...] -m eval.generate --task geneval|dpg|shapes|prompts|imagenet --model <folder or ckpt> --out <dir>`:
+the one image-generation entry point, for benchmarks, free prompts and class-conditional checkpoints.
 
-Writes the layouts the official scorers read (spec section 6): GenEval and shapes `<out>/<idx:05d>/metadata.jsonl`
-+ `samples/<k:04d>.png`; DPG-Bench one 2x2 grid `<out>/<id>.png`; ImageNet PNGs under `<out>/images/` then one
-ADM `.npz` written in chunks. Prompts are split across ranks; every image's noise comes from its own generator
-seeded by (base seed, prompt index, image index), so results do not depend on the number of ranks. Finished
-prompts are skipped on re-runs (a prompt is finished when its last file is in place; files are written
-atomically), so a half-written prompt is redone.
+Layouts (those the official scorers read): GenEval, shapes and free prompts (`--prompt` / `--prompts-file`)
+`<out>/<idx:05d>/metadata.jsonl` + `samples/<k:04d>.png`; DPG-Bench one 2x2 grid `<out>/<id>.png`; ImageNet
+(every class, or `--classes`, `--per-class` images each) PNGs `<out>/images/<index:06d>.png`, index =
+class * per_class + j, then one ADM `<out>/samples.npz` written in chunks. Prompts are split across ranks; every
+image's noise comes from its own generator seeded by (base seed, prompt index, image index), so an image does not
+depend on the number of ranks or the batch size. Finished prompts are skipped on re-runs (a prompt is finished
+when its last file is in place; files are written atomically), so a half-written prompt is redone. Sampler
+settings are a `SamplingConfig` (its defaults are the flags' defaults); on a GPU the models run in bf16 autocast.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from models.core.head_sampler import randn_rows
+from models.core.sampling import CFG_SCHEDULES, SamplingConfig
 from models.tokenizer.model import tensor_to_images
 
 SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "eval_prompts"
-TASKS = ("geneval", "dpg", "shapes", "imagenet")
+TASKS = ("geneval", "dpg", "shapes", "prompts", "imagenet")
+FOLDER_TASKS = ("geneval", "shapes", "prompts")  # <out>/<idx:05d>/samples/<k:04d>.png + metadata.jsonl
+SAMPLING = SamplingConfig()  # the defaults of --steps, --cfg-scale, --cfg-schedule
 
 
 @dataclass
@@ -46,6 +52,10 @@ def image_seed(base: int, index: int, k: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(steps=args.steps, cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule)
+
+
 def save_png_atomic(img: np.ndarray | Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -53,7 +63,14 @@ def save_png_atomic(img: np.ndarray | Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def read_prompt_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
 def load_jobs(args: argparse.Namespace) -> list[Job]:
+    if args.task == "prompts":
+        prompts = args.prompt or read_prompt_lines(Path(args.prompts_file))
+        return [Job(i, f"{i:05d}", p, {"prompt": p}) for i, p in enumerate(prompts)]
     if args.task in ("geneval", "shapes"):
         if args.task == "shapes":
             from eval.shapes_bench import shapes_prompts
@@ -73,13 +90,12 @@ def load_jobs(args: argparse.Namespace) -> list[Job]:
         items = json.loads(path.read_text())
         return [Job(i, str(k), v, {"id": k}) for i, (k, v) in enumerate(items.items())]
     n = args.per_class
-    return [
-        Job(c * n + j, f"{c * n + j:06d}", str(c), {"class": c}, c) for c in range(args.num_classes) for j in range(n)
-    ]
+    classes = args.classes if args.classes is not None else range(args.num_classes)
+    return [Job(c * n + j, f"{c * n + j:06d}", str(c), {"class": c}, c) for c in classes for j in range(n)]
 
 
 def is_done(job: Job, args: argparse.Namespace, out: Path) -> bool:
-    if args.task in ("geneval", "shapes"):
+    if args.task in FOLDER_TASKS:
         return (out / job.name / "metadata.jsonl").is_file()  # written after all samples
     if args.task == "dpg":
         return (out / f"{job.name}.png").is_file()
@@ -87,7 +103,7 @@ def is_done(job: Job, args: argparse.Namespace, out: Path) -> bool:
 
 
 def write_job(job: Job, images: list[np.ndarray], args: argparse.Namespace, out: Path) -> None:
-    if args.task in ("geneval", "shapes"):
+    if args.task in FOLDER_TASKS:
         folder = out / job.name
         for k, img in enumerate(images):
             save_png_atomic(img, folder / "samples" / f"{k:04d}.png")
@@ -108,19 +124,23 @@ class Generator:
     """Loads the model once and turns (job, image index) pairs into uint8 images."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
-        self.args, self.device = args, device
+        self.args, self.device, self.sampling = args, device, sampling_config(args)
         if args.task == "imagenet":
             from models.c2i.io import load_c2i_checkpoint
             from models.c2i.model import get_c2i_config
 
             self.model, self.ae = load_c2i_checkpoint(
-                args.model, get_c2i_config(args.model_config), tokenizer_path=args.tokenizer
+                args.model, get_c2i_config(args.model_config), use_ema=not args.no_ema, tokenizer_path=args.tokenizer
             )
         else:
             from models.t2i.io import load_t2i_folder
 
-            sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.image_size] if args.image_size else None
+            sizes = args.image_size  # [(h, w), ...] or None: the official list
             self.model, self.text, self.ae = load_t2i_folder(args.model, image_sizes=sizes, device=str(device))
+            try:
+                self.model.cfg.grid(args.height, args.width)
+            except ValueError as err:
+                raise SystemExit(f"{err} (--height/--width, or list the size with --image-size)") from None
         self.model.to(device).eval()
         self.ae.to(device).eval()
 
@@ -133,25 +153,57 @@ class Generator:
                 from models.c2i.sampler import sample_class_conditional
 
                 labels = torch.tensor([j.label for j, _ in pairs], device=self.device)
-                bits = sample_class_conditional(self.model, labels, a.steps, a.cfg_scale, a.cfg_schedule, gens)
+                bits = sample_class_conditional(self.model, labels, self.sampling, gens)
             else:
                 from models.t2i.sampler import sample_t2i
 
-                bits = sample_t2i(
-                    self.model,
-                    self.text,
-                    [j.prompt for j, _ in pairs],
-                    a.height,
-                    a.width,
-                    a.steps,
-                    a.cfg_scale,
-                    a.cfg_schedule,
-                    gens,
-                )
+                prompts = [j.prompt for j, _ in pairs]
+                bits = sample_t2i(self.model, self.text, prompts, a.height, a.width, self.sampling, gens)
             q = bits.to(next(self.ae.parameters()).dtype)
             noise = randn_rows(tuple(q.shape), self.device, gens).to(q.dtype) if self.ae.config.gan_decoder else None
             decoded = self.ae.decode(q, noise=noise)
         return list(tensor_to_images(decoded.float()).cpu().numpy())
+
+
+def image_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sizes look like 512x512 (HxW), got {text!r}") from None
+    return h, w
+
+
+def class_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated class ids like 1,2,3, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("no class ids given (e.g. --classes 1,2,3)")
+    return ids
+
+
+def check_imagenet(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Classes against the model config: --num-classes defaults to (and may not exceed) the config's count."""
+    from models.c2i.model import get_c2i_config
+
+    try:
+        total = get_c2i_config(args.model_config).num_classes
+    except ValueError as err:
+        p.error(f"--model-config: {err}")
+    if args.num_classes is None:
+        args.num_classes = total
+    elif not 1 <= args.num_classes <= total:
+        p.error(f"--num-classes must be in [1, {total}] for --model-config {args.model_config}")
+    if args.classes is not None:
+        bad = sorted({c for c in args.classes if not 0 <= c < args.num_classes})
+        if bad:
+            p.error(f"--classes needs ids in [0, {args.num_classes}); bad: {bad}")
+        twice = sorted({c for c in args.classes if args.classes.count(c) > 1})
+        if twice:
+            p.error(f"--classes lists {twice} more than once; use --per-class N for N images of a class")
+    if args.per_class < 1:
+        p.error("--per-class must be >= 1")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -160,27 +212,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="official-layout T2I folder, or a class-conditional checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--long-prompts", action="store_true", help="GenEval: the rewritten long prompts")
-    p.add_argument("--prompts-file", help="override the prompt file of the task")
-    p.add_argument("--limit", type=int, help="only the first N prompts / classes (smoke runs)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", help="prompts task: a prompt (repeatable)")
+    src.add_argument(
+        "--prompts-file", help="prompts task: a text file, one prompt a line; other tasks: override their prompt file"
+    )
+    p.add_argument("--limit", type=int, help="only the first N prompts / images (smoke runs)")
     p.add_argument("--per-tag", type=int, default=12, help="shapes: prompts per tag")
     p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=4, help="images per sampler call")
-    p.add_argument("--steps", type=int, default=50, help="diffusion-head steps per AR step")
-    p.add_argument("--cfg-scale", type=float, default=7.5)
-    p.add_argument("--cfg-schedule", choices=("constant", "linear"), default="constant")
+    p.add_argument("--batch-size", type=int, default=4, help="images per sampler call (does not change the images)")
+    p.add_argument("--steps", type=int, default=SAMPLING.steps, help="diffusion-head steps per AR step")
+    p.add_argument("--cfg-scale", type=float, default=SAMPLING.cfg_scale, help="guidance weight (<= 1: none)")
+    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=SAMPLING.cfg_schedule)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--image-size", action="append", help="supported HxW sizes of the model (default: official)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--image-size", action="append", type=image_size, help="supported HxW sizes of the model (default: official)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="base seed; image k of prompt i uses image_seed(seed, i, k)")
     p.add_argument("--model-config", default="B-16x", help="imagenet: the model's config name")
     p.add_argument("--tokenizer", help="imagenet: tokenizer file when the checkpoint has no vae. weights")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--no-ema", action="store_true", help="imagenet: the 'model' weights even when 'ema' exists")
+    p.add_argument("--num-classes", type=int, help="imagenet: the first N classes (default: all of the config's)")
+    p.add_argument("--classes", type=class_ids, help="imagenet: only these comma-separated class ids, e.g. 1,2,3")
+    p.add_argument("--per-class", type=int, default=50, help="imagenet: images of every class")
     args = p.parse_args(argv)
+    try:
+        sampling_config(args)
+    except ValueError as err:
+        p.error(str(err))
+    if args.batch_size < 1 or args.images_per_prompt < 1:
+        p.error("--batch-size and --images-per-prompt must be >= 1")
     if args.task == "imagenet":
         args.images_per_prompt = 1
+        check_imagenet(p, args)
+    elif args.classes is not None or args.no_ema:
+        p.error("--classes and --no-ema go with --task imagenet")
     if args.task == "dpg" and args.images_per_prompt != 4:
         p.error("DPG-Bench scores 2x2 grids: --images-per-prompt must be 4")
+    if args.prompt and args.task != "prompts":
+        p.error(f"--prompt goes with --task prompts (--task {args.task} reads its own prompt file)")
+    if args.task == "prompts":
+        if args.prompts_file:
+            if not Path(args.prompts_file).is_file():
+                p.error(f"--prompts-file {args.prompts_file} does not exist")
+            if not read_prompt_lines(Path(args.prompts_file)):
+                p.error(f"--prompts-file {args.prompts_file} has no prompts (one prompt a line)")
+        elif not args.prompt:
+            p.error("--task prompts needs --prompt TEXT (repeatable) or --prompts-file FILE")
+        elif not all(x.strip() for x in args.prompt):
+            p.error("--prompt text must not be empty")
     return args
 
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from models.c2i.model import ClassConditionalBitDance, get_c2i_config
-from models.c2i.sampler import cfg_at_step, sample_class_conditional
+from models.c2i.sampler import sample_class_conditional
 from models.core.bits import flip_bits
 from models.core.patch_order import to_patch_raster
 from models.core.rope import apply_rope, rope_2d_angles
+from models.core.sampling import SamplingConfig, cfg_at_step
 
 
 def tiny(P=1, **kw):
@@ -117,7 +118,7 @@ def test_sampler_reproducible_and_batched_cfg_equals_separate():
 
     def run(seed, batched):
         g = torch.Generator().manual_seed(seed)
-        return sample_class_conditional(model, labels, 3, 4.0, "constant", g, batched)
+        return sample_class_conditional(model, labels, SamplingConfig(3, 4.0, "constant", batched), g)
 
     a, b, sep = run(0, True), run(0, True), run(0, False)
     assert a.shape == (2, 16, 16, 16) and set(a.unique().tolist()) == {-1.0, 1.0}
@@ -148,4 +149,4 @@ def test_named_configs_and_bad_input():
     with pytest.raises(ValueError, match=r"expected bits \[B, 16, 16, 16\]"):
         model(torch.ones(1, 32, 16, 16), torch.tensor([0]))
     with pytest.raises(ValueError, match="class ids"):
-        sample_class_conditional(model, torch.tensor([10]), 2)
+        sample_class_conditional(model, torch.tensor([10]), SamplingConfig(steps=2))

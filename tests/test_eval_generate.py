@@ -159,3 +159,36 @@ def test_imagenet_npz_has_the_adm_layout(tmp_path):
     arr = np.load(tmp_path / "in" / "samples.npz")["arr_0"]
     assert arr.shape == (6, 32, 32, 3) and arr.dtype == np.uint8
     assert list(np.load(tmp_path / "in" / "samples.npz").keys()) == ["arr_0"]
+
+
+def test_sampler_flags_default_to_sampling_config():
+    from eval.generate import parse_args, sampling_config
+    from models.core.sampling import SamplingConfig
+
+    args = parse_args(["--task", "prompts", "--model", "m", "--out", "o", "--prompt", "a cat"])
+    assert sampling_config(args) == SamplingConfig()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--task", "prompts"], "needs --prompt TEXT (repeatable) or --prompts-file FILE"),
+        (["--task", "prompts", "--prompt", " "], "--prompt text must not be empty"),
+        (["--task", "prompts", "--prompts-file", "/no/such.txt"], "--prompts-file /no/such.txt does not exist"),
+        (["--task", "geneval", "--prompt", "a cat"], "--prompt goes with --task prompts"),
+        (["--task", "geneval", "--classes", "1,2"], "--classes and --no-ema go with --task imagenet"),
+        (["--task", "dpg", "--no-ema"], "--classes and --no-ema go with --task imagenet"),
+        (["--task", "geneval", "--image-size", "512"], "sizes look like 512x512"),
+        (["--task", "geneval", "--cfg-schedule", "cosine"], "invalid choice: 'cosine'"),
+        (["--task", "imagenet", "--model-config", "XL"], "unknown model config 'XL'"),
+        (["--task", "imagenet", "--per-class", "0"], "--per-class must be >= 1"),
+        (["--task", "geneval", "--batch-size", "0"], "--batch-size and --images-per-prompt must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(extra, message, capsys):
+    from eval.generate import parse_args
+
+    with pytest.raises(SystemExit) as err:
+        parse_args(["--model", "m", "--out", "o", *extra])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.value.code == 2 and last.startswith("python -m eval.generate: error:") and message in last

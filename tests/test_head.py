@@ -1,4 +1,5 @@
-"""Binary diffusion head: loss against hand computations, init, time features, the Euler-Maruyama sampler."""
+"""Binary diffusion head: loss against hand computations, init, time features, the Euler-Maruyama sampler, and
+the shared next-patch loop around it."""
 
 import math
 
@@ -7,6 +8,8 @@ import torch
 
 from models.core.diffusion_head import BinaryDiffusionHead, HeadConfig, shift_time, timestep_features
 from models.core.head_sampler import euler_maruyama
+from models.core.next_patch import RowSetDecoder, cfg_row_sets, sample_next_patch
+from models.core.sampling import SamplingConfig
 
 
 def _cfg(**kw):
@@ -141,3 +144,45 @@ def test_bad_head_configs_are_rejected():
     head = BinaryDiffusionHead(_cfg())
     with pytest.raises(ValueError, match=r"\[N, P, 8\]"):
         head.loss(torch.ones(2, 4, 7), torch.zeros(2, 4, 16))
+
+
+class StubRows:
+    """Rows whose conditions follow their row id and the bits fed so far; records what step() received."""
+
+    def __init__(self, ids: list[int]):
+        self.ids, self.fed = torch.tensor(ids, dtype=torch.float32), []
+
+    def conditions(self, total: torch.Tensor) -> torch.Tensor:
+        return (self.ids[:, None, None] * 0.1 + total).expand(-1, 2, 16).contiguous()
+
+    def prefill(self) -> torch.Tensor:
+        return self.conditions(torch.zeros(len(self.ids), 1, 1))
+
+    def step(self, bits: torch.Tensor) -> torch.Tensor:
+        self.fed.append(bits)
+        total = sum(b.mean(dim=(1, 2)) for b in self.fed)[:, None, None]
+        return self.conditions(total.repeat(len(self.ids) // bits.shape[0], 1, 1))
+
+
+def test_next_patch_loop_feeds_back_its_bits_and_stacks_row_sets():
+    head = BinaryDiffusionHead(_cfg())
+    _randomize(head)
+    assert cfg_row_sets([1, 2], 9, SamplingConfig(cfg_scale=1.0)) == [[1, 2]]
+    assert cfg_row_sets([1, 2], 9, SamplingConfig(cfg_scale=3.0)) == [[1, 2, 9, 9]]
+    assert cfg_row_sets([1, 2], 9, SamplingConfig(cfg_scale=3.0, batched_cfg=False)) == [[1, 2], [9, 9]]
+
+    def run(sampling, seed=0):
+        sets = [StubRows(s) for s in cfg_row_sets([1, 2], 9, sampling)]
+        out = sample_next_patch(
+            RowSetDecoder(sets, head.net, 8, 1.0, 3), 2, sampling, torch.Generator().manual_seed(seed)
+        )
+        return out, sets
+
+    out, sets = run(SamplingConfig(steps=2, cfg_scale=3.0, cfg_schedule="linear"))
+    assert out.shape == (2, 3 * 2, 8) and set(out.unique().tolist()) == {-1.0, 1.0}
+    assert [tuple(b.shape) for b in sets[0].fed] == [(2, 2, 8)] * 2  # n images' bits, not the 2n rows
+    assert torch.equal(torch.cat(sets[0].fed, dim=1), out[:, :4])  # patches 0 and 1 fed back, in order
+    separate, _ = run(SamplingConfig(steps=2, cfg_scale=3.0, cfg_schedule="linear", batched_cfg=False))
+    assert torch.equal(out, separate) and not torch.equal(out, run(SamplingConfig(steps=2, cfg_scale=3.0), 1)[0])
+    with pytest.raises(ValueError, match="decoder gave 2 condition rows for 2 images; expected 4"):
+        sample_next_patch(RowSetDecoder([StubRows([1, 2])], head.net, 8, 1.0, 3), 2, SamplingConfig(steps=1))

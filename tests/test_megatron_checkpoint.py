@@ -13,8 +13,7 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
 
-from megatron_cpu import megatron_in_process, save_result, spawn  # noqa: E402
-from megatron_train_case import (  # noqa: E402
+from helpers.megatron_case import (  # noqa: E402
     case_file,
     forward_loss,
     load_case,
@@ -24,6 +23,7 @@ from megatron_train_case import (  # noqa: E402
     step,
     train_config,
 )
+from helpers.megatron_cpu import megatron_in_process, save_result, spawn  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from models.t2i.io import export_t2i_folder, load_t2i_folder  # noqa: E402
@@ -433,8 +433,8 @@ def test_cli_errors_are_one_line(official, tokenizers, tmp_path, capsys):
 
 def test_engine_starts_from_an_imported_checkpoint(official, case_path, tmp_path):
     """`model.init_from=<megatron checkpoint>`: every rank reads its shard; the optimizer's main weights follow."""
-    from training.engines.megatron_checkpoint import model_config_of
     from training.engines.megatron import MegatronEngine
+    from training.engines.megatron_checkpoint import model_config_of
 
     main(["import", "--src", str(official), "--dst", str(tmp_path / "ckpt"), "--tp", "1", "--pp", "1"])
     cfg = replace(model_config_of(tmp_path / "ckpt"), attention="dense")

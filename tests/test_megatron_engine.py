@@ -11,8 +11,7 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
 
-from megatron_cpu import megatron_in_process, save_result, spawn  # noqa: E402
-from megatron_train_case import (  # noqa: E402
+from helpers.megatron_case import (  # noqa: E402
     case_file,
     load_case,
     local_weights,
@@ -22,6 +21,7 @@ from megatron_train_case import (  # noqa: E402
     step,
     train_config,
 )
+from helpers.megatron_cpu import megatron_in_process, save_result, spawn  # noqa: E402
 
 from models.t2i.megatron.mapping import megatron_to_reference  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
@@ -185,7 +185,7 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_training_loop_checkpoints_and_resumes_exactly(tmp_path):
-    from training_fixtures import make_t2i_data
+    from helpers.data import make_t2i_data
 
     data = make_t2i_data(tmp_path / "data")["tokens"]
     run = tmp_path / "run"

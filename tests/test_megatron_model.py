@@ -1,21 +1,20 @@
 """megatron-core T2I model on CPU (gloo): TP=1, TP=2 (with and without sequence parallelism) and a PP=2 stage split
 give the loss and gradients of the reference TextToImageBitDance with mapped weights (fp32, fixed head draws)."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 import torch.distributed as dist
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
 
+from helpers.megatron_case import PAD, make_case  # noqa: E402
+from helpers.megatron_cpu import megatron_in_process, save_result, spawn  # noqa: E402
 from megatron.core.distributed import (  # noqa: E402
     DistributedDataParallel,
     DistributedDataParallelConfig,
     finalize_model_grads,  # noqa: E402
 )
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb  # noqa: E402
-from megatron_cpu import megatron_in_process, save_result, spawn  # noqa: E402
 
 from models.t2i.megatron.attention import BlockCausalCoreAttention, BlockCausalMask  # noqa: E402
 from models.t2i.megatron.batch import pad_packed_batch  # noqa: E402
@@ -30,42 +29,7 @@ from models.t2i.megatron.mapping import (  # noqa: E402
     split_tp,
 )
 from models.t2i.megatron.model import MegatronT2IBitDance  # noqa: E402
-from models.t2i.model import TextToImageBitDance, get_t2i_config  # noqa: E402
-from models.t2i.packing import T2ISample, pack_rows  # noqa: E402
 from models.t2i.qwen3 import apply_rotary, rope_cos_sin  # noqa: E402
-
-P, C, PAD = 4, 16, 0
-
-
-class PrefixIds:
-    """Image-prefix ids for packing (vision_start, res_h, res_w, queries) without a trained text tokenizer."""
-
-    pad_id = PAD
-
-    def image_prefix_ids(self, h, w):
-        return [1, 2 + h, 2 + w] + list(range(40, 40 + P - 1))
-
-
-def make_case():
-    """Reference model (eval, random head weights), a 2-row packed batch of odd length, fixed head draws."""
-    g = torch.Generator().manual_seed(0)
-
-    def sample(n_text, h, w, text_loss=True):
-        ids = torch.randint(60, 512, (n_text,), generator=g).tolist()
-        return T2ISample(ids, torch.randn(C, h, w, generator=g).sign(), text_loss)
-
-    rows = [[sample(8, 8, 8), sample(5, 4, 12)], [sample(9, 12, 4), sample(6, 4, 4, text_loss=False)]]
-    batch = pack_rows(rows, PrefixIds(), P)
-    assert batch.input_ids.shape[1] % 2 == 1  # sequence parallelism must pad it
-    cfg = replace(get_t2i_config("tiny-4x"), attention="dense")
-    torch.manual_seed(0)
-    ref = TextToImageBitDance(cfg).eval()
-    with torch.no_grad():  # the head is zero-initialised; give it weights so the conditions matter
-        for p in ref.vision_head.parameters():
-            p.normal_(0, 0.05)
-    n = batch.target_bits.shape[0] // P
-    head_t, head_noise = torch.rand(n, generator=g), torch.randn(n, P, C, generator=g)
-    return cfg, ref, batch, head_t, head_noise
 
 
 def step(model, batch, head_t=None, head_noise=None, output_grad=None):

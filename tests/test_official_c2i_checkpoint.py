@@ -1,4 +1,4 @@
-"""Official ImageNet checkpoints: a state dict built here from the spec's names and shapes loads strictly."""
+"""Official ImageNet checkpoints: a state dict built here from the official names and shapes loads strictly."""
 
 import pytest
 import torch
@@ -25,7 +25,7 @@ def _resblock(prefix, cin, cout):
 
 
 def official_tokenizer_shapes(ch, ch_mult, nrb, z):
-    """Spec section 1, written out independently of models/tokenizer/model.py."""
+    """The official tokenizer's keys and shapes, written out independently of models/tokenizer/model.py."""
     s = {"encoder.conv_in.weight": (ch, 3, 3, 3)}
     in_mult = (1, *ch_mult)
     for i, m in enumerate(ch_mult):
@@ -73,7 +73,8 @@ def official_tokenizer_shapes(ch, ch_mult, nrb, z):
 
 
 def official_c2i_shapes(dim, n_layer, n_classes, cls_tokens, P, C, hw, head_depth, head_adaln):
-    """Spec sections 2-4 plus the official module names (backbone, `head.net.*`)."""
+    """The official ImageNet model's keys and shapes (backbone, `head.net.*`), written out independently of
+    models/c2i/model.py."""
     ffn = -(-int(2 * 4 * dim / 3) // 256) * 256
     h15 = int(1.5 * dim)
     s = {

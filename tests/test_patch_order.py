@@ -7,7 +7,7 @@ from models.core.patch_order import block_causal_mask, from_patch_raster, patch_
 
 
 def brute_force_mask(prefix_len: int, parallel_num: int, grid_tokens: int) -> torch.Tensor:
-    """Spec 3 read literally: causal over the prefix; from the last prefix token on, blocks of P positions."""
+    """The mask position by position: causal over the prefix; from the last prefix token on, blocks of P."""
     seq = prefix_len + parallel_num - 1 + grid_tokens - parallel_num
     first = prefix_len - 1
     mask = torch.zeros(seq, seq, dtype=torch.bool)

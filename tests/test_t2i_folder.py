@@ -121,31 +121,28 @@ def test_strict_failures_name_the_problem(exported, tmp_path):
         load_t2i_folder(bad)
 
 
-def test_t2i_sample_cli_writes_pngs(exported, tmp_path):
-    from models.t2i_sample import main
+def test_generate_free_prompts_writes_pngs(exported, tmp_path):
+    from eval.generate import main
 
     _, out, _ = exported
-    args = ["--model-dir", str(out), "--image-size", "16x48", "--image-size", "32x32", "--out", str(tmp_path / "s")]
-    main(
-        [
-            *args,
-            "--prompt",
-            "a red circle",
-            "--prompt",
-            "two blue squares",
-            "--height",
-            "16",
-            "--width",
-            "48",
-            "--steps",
-            "2",
-            "--cfg-scale",
-            "3",
-            "--images-per-prompt",
-            "2",
-        ]
-    )
-    pngs = sorted(p.name for p in (tmp_path / "s").glob("*.png"))
-    assert pngs == ["00000_0.png", "00000_1.png", "00001_0.png", "00001_1.png"]
+    base = ["--task", "prompts", "--model", str(out), "--image-size", "16x48", "--image-size", "32x32"]
+    args = [*base, "--steps", "2", "--cfg-scale", "3", "--images-per-prompt", "2", "--out", str(tmp_path / "s")]
+    main([*args, "--prompt", "a red circle", "--prompt", "two blue squares", "--height", "16", "--width", "48"])
+    for i, prompt in enumerate(["a red circle", "two blue squares"]):
+        folder = tmp_path / "s" / f"{i:05d}"
+        assert json.loads((folder / "metadata.jsonl").read_text()) == {"prompt": prompt}
+        assert sorted(p.name for p in (folder / "samples").iterdir()) == ["0000.png", "0001.png"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\ntwo blue squares\n")
+    main([*args[:-1], str(tmp_path / "f"), "--prompts-file", str(prompts), "--height", "16", "--width", "48"])
+    assert files_of(tmp_path / "f") == files_of(tmp_path / "s")  # same prompts, same per-image seeds
     with pytest.raises(SystemExit, match="20x20"):
-        main([*args, "--prompt", "x", "--height", "20", "--width", "20"])
+        main([*args[:-1], str(tmp_path / "x"), "--prompt", "x", "--height", "20", "--width", "20"])
+
+
+def files_of(folder):
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "run.json"
+    }

@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from models.core.sampling import SamplingConfig
 from models.t2i.model import TextToImageBitDance, get_t2i_config, sincos_2d
 from models.t2i.packing import IGNORE_INDEX, T2ISample, pack_rows
 from models.t2i.sampler import T2IDecoder, sample_t2i
@@ -166,7 +167,7 @@ def test_sampler_reproducible_batched_equals_separate_and_sizes(tok_dir):
 
     def run(seed, batched, h=16, w=48):
         g = torch.Generator().manual_seed(seed)
-        return sample_t2i(model, tok, CAPTIONS[:2], h, w, 2, 4.0, generator=g, batched_cfg=batched)
+        return sample_t2i(model, tok, CAPTIONS[:2], h, w, SamplingConfig(2, 4.0, batched_cfg=batched), g)
 
     a = run(0, True)
     assert a.shape == (2, 16, 8, 24) and set(a.unique().tolist()) == {-1.0, 1.0}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_fixtures import make_c2i_data, make_t2i_data
+from helpers.data import make_c2i_data, make_t2i_data
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

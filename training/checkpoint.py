@@ -7,11 +7,12 @@ checkpoint tools (`python -m training.checkpoint reshard|export|import ...`).
         trainer.json        step, tokens/samples seen, skipped steps, world size, config
     <run_dir>/checkpoints/latest   name of the newest complete checkpoint
 
-The megatron engine writes `dist/` (model, EMA and optimizer state through megatron's dist_checkpointing, loadable at
-any TP/PP layout), `rank_*.pt` (RNG, loader) and `trainer.json` instead; see training/engines/megatron_checkpoint.py.
-Everything is written into `.step_XXXXXXXX.tmp/`, renamed when all ranks are done, and only then is `latest`
-replaced, so a crash at any point leaves the previous checkpoint as `latest`. Loading uses safetensors and
-`torch.load(weights_only=True)` only.
+Each engine writes its own state (`training.engines.Engine.save_state`; the files above are the DeepSpeed engine's);
+the megatron engine writes `dist/` (model, EMA and optimizer state through megatron's dist_checkpointing, loadable at
+any TP/PP layout) instead, see training/engines/megatron_checkpoint.py. This module adds RNG and loader state to each
+`rank_*.pt`, and `trainer.json`. Everything is written into `.step_XXXXXXXX.tmp/`, renamed when all ranks are done,
+and only then is `latest` replaced, so a crash at any point leaves the previous checkpoint as `latest`.
+Loading uses safetensors and `torch.load(weights_only=True)` only.
 
     python -m training.checkpoint reshard --src <ckpt> --dst <ckpt> --tp N --pp M [--virtual-pp V]
     python -m training.checkpoint export --src <ckpt> --dst <official folder> --text-tokenizer <folder>
@@ -32,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from training.faults import maybe_kill
 
@@ -86,43 +86,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
-def _write_deepspeed(tmp: Path, step: int, engine, ema, loader_state: dict, trainer: dict, extra) -> None:
+def save_checkpoint(run_dir, step: int, engine, ema, loader_state: dict, trainer: dict, keep_last: int) -> Path:
+    """Every rank calls this; returns the final checkpoint directory. The engine writes its own state; this adds each
+    rank's RNG and loader state, `trainer.json`, the atomic rename, `latest` and keep-last-N."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    model_state = engine.full_state_dict()
-    zero3 = engine.zero_stage == 3
-    per_rank = {"optimizer": engine.optimizer_state(), "rng": rng_state(), "loader": loader_state, "extra": extra or {}}
-    if zero3:
-        per_rank["ema"] = ema.state_dict()
-    torch.save(per_rank, tmp / f"rank_{rank:05d}.pt")
-    if rank == 0:
-        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-        maybe_kill("after_model", step)
-        if not zero3:
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        (tmp / "trainer.json").write_text(json.dumps({**trainer, "step": step, "world_size": world}, indent=2))
-
-
-def _write_megatron(tmp: Path, step: int, engine, ema, loader_state: dict, trainer: dict, extra) -> None:
-    from training.engines.megatron_checkpoint import DIST, megatron_section
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    engine.save(tmp / DIST, ema)
-    torch.save({"rng": rng_state(), "loader": loader_state, "extra": extra or {}}, tmp / f"rank_{rank:05d}.pt")
-    if rank == 0:
-        maybe_kill("after_model", step)
-        section = megatron_section(engine.model_cfg, **engine.layout(), contents=["model", "ema", "optimizer"])
-        (tmp / "trainer.json").write_text(
-            json.dumps({**trainer, "step": step, "world_size": world, "megatron": section}, indent=2)
-        )
-
-
-def save_checkpoint(
-    run_dir, step: int, engine, ema, loader_state: dict, trainer: dict, keep_last: int, extra: dict | None = None
-) -> Path:
-    """Every rank calls this; returns the final checkpoint directory. `extra`: more per-rank tensor state
-    (e.g. a second model and its optimizer), returned as is by `load_checkpoint`."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
     root = checkpoint_root(run_dir)
     name = f"step_{step:08d}"
     tmp, final = root / f".{name}.tmp", root / name
@@ -130,10 +98,12 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    if getattr(engine, "kind", "deepspeed") == "megatron":
-        _write_megatron(tmp, step, engine, ema, loader_state, trainer, extra)
-    else:
-        _write_deepspeed(tmp, step, engine, ema, loader_state, trainer, extra)
+    per_rank, fields = engine.save_state(tmp, ema)
+    torch.save({**per_rank, "rng": rng_state(), "loader": loader_state}, tmp / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        maybe_kill("after_model", step)
+        meta = {**trainer, "step": step, "world_size": world, **fields}
+        (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
     _barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -149,61 +119,24 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, engine, ema) -> tuple[dict, dict | None, dict]:
-    """Restore model, optimizer, EMA and this rank's RNG; returns (trainer state, loader state, extra). The loader
-    state is None when a megatron checkpoint was written with another data-parallel size (the stream restarts)."""
+def load_checkpoint(path: Path, engine, ema) -> tuple[dict, dict | None]:
+    """Restore model, optimizer and EMA (through the engine) and this rank's RNG; returns (trainer state, loader
+    state). The loader state is None when the checkpoint was written with another data-parallel layout (the data
+    stream restarts)."""
+    path = Path(path)
+    if not (path / "trainer.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint (no trainer.json); pass a step_* directory or 'auto'")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if getattr(engine, "kind", "deepspeed") == "megatron":
-        return _load_megatron(Path(path), engine, ema)
     trainer = json.loads((path / "trainer.json").read_text())
-    if "megatron" in trainer:
-        raise ValueError(f"{path} was written by the megatron engine; resume it with engine.kind=megatron")
-    if trainer["world_size"] != world:
-        raise ValueError(
-            f"{path} was written by {trainer['world_size']} ranks, this run has {world}; resume with the same "
-            "world size (resharding: the checkpoint tools of the scale-out issue)"
-        )
-    engine.load_full_state_dict(load_file(str(path / "model.safetensors")))
-    per_rank = torch.load(path / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=True)
-    engine.load_optimizer_state(per_rank["optimizer"])
-    ema.load_state_dict(per_rank["ema"] if "ema" in per_rank else load_file(str(path / "ema.safetensors")))
-    set_rng_state(per_rank["rng"])
-    return trainer, per_rank["loader"], per_rank.get("extra", {})
-
-
-def _load_megatron(path: Path, engine, ema) -> tuple[dict, dict | None, dict]:
-    """Any layout loads (dist_checkpointing reshards); RNG and loader state come back when the layout matches."""
-    from training.engines.megatron_checkpoint import DIST, read_trainer
-
-    rank = dist.get_rank()
-    trainer = read_trainer(path)
-    section = trainer["megatron"]
-    contents = section["contents"]
-    engine.load(path / DIST, ema if "ema" in contents else None, optimizer="optimizer" in contents)
-    if "ema" not in contents:  # a model-only checkpoint (e.g. imported): the EMA starts at its weights
-        with torch.no_grad():
-            for name, p in engine.module.named_parameters():
-                if name in ema.shadow:
-                    ema.shadow[name].copy_(p.detach().float())
-    same = trainer.get("world_size") == dist.get_world_size() and section["layout"] == engine.layout()
     own, first = path / f"rank_{rank:05d}.pt", path / f"rank_{0:05d}.pt"
-    if same and own.is_file():
-        per_rank = torch.load(own, map_location="cpu", weights_only=True)
+    per_rank = torch.load(own, map_location="cpu", weights_only=True) if own.is_file() else None
+    applies = engine.load_state(path, ema, trainer, per_rank)
+    if applies == "all" and per_rank is not None:
         set_rng_state(per_rank["rng"])
-        return trainer, per_rank["loader"], per_rank.get("extra", {})
-    loader = None
-    if section["layout"].get("dp") == engine.dp_size and first.is_file():  # one rank's loader state serves all
-        loader = torch.load(first, map_location="cpu", weights_only=True)["loader"]
-    if rank == 0:
-        restart = "" if loader is not None else "; the data stream restarts (data-parallel size changed)"
-        was = f"layout {section['layout']} on {trainer.get('world_size')} ranks"
-        print(
-            f"{path} was written with {was}, this run has {engine.layout()}: weights and optimizer state "
-            f"resharded; RNG states start fresh{restart}",
-            flush=True,
-        )
-    return trainer, loader, {}
+        return trainer, per_rank["loader"]
+    if applies == "loader" and first.is_file():  # one rank's loader state serves every rank
+        return trainer, torch.load(first, map_location="cpu", weights_only=True)["loader"]
+    return trainer, None
 
 
 # ---- command line -------------------------------------------------------------------------------------------------
@@ -239,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--vocab-size", type=int, default=None, help="resize the text vocabulary (new rows: mean)")
     i.add_argument("--seed", type=int, default=0, help="initialisation of the new head and projector")
     args = p.parse_args(argv)
-    from training import megatron_checkpoint as mc
+    from training.engines import megatron_checkpoint as mc
 
     src, dst = _source(args.src), Path(args.dst)
     try:

@@ -13,6 +13,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from models.core.sampling import SamplingConfig
+from models.t2i.megatron.config import ParallelSettings
+
 MODEL_KINDS = ("t2i", "c2i", "tokenizer")
 ENGINE_KINDS = ("deepspeed", "megatron")
 
@@ -26,7 +29,7 @@ class ModelConfig:
     text_tokenizer: str | None = None  # HF tokenizer folder, to tokenize the periodic sample prompts
     attention: str = "auto"  # t2i attention backend: auto (flex on GPU, segments on CPU) | dense | segments | flex
     activation_checkpointing: bool = False
-    # tokenizer trainer
+    # tokenizer
     disc_start: int = 0  # step at which the PatchGAN discriminator joins (0 = never)
     disc_weight: float = 0.1
     lpips_weights: str | None = None  # local LPIPS weights; perceptual loss off without
@@ -43,8 +46,8 @@ class DataConfig:
     num_workers: int = 1
     shuffle_buffer: int = 256
     caption_dropout: float = 0.1
-    image_size: int = 64  # tokenizer trainer: crop size
-    holdout: int = 16  # tokenizer trainer: held-out images for PSNR/SSIM
+    image_size: int = 64  # tokenizer: crop size
+    holdout: int = 16  # tokenizer: held-out images for PSNR/SSIM
 
 
 @dataclass
@@ -72,22 +75,6 @@ class EngineConfig:
 
 
 @dataclass
-class ParallelConfig:
-    """Model parallelism of `engine.kind=megatron` (the deepspeed engine is data-parallel only and ignores it);
-    data-parallel size = world size / (tp * pp). Mapped onto `models.t2i.megatron.config.MegatronParallelConfig`."""
-
-    tp: int = 1  # tensor-parallel ranks (divides heads, KV heads, MLP width, vocabulary)
-    pp: int = 1  # pipeline stages (divides the layers)
-    virtual_pp: int | None = None  # model chunks per stage: interleaved 1F1B (micro-batches a multiple of pp)
-    sequence_parallel: bool = False  # split norms/dropout activations along the sequence over TP (needs tp > 1)
-    transformer_impl: str = "local"  # local (megatron's own layers) | te (Transformer Engine; needed for FP8)
-    fp8: str | None = None  # null | hybrid (e4m3 forward, e5m2 backward) | e4m3
-    fp8_recipe: str = "tensorwise"  # tensorwise | delayed | mxfp8 | blockwise
-    bf16_layers_at_start: int = 1  # with FP8: backbone layers kept in BF16 at the start / end of the stack
-    bf16_layers_at_end: int = 1
-
-
-@dataclass
 class CheckpointConfig:
     every: int = 100  # steps; 0 = only at the end and on SIGTERM
     keep_last: int = 3
@@ -106,13 +93,13 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    sample_every: int = 0  # steps between sample grids (0 = off)
+    """Periodic evaluation with the EMA weights: sample grids (t2i, c2i) and held-out reconstruction (tokenizer)."""
+
+    every: int = 0  # steps between evaluations (0 = only the tokenizer's at the start and the end)
     prompts: list[str] = field(default_factory=list)
     classes: list[int] = field(default_factory=list)
     height: int = 64
     width: int = 64
-    num_steps: int = 10
-    cfg_scale: float = 4.0
 
 
 @dataclass
@@ -126,10 +113,11 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)  # engine.kind=megatron only
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     fault_nan_at_step: int = -1  # testing: make the loss NaN at this step
 
 
@@ -139,6 +127,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (0 <= cfg.engine.zero_stage <= 3, f"engine.zero_stage must be 0-3, got {cfg.engine.zero_stage}"),
         (cfg.engine.kind in ENGINE_KINDS, f"engine.kind must be one of {ENGINE_KINDS}, got {cfg.engine.kind!r}"),
         (cfg.engine.kind != "megatron" or cfg.model.kind == "t2i", "engine.kind=megatron trains model.kind=t2i only"),
+        (
+            cfg.model.kind != "tokenizer" or cfg.engine.zero_stage <= 2,
+            "the tokenizer trains with engine.zero_stage 0-2 (its adaptive GAN weight needs whole parameters)",
+        ),
         (cfg.parallel.tp >= 1 and cfg.parallel.pp >= 1, "parallel.tp and parallel.pp must be >= 1"),
         (cfg.engine.precision in ("auto", "fp32", "bf16"), "engine.precision must be auto, fp32 or bf16"),
         (cfg.schedule.decay in ("constant", "cosine"), "schedule.decay must be constant or cosine"),

@@ -1,7 +1,9 @@
-"""Fault injection for the robustness tests: BITDANCE_FAULT_KILL=<point>:<step> SIGKILLs rank 0 there.
+"""Fault injection for the robustness tests: BITDANCE_FAULT_KILL=<point>:<step> SIGKILLs rank 0 there;
+BITDANCE_FAULT_SIGTERM=<rank>:<step> sends SIGTERM to that rank alone after that step (a preemption notice that
+reaches one rank only).
 
-Points: `step` (after an optimizer step is logged), `after_model` and `before_latest` (inside a checkpoint
-write). Unset in normal runs, where `maybe_kill` does nothing.
+Kill points: `step` (after an optimizer step is logged), `after_model` and `before_latest` (inside a checkpoint
+write). Unset in normal runs, where both functions do nothing.
 """
 
 from __future__ import annotations
@@ -17,3 +19,9 @@ def maybe_kill(point: str, step: int) -> None:
         return
     if not dist.is_initialized() or dist.get_rank() == 0:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_sigterm(step: int) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if os.environ.get("BITDANCE_FAULT_SIGTERM") == f"{rank}:{step}":
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -22,11 +22,12 @@ import torch.distributed as dist
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, grad_accumulation, load_config, to_dict
 from training.ema import EMA
-from training.engines.deepspeed import DeepSpeedEngine, init_distributed
-from training.faults import maybe_kill
+from training.engines import Engine, build_engine, init_distributed
+from training.faults import maybe_kill, maybe_sigterm
+from training.flops import mfu
 from training.logger import RunLogger
-from training.optim import build_optimizer, lr_at
-from training.tasks import build_task
+from training.optim import lr_at
+from training.tasks import Task, build_task
 
 
 class StopTraining(RuntimeError):
@@ -76,7 +77,7 @@ def sum_over_ranks(values: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def with_ema_weights(engine: DeepSpeedEngine, ema: EMA, fn):
+def with_ema_weights(engine: Engine, ema: EMA, fn):
     """Run fn(model) with the EMA weights swapped into the (unsharded) model, then restore the trained ones."""
     model = engine.module
     saved = {n: p.detach().clone() for n, p in model.named_parameters() if n in ema.shadow}
@@ -89,39 +90,18 @@ def with_ema_weights(engine: DeepSpeedEngine, ema: EMA, fn):
             params[n].copy_(v)
 
 
-def build_engine(cfg: TrainConfig, task, world: int):
-    """(engine, data-parallel rank, data-parallel size, micro-batches per step) for `engine.kind`."""
-    grad_accum = grad_accumulation(cfg, world)
-    if cfg.engine.kind == "megatron":
-        from training.engines.megatron import MegatronEngine
-
-        reference, task.model = task.model, None  # the engine takes the weights; its chunks replace the model
-        engine = MegatronEngine(cfg, task.model_cfg, reference, task.init_checkpoint)
-        return engine, engine.dp_rank, engine.dp_size, grad_accum
-    if cfg.model.activation_checkpointing:
-        from training.activation_checkpointing import apply_activation_checkpointing
-
-        apply_activation_checkpointing(task.model)
-    engine = DeepSpeedEngine(task.model, build_optimizer(task.model, cfg.optim), cfg, grad_accum)
-    return engine, dist.get_rank(), world, grad_accum
-
-
 def train(cfg: TrainConfig) -> TrainerState:
     rank, world, device = init_distributed(cfg.engine.kind)
     torch.manual_seed(cfg.seed * 1000 + rank)
     task = build_task(cfg, device)
-    engine, dp_rank, dp_size, grad_accum = build_engine(cfg, task, world)
-    full_model_here = cfg.engine.kind == "deepspeed" and engine.zero_stage < 3  # rank 0 can sample / export
+    grad_accum = grad_accumulation(cfg, world)
+    engine = build_engine(cfg, task, grad_accum)
     ema = EMA(engine.module, cfg.ema_decay)
-    loader = task.loader(dp_rank, dp_size)
+    loader = task.loader(engine.dp_rank, engine.dp_size)
     state = TrainerState()
-    resume = (
-        None
-        if cfg.checkpoint.resume == "none"
-        else (latest_checkpoint(cfg.run_dir) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
-    )
+    resume = {"none": None, "auto": latest_checkpoint(cfg.run_dir)}.get(cfg.checkpoint.resume, cfg.checkpoint.resume)
     if resume is not None:
-        trainer, loader_state, _ = load_checkpoint(resume, engine, ema)
+        trainer, loader_state = load_checkpoint(Path(resume), engine, ema)
         if loader_state is not None:
             loader.load_state_dict(loader_state)
         state = TrainerState(**{k: trainer[k] for k in TrainerState.__dataclass_fields__ if k in trainer})
@@ -129,17 +109,31 @@ def train(cfg: TrainConfig) -> TrainerState:
             print(f"resumed from {resume} at step {state.step}", flush=True)
     log = RunLogger(cfg, rank, state.step)
     preempt = Preemption()
-    flops_per_token = task.flops_per_token()
 
     def checkpoint() -> None:
         trainer = {**vars(state), "config": to_dict(cfg)}
         save_checkpoint(cfg.run_dir, state.step, engine, ema, loader.state_dict(), trainer, cfg.checkpoint.keep_last)
 
+    def evaluate(step: int, grid: bool) -> dict[str, float]:
+        """EMA-weight metrics (and the sample grid, logged here) from rank 0, where the loop logs; {} elsewhere."""
+        metrics: dict = {}
+        if engine.full_model_on_rank0 and rank == 0:
+            metrics = with_ema_weights(engine, ema, lambda m: evaluate_model(task, m, grid))
+            image = metrics.pop("grid", None)
+            if image is not None:
+                log.image(step, "samples", image)
+        if dist.is_initialized():
+            dist.barrier()
+        return metrics
+
+    if task.evaluates_at_ends and state.step == 0:
+        log.log(0, evaluate(0, grid=False))
     batches = iter(loader)
     try:
         while state.step < cfg.schedule.total_steps:
             lr = lr_at(state.step, cfg.optim.lr, cfg.schedule)
             engine.set_lr(lr)
+            task.current_step = state.step
             start = time.perf_counter()
             stats = engine.train_step(batches, task, grad_accum, poison=state.step == cfg.fault_nan_at_step)
             result, metrics = stats.result, stats.metrics
@@ -155,37 +149,33 @@ def train(cfg: TrainConfig) -> TrainerState:
             state.tokens_seen += tokens
             seconds = time.perf_counter() - start
             keys = sorted(metrics)
-            means = mean_over_ranks([stats.loss, *[metrics[k] for k in keys]])
+            means = mean_over_ranks([stats.loss, stats.flops, *[metrics[k] for k in keys]])
             values = {
                 "loss": means[0],
-                **dict(zip(keys, means[1:], strict=True)),
+                **dict(zip(keys, means[2:], strict=True)),
                 "lr": lr,
                 "grad_norm": result.grad_norm,
                 "skipped_steps": state.skipped_steps,
                 "tokens_per_s": tokens / seconds,
                 "samples_per_s": samples / seconds,
             }
-            if cfg.logging.peak_tflops > 0:
-                values["mfu"] = flops_per_token * tokens / seconds / (cfg.logging.peak_tflops * 1e12 * world)
+            if cfg.logging.peak_tflops > 0 and means[1] > 0:
+                values["mfu"] = mfu(means[1] * world, seconds, cfg.logging.peak_tflops, world)
             final_step = state.step == cfg.schedule.total_steps
+            if (cfg.eval.every and state.step % cfg.eval.every == 0) or (final_step and task.evaluates_at_ends):
+                values |= evaluate(state.step, grid=bool(cfg.eval.every) and state.step % cfg.eval.every == 0)
             if state.step % cfg.logging.every == 0 or state.step == 1 or final_step or not result.applied:
                 log.log(state.step, values)
             log.advance()
             maybe_kill("step", state.step)
+            maybe_sigterm(state.step)
             if state.consecutive_skips >= cfg.max_consecutive_skips:
                 raise StopTraining(
                     f"stopping: {state.consecutive_skips} consecutive steps had non-finite loss or gradients "
                     f"(last at step {state.step}); lower optim.lr or check the data, then resume from the last "
                     "checkpoint"
                 )
-            if cfg.eval.sample_every and state.step % cfg.eval.sample_every == 0 and full_model_here:
-                if rank == 0:
-                    grid = with_ema_weights(engine, ema, task.sample_grid)
-                    if grid is not None:
-                        log.image(state.step, "samples", grid)
-                if dist.is_initialized():
-                    dist.barrier()
-            if preempt.requested():
+            if preempt.requested():  # the same answer on every rank
                 checkpoint()
                 if rank == 0:
                     print(f"SIGTERM: checkpoint written at step {state.step}; exiting", flush=True)
@@ -195,21 +185,37 @@ def train(cfg: TrainConfig) -> TrainerState:
         last = latest_checkpoint(cfg.run_dir)
         if last is None or last.name != f"step_{state.step:08d}":
             checkpoint()
-        if cfg.checkpoint.export_official and not full_model_here and rank == 0:
-            how = (
-                "`python -m training.checkpoint export --src <checkpoint> --dst <folder> --text-tokenizer ... "
-                "--image-tokenizer ...`"
-                if cfg.engine.kind == "megatron"
-                else "the resharding tools (ZeRO-3)"
-            )
-            print(f"the EMA is sharded over ranks; export it from the last checkpoint with {how}", flush=True)
-        elif cfg.checkpoint.export_official and rank == 0:
-            exported = with_ema_weights(engine, ema, lambda m: task.export(m, Path(cfg.run_dir) / "export"))
-            if exported is not None:
-                print(f"exported EMA weights to {exported}", flush=True)
+        if cfg.checkpoint.export_official and rank == 0:
+            if engine.full_model_on_rank0:
+                out = Path(cfg.run_dir) / "export"
+                exported = with_ema_weights(engine, ema, lambda m: task.export(m, out))
+                if exported is not None:
+                    print(f"exported EMA weights to {exported}", flush=True)
+            else:
+                how = EXPORT_HOW[engine.kind]
+                print(f"the EMA is sharded over ranks; export it from the last checkpoint with {how}", flush=True)
         return state
     finally:
         log.close()
+
+
+def evaluate_model(task: Task, model, grid: bool) -> dict:
+    """The task's metrics of `model` and, when `grid`, its sample grid under the key "grid"."""
+    out = dict(task.evaluate(model))
+    if grid:
+        image = task.sample_grid(model)
+        if image is not None:
+            out["grid"] = image
+    if out.get("eval/psnr") is not None and task.evaluates_at_ends:
+        print(f"held-out PSNR {out['eval/psnr']:.2f} dB, SSIM {out['eval/ssim']:.4f}", flush=True)
+    return out
+
+
+EXPORT_HOW = {
+    "megatron": "`python -m training.checkpoint export --src <checkpoint> --dst <folder> --text-tokenizer ... "
+    "--image-tokenizer ...`",
+    "deepspeed": "DeepSpeed's zero_to_fp32 on the checkpoint's model (ZeRO-3)",
+}
 
 
 def main(argv: list[str] | None = None) -> None:

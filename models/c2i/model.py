@@ -1,6 +1,6 @@
 """Class-conditional (ImageNet) BitDance: class prefix, query tokens, block-causal backbone and binary head.
 
-Spec sections 3 and 4. Parameter names follow the official ImageNet checkpoints. The frozen tokenizer is not
+Parameter names follow the official ImageNet checkpoints. The frozen tokenizer is not
 a submodule here: official checkpoints carry it under `vae.`, which `models.c2i.io` splits off.
 Training: `forward(bits, labels)` returns the diffusion loss. Sampling: `models.c2i.sampler`.
 """

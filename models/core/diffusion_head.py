@@ -1,6 +1,6 @@
 """Binary diffusion head: the small transformer that denoises P tokens of bits, and its flow-matching loss.
 
-Spec section 2. Parameter names follow the official checkpoints (`net.*`). Two variants share one class:
+Parameter names follow the official checkpoints (`net.*`). Two variants share one class:
 the ImageNet head (head_dim 64, SwiGLU, linear output) and the text-to-image head (head_dim 128, SwiGLU or
 plain MLP, output mapped by 2*sigmoid(o) - 1). Sampling lives in `models/core/head_sampler.py`.
 """

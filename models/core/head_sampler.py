@@ -1,4 +1,4 @@
-"""Euler-Maruyama sampler of the binary diffusion head, with classifier-free guidance (spec section 2).
+"""Euler-Maruyama sampler of the binary diffusion head, with classifier-free guidance.
 
 t grid = shift(linspace(0, 1 - last_step, N + 1)); x ~ N(0, I); each of the N steps turns the head's
 x-prediction into a velocity v = (x_hat - x) / max(1 - t, 0.05), mixes v = v_u + w (v_c - v_u), and takes

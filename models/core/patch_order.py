@@ -1,4 +1,4 @@
-"""Next-patch geometry: patch-raster token order and the block-causal attention mask (spec section 3).
+"""Next-patch geometry: patch-raster token order and the block-causal attention mask.
 
 A grid of h x w tokens is cut into p x p patches (P = p*p tokens each); patches go in raster order and the
 tokens inside a patch in raster order too. One AR step predicts one whole patch.

@@ -1,4 +1,4 @@
-"""Rotary position embeddings: the 2D RoPE of the class-conditional backbone (spec section 4)."""
+"""Rotary position embeddings: the 2D RoPE of the class-conditional backbone."""
 
 from __future__ import annotations
 

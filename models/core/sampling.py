@@ -1,5 +1,6 @@
-"""The sampling settings every generator shares (diffusion-head steps, guidance scale and schedule, head time shift)
-and the per-step guidance weight; one dataclass used by training sample grids, `eval.generate` and the demo."""
+"""The sampling settings every generator shares (diffusion-head steps, guidance scale and schedule, batched CFG)
+and the per-step guidance weight; the one source of both for `models.core.next_patch` (so both family samplers),
+training sample grids, `eval.generate` and the demo."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The official text-to-image model folder in and out.
+"""The official text-to-image model folder in and out, and a T2I model started from a Hugging Face Qwen3 folder.
 
-Layout (spec section 5): a Hugging Face Qwen3 model (`config.json`, `model.safetensors` or sharded
+Layout, as the official release writes it: a Hugging Face Qwen3 model (`config.json`, `model.safetensors` or sharded
 `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`, tokenizer files with the added tokens),
 `ae_config.json` + `ae.safetensors`, `vision_head_config.json` + `vision_head.safetensors` (`net.*`) and
 `projector.safetensors` (`fc1.*`, `fc2.*`). Every part loads strictly; tensors keep their stored dtype.
@@ -9,6 +9,7 @@ Layout (spec section 5): a Hugging Face Qwen3 model (`config.json`, `model.safet
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -101,6 +102,21 @@ def load_t2i_folder(
     if len(text_tok) > llm_cfg.vocab_size:
         raise ValueError(f"tokenizer has {len(text_tok)} tokens but the backbone embeds only {llm_cfg.vocab_size}")
     return model.to(device).eval(), text_tok, image_tok
+
+
+def t2i_from_qwen3_folder(folder: str | Path, base_cfg: T2IConfig, stored_dtype: bool = False) -> TextToImageBitDance:
+    """A T2I model of `base_cfg` whose backbone is the Qwen3 of a Hugging Face folder (its `config.json` replaces
+    `base_cfg.llm`, the head's `ch_cond` follows the hidden size), loaded strictly. Projector and head start fresh
+    from the default generator (seed it first). The model is in the default dtype with the weights cast into it, or
+    with `stored_dtype` in the dtype the weights are stored in."""
+    folder = Path(folder)
+    llm = Qwen3Config.from_hf_dict(_read_json(folder / "config.json"))
+    model = TextToImageBitDance(replace(base_cfg, llm=llm, head=replace(base_cfg.head, ch_cond=llm.hidden_size)))
+    weights = read_llm_state_dict(folder)
+    if stored_dtype:
+        model.to(next(iter(weights.values())).dtype)
+    load_state_dict_strict(model.llm, weights, f"Qwen3 backbone in {folder}")
+    return model
 
 
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:

@@ -1,7 +1,8 @@
-"""Text-to-image BitDance: Qwen3 backbone, bit projector with 2D sin-cos embedding, and the T2I binary head.
+"""Text-to-image BitDance (Qwen3 backbone, bit projector with 2D sin-cos embedding, T2I binary head) and the
+image-token embedding and loss math that its megatron port (`models.t2i.megatron.model`) calls too.
 
-Spec section 5. Module names follow the official folder layout: `llm` (a Hugging Face Qwen3 model's keys),
-`projector` (`fc1`, `fc2`), `vision_head` (`net.*`). Training: `forward(PackedT2IBatch)` returns the loss terms;
+Module names follow the official folder layout: `llm` (a Hugging Face Qwen3 model's keys), `projector` (`fc1`,
+`fc2`), `vision_head` (`net.*`). Training: `forward(PackedT2IBatch)` returns the loss terms;
 loss = 0.01 x text cross-entropy + 1.0 x vision diffusion loss, each a mean over its tokens. Sampling:
 `models.t2i.sampler`.
 """
@@ -164,6 +165,67 @@ class T2ILoss:
         return self.vision_loss_sum / max(self.vision_tokens, 1)
 
 
+# ---- the T2I math both implementations share (this reference model and models/t2i/megatron/model.py) -------------
+
+
+def check_batch(batch: PackedT2IBatch, cfg: T2IConfig) -> None:
+    """One-line error when a packed batch was made for another P or another token width than the model's."""
+    P, C = cfg.parallel_num, cfg.latent_dim
+    if batch.parallel_num != P:
+        raise ValueError(f"batch was packed for P={batch.parallel_num} but the model predicts P={P} tokens")
+    if batch.target_bits.shape[-1] != C:
+        raise ValueError(f"batch holds {batch.target_bits.shape[-1]}-bit tokens; the model expects {C}")
+
+
+def image_token_embeddings(projector: VisionProjector, bits: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Input embeddings of image tokens: projector(bits) + 2D sin-cos embedding of their grid cell."""
+    return projector(bits) + sincos_2d(coords, projector.fc2.out_features).to(bits.dtype)
+
+
+def scatter_image_embeddings(
+    embeds: torch.Tensor, batch: PackedT2IBatch, projector: VisionProjector, flip_p: float = 0.0
+) -> torch.Tensor:
+    """Text embeddings [B, L, D] with the embeddings of the batch's input image tokens index-copied into their
+    positions; `flip_p` > 0 flips the input bits first (`flip_bits`, the training perturbation)."""
+    b, length, d = embeds.shape
+    bits = batch.image_in_bits.to(embeds.dtype)
+    if flip_p > 0:
+        bits = flip_bits(bits, flip_p)
+    image = image_token_embeddings(projector, bits, batch.image_in_coords).to(embeds.dtype)
+    return embeds.reshape(b * length, d).index_copy(0, batch.image_in_index, image).view(b, length, d)
+
+
+def head_conditions(flat_hidden: torch.Tensor, batch: PackedT2IBatch) -> torch.Tensor:
+    """Diffusion-head conditions [N_t, D]: the final hidden state [B * L, D] at each target's input position plus the
+    2D sin-cos embedding of the target's grid cell."""
+    pos = sincos_2d(batch.target_coords, flat_hidden.shape[-1]).to(flat_hidden.dtype)
+    return flat_hidden[batch.target_index] + pos
+
+
+def vision_loss_sum(
+    vision_head: BinaryDiffusionHead,
+    cond: torch.Tensor,
+    batch: PackedT2IBatch,
+    cfg: T2IConfig,
+    head_t: torch.Tensor | None = None,
+    head_noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum over the target tokens of the diffusion loss (per token, over `diff_batch_mul` draws)."""
+    P, C = cfg.parallel_num, cfg.latent_dim
+    per_token = vision_head.loss(
+        batch.target_bits.view(-1, P, C), cond.view(-1, P, cond.shape[-1]), head_t, head_noise, reduction="none"
+    )
+    return per_token.sum() / cfg.head.diff_batch_mul
+
+
+def combine_losses(
+    text_sum: torch.Tensor, n_text: int, vision_sum: torch.Tensor, n_vis: int, cfg: T2IConfig
+) -> T2ILoss:
+    """The training loss: text and vision terms, each a mean over its tokens, weighted as `cfg` says."""
+    loss = cfg.text_loss_weight * text_sum / max(n_text, 1) + cfg.vision_loss_weight * vision_sum / n_vis
+    return T2ILoss(loss, text_sum, n_text, vision_sum, n_vis)
+
+
 class TextToImageBitDance(nn.Module):
     def __init__(self, cfg: T2IConfig):
         super().__init__()
@@ -177,31 +239,21 @@ class TextToImageBitDance(nn.Module):
 
     def embed_image_tokens(self, bits: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """Input embeddings of image tokens: projector(bits) + 2D sin-cos embedding of their grid cell."""
-        return self.projector(bits) + self.pos_embed(coords).to(bits.dtype)
+        return image_token_embeddings(self.projector, bits, coords)
 
     def head_conditions(self, batch: PackedT2IBatch, perturb: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(final hidden states [B, L, D], head conditions [N_t, D]) for a packed batch (teacher forcing)."""
-        embeds = self.llm.model.embed_tokens(batch.input_ids)
-        b, length, d = embeds.shape
-        bits = batch.image_in_bits.to(embeds.dtype)
-        if perturb and self.cfg.flip_p_max > 0:
-            bits = flip_bits(bits, self.cfg.flip_p_max)
-        image = self.embed_image_tokens(bits, batch.image_in_coords).to(embeds.dtype)
-        embeds = embeds.reshape(b * length, d).index_copy(0, batch.image_in_index, image).view(b, length, d)
+        flip_p = self.cfg.flip_p_max if perturb else 0.0
+        embeds = scatter_image_embeddings(self.llm.model.embed_tokens(batch.input_ids), batch, self.projector, flip_p)
         mask = build_mask(batch.doc_ids, batch.block_ids, self.cfg.attention)
         hidden = self.llm.model(embeds, batch.position_ids, mask)
-        cond = hidden.reshape(b * length, d)[batch.target_index] + self.pos_embed(batch.target_coords).to(hidden.dtype)
-        return hidden, cond
+        return hidden, head_conditions(hidden.reshape(-1, hidden.shape[-1]), batch)
 
     def forward(
         self, batch: PackedT2IBatch, head_t: torch.Tensor | None = None, head_noise: torch.Tensor | None = None
     ) -> T2ILoss:
         """Loss terms; `head_t` [N_t / P] and `head_noise` [N_t / P, P, C] fix the diffusion draws (tests)."""
-        P, C = self.cfg.parallel_num, self.cfg.latent_dim
-        if batch.parallel_num != P:
-            raise ValueError(f"batch was packed for P={batch.parallel_num} but the model predicts P={P} tokens")
-        if batch.target_bits.shape[-1] != C:
-            raise ValueError(f"batch holds {batch.target_bits.shape[-1]}-bit tokens; the model expects {C}")
+        check_batch(batch, self.cfg)
         hidden, cond = self.head_conditions(batch, perturb=self.training)
         labels = batch.text_labels.reshape(-1)
         labelled = labels != IGNORE_INDEX
@@ -211,13 +263,8 @@ class TextToImageBitDance(nn.Module):
             text_sum = F.cross_entropy(logits.float(), labels[labelled], reduction="sum")
         else:
             text_sum = hidden.new_zeros(()).float()
-        per_token = self.vision_head.loss(
-            batch.target_bits.view(-1, P, C), cond.view(-1, P, cond.shape[-1]), head_t, head_noise, reduction="none"
-        )
-        vision_sum = per_token.sum() / self.cfg.head.diff_batch_mul
-        n_vis = batch.target_bits.shape[0]
-        loss = self.cfg.text_loss_weight * text_sum / max(n_text, 1) + self.cfg.vision_loss_weight * vision_sum / n_vis
-        return T2ILoss(loss, text_sum, n_text, vision_sum, n_vis)
+        vision_sum = vision_loss_sum(self.vision_head, cond, batch, self.cfg, head_t, head_noise)
+        return combine_losses(text_sum, n_text, vision_sum, batch.target_bits.shape[0], self.cfg)
 
     def resize_vocab(self, vocab_size: int) -> None:
         """Grow or shrink the text vocabulary; new embedding/LM-head rows start at the mean of the old ones."""

@@ -1,20 +1,21 @@
-"""Next-patch sampling of the text-to-image model with a KV cache and batched conditional/unconditional rows.
+"""The text-to-image model's adapter to the shared next-patch loop: padded prompt prefill and patch steps.
 
 Every prompt row (conditional prompts, and the unconditional prompt when CFG is on) is left-padded to one
 length and prefilled once, together with `<|vision_start|> <|res_h|> <|res_w|>` and the P - 1 queries; the
 last P of those form the first bidirectional block and predict patch 0. Each later step feeds one patch
-(projector + 2D embedding) and predicts the next. The official code runs the two row sets as separate passes;
-`batched_cfg=True` runs them in one batched forward, `False` in two (same numbers).
+(projector + 2D embedding) and predicts the next. The official code runs the conditional and unconditional rows
+as separate passes; `SamplingConfig.batched_cfg` runs them in one batched forward (same numbers).
 """
 
 from __future__ import annotations
 
 import torch
 
-from models.c2i.sampler import cfg_at_step, to_bits
 from models.core.attention import dense_block_causal_mask
-from models.core.head_sampler import euler_maruyama
+from models.core.head_sampler import Generators
+from models.core.next_patch import RowSetDecoder, cfg_row_sets, sample_next_patch
 from models.core.patch_order import from_patch_raster
+from models.core.sampling import SamplingConfig
 from models.t2i.model import TextToImageBitDance
 from models.t2i.packing import grid_coords
 
@@ -28,7 +29,8 @@ class T2IDecoder:
         device = model.llm.lm_head.weight.device
         self.coords = grid_coords(*grid, P).to(device)
         lens = torch.tensor([len(r) for r in rows], device=device)
-        R, L = len(rows), int(lens.max())
+        self.rows = R = len(rows)
+        L = int(lens.max())
         self.prompt_len, self.lens = L, lens
         ids = torch.full((R, L), pad_id, dtype=torch.long, device=device)
         for i, r in enumerate(rows):
@@ -56,7 +58,11 @@ class T2IDecoder:
         return self._conditions(hidden, 0)
 
     def step(self, bits: torch.Tensor) -> torch.Tensor:
-        """Feed the bits [R, P, C] of the next patch; conditions [R, P, D] for the patch after it."""
+        """Feed the bits [n, P, C] of the next patch (row i gets image i % n; R a multiple of n); conditions
+        [R, P, D] for the patch after it."""
+        if self.rows % bits.shape[0]:
+            raise ValueError(f"bits for {bits.shape[0]} images do not tile {self.rows} rows")
+        bits = bits.repeat(self.rows // bits.shape[0], 1, 1)
         P, k = self.P, self.fed
         coords = self.coords[k * P : (k + 1) * P]
         x = self.model.embed_image_tokens(bits, coords)
@@ -75,36 +81,19 @@ def sample_t2i(
     prompts: list[str],
     height: int,
     width: int,
-    num_steps: int = 50,
-    cfg_scale: float = 7.5,
-    cfg_schedule: str = "constant",
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    batched_cfg: bool = True,
+    sampling: SamplingConfig,
+    generator: Generators = None,
     images_per_prompt: int = 1,
 ) -> torch.Tensor:
     """±1 latent grids [len(prompts) * images_per_prompt, C, h, w]; decode them with the image tokenizer."""
-    cfg_at_step(cfg_scale, cfg_schedule, 0, 1)
     grid = model.cfg.grid(height, width)
     model.eval()
-    P, C = model.cfg.parallel_num, model.cfg.latent_dim
+    P = model.cfg.parallel_num
     prefix = tokenizer.image_prefix_ids(*grid)
     cond_rows = [tokenizer.prompt_ids(p) + prefix for p in prompts for _ in range(images_per_prompt)]
-    n, guided = len(cond_rows), cfg_scale > 1.0
-    row_sets = [cond_rows] + ([[tokenizer.uncond_ids() + prefix] * n] if guided else [])
-    if batched_cfg and guided:
-        row_sets = [row_sets[0] + row_sets[1]]
-    decoders = [T2IDecoder(model, rows, grid, tokenizer.pad_id) for rows in row_sets]
-    conds = torch.cat([d.prefill() for d in decoders])
-    n_steps = grid[0] * grid[1] // P
-    patches = []
-    for step in range(n_steps):
-        cond, uncond = (conds[:n], conds[n:]) if guided else (conds, None)
-        w = cfg_at_step(cfg_scale, cfg_schedule, step, n_steps)
-        x = euler_maruyama(
-            model.vision_head.net, cond, C, num_steps, w, uncond, model.cfg.head.time_shift, generator, batched_cfg
-        )
-        bits = to_bits(x).to(cond.dtype)
-        patches.append(bits)
-        if step + 1 < n_steps:
-            conds = torch.cat([d.step(bits.repeat(len(d.key_valid) // n, 1, 1)) for d in decoders])
-    return from_patch_raster(torch.cat(patches, dim=1), P, *grid)
+    sets = cfg_row_sets(cond_rows, tokenizer.uncond_ids() + prefix, sampling)
+    rows = [T2IDecoder(model, s, grid, tokenizer.pad_id) for s in sets]
+    c = model.cfg
+    decoder = RowSetDecoder(rows, model.vision_head.net, c.latent_dim, c.head.time_shift, grid[0] * grid[1] // P)
+    patches = sample_next_patch(decoder, len(cond_rows), sampling, generator)
+    return from_patch_raster(patches, P, *grid)

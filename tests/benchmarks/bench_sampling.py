@@ -14,15 +14,18 @@ import torch
 
 from models.c2i.model import ClassConditionalBitDance, get_c2i_config
 from models.c2i.sampler import sample_class_conditional
+from models.core.sampling import SamplingConfig
 
 
 def per_image_seconds(model, batch: int, steps: int, cfg: float, batched: bool, repeats: int) -> float:
     labels = torch.arange(batch) % model.cfg.num_classes
-    sample_class_conditional(model, labels[:1], 1, cfg, "constant", torch.Generator().manual_seed(0), batched)
+    warm = SamplingConfig(steps=1, cfg_scale=cfg, batched_cfg=batched)
+    sample_class_conditional(model, labels[:1], warm, torch.Generator().manual_seed(0))
+    sampling = SamplingConfig(steps=steps, cfg_scale=cfg, batched_cfg=batched)
     best = float("inf")
     for r in range(repeats):
         start = time.perf_counter()
-        sample_class_conditional(model, labels, steps, cfg, "constant", torch.Generator().manual_seed(r), batched)
+        sample_class_conditional(model, labels, sampling, torch.Generator().manual_seed(r))
         best = min(best, time.perf_counter() - start)
     return best / batch
 

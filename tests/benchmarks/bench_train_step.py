@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from training_fixtures import make_t2i_data  # noqa: E402
+from helpers.data import make_t2i_data  # noqa: E402
 
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig  # noqa: E402
 from data_pipeline.shard_format import load_manifest  # noqa: E402

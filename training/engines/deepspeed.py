@@ -7,64 +7,21 @@ The loop sees only `train_step`, `set_lr`, `module` and the checkpoint hooks, so
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from training.config import TrainConfig
+from training.engines import Resume, StepResult, StepStats, precision
 from training.optim import set_lr
 
 
-@dataclass
-class StepResult:
-    applied: bool  # False at accumulation micro-steps and for skipped (non-finite) steps
-    boundary: bool
-    grad_norm: float
-
-
-@dataclass
-class StepStats:
-    """One optimizer step as the training loop logs it: this rank's means over its micro-batches, and the samples /
-    tokens it counts (summed over all ranks by the loop)."""
-
-    loss: float
-    metrics: dict[str, float]
-    samples: int
-    tokens: int
-    result: StepResult
-
-
-def init_distributed(engine_kind: str = "deepspeed") -> tuple[int, int, torch.device]:
-    """Process group from the torchrun / deepspeed launcher env (single process when absent). The megatron engine
-    needs no DeepSpeed: its process group comes from torch.distributed directly."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        # gloo next to NCCL on GPUs: the loop's small CPU collectives (metrics, flags) need it
-        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
-    if engine_kind == "deepspeed":
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # adopts the process group above
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def precision(cfg: TrainConfig) -> str:
-    if cfg.engine.precision != "auto":
-        return cfg.engine.precision
-    return "bf16" if torch.cuda.is_available() else "fp32"
-
-
 class DeepSpeedEngine:
+    kind = "deepspeed"
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, grad_accum: int):
         import deepspeed
 
@@ -83,6 +40,8 @@ class DeepSpeedEngine:
         }
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.base_optimizer = optimizer
+        self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+        self.full_model_on_rank0 = self.zero_stage < 3
 
     @property
     def module(self) -> nn.Module:
@@ -97,7 +56,7 @@ class DeepSpeedEngine:
     def train_step(self, batches, task, grad_accum: int, poison: bool = False) -> StepStats:
         """Forward/backward over `grad_accum` micro-batches from `batches`, the update applied at the last one.
         `poison` makes the loss NaN (fault injection: the step must be skipped)."""
-        losses, metrics, samples, tokens = [], {}, 0, 0
+        losses, metrics, samples, tokens, flops = [], {}, 0, 0, 0.0
         for _ in range(grad_accum):
             out = task.step(self, next(batches))
             loss = out.loss * float("nan") if poison else out.loss
@@ -108,7 +67,8 @@ class DeepSpeedEngine:
                 metrics[k] = metrics.get(k, 0.0) + v / grad_accum
             samples += out.samples
             tokens += out.tokens
-        return StepStats(sum(losses) / len(losses), metrics, samples, tokens, result)
+            flops += out.flops
+        return StepStats(sum(losses) / len(losses), metrics, samples, tokens, flops, result)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -138,7 +98,33 @@ class DeepSpeedEngine:
         norm = float(norm) if norm is not None else float("nan")
         return StepResult(not self.optimizer.overflow, True, norm)
 
-    # ---- checkpoint hooks: every tensor state this rank owns, loadable with torch.load(weights_only=True)
+    # ---- checkpoints -----------------------------------------------------------------------------------------------
+
+    def save_state(self, directory: Path, ema) -> tuple[dict, dict]:
+        model_state = self.full_state_dict()
+        per_rank = {"optimizer": self.optimizer_state()}
+        if self.zero_stage == 3:
+            per_rank["ema"] = ema.state_dict()
+        if dist.get_rank() == 0:
+            save_file({k: v.contiguous() for k, v in model_state.items()}, str(directory / "model.safetensors"))
+            if self.zero_stage < 3:
+                save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(directory / "ema.safetensors"))
+        return per_rank, {}
+
+    def load_state(self, directory: Path, ema, trainer: dict, per_rank: dict | None) -> Resume:
+        if "megatron" in trainer:
+            raise ValueError(f"{directory} was written by the megatron engine; resume it with engine.kind=megatron")
+        if trainer["world_size"] != dist.get_world_size() or per_rank is None:
+            raise ValueError(
+                f"{directory} was written by {trainer['world_size']} ranks, this run has {dist.get_world_size()}; "
+                "resume with the same world size"
+            )
+        self.load_full_state_dict(load_file(str(directory / "model.safetensors")))
+        self.load_optimizer_state(per_rank["optimizer"])
+        ema.load_state_dict(per_rank["ema"] if "ema" in per_rank else load_file(str(directory / "ema.safetensors")))
+        return "all"
+
+    # every tensor state this rank owns, loadable with torch.load(weights_only=True)
     def optimizer_state(self) -> dict:
         if self.zero_stage == 0:
             return {"base": self.base_optimizer.state_dict()}

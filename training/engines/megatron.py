@@ -5,7 +5,8 @@ chunks (`MegatronT2IBitDance` with pre/post_process; one chunk per virtual stage
 `DistributedDataParallel` with the distributed optimizer (`get_megatron_optimizer`, Adam with decoupled weight decay),
 one optimizer step as megatron's micro-batch schedule (`get_forward_backward_func`: no pipelining, 1F1B or
 interleaved 1F1B) with `finalize_model_grads`, and the dist_checkpointing state of model, EMA and optimizer (format:
-`training.engines.megatron_checkpoint`). The models stay engine-free: everything here wraps `models.t2i.megatron` from outside.
+`training.engines.megatron_checkpoint`). Implements `training.engines.Engine`. The models stay engine-free: everything
+here wraps `models.t2i.megatron` from outside.
 
 - Data: every rank of a model-parallel group reads the same micro-batches (the loader is split over data-parallel
   ranks only); each pipeline stage builds its attention mask from them, the first embeds, the last scores.
@@ -23,7 +24,7 @@ Runs on GPUs (NCCL). megatron-core has no CPU path: on CPU this engine runs only
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -36,8 +37,8 @@ from models.t2i.megatron.mapping import load_model_state, reference_to_megatron,
 from models.t2i.megatron.model import MegatronT2IBitDance
 from models.t2i.model import T2IConfig, TextToImageBitDance
 from training.config import TrainConfig
-from training.engines.deepspeed import StepResult, StepStats, precision
-from training.engines.megatron_checkpoint import DIST, model_key, save_dist
+from training.engines import Resume, StepResult, StepStats, precision
+from training.engines.megatron_checkpoint import DIST, megatron_section, model_key, save_dist
 from training.optim import NO_DECAY_NAMES
 
 PAD_ID = 0  # sequence-parallel padding: any in-vocabulary id (padded positions are their own document, unlabelled)
@@ -45,21 +46,11 @@ OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained
 
 
 def parallel_config(cfg: TrainConfig) -> MegatronParallelConfig:
-    """The `parallel` section (and engine precision) as the model's `MegatronParallelConfig`."""
-    p = cfg.parallel
-    dtype = torch.bfloat16 if precision(cfg) == "bf16" else torch.float32
+    """The `parallel` section plus what the engine decides: recompute, parameter dtype, where layers initialise."""
     return MegatronParallelConfig(
-        tp=p.tp,
-        pp=p.pp,
-        virtual_pp=p.virtual_pp,
-        sequence_parallel=p.sequence_parallel,
-        transformer_impl=p.transformer_impl,
-        fp8=p.fp8,
-        fp8_recipe=p.fp8_recipe,
-        bf16_layers_at_start=p.bf16_layers_at_start,
-        bf16_layers_at_end=p.bf16_layers_at_end,
+        **asdict(cfg.parallel),
         recompute=cfg.model.activation_checkpointing,
-        params_dtype=dtype,
+        params_dtype=torch.bfloat16 if precision(cfg) == "bf16" else torch.float32,
         use_cpu_initialization=not torch.cuda.is_available(),
     )
 
@@ -71,6 +62,7 @@ def no_decay(param: torch.Tensor, name: str) -> bool:
 
 class MegatronEngine:
     kind = "megatron"
+    full_model_on_rank0 = False  # each rank holds its TP shard of its pipeline stage
 
     def __init__(
         self,
@@ -198,7 +190,7 @@ class MegatronEngine:
         loss NaN (fault injection: the step must be skipped)."""
         micro = [next(batches) for _ in range(grad_accum)]
         first_of_group = self.ps.get_tensor_model_parallel_rank() == 0 and self.ps.is_pipeline_first_stage()
-        counts = [task.batch_counts(b) for b in micro] if first_of_group else [(0, 0)]
+        counts = [task.batch_counts(b) for b in micro] if first_of_group else [(0, 0, 0.0)]
         if self.par.sequence_parallel:
             micro = [pad_packed_batch(b, self.par.tp, PAD_ID) for b in micro]
         for m in self.ddp:
@@ -224,8 +216,8 @@ class MegatronEngine:
         applied, grad_norm, _ = self.optimizer.step()
         values = self._from_last_stage(store, ["loss", *task.metric_names], grad_accum)
         result = StepResult(bool(applied), True, float(grad_norm) if applied else float("nan"))
-        samples, tokens = (sum(c[i] for c in counts) for i in (0, 1))
-        return StepStats(values.pop("loss"), values, samples, tokens, result)
+        samples, tokens, flops = (sum(c[i] for c in counts) for i in (0, 1, 2))
+        return StepStats(values.pop("loss"), values, samples, tokens, flops, result)
 
     def _from_last_stage(self, store: list[dict], keys: list[str], n: int) -> dict[str, float]:
         """Means over the micro-batches of the values the last pipeline stage collected, on every rank of the pipeline
@@ -259,6 +251,37 @@ class MegatronEngine:
     def _optimizer_sharded(self, model: dict, loading: bool) -> dict:
         _materialize_adam_state(self.optimizer)
         return self.optimizer.sharded_state_dict(model, is_loading=loading, metadata=OPTIMIZER_FORMAT)
+
+    def save_state(self, directory: Path, ema) -> tuple[dict, dict]:
+        self.save(directory / DIST, ema)
+        section = megatron_section(self.model_cfg, **self.layout(), contents=["model", "ema", "optimizer"])
+        return {}, {"megatron": section}
+
+    def load_state(self, directory: Path, ema, trainer: dict, per_rank: dict | None) -> Resume:
+        """Any layout loads (dist_checkpointing reshards); RNG and loader state apply when the layout matches, the
+        loader state alone when the data-parallel size does."""
+        if "megatron" not in trainer:
+            raise ValueError(f"{directory} was written by the DeepSpeed engine; resume it with engine.kind=deepspeed")
+        section = trainer["megatron"]
+        contents = section["contents"]
+        self.load(directory / DIST, ema if "ema" in contents else None, optimizer="optimizer" in contents)
+        if "ema" not in contents:  # a model-only checkpoint (e.g. imported): the EMA starts at its weights
+            with torch.no_grad():
+                for name, p in self.module.named_parameters():
+                    if name in ema.shadow:
+                        ema.shadow[name].copy_(p.detach().float())
+        if trainer.get("world_size") == dist.get_world_size() and section["layout"] == self.layout() and per_rank:
+            return "all"
+        same_dp = section["layout"].get("dp") == self.dp_size
+        if dist.get_rank() == 0:
+            restart = "" if same_dp else "; the data stream restarts (data-parallel size changed)"
+            was = f"layout {section['layout']} on {trainer.get('world_size')} ranks"
+            print(
+                f"{directory} was written with {was}, this run has {self.layout()}: weights and optimizer state "
+                f"resharded; RNG states start fresh{restart}",
+                flush=True,
+            )
+        return "loader" if same_dp else "none"
 
     def save(self, directory: Path, ema) -> None:
         """Model, EMA and optimizer state into a dist_checkpointing directory (every rank calls this)."""

@@ -287,18 +287,10 @@ def write_model_checkpoint(state: dict[str, torch.Tensor], cfg: T2IConfig, dst: 
 def reference_from_hf(folder: Path, model_name: str, vocab_size: int | None, seed: int) -> TextToImageBitDance:
     """A T2I model whose backbone is the Qwen3 of a Hugging Face folder; projector and head freshly initialised
     (seeded) in the backbone's dtype; the vocabulary resized to `vocab_size` when given."""
-    from models.core.state_dict import load_state_dict_strict
-    from models.t2i.io import read_llm_state_dict
+    from models.t2i.io import t2i_from_qwen3_folder
 
-    llm = Qwen3Config.from_hf_dict(json.loads((folder / "config.json").read_text()))
-    base = get_t2i_config(model_name)
-    cfg = replace(base, llm=llm, head=replace(base.head, ch_cond=llm.hidden_size))
     torch.manual_seed(seed)
-    model = TextToImageBitDance(cfg)
-    weights = read_llm_state_dict(folder)
-    dtype = next(iter(weights.values())).dtype
-    model.to(dtype)
-    load_state_dict_strict(model.llm, weights, f"Qwen3 backbone in {folder}")
+    model = t2i_from_qwen3_folder(folder, get_t2i_config(model_name), stored_dtype=True)
     if vocab_size is not None:
         model.resize_vocab(vocab_size)
     return model

@@ -21,16 +21,25 @@ FP8_RECIPES = ("tensorwise", "delayed", "mxfp8", "blockwise")
 
 
 @dataclass
-class MegatronParallelConfig:
-    tp: int = 1
-    pp: int = 1
+class ParallelSettings:
+    """The model-parallel layout a user chooses (the `parallel` section of a training config); data-parallel size =
+    world size / (tp * pp)."""
+
+    tp: int = 1  # tensor-parallel ranks (divides heads, KV heads, MLP width, vocabulary)
+    pp: int = 1  # pipeline stages (divides the layers)
     virtual_pp: int | None = None  # model chunks per pipeline stage (interleaved 1F1B); None: one chunk
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # split norm/dropout activations along the sequence over TP (needs tp > 1)
     transformer_impl: str = "local"  # "local": megatron's own layers; "te": Transformer Engine layers (FP8)
     fp8: str | None = None  # None, "hybrid" (e4m3 forward, e5m2 backward) or "e4m3"
-    fp8_recipe: str = "tensorwise"
+    fp8_recipe: str = "tensorwise"  # tensorwise | delayed | mxfp8 | blockwise
     bf16_layers_at_start: int = 1  # with FP8: backbone layers kept in BF16 at each end of the stack
     bf16_layers_at_end: int = 1
+
+
+@dataclass
+class MegatronParallelConfig(ParallelSettings):
+    """The settings above plus how this process builds the layers (set by the engine, not by users)."""
+
     recompute: bool = False  # recompute every layer's activations in the backward pass (full, uniform, 1 layer)
     params_dtype: torch.dtype = torch.bfloat16
     use_cpu_initialization: bool = False

@@ -3,11 +3,12 @@
 Built on megatron's `TransformerBlock` (not GPTModel) so the stage ends can hold what a language model does not:
 
 - first stage (`pre_process`): `VocabParallelEmbedding` for text ids, then the image-token embeddings
-  (projector(bits) + 2D sin-cos) index-copied into their positions exactly as the reference does, then (sequence
-  parallel) scattered along the sequence;
+  (projector(bits) + 2D sin-cos) index-copied into their positions by the reference's own
+  `scatter_image_embeddings`, then (sequence parallel) scattered along the sequence;
 - last stage (`post_process`): the final norm (inside the block), the hidden states gathered back to the full
   sequence, the LM head as a vocab-sharded `ColumnParallelLinear` on the labelled positions only with
-  `vocab_parallel_cross_entropy`, and the diffusion head on the head conditions (hidden + 2D sin-cos).
+  `vocab_parallel_cross_entropy`, and the diffusion head on the head conditions (hidden + 2D sin-cos); the head
+  conditions, the vision loss and the weighted loss are the reference's functions (`models.t2i.model`).
 
 Design:
 
@@ -43,12 +44,20 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
-from models.core.bits import flip_bits
 from models.core.diffusion_head import BinaryDiffusionHead
 from models.t2i.megatron.attention import BlockCausalMask
 from models.t2i.megatron.config import MegatronParallelConfig, transformer_config
 from models.t2i.megatron.spec import block_spec
-from models.t2i.model import T2IConfig, T2ILoss, VisionProjector, sincos_2d
+from models.t2i.model import (
+    T2IConfig,
+    T2ILoss,
+    VisionProjector,
+    check_batch,
+    combine_losses,
+    head_conditions,
+    scatter_image_embeddings,
+    vision_loss_sum,
+)
 from models.t2i.packing import IGNORE_INDEX, PackedT2IBatch
 
 
@@ -109,13 +118,8 @@ class MegatronT2IBitDance(MegatronModule):
     def embed(self, batch: PackedT2IBatch) -> torch.Tensor:
         """First-stage input [s(/tp), b, D]: text embeddings with image-token embeddings copied in."""
         embeds = self.word_embeddings(batch.input_ids)  # [b, s, D], full on every TP rank
-        b, length, d = embeds.shape
-        bits = batch.image_in_bits.to(embeds.dtype)
-        if self.training and self.cfg.flip_p_max > 0:
-            bits = flip_bits(bits, self.cfg.flip_p_max)
-        image = (self.projector(bits) + sincos_2d(batch.image_in_coords, d).to(bits.dtype)).to(embeds.dtype)
-        embeds = embeds.reshape(b * length, d).index_copy(0, batch.image_in_index, image).view(b, length, d)
-        hidden = embeds.transpose(0, 1).contiguous()
+        flip_p = self.cfg.flip_p_max if self.training else 0.0
+        hidden = scatter_image_embeddings(embeds, batch, self.projector, flip_p).transpose(0, 1).contiguous()
         if self.config.sequence_parallel:
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
         return hidden
@@ -141,24 +145,14 @@ class MegatronT2IBitDance(MegatronModule):
         return self.loss(hidden, batch, head_t, head_noise)
 
     def loss(self, hidden: torch.Tensor, batch: PackedT2IBatch, head_t, head_noise) -> T2ILoss:
-        P, C = self.cfg.parallel_num, self.cfg.latent_dim
-        if batch.parallel_num != P:
-            raise ValueError(f"batch was packed for P={batch.parallel_num} but the model predicts P={P} tokens")
-        if batch.target_bits.shape[-1] != C:
-            raise ValueError(f"batch holds {batch.target_bits.shape[-1]}-bit tokens; the model expects {C}")
+        check_batch(batch, self.cfg)
         if self.config.sequence_parallel:
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-        d = hidden.shape[-1]
-        flat = hidden.transpose(0, 1).reshape(-1, d)  # [b * s, D], rows in the batch's flat index order
+        flat = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [b * s, D], rows in the batch's flat order
         labels = batch.text_labels.reshape(-1)
         labelled = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         logits, _ = self.output_layer(flat[labelled][:, None])  # [n, 1, vocab / tp]
         text_sum = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels[labelled][:, None]).sum()
-        cond = flat[batch.target_index] + sincos_2d(batch.target_coords, d).to(flat.dtype)
-        per_token = self.vision_head.loss(
-            batch.target_bits.view(-1, P, C), cond.view(-1, P, d), head_t, head_noise, reduction="none"
-        )
-        vision_sum = per_token.sum() / self.cfg.head.diff_batch_mul
-        n_text, n_vis = labelled.numel(), batch.target_bits.shape[0]
-        loss = self.cfg.text_loss_weight * text_sum / max(n_text, 1) + self.cfg.vision_loss_weight * vision_sum / n_vis
-        return T2ILoss(loss, text_sum, n_text, vision_sum, n_vis)
+        cond = head_conditions(flat, batch)
+        vision_sum = vision_loss_sum(self.vision_head, cond, batch, self.cfg, head_t, head_noise)
+        return combine_losses(text_sum, labelled.numel(), vision_sum, batch.target_bits.shape[0], self.cfg)

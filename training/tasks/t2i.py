@@ -1,65 +1,23 @@
-"""What is being trained: one small builder per model kind (model, data loader, loss, FLOPs, samples, export).
-
-The loop in `training/train.py` only talks to a `Task`; models stay plain PyTorch modules.
-"""
+"""The text-to-image task: `TextToImageBitDance` (or, under the megatron engine, the config and initial weights the
+engine shards), packed binary-token rows from the loader, sample grids from prompts, and the official folder export."""
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch import nn
 
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
 from data_pipeline.shard_format import load_manifest
-from models.c2i.model import ClassConditionalBitDance, get_c2i_config
 from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config
+from models.t2i.packing import PackedT2IBatch
 from models.tokenizer.model import tensor_to_images
 from training.config import TrainConfig
-
-
-@dataclass
-class StepOutput:
-    loss: torch.Tensor
-    metrics: dict[str, float]
-    samples: int
-    tokens: int
-
-
-def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    w, h = max(i.width for i in images), max(i.height for i in images)
-    rows = -(-len(images) // columns)
-    grid = Image.new("RGB", (columns * w, rows * h))
-    for k, img in enumerate(images):
-        grid.paste(img, ((k % columns) * w, (k // columns) * h))
-    return grid
-
-
-def dense_params(model: nn.Module) -> int:
-    """Parameters that cost FLOPs per token (embedding tables excluded)."""
-    emb = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
-    return sum(p.numel() for p in model.parameters()) - emb
-
-
-class Task:
-    kind: str
-    model: nn.Module
-
-    def loader(self, rank: int, world: int) -> BinaryTokenLoader: ...
-
-    def step(self, forward, batch) -> StepOutput: ...
-
-    def flops_per_token(self) -> float:
-        return 6.0 * dense_params(self.model)
-
-    def sample_grid(self, model: nn.Module) -> Image.Image | None:
-        return None
-
-    def export(self, model: nn.Module, out_dir: Path) -> Path | None:
-        return None
+from training.flops import t2i_batch_flops
+from training.tasks import StepOutput, Task, image_grid
 
 
 class T2ITask(Task):
@@ -135,16 +93,10 @@ class T2ITask(Task):
             model.resize_vocab(self.vocab(model.cfg.llm.vocab_size))
             return model.float().to(self.device)
         if src:  # a Hugging Face Qwen3 folder: the backbone starts from it
-            import json
+            from models.t2i.io import t2i_from_qwen3_folder
 
-            from models.core.state_dict import load_state_dict_strict
-            from models.t2i.io import read_llm_state_dict
-            from models.t2i.qwen3 import Qwen3Config
-
-            llm = Qwen3Config.from_hf_dict(json.loads((Path(src) / "config.json").read_text()))
-            model = TextToImageBitDance(replace(mcfg, llm=llm, head=replace(mcfg.head, ch_cond=llm.hidden_size)))
-            load_state_dict_strict(model.llm, read_llm_state_dict(Path(src)), f"Qwen3 backbone in {src}")
-            model.resize_vocab(self.vocab(llm.vocab_size))
+            model = t2i_from_qwen3_folder(src, mcfg)
+            model.resize_vocab(self.vocab(model.cfg.llm.vocab_size))
             return model.to(self.device)
         return TextToImageBitDance(mcfg).to(self.device)
 
@@ -170,21 +122,19 @@ class T2ITask(Task):
         return {"loss/text_ce": out.text_ce.detach(), "loss/vision": out.vision_loss.detach()}
 
     @staticmethod
-    def batch_counts(batch) -> tuple[int, int]:
-        """(samples, real tokens) of a packed batch."""
-        return batch.num_samples, int((batch.doc_ids >= 0).sum())
+    def counts(model_cfg: T2IConfig, batch: PackedT2IBatch) -> tuple[int, int, float]:
+        """(samples, real tokens, model FLOPs of forward + backward) of a packed batch."""
+        flops = t2i_batch_flops(model_cfg, batch)["total"]
+        return batch.num_samples, int((batch.doc_ids >= 0).sum()), float(flops)
+
+    def batch_counts(self, batch: PackedT2IBatch) -> tuple[int, int, float]:
+        return self.counts(self.model_cfg, batch)
 
     def step(self, forward, batch) -> StepOutput:
         batch = batch.to(self.device)
         out = forward(batch)
         metrics = {k: v.item() for k, v in self.loss_metrics(out).items()}
         return StepOutput(out.loss, metrics, *self.batch_counts(batch))
-
-    def flops_per_token(self) -> float:
-        if self.model is not None:
-            return super().flops_per_token()
-        with torch.device("meta"):
-            return 6.0 * dense_params(TextToImageBitDance(self.model_cfg))
 
     def sample_grid(self, model: TextToImageBitDance) -> Image.Image | None:
         ev, mc = self.cfg.eval, self.cfg.model
@@ -194,7 +144,7 @@ class T2ITask(Task):
 
         text, ae = self.tokenizers
         gen = torch.Generator(device=self.device).manual_seed(0)
-        bits = sample_t2i(model, text, list(ev.prompts), ev.height, ev.width, ev.num_steps, ev.cfg_scale, generator=gen)
+        bits = sample_t2i(model, text, list(ev.prompts), ev.height, ev.width, self.cfg.sampling, generator=gen)
         images = tensor_to_images(ae.decode(bits)).cpu().numpy()
         model.train()
         return image_grid([Image.fromarray(i) for i in images], columns=min(4, len(images)))
@@ -217,79 +167,3 @@ class T2ITask(Task):
 
         text, ae = self.tokenizers
         return export_t2i_folder(model, text, ae, out_dir)
-
-
-class C2ITask(Task):
-    kind = "c2i"
-
-    def __init__(self, cfg: TrainConfig, device: torch.device):
-        self.cfg, self.device = cfg, device
-        self.manifest = load_manifest(Path(cfg.data.data_dir))
-        size = self.manifest["identity"]["image_size"]
-        mcfg = get_c2i_config(
-            cfg.model.name,
-            image_size=size,
-            downsample=self.manifest["downsample"],
-            latent_dim=self.manifest["bits_per_token"],
-        )
-        if cfg.model.init_from:
-            from models.c2i.io import load_c2i_checkpoint
-
-            self.model, _ = load_c2i_checkpoint(cfg.model.init_from, mcfg, tokenizer_path=cfg.model.image_tokenizer)
-            self.model.train()
-        else:
-            self.model = ClassConditionalBitDance(mcfg)
-        self.model.to(device)
-
-    def loader(self, rank: int, world: int) -> BinaryTokenLoader:
-        d = self.cfg.data
-        lc = LoaderConfig(
-            d.data_dir,
-            kind="imagenet",
-            seed=self.cfg.seed,
-            shuffle_buffer=d.shuffle_buffer,
-            batch_size=d.micro_batch,
-            num_workers=d.num_workers,
-        )
-        return BinaryTokenLoader(lc, rank=rank, world_size=world)
-
-    def step(self, forward, batch) -> StepOutput:
-        bits, labels = (t.to(self.device) for t in batch)
-        loss = forward(bits, labels)
-        tokens = labels.numel() * bits.shape[2] * bits.shape[3]
-        return StepOutput(loss, {"loss/vision": loss.item()}, labels.numel(), tokens)
-
-    def sample_grid(self, model: ClassConditionalBitDance) -> Image.Image | None:
-        ev, mc = self.cfg.eval, self.cfg.model
-        if not (ev.classes and mc.image_tokenizer):
-            return None
-        from models.c2i.sampler import sample_class_conditional
-        from models.tokenizer.io import load_tokenizer
-
-        ae = load_tokenizer(mc.image_tokenizer, device=self.device)
-        gen = torch.Generator(device=self.device).manual_seed(0)
-        labels = torch.tensor(list(ev.classes), device=self.device)
-        bits = sample_class_conditional(model, labels, ev.num_steps, ev.cfg_scale, "linear", gen)
-        model.train()
-        images = tensor_to_images(ae.decode(bits)).cpu().numpy()
-        return image_grid([Image.fromarray(i) for i in images], columns=min(8, len(images)))
-
-    def export(self, model: ClassConditionalBitDance, out_dir: Path) -> Path | None:
-        from models.c2i.io import save_c2i_checkpoint
-
-        tokenizer = None
-        if self.cfg.model.image_tokenizer:
-            from models.tokenizer.io import load_tokenizer
-
-            tokenizer = load_tokenizer(self.cfg.model.image_tokenizer)
-        path = Path(out_dir) / "bitdance_c2i.pt"
-        save_c2i_checkpoint(path, model, tokenizer, ema=model)
-        return path
-
-
-def build_task(cfg: TrainConfig, device: torch.device) -> Task:
-    if cfg.model.kind == "t2i":
-        return T2ITask(cfg, device)
-    if cfg.model.kind == "c2i":
-        return C2ITask(cfg, device)
-    raise ValueError(f"model.kind {cfg.model.kind!r} is trained by training.tokenizer_trainer, not training.train")

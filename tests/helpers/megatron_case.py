@@ -1,5 +1,5 @@
-"""A tiny text-to-image training case for the megatron engine and checkpoint tests: the reference model and packed
-batch of test_megatron_model, a megatron TrainConfig, and helpers to step an engine and read its weights."""
+"""A tiny text-to-image case for the megatron model, engine and checkpoint tests: the reference model, a packed batch
+of odd length and fixed head draws, a megatron TrainConfig, and helpers to step an engine and read its weights."""
 
 from __future__ import annotations
 
@@ -8,15 +8,54 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
-from test_megatron_model import make_case
 
 from models.t2i.megatron.mapping import megatron_to_reference, merge_tp, model_state
+from models.t2i.model import TextToImageBitDance, get_t2i_config
+from models.t2i.packing import T2ISample, pack_rows
 from training.config import TrainConfig, load_config
-from training.tasks import T2ITask
+from training.tasks.t2i import T2ITask
 
-TASK = SimpleNamespace(
-    batch_counts=T2ITask.batch_counts, loss_metrics=T2ITask.loss_metrics, metric_names=T2ITask.metric_names
-)
+P, C, PAD = 4, 16, 0
+
+
+class PrefixIds:
+    """Image-prefix ids for packing (vision_start, res_h, res_w, queries) without a trained text tokenizer."""
+
+    pad_id = PAD
+
+    def image_prefix_ids(self, h, w):
+        return [1, 2 + h, 2 + w] + list(range(40, 40 + P - 1))
+
+
+def make_case():
+    """Reference model (eval, random head weights), a 2-row packed batch of odd length, fixed head draws."""
+    g = torch.Generator().manual_seed(0)
+
+    def sample(n_text, h, w, text_loss=True):
+        ids = torch.randint(60, 512, (n_text,), generator=g).tolist()
+        return T2ISample(ids, torch.randn(C, h, w, generator=g).sign(), text_loss)
+
+    rows = [[sample(8, 8, 8), sample(5, 4, 12)], [sample(9, 12, 4), sample(6, 4, 4, text_loss=False)]]
+    batch = pack_rows(rows, PrefixIds(), P)
+    assert batch.input_ids.shape[1] % 2 == 1  # sequence parallelism must pad it
+    cfg = replace(get_t2i_config("tiny-4x"), attention="dense")
+    torch.manual_seed(0)
+    ref = TextToImageBitDance(cfg).eval()
+    with torch.no_grad():  # the head is zero-initialised; give it weights so the conditions matter
+        for p in ref.vision_head.parameters():
+            p.normal_(0, 0.05)
+    n = batch.target_bits.shape[0] // P
+    head_t, head_noise = torch.rand(n, generator=g), torch.randn(n, P, C, generator=g)
+    return cfg, ref, batch, head_t, head_noise
+
+
+def task(cfg):
+    """The T2I task's per-batch hooks the megatron engine calls, for model config `cfg` (no data folder needed)."""
+    return SimpleNamespace(
+        batch_counts=lambda batch: T2ITask.counts(cfg, batch),
+        loss_metrics=T2ITask.loss_metrics,
+        metric_names=T2ITask.metric_names,
+    )
 
 
 def train_config(tp: int = 1, pp: int = 1, *overrides: str) -> TrainConfig:
@@ -69,7 +108,7 @@ def new_engine(case: dict, tp: int = 1, pp: int = 1, reference: bool = True, ini
 
 
 def step(engine, batch, grad_accum: int = 1, poison: bool = False):
-    return engine.train_step(itertools.repeat(batch), TASK, grad_accum, poison)
+    return engine.train_step(itertools.repeat(batch), task(engine.model_cfg), grad_accum, poison)
 
 
 def local_weights(engine) -> dict[str, torch.Tensor]:

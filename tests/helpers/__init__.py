@@ -1,0 +1,1 @@
+"""Test helpers shared by the test modules (no helper imports a test module): datasets, megatron on CPU, cases."""

@@ -1,0 +1,112 @@
+"""Training engines: the interface every engine implements (`Engine`), what a step returns, process-group setup and
+`build_engine`. The DeepSpeed engine (ZeRO 0-3) and the megatron-core engine (TP/PP) live beside this file; the loop
+and the run-directory code (`training.checkpoint`) talk to them only through `Engine`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
+    from training.ema import EMA
+    from training.tasks import Task
+
+Resume = Literal["all", "loader", "none"]
+
+
+@dataclass
+class StepResult:
+    applied: bool  # False at accumulation micro-steps and for skipped (non-finite) steps
+    boundary: bool
+    grad_norm: float
+
+
+@dataclass
+class StepStats:
+    """One optimizer step as the training loop logs it: this rank's means over its micro-batches, and the samples /
+    tokens / model FLOPs it counts (summed over all ranks by the loop)."""
+
+    loss: float
+    metrics: dict[str, float]
+    samples: int
+    tokens: int
+    flops: float
+    result: StepResult
+
+
+class Engine(Protocol):
+    """What the loop and the run-directory code need from an engine."""
+
+    kind: str
+    dp_rank: int  # this rank's data-parallel index and the data-parallel size (the loader splits over these)
+    dp_size: int
+    full_model_on_rank0: bool  # rank 0 can run the whole model (sample grids, export) as `module`
+
+    @property
+    def module(self) -> nn.Module:
+        """This rank's trainable modules: the EMA tracks their parameters."""
+
+    def set_lr(self, lr: float) -> None: ...
+
+    def train_step(self, batches, task: Task, grad_accum: int, poison: bool = False) -> StepStats:
+        """Forward/backward over `grad_accum` micro-batches from `batches` and one optimizer step; `poison` makes the
+        loss NaN (fault injection: the step must be skipped)."""
+
+    def save_state(self, directory: Path, ema: EMA) -> tuple[dict, dict]:
+        """Write model, EMA and optimizer state into the checkpoint `directory` (every rank calls this). Returns
+        (this rank's extra tensors for its `rank_*.pt`, fields for `trainer.json`)."""
+
+    def load_state(self, directory: Path, ema: EMA, trainer: dict, per_rank: dict | None) -> Resume:
+        """Restore model, EMA and optimizer state. Returns what else applies to this run: "all" (this rank's RNG and
+        loader state), "loader" (rank 0's loader state only) or "none" (both start fresh)."""
+
+
+def init_distributed(engine_kind: str = "deepspeed") -> tuple[int, int, torch.device]:
+    """Process group from the torchrun launcher env (a single process when absent). The megatron engine needs no
+    DeepSpeed: its process group comes from torch.distributed directly."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # gloo next to NCCL on GPUs: the loop's small CPU collectives (metrics, flags) need it
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    if engine_kind == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # adopts the process group above
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def precision(cfg: TrainConfig) -> str:
+    if cfg.engine.precision != "auto":
+        return cfg.engine.precision
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def build_engine(cfg: TrainConfig, task: Task, grad_accum: int) -> Engine:
+    """The engine of `engine.kind`, holding the task's model (the megatron engine builds its own chunks from it)."""
+    if cfg.engine.kind == "megatron":
+        from training.engines.megatron import MegatronEngine
+
+        reference, task.model = task.model, None  # the engine takes the weights; its chunks replace the model
+        return MegatronEngine(cfg, task.model_cfg, reference, task.init_checkpoint)
+    from training.engines.deepspeed import DeepSpeedEngine
+    from training.optim import build_optimizer
+
+    if cfg.model.activation_checkpointing:
+        from training.activation_checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(task.model)
+    return DeepSpeedEngine(task.model, build_optimizer(task.model, cfg.optim), cfg, grad_accum)

@@ -1,0 +1,74 @@
+"""What is being trained: the `Task` interface the loop talks to, and the registry of tasks by `model.kind`.
+
+A task builds its model and data loader, turns a batch into a loss (`step`), counts samples, tokens and model FLOPs,
+and optionally evaluates (tokenizer reconstruction), draws sample grids and exports the official layout. Models stay
+plain PyTorch modules; engines wrap them from outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from training.config import TrainConfig
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    metrics: dict[str, float]
+    samples: int
+    tokens: int
+    flops: float  # model FLOPs of this micro-batch's forward and backward
+
+
+class Task:
+    """Defaults shared by every task; `kind`, `__init__`, `loader` and `step` are each task's own."""
+
+    kind: str
+    model: nn.Module | None
+    model_cfg: object = None
+    init_checkpoint: Path | None = None  # a megatron checkpoint the engine loads itself (t2i)
+    current_step: int = 0  # the optimizer step being computed (set by the loop)
+    evaluates_at_ends: bool = False  # also evaluate before the first step and after the last
+
+    def loader(self, rank: int, world: int): ...
+
+    def step(self, forward, batch) -> StepOutput: ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics of the EMA weights, logged at `eval.every` (and by the tokenizer at the start and the end)."""
+        return {}
+
+    def sample_grid(self, model: nn.Module) -> Image.Image | None:
+        return None
+
+    def export(self, model: nn.Module, out_dir: Path) -> Path | None:
+        return None
+
+
+def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    w, h = max(i.width for i in images), max(i.height for i in images)
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for k, img in enumerate(images):
+        grid.paste(img, ((k % columns) * w, (k // columns) * h))
+    return grid
+
+
+def build_task(cfg: TrainConfig, device: torch.device) -> Task:
+    if cfg.model.kind == "t2i":
+        from training.tasks.t2i import T2ITask
+
+        return T2ITask(cfg, device)
+    if cfg.model.kind == "c2i":
+        from training.tasks.c2i import C2ITask
+
+        return C2ITask(cfg, device)
+    from training.tasks.tokenizer import TokenizerTask
+
+    return TokenizerTask(cfg, device)
