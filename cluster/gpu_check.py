@@ -1,19 +1,16 @@
-"""One-GPU check of the megatron T2I training path: BF16 throughput and MFU of a ~1B config, FlexAttention vs dense
-SDPA on the block-causal mask, and megatron's no-pipelining schedule against hand-summed gradients.
+"""One-GPU check of the megatron T2I training path; it drives the product's `MegatronEngine` (the code users train with)
+and takes FLOPs and MFU from `training.flops` (the formula the training loop logs).
 
     python -m cluster.gpu_check --out DIR [--steps N] [--quick]
 
-Sections (each records its figures or its error and the run goes on): `env`, `schedule` (fp32 tiny model: grads
-accumulated by `forward_backward_no_pipelining` over several micro-batches == the sum of the per-micro-batch
-grads; pipeline parallelism itself needs more than one rank), `attention` (BlockMask vs boolean-mask SDPA at the
-model's attention shape: fwd and fwd+bwd time, speedup, output and input-grad differences; an fp32 equality check
-at a smaller size), `train` (megatron DDP + optimizer, `get_forward_backward_func()`, several micro-batches of
-synthetic packed rows: tokens/s, MFU, peak memory) and `fp8` (Transformer Engine spec, BF16 and FP8 hybrid
-tensorwise; skipped when Transformer Engine does not import). DIR/gpu_check.json is rewritten after every section.
-
-Model FLOPs of a batch: 6 x (matmul weights a token passes through) per token — backbone layers on every position,
-projector on image inputs, LM head on labelled text, diffusion head on targets — plus attention over the pairs the
-block-causal mask allows (4 x heads x head_dim per pair forward, 8 x backward); embeddings and norms are not counted.
+Sections (each records its figures or its error and the run goes on; DIR/gpu_check.json is rewritten after each):
+`env`, `config` (the ~1B model), `schedule` (fp32 tiny engine, lr 0, no clipping: the grads one `train_step` leaves in
+the DDP buffers over several micro-batches == the sum of the per-micro-batch grads by hand through the same DDP model;
+pipeline parallelism itself needs more than one rank), `attention` (FlexAttention BlockMask vs boolean-mask SDPA at
+the model's attention shape: fwd and fwd+bwd time, speedup, output and input-grad differences; an fp32 equality check
+at a smaller size), `train` (BF16 `MegatronEngine.train_step` over synthetic packed micro-batches with the T2I task's
+hooks: tokens/s, MFU, peak memory) and `fp8` (the same on Transformer Engine layers, BF16 and FP8 hybrid tensorwise;
+skipped when Transformer Engine does not import).
 """
 
 from __future__ import annotations
@@ -22,23 +19,28 @@ import argparse
 import gc
 import importlib.metadata
 import json
+import math
 import platform
-import socket
 import sys
 import time
 import traceback
 from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from models.t2i.megatron.batch import pad_packed_batch
-from models.t2i.model import T2IConfig, get_t2i_config, t2i_head_config
-from models.t2i.packing import IGNORE_INDEX, PackedT2IBatch, T2ISample, pack_rows, sample_length
+from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config, t2i_head_config
+from models.t2i.packing import PackedT2IBatch, T2ISample, pack_rows, sample_length
 from models.t2i.qwen3 import get_qwen3_config
+from training.config import load_config
+from training.flops import mask_pairs, mfu, t2i_batch_flops, t2i_linear_params
+from training.tasks.t2i import T2ITask
 
 H200_BF16_PEAK_TFLOPS = 989.0  # dense BF16 tensor-core peak of an H100/H200 SXM (no sparsity)
 FIRST_TEXT_ID = 100  # synthetic text ids are drawn from [FIRST_TEXT_ID, vocab); special ids sit below
+TENSORS = ("out", "dq", "dk", "dv")  # what the attention checks compare
 
 
 def check_config(quick: bool = False) -> T2IConfig:
@@ -103,100 +105,39 @@ def synthetic_batch(cfg: T2IConfig, seq_len: int, rows: int = 1, seed: int = 0) 
     return pad_packed_batch(pack_rows(packed, tokens, cfg.parallel_num), seq_len, tokens.pad_id)
 
 
-def mask_pairs(doc_ids: torch.Tensor, block_ids: torch.Tensor, chunk: int = 1024) -> int:
-    """(query, key) pairs the block-causal mask allows: same document, key block <= query block (as
-    `models.core.attention.dense_block_causal_mask`), counted over query chunks to bound memory."""
-    total = 0
-    for s in range(0, doc_ids.shape[1], chunk):
-        dq, bq = doc_ids[:, s : s + chunk, None], block_ids[:, s : s + chunk, None]
-        total += int(((dq == doc_ids[:, None, :]) & (block_ids[:, None, :] <= bq)).sum())
-    return total
+# ------------------------------------------------------------------------------------------- engine and helpers
 
 
-def linear_params(cfg: T2IConfig) -> dict[str, int]:
-    """Matmul weights each token passes through, per component: `backbone` (all layers, every position),
-    `lm_head` (labelled text), `projector` (image inputs), `head_token` (diffusion targets), `head_patch` (the
-    head's timestep MLP, once per patch)."""
-    m, h = cfg.llm, cfg.head
-    d, q, kv = m.hidden_size, m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
-    layer = d * q + 2 * d * kv + q * d + 3 * d * m.intermediate_size
-    w, hidden = h.ch_latent, int(h.ch_latent * 1.5)
-    mlp = 3 * w * hidden if h.use_swiglu else 2 * w * hidden
-    head_token = (
-        h.ch_target * w
-        + h.ch_cond * w
-        + h.depth_adanln * 6 * w * w
-        + h.depth_latent * (4 * w * w + mlp)
-        + 2 * w * w
-        + w * h.ch_target
-    )
-    return dict(
-        backbone=m.num_hidden_layers * layer,
-        lm_head=d * m.vocab_size,
-        projector=cfg.latent_dim * d + d * d,
-        head_token=head_token,
-        head_patch=256 * w + w * w,
+def megatron_engine(model_cfg: T2IConfig, *overrides: str, reference: TextToImageBitDance | None = None):
+    """The product's `MegatronEngine` for a one-rank run: BF16, Adam lr 1e-4, weight decay 0.1, clipping at 1, then
+    `overrides` (dotted `TrainConfig` keys, e.g. `parallel.fp8=hybrid`)."""
+    from training.engines.megatron import MegatronEngine
+
+    base = ["engine.kind=megatron", "engine.precision=bf16", "optim.lr=1e-4", "optim.weight_decay=0.1"]
+    return MegatronEngine(load_config(None, [*base, *overrides]), model_cfg, reference)
+
+
+def t2i_hooks(model_cfg: T2IConfig) -> SimpleNamespace:
+    """The T2I task's per-batch hooks `train_step` calls (the task itself needs a data folder)."""
+    return SimpleNamespace(
+        batch_counts=lambda b: T2ITask.counts(model_cfg, b),
+        loss_metrics=T2ITask.loss_metrics,
+        metric_names=T2ITask.metric_names,
     )
 
 
-def batch_flops(cfg: T2IConfig, batch: PackedT2IBatch, pairs: int | None = None) -> dict[str, int]:
-    """Model FLOPs of one forward+backward over `batch`: `dense` (6 x weights x tokens), `attention` (12 x width x
-    allowed pairs, backbone and head), `total`, and the token counts they use."""
-    m, h, P = cfg.llm, cfg.head, cfg.parallel_num
-    pairs = mask_pairs(batch.doc_ids, batch.block_ids) if pairs is None else pairs
-    n = dict(
-        positions=batch.input_ids.numel(),
-        text=int((batch.text_labels != IGNORE_INDEX).sum()),
-        image_in=batch.image_in_index.numel(),
-        targets=batch.target_index.numel() * h.diff_batch_mul,
-    )
-    lp = linear_params(cfg)
-    dense = 6 * (
-        lp["backbone"] * n["positions"]
-        + lp["lm_head"] * n["text"]
-        + lp["projector"] * n["image_in"]
-        + lp["head_token"] * n["targets"]
-        + lp["head_patch"] * n["targets"] // P
-    )
-    attention = (
-        12 * m.num_hidden_layers * m.num_attention_heads * m.head_dim * pairs
-        + 12 * h.depth_latent * h.ch_latent * n["targets"] * P
-    )
-    return dict(dense=dense, attention=attention, total=dense + attention, pairs=pairs, **n)
+def reseed(seed: int = 1) -> None:
+    """The same bit flips and diffusion draws for two passes over the same micro-batches."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
 
-
-# ---------------------------------------------------------------------------------------------------- CUDA helpers
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def sync() -> None:
-    torch.cuda.synchronize()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_megatron() -> None:
-    """NCCL world of one rank, megatron's model-parallel groups (TP=PP=1) and its CUDA RNG tracker."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
-
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-
-
-def build_model(cfg: T2IConfig, par):
-    from megatron.core.enums import ModelType
-
-    from models.t2i.megatron.model import MegatronT2IBitDance
-
-    model = MegatronT2IBitDance(cfg, par).cuda()
-    model.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
-    return model
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def gib(nbytes: int) -> float:
@@ -205,16 +146,35 @@ def gib(nbytes: int) -> float:
 
 def release() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-
-
-def fb_name(fb) -> str:
-    return getattr(fb, "__name__", repr(fb))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def failure(e: Exception) -> dict:
+    return dict(error=f"{type(e).__name__}: {e}"[:1000], traceback=traceback.format_exc()[-3000:])
+
+
+def param_counts(model) -> dict[str, int]:
+    """Parameters of a megatron model chunk by top-level module, and their total."""
+    names = dict(
+        decoder="backbone",
+        word_embeddings="embedding",
+        output_layer="lm_head",
+        vision_head="diffusion_head",
+        projector="projector",
+    )
+    counts = dict.fromkeys(["total", *names.values()], 0)
+    for name, p in model.named_parameters():
+        counts["total"] += p.numel()
+        top = name.split(".")[0]
+        if top in names:
+            counts[names[top]] += p.numel()
+    return counts
 
 
 # -------------------------------------------------------------------------------------------------------- sections
@@ -245,70 +205,53 @@ def env_section() -> dict:
 
 
 def schedule_section(micro: int = 3) -> dict:
-    """fp32 tiny model (dense attention, eval so no bit flips, fixed head draws): grads of
-    `forward_backward_no_pipelining` over `micro` micro-batches vs the sum of loss/micro backwards by hand."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from models.t2i.megatron.config import MegatronParallelConfig
+    """fp32 tiny engine (dense attention, random head weights, lr 0, no clipping): the grads one `train_step` leaves in
+    the DDP buffers (megatron's schedule over `micro` micro-batches) vs the sum of loss/micro backwards by hand
+    through the engine's DDP model, with the same bit flips and diffusion draws."""
+    from megatron.core.distributed import finalize_model_grads
 
     cfg = replace(get_t2i_config("tiny-16x"), attention="dense")
     torch.manual_seed(0)
-    model = build_model(cfg, MegatronParallelConfig(params_dtype=torch.float32)).eval()
+    ref = TextToImageBitDance(cfg)
     with torch.no_grad():  # the head is zero-initialised; give it weights so its conditions get gradients
-        for p in model.vision_head.parameters():
+        for p in ref.vision_head.parameters():
             p.normal_(0, 0.05)
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-    P, C = cfg.parallel_num, cfg.latent_dim
-    micro_batches = []
-    for i in range(micro):
-        b = synthetic_batch(cfg, 512, rows=2, seed=100 + i).to("cuda")
-        n = b.target_bits.shape[0] // P
-        micro_batches.append((b, torch.rand(n, device="cuda"), torch.randn(n, P, C, device="cuda")))
+    engine = megatron_engine(cfg, "engine.precision=fp32", "optim.lr=0", "optim.grad_clip=0", reference=ref)
+    (ddp,), (chunk,) = engine.ddp, engine.chunks
+    batches = [synthetic_batch(cfg, 512, rows=2, seed=100 + i) for i in range(micro)]
 
     ddp.zero_grad_buffer()
+    reseed()
     hand_losses = []
-    for b, t, z in micro_batches:
-        out = ddp(b, t, z)
+    for b in batches:
+        out = ddp(b.to(engine.device))
         (out.loss / micro).backward()
         hand_losses.append(out.loss.item())
     finalize_model_grads([ddp])
-    hand = {k: p.main_grad.clone() for k, p in model.named_parameters()}
+    hand = {k: p.main_grad.clone() for k, p in chunk.named_parameters()}
 
-    def forward_step(data_iterator, model):
-        b, t, z = next(data_iterator)
-        out = model(b, t, z)
-        return out, lambda o: (o.loss, {"loss": o.loss.detach().clone()})  # the schedule divides o.loss in place
-
-    model.config.no_sync_func, model.config.finalize_model_grads_func = ddp.no_sync, finalize_model_grads
-    ddp.zero_grad_buffer()
-    data = iter(micro_batches)
-    fb = get_forward_backward_func()
-    store = fb(
-        forward_step_func=forward_step,
-        data_iterator=data,
-        model=[ddp],
-        num_microbatches=micro,
-        seq_length=512,
-        micro_batch_size=2,
-    )
-    sched = {k: p.main_grad for k, p in model.named_parameters()}
+    reseed()
+    data = iter(batches)
+    stats = engine.train_step(data, t2i_hooks(cfg), micro)
+    sched = {k: p.main_grad for k, p in chunk.named_parameters()}
     rel = {k: ((sched[k] - g).norm() / g.norm().clamp_min(1e-30)).item() for k, g in hand.items()}
     worst = max(rel, key=rel.get)
-    loss_diff = max(abs(s["loss"].item() - h) / abs(h) for s, h in zip(store, hand_losses, strict=True))
+    hand_loss = sum(hand_losses) / micro
+    loss_diff = abs(stats.loss - hand_loss) / abs(hand_loss)
     nonzero = sum(g.abs().sum().item() > 0 for g in hand.values())
     ok = rel[worst] <= 1e-5 and loss_diff <= 1e-5 and next(data, None) is None and nonzero == len(hand)
     return dict(
-        schedule=fb_name(fb),
+        schedule=getattr(engine.forward_backward, "__name__", repr(engine.forward_backward)),
         micro_batches=micro,
         params=len(hand),
         params_with_grad=nonzero,
         worst_grad_rel_err=rel[worst],
         worst_param=worst,
         max_loss_rel_diff=loss_diff,
-        tolerance="grad and loss rel err <= 1e-5 (fp32)",
+        step_applied=stats.result.applied,
+        tolerance="grad and mean loss rel err <= 1e-5 (fp32)",
         pipeline_parallel="not run: needs more than one rank",
-        ok=ok,
+        ok=ok and stats.result.applied,
     )
 
 
@@ -337,14 +280,15 @@ def _qkv(batch: int, seq: int, heads: int, kv_heads: int, dim: int, dtype, seed:
     return leaves, [t.permute(1, 2, 0, 3) for t in leaves]
 
 
-def _fwd_bwd(leaves, views, mask, grad_out):
+def _fwd_bwd(leaves, views, mask, grad_out) -> list[torch.Tensor]:
+    """[out, dq, dk, dv] of `attend` (as `TENSORS`)."""
     from models.core.attention import attend
 
     for t in leaves:
         t.grad = None
     out = attend(*views, mask)
     out.backward(grad_out)
-    return out.detach(), [t.grad for t in leaves]
+    return [out.detach(), *(t.grad for t in leaves)]
 
 
 def attention_section(cfg: T2IConfig, seq: int, iters: int, fp32_seq: int) -> dict:
@@ -356,19 +300,9 @@ def attention_section(cfg: T2IConfig, seq: int, iters: int, fp32_seq: int) -> di
     heads, kv_heads, dim = m.num_attention_heads, m.num_key_value_heads, m.head_dim
     batch = synthetic_batch(cfg, seq, rows=1, seed=7).to("cuda")
     doc, blk = batch.doc_ids, batch.block_ids
-    pairs = mask_pairs(doc, blk)
-    res = dict(
-        shape=dict(
-            seq=seq,
-            heads=heads,
-            kv_heads=kv_heads,
-            head_dim=dim,
-            dtype="bf16",
-            P=cfg.parallel_num,
-            docs=batch.num_samples,
-        ),
-        mask_density=pairs / seq**2,
-    )
+    pairs = mask_pairs(doc, blk)  # real positions only: padding pairs do no useful work
+    shape = dict(seq=seq, heads=heads, kv_heads=kv_heads, head_dim=dim, dtype="bf16", P=cfg.parallel_num)
+    res = dict(shape=dict(shape, docs=batch.num_samples), mask_density=pairs / seq**2)
     build_mask(doc, blk, "flex")  # compiles create_block_mask
     res["dense_mask_build_ms"] = time_ms(lambda: build_mask(doc, blk, "dense"), 5, 1)
     res["block_mask_build_ms"] = time_ms(lambda: build_mask(doc, blk, "flex"), 5, 1)
@@ -401,26 +335,24 @@ def attention_section(cfg: T2IConfig, seq: int, iters: int, fp32_seq: int) -> di
         res["speedup_fwd_bwd" + suffix] = res[base]["fwd_bwd_ms"] / res["flex"]["fwd_bwd_ms"]
     ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
     ref = _fwd_bwd(ref_leaves, [t.permute(1, 2, 0, 3) for t in ref_leaves], masks["dense"], grad_out.float())
-    names = ("out", "dq", "dk", "dv")
-    flat = {k: [v[0], *v[1]] for k, v in results.items()} | {"fp32_ref": [ref[0], *ref[1]]}
-    eq, ok = {}, True
-    for i, name in enumerate(names):
-        scale = flat["fp32_ref"][i].abs().max().item()
-        diff = max_abs(flat["flex"][i], flat["dense"][i])
-        eq[name] = dict(
-            flex_vs_dense=diff,
-            flex_vs_fp32=max_abs(flat["flex"][i], flat["fp32_ref"][i]),
-            dense_vs_fp32=max_abs(flat["dense"][i], flat["fp32_ref"][i]),
-            ref_max_abs=scale,
+    flex, dense = results["flex"], results["dense"]
+    eq = {
+        name: dict(
+            flex_vs_dense=max_abs(flex[i], dense[i]),
+            flex_vs_fp32=max_abs(flex[i], ref[i]),
+            dense_vs_fp32=max_abs(dense[i], ref[i]),
+            ref_max_abs=ref[i].abs().max().item(),
         )
-        ok &= diff <= 2e-2 * scale
-    flex_err, dense_err = (max(eq[n][f"{k}_vs_fp32"] / eq[n]["ref_max_abs"] for n in names) for k in ("flex", "dense"))
+        for i, name in enumerate(TENSORS)
+    }
     res["bf16_equality"] = dict(
         eq,
         tolerance="max|flex - dense| <= 2e-2 * max|fp32 ref| per tensor",
-        ok=ok,
-        flex_worst_rel_err_vs_fp32=flex_err,
-        dense_worst_rel_err_vs_fp32=dense_err,
+        ok=all(e["flex_vs_dense"] <= 2e-2 * e["ref_max_abs"] for e in eq.values()),
+        **{
+            f"{k}_worst_rel_err_vs_fp32": max(e[f"{k}_vs_fp32"] / e["ref_max_abs"] for e in eq.values())
+            for k in ("flex", "dense")
+        },
     )
     res["fp32_equality"] = _fp32_equality(cfg, fp32_seq)
     return res
@@ -432,161 +364,96 @@ def _fp32_equality(cfg: T2IConfig, seq: int) -> dict:
     batch = synthetic_batch(cfg, seq, rows=2, seed=8).to("cuda")
     leaves, views = _qkv(2, seq, 4, 2, 64, torch.float32, seed=2)
     grad_out = torch.randn(2, 4, seq, 64, device="cuda")
-    got = {
-        b: _fwd_bwd(leaves, views, build_mask(batch.doc_ids, batch.block_ids, b), grad_out) for b in ("flex", "dense")
+    flex, dense = (
+        _fwd_bwd(leaves, views, build_mask(batch.doc_ids, batch.block_ids, b), grad_out) for b in ("flex", "dense")
+    )
+    eq = {
+        n: dict(max_abs_diff=max_abs(a, b), ref_max_abs=b.abs().max().item())
+        for n, a, b in zip(TENSORS, flex, dense, strict=True)
     }
-    eq, ok = {}, True
-    for i, name in enumerate(("out", "dq", "dk", "dv")):
-        a, b = ([r[0], *r[1]][i] for r in got.values())
-        scale = b.abs().max().item()
-        eq[name] = dict(max_abs_diff=max_abs(a, b), ref_max_abs=scale)
-        ok &= eq[name]["max_abs_diff"] <= 1e-4 * scale
     return dict(
         shape=dict(batch=2, seq=seq, heads=4, kv_heads=2, head_dim=64),
         **eq,
         tolerance="max|flex - dense| <= 1e-4 * max|dense| per tensor",
-        ok=ok,
+        ok=all(e["max_abs_diff"] <= 1e-4 * e["ref_max_abs"] for e in eq.values()),
     )
 
 
-def param_counts(model) -> dict[str, int]:
-    """Parameters of the megatron model by top-level module, and their total."""
-    names = dict(
-        decoder="backbone",
-        word_embeddings="embedding",
-        output_layer="lm_head",
-        vision_head="diffusion_head",
-        projector="projector",
-    )
-    counts = dict.fromkeys(["total", *names.values()], 0)
-    for name, p in model.named_parameters():
-        counts["total"] += p.numel()
-        top = name.split(".")[0]
-        if top in names:
-            counts[names[top]] += p.numel()
-    return counts
-
-
-def train_section(cfg: T2IConfig, par, seq: int, steps: int, micro: int, peak_tflops: float) -> dict:
-    """BF16 training steps: megatron DDP (fp32 grad buffers) + `get_megatron_optimizer` (distributed Adam; plain
-    torch AdamW on the bf16 weights if that fails), `get_forward_backward_func()` over `micro` micro-batches of one
-    `seq`-position row. Step 0 (compilation) is not timed."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
+def train_section(cfg: T2IConfig, seq: int, steps: int, micro: int, peak_tflops: float, *overrides: str) -> dict:
+    """`steps` optimizer steps of the product's `MegatronEngine` (BF16 unless `overrides` say otherwise), each
+    `train_step` over `micro` micro-batches of one synthetic `seq`-position row (on the CPU, as the loader hands them
+    over). Step 0 (compilation) is not timed. FLOPs are the step's `StepStats.flops` (`T2ITask.counts`, the loop's
+    count) and MFU is `training.flops.mfu` of them on one device."""
     release()
-    torch.manual_seed(0)
-    model = build_model(cfg, par).train()
-    counts = param_counts(model)
-    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
-    ddp = DistributedDataParallel(model.config, ddp_cfg, model)
+    engine = megatron_engine(cfg, *overrides)
+    par, opt = engine.par, engine.optimizer
+    inner = ", ".join(
+        f"{type(o).__name__}({type(getattr(o, 'optimizer', o)).__name__})"
+        for o in getattr(opt, "chained_optimizers", [opt])
+    )
+    batches = [synthetic_batch(cfg, seq, rows=1, seed=i) for i in range(micro)]
+    flops = [t2i_batch_flops(cfg, b) for b in batches]
     res = dict(
         transformer_impl=par.transformer_impl,
         fp8=par.fp8,
         fp8_recipe=par.fp8_recipe if par.fp8 else None,
-        params=counts,
+        precision=engine.precision,
+        params=param_counts(engine.chunks[0]),
         seq_len=seq,
         micro_batch_rows=1,
         micro_batches=micro,
+        optimizer=f"megatron {type(opt).__name__}[{inner}] (MegatronEngine)",
+        schedule=getattr(engine.forward_backward, "__name__", repr(engine.forward_backward)),
+        flops_per_step=dict(
+            {k: sum(f[k] for f in flops) for k in ("total", "dense", "attention")},
+            mask_density=sum(f["pairs"] for f in flops) / (micro * seq**2),
+            padding_fraction=sum(int((b.doc_ids < 0).sum()) for b in batches) / (micro * seq),
+        ),
     )
-    try:
-        opt_cfg = OptimizerConfig(
-            optimizer="adam",
-            lr=1e-4,
-            weight_decay=0.1,
-            adam_beta2=0.95,
-            clip_grad=1.0,
-            bf16=True,
-            params_dtype=torch.bfloat16,
-            use_distributed_optimizer=True,
-        )
-        opt = get_megatron_optimizer(opt_cfg, [ddp])
-        inner = ", ".join(type(o).__name__ for o in getattr(opt, "chained_optimizers", [opt]))
-        res["optimizer"] = f"megatron {type(opt).__name__}[{inner}] (get_megatron_optimizer, distributed, Adam)"
-        model.config.grad_scale_func = opt.scale_loss
-    except Exception as e:
-        opt = None
-        torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
-        res["optimizer"] = f"torch AdamW on bf16 weights (get_megatron_optimizer failed: {e!r})"[:400]
-    model.config.no_sync_func, model.config.finalize_model_grads_func = ddp.no_sync, finalize_model_grads
-    micro_batches = [synthetic_batch(cfg, seq, rows=1, seed=i).to("cuda") for i in range(micro)]
-    flops = [batch_flops(cfg, b) for b in micro_batches]
-    step_flops = sum(f["total"] for f in flops)
-    res["flops_per_step"] = dict(
-        total=step_flops,
-        dense=sum(f["dense"] for f in flops),
-        attention=sum(f["attention"] for f in flops),
-        mask_density=sum(f["pairs"] for f in flops) / (micro * seq**2),
-        padding_fraction=sum(int((b.doc_ids < 0).sum()) for b in micro_batches) / (micro * seq),
-    )
-
-    def forward_step(data_iterator, model):
-        out = model(next(data_iterator))
-        return out, lambda o: (o.loss, {"loss": o.loss.detach().clone()})  # the schedule divides o.loss in place
-
-    fb = get_forward_backward_func()
-    res["schedule"] = fb_name(fb)
-    log = []
+    hooks, log = t2i_hooks(cfg), []
     for step in range(steps):
         sync()
         t0 = time.perf_counter()
-        ddp.zero_grad_buffer()
-        if opt is not None:
-            opt.zero_grad()
-        store = fb(
-            forward_step_func=forward_step,
-            data_iterator=iter(micro_batches),
-            model=[ddp],
-            num_microbatches=micro,
-            seq_length=seq,
-            micro_batch_size=1,
-        )
-        if opt is not None:
-            _, grad_norm, _ = opt.step()
-        else:
-            for p in model.parameters():
-                p.grad = p.main_grad.to(p.dtype)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
-            torch_opt.step()
-            torch_opt.zero_grad(set_to_none=True)
+        stats = engine.train_step(iter(batches), hooks, micro)
         sync()
         dt = time.perf_counter() - t0
-        loss = sum(s["loss"].item() for s in store) / micro
-        log.append(dict(step=step, seconds=round(dt, 3), loss=round(loss, 4), grad_norm=float(grad_norm)))
-        print(
-            f"  [{res['transformer_impl']}{'/fp8' if par.fp8 else ''}] step {step}: {dt:.2f}s loss {loss:.4f} "
-            f"grad_norm {float(grad_norm):.3f}",
-            flush=True,
-        )
-    res["steps"] = log
+        r = stats.result
+        log.append(dict(step=step, seconds=dt, **asdict(stats)))  # loss, metrics, samples, tokens, flops, result
+        label = f"{par.transformer_impl}{'/fp8' if par.fp8 else ''}"
+        print(f"  [{label}] step {step}: {dt:.2f}s loss {stats.loss:.4f} grad_norm {r.grad_norm:.3f}", flush=True)
     timed = log[1:] or log
-    seconds = sum(s["seconds"] for s in timed)
-    res["tokens_per_s"] = len(timed) * micro * seq / seconds
-    res["achieved_tflops"] = len(timed) * step_flops / seconds / 1e12
-    res["peak_tflops_used"] = peak_tflops
-    res["mfu"] = res["achieved_tflops"] / peak_tflops
-    res["mfu_6n_only"] = len(timed) * res["flops_per_step"]["dense"] / seconds / 1e12 / peak_tflops
-    res["peak_memory_gib"] = gib(torch.cuda.max_memory_allocated())
-    res["peak_reserved_gib"] = gib(torch.cuda.max_memory_reserved())
-    res["finite"] = all(torch.isfinite(torch.tensor([s["loss"], s["grad_norm"]])).all().item() for s in log)
-    for name in ("no_sync_func", "finalize_model_grads_func", "grad_scale_func"):
-        setattr(model.config, name, None)
+    seconds, step_flops = sum(s["seconds"] for s in timed), sum(s["flops"] for s in timed)
+    dense = len(timed) * res["flops_per_step"]["dense"]
+    cuda = torch.cuda.is_available()
+    res.update(
+        steps=log,
+        tokens_per_s=sum(s["tokens"] for s in timed) / seconds,  # real (unpadded) tokens, as the loop logs them
+        achieved_tflops=step_flops / seconds / 1e12,
+        peak_tflops_used=peak_tflops,
+        mfu=mfu(step_flops, seconds, peak_tflops, devices=1),
+        mfu_6n_only=mfu(dense, seconds, peak_tflops, devices=1),
+        peak_memory_gib=gib(torch.cuda.max_memory_allocated()) if cuda else None,
+        peak_reserved_gib=gib(torch.cuda.max_memory_reserved()) if cuda else None,
+        finite=all(s["result"]["applied"] and math.isfinite(s["loss"] + s["result"]["grad_norm"]) for s in log),
+    )
     return res
 
 
 def fp8_section(cfg: T2IConfig, seq: int, steps: int, micro: int, peak_tflops: float) -> dict:
-    from models.t2i.megatron.config import MegatronParallelConfig, transformer_engine_available
+    from models.t2i.megatron.config import transformer_engine_available
 
     if not transformer_engine_available():
         return dict(skipped="transformer_engine not installed")
+    te = "parallel.transformer_impl=te"
     out = {}
-    te = MegatronParallelConfig(transformer_impl="te")
-    for name, par in (("te_bf16", te), ("te_fp8_hybrid_tensorwise", replace(te, fp8="hybrid"))):
+    for name, fp8 in (
+        ("te_bf16", ()),
+        ("te_fp8_hybrid_tensorwise", ("parallel.fp8=hybrid", "parallel.fp8_recipe=tensorwise")),
+    ):
         try:
-            out[name] = train_section(cfg, par, seq, steps, micro, peak_tflops)
+            out[name] = train_section(cfg, seq, steps, micro, peak_tflops, te, *fp8)
         except Exception as e:
-            out[name] = dict(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
+            out[name] = failure(e)
         release()
     return out
 
@@ -600,6 +467,9 @@ def table(report: dict) -> str:
 
     def row(section: str, text: str) -> None:
         lines.append(f"{section:<11} {text}")
+
+    def verdict(sec: dict) -> str:
+        return "OK" if sec["ok"] else "FAIL"
 
     for name, sec in report["sections"].items():
         if "error" in sec:
@@ -616,10 +486,10 @@ def table(report: dict) -> str:
             row(
                 name,
                 f"{sec['schedule']} x{sec['micro_batches']}: worst grad rel err {sec['worst_grad_rel_err']:.1e}"
-                f", loss rel diff {sec['max_loss_rel_diff']:.1e} -> {'OK' if sec['ok'] else 'FAIL'}",
+                f", loss rel diff {sec['max_loss_rel_diff']:.1e} -> {verdict(sec)}",
             )
         elif name == "attention":
-            f, d = sec["flex"], sec["dense"]
+            f, d, mha = sec["flex"], sec["dense"], sec["dense_mha"]
             row(
                 name,
                 f"flex fwd {f['fwd_ms']:.2f} / fwd+bwd {f['fwd_bwd_ms']:.2f} ms; dense {d['fwd_ms']:.2f} / "
@@ -628,37 +498,26 @@ def table(report: dict) -> str:
             )
             row(
                 "",
-                f"dense without GQA (K/V expanded) {sec['dense_mha']['fwd_ms']:.2f} / "
-                f"{sec['dense_mha']['fwd_bwd_ms']:.2f} ms; speedup {sec['speedup_fwd_vs_dense_mha']:.1f}x / "
-                f"{sec['speedup_fwd_bwd_vs_dense_mha']:.1f}x",
+                f"dense without GQA (K/V expanded) {mha['fwd_ms']:.2f} / {mha['fwd_bwd_ms']:.2f} ms; speedup "
+                f"{sec['speedup_fwd_vs_dense_mha']:.1f}x / {sec['speedup_fwd_bwd_vs_dense_mha']:.1f}x",
             )
-            eq = sec["bf16_equality"]
-            row(
-                "",
-                "bf16 max|flex-dense| "
-                + " ".join(f"{k} {eq[k]['flex_vs_dense']:.1e}" for k in ("out", "dq", "dk", "dv"))
-                + f" -> {'OK' if eq['ok'] else 'FAIL'}",
-            )
-            e32 = sec["fp32_equality"]
-            row(
-                "",
-                "fp32 max|flex-dense| "
-                + " ".join(f"{k} {e32[k]['max_abs_diff']:.1e}" for k in ("out", "dq", "dk", "dv"))
-                + f" -> {'OK' if e32['ok'] else 'FAIL'}",
-            )
+            for key, diff in (("bf16_equality", "flex_vs_dense"), ("fp32_equality", "max_abs_diff")):
+                eq = sec[key]
+                diffs = " ".join(f"{k} {eq[k][diff]:.1e}" for k in TENSORS)
+                row("", f"{key[:4]} max|flex-dense| {diffs} -> {verdict(eq)}")
         elif name in ("train", "fp8"):
-            runs = {name: sec} if name == "train" else {k: v for k, v in sec.items() if isinstance(v, dict)}
             if "skipped" in sec:
                 lines.append("FP8: skipped (transformer_engine not installed)")
                 continue
+            runs = {name: sec} if name == "train" else {k: v for k, v in sec.items() if isinstance(v, dict)}
             for label, r in runs.items():
                 if "error" in r:
                     row(label, "ERROR " + r["error"][:200])
                     continue
-                mfu, mfu6 = 100 * r["mfu"], 100 * r["mfu_6n_only"]
+                mfu_, mfu6 = 100 * r["mfu"], 100 * r["mfu_6n_only"]
                 row(
                     label,
-                    f"{r['tokens_per_s']:,.0f} tok/s, {r['achieved_tflops']:.0f} TFLOP/s, MFU {mfu:.1f}% "
+                    f"{r['tokens_per_s']:,.0f} tok/s, {r['achieved_tflops']:.0f} TFLOP/s, MFU {mfu_:.1f}% "
                     f"(6N only {mfu6:.1f}%) of {r['peak_tflops_used']:.0f} TFLOP/s peak, peak mem "
                     f"{r['peak_memory_gib']} GiB, finite {r['finite']}",
                 )
@@ -682,6 +541,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def config_section(cfg: T2IConfig) -> dict:
+    lp = t2i_linear_params(cfg)
+    m, h = cfg.llm, cfg.head
+    summary = (
+        f"Qwen3-style {m.num_hidden_layers}L d{m.hidden_size} {m.num_attention_heads}h/{m.num_key_value_heads}kv "
+        f"x{m.head_dim} ffn{m.intermediate_size} vocab{m.vocab_size}; head w{h.ch_latent} x{h.depth_latent} blocks; "
+        f"P={cfg.parallel_num}, {cfg.latent_dim}-bit tokens; backbone matmul params {lp['backbone'] / 1e6:.0f}M"
+    )
+    return dict(
+        summary=summary,
+        llm=asdict(m),
+        head=asdict(h),
+        parallel_num=cfg.parallel_num,
+        latent_dim=cfg.latent_dim,
+        attention=cfg.attention,
+        linear_params=lp,
+    )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -700,44 +578,23 @@ def main(argv=None) -> int:
         try:
             report["sections"][name] = fn()
         except Exception as e:
-            report["sections"][name] = dict(
-                error=f"{type(e).__name__}: {e}"[:1000], traceback=traceback.format_exc()[-3000:]
-            )
+            report["sections"][name] = failure(e)
             print(report["sections"][name]["traceback"], file=sys.stderr, flush=True)
         report["sections"][name]["seconds"] = round(time.perf_counter() - t0, 1)
         path.write_text(json.dumps(report, indent=1, default=str))
         release()
 
-    def config() -> dict:
-        lp = linear_params(cfg)
-        m, h = cfg.llm, cfg.head
-        summary = (
-            f"Qwen3-style {m.num_hidden_layers}L d{m.hidden_size} {m.num_attention_heads}h/"
-            f"{m.num_key_value_heads}kv x{m.head_dim} ffn{m.intermediate_size} vocab{m.vocab_size}; head "
-            f"w{h.ch_latent} x{h.depth_latent} blocks; P={cfg.parallel_num}, {cfg.latent_dim}-bit tokens; "
-            f"backbone matmul params {lp['backbone'] / 1e6:.0f}M"
-        )
-        return dict(
-            summary=summary,
-            llm=asdict(m),
-            head=asdict(h),
-            parallel_num=cfg.parallel_num,
-            latent_dim=cfg.latent_dim,
-            attention=cfg.attention,
-            linear_params=lp,
-        )
-
     run("env", env_section)
-    run("config", config)
+    run("config", lambda: config_section(cfg))
     try:
-        init_megatron()
+        from training.engines import init_distributed
+
+        init_distributed("megatron")  # the engines set up megatron's model-parallel state themselves
     except Exception as e:
         report["megatron_init_error"] = f"{type(e).__name__}: {e}"
     run("schedule", schedule_section)
     run("attention", lambda: attention_section(cfg, seq, iters=10, fp32_seq=1024 if args.quick else 2048))
-    from models.t2i.megatron.config import MegatronParallelConfig
-
-    run("train", lambda: train_section(cfg, MegatronParallelConfig(), seq, steps, micro, args.peak_tflops))
+    run("train", lambda: train_section(cfg, seq, steps, micro, args.peak_tflops))
     run("fp8", lambda: fp8_section(cfg, seq, max(2, steps - 2), micro, args.peak_tflops))
     failed = [name for name, sec in report["sections"].items() if "error" in sec or sec.get("ok") is False]
     failed += [

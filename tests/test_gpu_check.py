@@ -1,31 +1,22 @@
-"""CPU parts of cluster/gpu_check.py: the ~1B config, the synthetic packed batches, the FLOP count (against a hand
-computation and the modules' own weights), the CLI (--help; a one-line error without a GPU)."""
+"""CPU parts of cluster/gpu_check.py: the ~1B config, the synthetic packed batches, the CLI (--help; a one-line error
+without a GPU), and, under the CPU megatron harness, the `schedule` and `train` sections driving the product's
+MegatronEngine (the train section's MFU is `training.flops.mfu` of the steps' FLOPs)."""
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from cluster import gpu_check
-from cluster.gpu_check import (
-    PrefixIds,
-    batch_flops,
-    check_config,
-    linear_params,
-    mask_pairs,
-    synthetic_batch,
-)
-from models.core.attention import dense_block_causal_mask
-from models.t2i.model import TextToImageBitDance, get_t2i_config
-from models.t2i.packing import T2ISample, pack_rows
+from cluster.gpu_check import check_config, synthetic_batch
+from models.t2i.model import get_t2i_config
+from training.flops import mfu, t2i_linear_params
+from training.tasks.t2i import T2ITask
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def linear_weights(module: torch.nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
 def test_check_config_is_about_one_billion():
@@ -39,54 +30,11 @@ def test_check_config_is_about_one_billion():
         128,
     )
     assert (cfg.parallel_num, cfg.latent_dim, cfg.head.ch_latent) == (16, 32, 1024)
-    lp = linear_params(cfg)
+    lp = t2i_linear_params(cfg)
     assert lp["backbone"] == 16 * (2 * 2048 * 2048 + 2 * 2048 * 1024 + 3 * 2048 * 6144)
     total = lp["backbone"] + 2 * lp["lm_head"] + lp["projector"] + lp["head_token"] + lp["head_patch"]
     assert 0.95e9 < total < 1.1e9
     assert check_config(quick=True).llm.num_hidden_layers == 4
-
-
-def test_linear_params_match_the_reference_modules():
-    cfg = get_t2i_config("tiny-16x")
-    ref = TextToImageBitDance(cfg)
-    net = ref.vision_head.net
-    lp = linear_params(cfg)
-    assert lp["backbone"] == linear_weights(ref.llm.model.layers)
-    assert lp["lm_head"] == ref.llm.lm_head.weight.numel()
-    assert lp["projector"] == linear_weights(ref.projector)
-    assert lp["head_patch"] == linear_weights(net.time_embed)
-    assert lp["head_token"] == linear_weights(net) - linear_weights(net.time_embed)
-
-
-def one_sample_batch():
-    """tiny-16x: 10 text ids and an 8x24 grid (12 blocks of P=16), no padding: 204 positions."""
-    cfg = get_t2i_config("tiny-16x")
-    sample = T2ISample(list(range(100, 110)), torch.ones(cfg.latent_dim, 8, 24))
-    return cfg, pack_rows([[sample]], PrefixIds(cfg.parallel_num), cfg.parallel_num)
-
-
-def test_mask_pairs_by_hand_and_against_the_dense_mask():
-    _, batch = one_sample_batch()
-    # 12 causal positions (text, vision_start, res_h): 12 * 13 / 2 pairs; block k (of 12) has 16 queries that see
-    # the 12 causal positions and k + 1 blocks of 16
-    assert mask_pairs(batch.doc_ids, batch.block_ids) == 78 + sum(16 * (12 + 16 * (k + 1)) for k in range(12))
-    rows = synthetic_batch(get_t2i_config("tiny-16x"), 700, rows=3, seed=1)
-    want = int(dense_block_causal_mask(rows.doc_ids, rows.block_ids).sum())
-    assert mask_pairs(rows.doc_ids, rows.block_ids) == want == mask_pairs(rows.doc_ids, rows.block_ids, chunk=97)
-
-
-def test_batch_flops_by_hand():
-    cfg, batch = one_sample_batch()
-    f = batch_flops(cfg, batch)
-    assert (f["positions"], f["text"], f["image_in"], f["targets"], f["pairs"]) == (204, 9, 176, 192, 22350)
-    backbone = 2 * (128 * 128 + 2 * 128 * 64 + 128 * 128 + 3 * 128 * 256)  # q, k, v, o, SwiGLU; 2 layers
-    lm_head, projector = 128 * 512, 16 * 128 + 128 * 128
-    w, hidden = 128, 192  # head width, its SwiGLU width (1.5 w)
-    head_token = 16 * w + 128 * w + 6 * w * w + 2 * (4 * w * w + 3 * w * hidden) + 2 * w * w + w * 16
-    head_patch = 256 * w + w * w  # timestep MLP, once per patch of 16
-    dense = 6 * (backbone * 204 + lm_head * 9 + projector * 176 + head_token * 192 + head_patch * 12)
-    attention = 12 * 2 * 4 * 32 * 22350 + 12 * 2 * w * 192 * 16  # backbone pairs; head: 16 keys per target
-    assert (f["dense"], f["attention"], f["total"]) == (dense, attention, dense + attention)
 
 
 def test_synthetic_batch_packs_several_samples_per_row():
@@ -127,18 +75,37 @@ def test_cli_without_gpu_fails_in_one_line(tmp_path):
     assert run.stderr.strip().count("\n") == 0 and "needs a CUDA GPU" in run.stderr
 
 
-def test_param_counts_cover_the_megatron_model():
+def megatron_on_cpu():
+    """The CPU megatron harness with `parallel_state` left to the engine."""
     pytest.importorskip("megatron.core", reason="megatron-core is not installed")
     sys.path.insert(0, str(ROOT / "tests"))
-    from megatron_cpu import megatron_in_process
+    from helpers.megatron_cpu import megatron_in_process
 
-    from models.t2i.megatron.config import MegatronParallelConfig
-    from models.t2i.megatron.model import MegatronT2IBitDance
+    return megatron_in_process(init_model_parallel=False)
 
-    with megatron_in_process():
-        par = MegatronParallelConfig(params_dtype=torch.float32, use_cpu_initialization=True)
-        model = MegatronT2IBitDance(get_t2i_config("tiny-16x"), par)
-        counts = gpu_check.param_counts(model)
-    assert counts["total"] == sum(p.numel() for p in model.parameters())
-    assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+
+def test_schedule_section_through_the_engine():
+    with megatron_on_cpu():
+        res = gpu_check.schedule_section(micro=3)
+    assert res["ok"], res
+    assert res["schedule"] == "forward_backward_no_pipelining" and res["params_with_grad"] == res["params"]
+
+
+def test_train_section_mfu_is_the_shared_formula(capsys):
+    cfg = replace(get_t2i_config("tiny-16x"), attention="dense")
+    seq, micro, peak = 512, 2, 0.5
+    with megatron_on_cpu():
+        res = gpu_check.train_section(cfg, seq, 3, micro, peak, "engine.precision=fp32")
+    assert "step 2:" in capsys.readouterr().out
+    batches = [synthetic_batch(cfg, seq, rows=1, seed=i) for i in range(micro)]
+    step_flops = sum(T2ITask.counts(cfg, b)[2] for b in batches)
+    assert [s["flops"] for s in res["steps"]] == [step_flops] * 3 == [res["flops_per_step"]["total"]] * 3
+    timed = res["steps"][1:]  # step 0 (compilation) is not timed
+    seconds = sum(s["seconds"] for s in timed)
+    assert res["mfu"] == mfu(sum(s["flops"] for s in timed), seconds, peak, devices=1) > 0
+    assert res["tokens_per_s"] == sum(s["tokens"] for s in timed) / seconds
+    assert res["finite"] and res["precision"] == "fp32" and res["schedule"] == "forward_backward_no_pipelining"
+    assert res["steps"][-1]["loss"] < res["steps"][0]["loss"]
+    counts = res["params"]
+    assert counts["total"] == sum(v for k, v in counts.items() if k != "total") > 0
     assert counts["lm_head"] == counts["embedding"] == 512 * 128

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
 
 
 class _Parsed(Exception):
@@ -82,3 +83,14 @@ def test_every_readme_command_parses(monkeypatch):
 
             cfg = load_config(ns.config, ns.overrides)
             assert Path(ns.config).is_file() and cfg.run_dir
+
+
+def test_stage_table_names_one_existing_module_or_package_per_stage():
+    text = README.read_text()
+    table = text[text.index("| stage | module or package |") :].split("\n\n")[0].splitlines()[2:]
+    assert len(table) >= 8
+    for row in table:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        named = re.findall(r"`([^`]+)`", cells[1])
+        assert len(named) == 1, f"stage {cells[0]!r} names {named}; one module or package per stage"
+        assert (REPO / named[0]).exists(), f"stage {cells[0]!r} names {named[0]}, which does not exist"

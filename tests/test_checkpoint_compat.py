@@ -1,0 +1,81 @@
+"""A training checkpoint and an exported official folder written by the code before the one-house refactor (pinned
+commit 4571667, extracted from this repository's git history) still load: the run resumes exactly where it stopped,
+and the export loads strictly with the EMA weights the old run saved."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.data import make_t2i_data
+from safetensors.torch import load_file
+
+from models.t2i.io import load_t2i_folder
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+PINNED = "4571667"  # main before the refactor: training/tokenizer_trainer.py, models/*.py flat
+
+
+def old_tree(dst: Path) -> Path:
+    try:
+        blob = subprocess.run(["git", "archive", PINNED], cwd=REPO, capture_output=True, check=True).stdout
+    except (subprocess.CalledProcessError, FileNotFoundError) as err:
+        pytest.fail(f"commit {PINNED} is not in this checkout's history ({err}); fetch the full history")
+    with tarfile.open(fileobj=BytesIO(blob)) as tar:
+        tar.extractall(dst, filter="data")
+    return dst
+
+
+def train(code: Path, run_dir: Path, data: dict, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.train",
+        "--config",
+        str(REPO / "training" / "configs" / "tiny_t2i.yaml"),
+        f"run_dir={run_dir}",
+        f"data.data_dir={data['tokens']}",
+        f"schedule.total_steps={steps}",
+        "schedule.warmup_steps=1",
+        "checkpoint.every=2",
+        "logging.every=1",
+        "logging.wandb=disabled",
+        f"model.image_tokenizer={data['ae'] / 'ae_tiny.safetensors'}",
+        f"model.text_tokenizer={data['text']}",
+        *extra,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_old_checkpoint_resumes_exactly_and_old_export_loads(tmp_path):
+    data = make_t2i_data(tmp_path / "data")
+    old = old_tree(tmp_path / "old")
+    # the old code: 4 uninterrupted steps, checkpoints at 2 and 4, export of the EMA weights at the end
+    train(old, tmp_path / "old_run", data, 4)
+    ckpt = tmp_path / "old_run" / "checkpoints" / "step_00000002"
+    # today's code resumes the old step-2 checkpoint and must reproduce the old steps 3 and 4 bit for bit
+    proc = train(REPO, tmp_path / "new_run", data, 4, f"checkpoint.resume={ckpt}", "checkpoint.export_official=false")
+    assert f"resumed from {ckpt} at step 2" in proc.stdout
+    before, after = losses(tmp_path / "old_run"), losses(tmp_path / "new_run")
+    assert sorted(after) == [3, 4] and [after[3], after[4]] == [before[3], before[4]]
+    # the old export loads strictly and holds the EMA weights of the old run's last checkpoint
+    model, text, ae = load_t2i_folder(tmp_path / "old_run" / "export")
+    ema = load_file(str(tmp_path / "old_run" / "checkpoints" / "step_00000004" / "ema.safetensors"))
+    state = model.state_dict()
+    assert ema.keys() <= state.keys()
+    for k, v in ema.items():
+        torch.testing.assert_close(state[k].float(), v, rtol=0, atol=0, msg=k)
