@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -21,8 +21,12 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q tests
 
+test-fast: venv  # the single-process tests only (skips the multi-process and end-to-end ones marked slow)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: venv
 	$(BIN)/python tests/benchmarks/bench_sampling.py

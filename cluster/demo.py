@@ -28,10 +28,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from models.core.sampling import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "training" / "configs"
@@ -56,8 +58,7 @@ class DemoConfig:
     # sampling and scoring
     prompts_per_tag: int = 12
     images_per_prompt: int = 2
-    head_steps: int = 20
-    cfg_scale: float = 2.0
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(steps=20, cfg_scale=2.0))
     chance_samples: int = 300
     grid_images: int = 24
 
@@ -275,9 +276,11 @@ def run_sample(cfg: DemoConfig, out: Path) -> dict:
             "--image-size",
             size,
             "--steps",
-            str(cfg.head_steps),
+            str(cfg.sampling.steps),
             "--cfg-scale",
-            str(cfg.cfg_scale),
+            str(cfg.sampling.cfg_scale),
+            "--cfg-schedule",
+            cfg.sampling.cfg_schedule,
             "--images-per-prompt",
             str(cfg.images_per_prompt),
             "--batch-size",
@@ -304,7 +307,7 @@ def run_score(cfg: DemoConfig, out: Path) -> dict:
 
 
 def _pick(*keys: str) -> Callable[[DemoConfig], dict]:
-    return lambda c: {k: getattr(c, k) for k in keys}
+    return lambda c: {k: asdict(v) if is_dataclass(v := getattr(c, k)) else v for k in keys}
 
 
 STAGES: tuple[Stage, ...] = (
@@ -348,7 +351,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "sample",
         "sampling the shapes-benchmark prompts",
-        _pick("prompts_per_tag", "images_per_prompt", "head_steps", "cfg_scale", "nproc"),
+        _pick("prompts_per_tag", "images_per_prompt", "sampling", "nproc"),
         ("train",),
         run_sample,
     ),
@@ -419,11 +422,10 @@ def run_demo(cfg: DemoConfig) -> Path:
 def load_demo_config(overrides: list[str]) -> DemoConfig:
     base = OmegaConf.structured(DemoConfig)
     try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+        cfg = OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.from_dotlist(overrides)))
     except Exception as e:  # omegaconf raises several types for unknown keys and bad values
         known = ", ".join(asdict(DemoConfig()))
         raise ValueError(f"bad demo override ({str(e).splitlines()[0]}); known keys: {known}") from None
-    cfg = DemoConfig(**OmegaConf.to_container(merged))
     for name in ("tokenizer_config", "t2i_config"):
         if not Path(getattr(cfg, name)).is_file():
             raise ValueError(f"{name}={getattr(cfg, name)} does not exist; pass a YAML under training/configs/")

@@ -57,8 +57,8 @@ def write_demo_report(cfg, out: Path, done: dict[str, dict]) -> Path:
         "",
         f"Mean accuracy over the tags: **{_fmt(achieved)}**; chance (a random training image per prompt): "
         f"**{_fmt(chance)}**; ratio {_fmt(achieved / chance if chance else float('nan'), '.1f')}x. "
-        f"{score['images']} images, {cfg.images_per_prompt} per prompt, {cfg.head_steps} head steps, "
-        f"CFG {cfg.cfg_scale}.",
+        f"{score['images']} images, {cfg.images_per_prompt} per prompt, {cfg.sampling.steps} head steps, "
+        f"CFG {cfg.sampling.cfg_scale}.",
         "",
         "| tag | accuracy | chance | images |",
         "| --- | --- | --- | --- |",
@@ -111,7 +111,7 @@ def write_demo_report(cfg, out: Path, done: dict[str, dict]) -> Path:
         f"| Ray tokenization | {_fmt(res['tokenize']['samples'] / tk['seconds'], '.1f')} images/s "
         f"(whole stage, Ray start included) |",
         f"| tokenizer training | {_fmt(tok['steps'] / done['tokenizer']['seconds'], '.2f')} steps/s (whole stage) |",
-        f"| sampling (P=4, {cfg.head_steps} head steps, CFG) | {_fmt(res['sample']['images_per_s'], '.2f')} "
+        f"| sampling (P=4, {cfg.sampling.steps} head steps, CFG) | {_fmt(res['sample']['images_per_s'], '.2f')} "
         f"images/s over {cfg.nproc} processes; {_fmt(sm['seconds'], '.1f')} s |",
         "",
     ]

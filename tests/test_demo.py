@@ -15,7 +15,7 @@ SHORT = [
     "t2i_steps=2",
     "prompts_per_tag=1",
     "images_per_prompt=1",
-    "head_steps=2",
+    "sampling.steps=2",
     "chance_samples=10",
     "grid_images=6",
 ]
