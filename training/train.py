@@ -13,7 +13,7 @@ import argparse
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +41,6 @@ class TrainerState:
     tokens_seen: int = 0
     skipped_steps: int = 0
     consecutive_skips: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Preemption:
@@ -206,8 +205,6 @@ def evaluate_model(task: Task, model, grid: bool) -> dict:
         image = task.sample_grid(model)
         if image is not None:
             out["grid"] = image
-    if out.get("eval/psnr") is not None and task.evaluates_at_ends:
-        print(f"held-out PSNR {out['eval/psnr']:.2f} dB, SSIM {out['eval/ssim']:.4f}", flush=True)
     return out
 
 

@@ -1,0 +1,1 @@
+"""Class-conditional (ImageNet) BitDance: the model, its blocks, its next-patch decoder and its official checkpoints."""

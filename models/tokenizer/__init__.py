@@ -1,0 +1,1 @@
+"""The binary tokenizer: the sign-quantized autoencoder, its quantizer losses and its official file layouts."""

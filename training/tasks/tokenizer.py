@@ -108,7 +108,9 @@ class TokenizerTask(Task):
         model.eval()
         rec = model.ae(self._holdout)[0]
         model.train(was)
-        return {"eval/psnr": psnr(rec, self._holdout), "eval/ssim": ssim(rec, self._holdout)}
+        out = {"eval/psnr": psnr(rec, self._holdout), "eval/ssim": ssim(rec, self._holdout)}
+        print(f"held-out PSNR {out['eval/psnr']:.2f} dB, SSIM {out['eval/ssim']:.4f}", flush=True)
+        return out
 
     def export(self, model: TokenizerWithDiscriminator, out_dir: Path) -> Path | None:
         save_tokenizer(model.ae, self.model_cfg, out_dir, name=self.cfg.model.name)
