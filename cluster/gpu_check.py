@@ -216,7 +216,8 @@ def schedule_section(micro: int = 3) -> dict:
     with torch.no_grad():  # the head is zero-initialised; give it weights so its conditions get gradients
         for p in ref.vision_head.parameters():
             p.normal_(0, 0.05)
-    engine = megatron_engine(cfg, "engine.precision=fp32", "optim.lr=0", "optim.grad_clip=0", reference=ref)
+    fixed = ("engine.precision=fp32", "optim.lr=0", "optim.grad_clip=0", "data.token_budget=512")  # the rows' length
+    engine = megatron_engine(cfg, *fixed, reference=ref)
     (ddp,), (chunk,) = engine.ddp, engine.chunks
     batches = [synthetic_batch(cfg, 512, rows=2, seed=100 + i) for i in range(micro)]
 
@@ -385,7 +386,7 @@ def train_section(cfg: T2IConfig, seq: int, steps: int, micro: int, peak_tflops:
     over). Step 0 (compilation) is not timed. FLOPs are the step's `StepStats.flops` (`T2ITask.counts`, the loop's
     count) and MFU is `training.flops.mfu` of them on one device."""
     release()
-    engine = megatron_engine(cfg, *overrides)
+    engine = megatron_engine(cfg, f"data.token_budget={seq}", *overrides)  # the engine pads rows to the budget
     par, opt = engine.par, engine.optimizer
     inner = ", ".join(
         f"{type(o).__name__}({type(getattr(o, 'optimizer', o)).__name__})"

@@ -33,7 +33,7 @@ from models.t2i.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer  # 
 from models.tokenizer.io import save_tokenizer  # noqa: E402
 from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config  # noqa: E402
 from training.checkpoint import load_checkpoint, main, save_checkpoint  # noqa: E402
-from training.ema import EMA  # noqa: E402
+from training.ema import ShardedEMA  # noqa: E402
 from training.engines.megatron_checkpoint import DIST, load_full, single_process, tensor_meta  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,9 +41,9 @@ SEED_STEP1, SEED_STEP2 = 11, 22
 VOCAB = 544  # the test tokenizer's 542 tokens, padded to a multiple of TP=2
 
 
-def first_step_and_save(engine, case, run_dir: Path) -> tuple[EMA, Path]:
+def first_step_and_save(engine, case, run_dir: Path) -> tuple[ShardedEMA, Path]:
     """Step 1 (seeded), EMA update, checkpoint through the training loop's save_checkpoint."""
-    ema = EMA(engine.module, 0.5)
+    ema = engine.new_ema(0.5)
     torch.manual_seed(SEED_STEP1)
     assert step(engine, case["batch"]).result.applied
     ema.update(engine.module)
@@ -61,13 +61,14 @@ def second_step(engine, case) -> dict:
 def resume(case, path: Path, tp: int = 1, pp: int = 1):
     """A fresh engine (no reference weights) and EMA restored from `path` through load_checkpoint."""
     engine = new_engine(case, tp, pp, reference=False)
-    ema = EMA(engine.module, 0.5)
+    ema = engine.new_ema(0.5)
     load_checkpoint(path, engine, ema)
     return engine, ema
 
 
-def ema_state(ema: EMA) -> dict:
-    return {k.removeprefix("0."): v.clone() for k, v in ema.shadow.items()}
+def ema_state(ema) -> dict:
+    """The whole EMA (gathered over data-parallel ranks), keyed by the single chunk's parameter names."""
+    return {k.removeprefix("0."): v.clone() for k, v in ema.full().items()}
 
 
 def rel(a: float, b: float) -> float:
@@ -228,7 +229,7 @@ def _interleaved_worker(rank, out_dir, case_path):
         sharded = chunk.sharded_state_dict(prefix="model.")
         qkv = sharded["model.decoder.layers.0.self_attention.linear_qkv.weight"]
         layers.append((qkv.global_offset[0], chunk.pre_process, chunk.post_process))
-    path = save_checkpoint(out_dir / "vpp_run", 0, engine, EMA(engine.module, 0.5), {}, {"step": 0}, keep_last=2)
+    path = save_checkpoint(out_dir / "vpp_run", 0, engine, engine.new_ema(0.5), {}, {"step": 0}, keep_last=2)
     save_result(out_dir, rank, {"path": path, "layers": layers})
 
 
@@ -457,14 +458,14 @@ def test_bf16_resume_restores_the_fp32_main_weights(case_path, tmp_path):
     with megatron_in_process(init_model_parallel=False):
         engine = MegatronEngine(cfg, case["cfg"], reference_model(case))
         assert {p.dtype for p in engine.chunks[0].parameters()} == {torch.bfloat16}
-        ema = EMA(engine.module, 0.5)
+        ema = engine.new_ema(0.5)
         for _ in range(2):
             assert step(engine, case["batch"]).result.applied
             ema.update(engine.module)
         path = save_checkpoint(tmp_path / "run", 2, engine, ema, {}, {"step": 2}, keep_last=1)
         want = second_step(engine, case)
         resumed = MegatronEngine(cfg, case["cfg"])
-        load_checkpoint(path, resumed, EMA(resumed.module, 0.5))
+        load_checkpoint(path, resumed, resumed.new_ema(0.5))
         got = second_step(resumed, case)
     keys = single_process(tensor_meta, path / DIST)
     qkv = "decoder.layers.self_attention.linear_qkv.weight"

@@ -144,7 +144,7 @@ def test_parallel_section_maps_onto_the_model_settings():
         "data.global_batch=16",
     )
     par = parallel_config(cfg)
-    assert (par.tp, par.pp, par.virtual_pp, par.sequence_parallel, par.recompute) == (4, 2, 2, True, True)
+    assert (par.tp, par.pp, par.virtual_pp, par.sequence_parallel, par.recompute) == (4, 2, 2, True, "full")
     assert par.params_dtype == torch.bfloat16
     assert grad_accumulation(cfg, 16) == 8  # data-parallel size 16 / (4 * 2) = 2
     with pytest.raises(ValueError, match="world size 12 is not divisible by parallel.tp 4 x parallel.pp 2"):
@@ -156,15 +156,23 @@ def test_parallel_section_maps_onto_the_model_settings():
         train_config(1, 1, "model.kind=c2i")
 
 
-def _loop_worker(rank, out_dir, data_dir, run_dir):
-    """`training.train.train` with engine.kind=megatron at TP=2 (the loop as torchrun runs it, inside the harness)."""
+def _loop_worker(rank, out_dir, data, run_dir):
+    """`training.train.train` with engine.kind=megatron at TP=2 (the loop as torchrun runs it, inside the harness),
+    with EMA sample grids every 2 steps."""
     from training.config import load_config
     from training.train import train
 
     overrides = [
         f"run_dir={run_dir}",
-        f"data.data_dir={data_dir}",
+        f"data.data_dir={data['tokens']}",
         "engine.kind=megatron",
+        "eval.every=2",
+        "eval.prompts=[a red circle]",
+        "eval.height=32",
+        "eval.width=32",
+        "sampling.steps=2",
+        f"model.image_tokenizer={data['ae']}",
+        f"model.text_tokenizer={data['text']}",
         "parallel.tp=2",
         "parallel.sequence_parallel=true",
         "schedule.total_steps=4",
@@ -187,7 +195,7 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
 def test_training_loop_checkpoints_and_resumes_exactly(tmp_path):
     from helpers.data import make_t2i_data
 
-    data = make_t2i_data(tmp_path / "data")["tokens"]
+    data = make_t2i_data(tmp_path / "data")
     run = tmp_path / "run"
     (first, _) = spawn(_loop_worker, 2, 0, 0, tmp_path, data, run)
     assert first["step"] == 4 and first["skipped_steps"] == 0
@@ -198,6 +206,8 @@ def test_training_loop_checkpoints_and_resumes_exactly(tmp_path):
     trainer = json.loads((root / "step_00000004" / "trainer.json").read_text())
     assert trainer["megatron"]["layout"] == {"tp": 2, "pp": 1, "virtual_pp": None, "dp": 1}
     assert trainer["samples_seen"] == first["samples_seen"] > 0
+    grids = sorted(p.name for p in (run / "samples").glob("*.png"))
+    assert grids == ["samples_00000002.png", "samples_00000004.png"], grids  # logged as the DeepSpeed path logs them
     shutil.rmtree(root / "step_00000004")  # as if the run had died after step 3
     (root / "latest").write_text("step_00000002\n")
     (resumed, _) = spawn(_loop_worker, 2, 0, 0, tmp_path, data, run)

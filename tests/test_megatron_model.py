@@ -16,7 +16,7 @@ from megatron.core.distributed import (  # noqa: E402
 )
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb  # noqa: E402
 
-from models.t2i.megatron.attention import BlockCausalCoreAttention, BlockCausalMask  # noqa: E402
+from models.t2i.megatron.attention import BlockCausalCoreAttention, block_causal_mask  # noqa: E402
 from models.t2i.megatron.batch import pad_packed_batch  # noqa: E402
 from models.t2i.megatron.config import MegatronParallelConfig  # noqa: E402
 from models.t2i.megatron.mapping import (  # noqa: E402
@@ -34,8 +34,9 @@ from models.t2i.qwen3 import apply_rotary, rope_cos_sin  # noqa: E402
 
 def step(model, batch, head_t=None, head_noise=None, output_grad=None):
     """One forward/backward through megatron's DDP and `finalize_model_grads` (which all-reduces the
-    sequence-parallel norm and QK-norm gradients over TP); returns (output, {name: grad}). A stage that is not
-    the last gets its output gradient from `output_grad(output)`."""
+    sequence-parallel norm and QK-norm gradients over TP) plus the engine's sum of the split head's gradients over
+    TP; returns (output, {name: grad}). A stage that is not the last gets its output gradient from
+    `output_grad(output)`."""
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
     ddp.zero_grad_buffer()
     out = ddp(batch, head_t, head_noise)
@@ -44,6 +45,12 @@ def step(model, batch, head_t=None, head_noise=None, output_grad=None):
     else:
         out.loss.backward()
     finalize_model_grads([ddp])
+    if model.post_process:
+        from megatron.core import parallel_state
+
+        from training.engines.megatron import sum_head_grads_over_tp
+
+        sum_head_grads_over_tp([model.vision_head], parallel_state.get_tensor_model_parallel_group())
     return out, {k: p.main_grad.clone() for k, p in model.named_parameters()}
 
 
@@ -129,11 +136,11 @@ def test_core_attention_flex_equals_dense(case, megatron):
     batch = case["batch"]
     b, s = batch.doc_ids.shape
     q, k, v = torch.randn(s, b, 4, 32), torch.randn(s, b, 2, 32), torch.randn(s, b, 2, 32)
-    dense = core(q, k, v, BlockCausalMask(batch.doc_ids, batch.block_ids, "dense"))
-    flex = core(q, k, v, BlockCausalMask(batch.doc_ids, batch.block_ids, "flex"))
+    dense = core(q, k, v, block_causal_mask(batch.doc_ids, batch.block_ids, "dense"))
+    flex = core(q, k, v, block_causal_mask(batch.doc_ids, batch.block_ids, "flex"))
     assert dense.shape == (s, b, 4 * 32)
     assert (dense - flex).abs().max().item() <= 1e-5
-    with pytest.raises(TypeError, match="BlockCausalMask"):
+    with pytest.raises(TypeError, match="block_causal_mask"):
         core(q, k, v, torch.ones(b, 1, s, s, dtype=torch.bool))
 
 

@@ -1,13 +1,17 @@
 """Activation checkpointing applied from outside the model: wraps every backbone and head block.
 
 Uses torch's `checkpoint_wrapper`, whose state-dict hooks keep parameter names unchanged, so checkpoints and
-official-layout exports are the same with and without it.
+official-layout exports are the same with and without it. On megatron chunks only the diffusion head is handled here
+(`recompute_head`; the backbone recomputes through megatron's own `recompute_granularity`), without a wrapper module.
 """
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+from torch.utils.checkpoint import checkpoint
 
 from models.c2i.model import ClassConditionalBitDance
 from models.t2i.model import TextToImageBitDance
@@ -28,3 +32,15 @@ def apply_activation_checkpointing(model: nn.Module, backbone: bool = True, head
     else:
         raise TypeError(f"activation checkpointing does not know {type(model).__name__}")
     return sum(_wrap_all(blocks) for enabled, blocks in parts if enabled)
+
+
+def recompute_head(chunk: nn.Module) -> int:
+    """Recompute the diffusion head's block activations in backward on a megatron last-stage chunk (one with a
+    `vision_head`); returns the number of blocks. Each block's forward becomes a non-reentrant `checkpoint` of itself
+    instead of a `checkpoint_wrapper` module, so parameter names (optimizer groups, EMA keys) stay the same with and
+    without recompute; calling it again changes nothing."""
+    blocks = chunk.vision_head.net.res_blocks
+    for block in blocks:
+        if "forward" not in vars(block):  # not yet recomputed
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return len(blocks)

@@ -95,7 +95,7 @@ def train(cfg: TrainConfig) -> TrainerState:
     task = build_task(cfg, device)
     grad_accum = grad_accumulation(cfg, world)
     engine = build_engine(cfg, task, grad_accum)
-    ema = EMA(engine.module, cfg.ema_decay)
+    ema = engine.new_ema(cfg.ema_decay)
     loader = task.loader(engine.dp_rank, engine.dp_size)
     state = TrainerState()
     resume = {"none": None, "auto": latest_checkpoint(cfg.run_dir)}.get(cfg.checkpoint.resume, cfg.checkpoint.resume)
@@ -114,13 +114,19 @@ def train(cfg: TrainConfig) -> TrainerState:
         save_checkpoint(cfg.run_dir, state.step, engine, ema, loader.state_dict(), trainer, cfg.checkpoint.keep_last)
 
     def evaluate(step: int, grid: bool) -> dict[str, float]:
-        """EMA-weight metrics (and the sample grid, logged here) from rank 0, where the loop logs; {} elsewhere."""
+        """EMA-weight metrics and sample grid on rank 0, where the loop logs ({} elsewhere): the EMA swapped into the
+        model when rank 0 holds all of it, else a whole model the engine assembles (every rank takes part)."""
         metrics: dict = {}
-        if engine.full_model_on_rank0 and rank == 0:
-            metrics = with_ema_weights(engine, ema, lambda m: evaluate_model(task, m, grid))
-            image = metrics.pop("grid", None)
-            if image is not None:
-                log.image(step, "samples", image)
+        if engine.full_model_on_rank0:
+            if rank == 0:
+                metrics = with_ema_weights(engine, ema, lambda m: evaluate_model(task, m, grid))
+        else:
+            model = engine.ema_model(ema)
+            if model is not None:
+                metrics = evaluate_model(task, model, grid)
+        image = metrics.pop("grid", None)
+        if image is not None:
+            log.image(step, "samples", image)
         if dist.is_initialized():
             dist.barrier()
         return metrics

@@ -75,17 +75,29 @@ def build_mask(doc_ids: torch.Tensor, block_ids: torch.Tensor, backend: str) -> 
     return segment_block_causal_mask(doc_ids, block_ids)
 
 
+_cpu_compile_backend: str | None = None  # set by compile_flex_on_cpu
+
+
+def compile_flex_on_cpu(backend: str | None) -> None:
+    """Run CPU FlexAttention through the compiled path GPUs take (`torch.compile(flex_attention, dynamic=False)`,
+    one compilation per shape) with dynamo `backend`: "inductor" needs a C++ compiler, "eager" only traces (enough to
+    count compilations, e.g. in tests); None: back to uncompiled CPU flex."""
+    global _cpu_compile_backend
+    _cpu_compile_backend = backend
+
+
 @functools.cache
-def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+def _compiled_flex(backend: str = "inductor"):
+    return torch.compile(flex_attention, dynamic=False, backend=backend)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """q [B, Hq, Lq, d], k/v [B, Hkv, Lk, d] (grouped-query when Hkv < Hq) -> [B, Hq, Lq, d]."""
     gqa = q.shape[1] != k.shape[1]
     if isinstance(mask, BlockMask):
-        if q.is_cuda:
-            return _compiled_flex()(q, k, v, block_mask=mask, enable_gqa=gqa)
+        if q.is_cuda or _cpu_compile_backend is not None:
+            backend = "inductor" if q.is_cuda else _cpu_compile_backend
+            return _compiled_flex(backend)(q, k, v, block_mask=mask, enable_gqa=gqa)
         with warnings.catch_warnings():  # eager CPU flex is the unfused reference implementation; fine for tests
             warnings.simplefilter("ignore", UserWarning)
             return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)

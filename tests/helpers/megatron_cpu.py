@@ -1,11 +1,13 @@
 """Test-only harness for megatron-core on CPU: its CUDA device / RNG-tracker lookups redirected, gloo process groups.
 
 megatron-core has no CPU path: tensor-parallel layers allocate on `torch.cuda.current_device()`, the RNG tracker
-forks CUDA RNG state, and the optimizer, gradient clipping and schedules allocate small tensors with `device="cuda"`
-and check parameters by their CUDA type names. Here the device lookup returns the CPU, the tracker fork is a no-op
-(the models under test have no dropout) and a torch function mode (`CudaAsCpu`) puts `device="cuda"` allocations on
-the CPU, which is enough for forward, backward, megatron's DDP and distributed optimizer and the no-pipelining schedule
-of the T2I model at any TP/PP layout over gloo (the pipeline schedules stay CUDA-only).
+forks CUDA RNG state, activation recompute saves and restores the CUDA RNG state, the pipeline schedules fence their
+p2p transfers with `torch.cuda.synchronize()`, and the optimizer, gradient clipping and schedules allocate small
+tensors with `device="cuda"` and check parameters by their CUDA type names. Here the device lookup returns the CPU,
+the tracker fork, the CUDA RNG state and the synchronize are no-ops (the models under test have no dropout) and a
+torch function mode (`CudaAsCpu`) puts `device="cuda"` allocations on the CPU, which is enough for forward, backward
+(with recompute), megatron's DDP and distributed optimizer and all of megatron's schedules (none, 1F1B, interleaved
+1F1B) of the T2I model at any TP/PP/virtual-PP layout over gloo.
 """
 
 from __future__ import annotations
@@ -42,7 +44,11 @@ def redirect_to_cpu(patch) -> None:
     from megatron.core.tensor_parallel import random as megatron_random
 
     patch(torch.cuda, "current_device", lambda: torch.device("cpu"))
+    patch(torch.cuda, "synchronize", lambda device=None: None)  # the pipeline schedules' p2p fences
     patch(megatron_random.CudaRNGStatesTracker, "fork", lambda self, name="": contextlib.nullcontext())
+    # activation recompute saves and restores the CUDA RNG state next to the CPU one: there is none here
+    patch(megatron_random, "_get_cuda_rng_state", lambda *a, **k: torch.empty(0, dtype=torch.uint8))
+    patch(megatron_random, "_set_cuda_rng_state", lambda *a, **k: None)
 
 
 def init_parallel(rank: int, world: int, port: int, tp: int = 1, pp: int = 1) -> None:

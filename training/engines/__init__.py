@@ -55,6 +55,13 @@ class Engine(Protocol):
 
     def set_lr(self, lr: float) -> None: ...
 
+    def new_ema(self, decay: float) -> EMA:
+        """The exponential moving average of the trained weights, laid out the way this engine shards them."""
+
+    def ema_model(self, ema: EMA) -> nn.Module | None:
+        """When `full_model_on_rank0` is False: a whole model holding the EMA weights on rank 0 (None elsewhere, or
+        where it cannot be assembled, with a note); every rank calls it."""
+
     def train_step(self, batches, task: Task, grad_accum: int, poison: bool = False) -> StepStats:
         """Forward/backward over `grad_accum` micro-batches from `batches` and one optimizer step; `poison` makes the
         loss NaN (fault injection: the step must be skipped)."""

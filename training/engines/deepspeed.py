@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from training.config import TrainConfig
+from training.ema import EMA
 from training.engines import Resume, StepResult, StepStats, precision
 from training.optim import set_lr
 
@@ -52,6 +53,17 @@ class DeepSpeedEngine:
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.base_optimizer, lr)
+
+    def new_ema(self, decay: float) -> EMA:
+        return EMA(self.module, decay)
+
+    def ema_model(self, ema: EMA) -> None:
+        """ZeRO-3 shards every parameter: sample grids and evaluation need an export of the checkpoint."""
+        if dist.get_rank() == 0:
+            print(
+                "evaluation skipped under ZeRO-3 (parameters are sharded); evaluate an exported checkpoint", flush=True
+            )
+        return None
 
     def train_step(self, batches, task, grad_accum: int, poison: bool = False) -> StepStats:
         """Forward/backward over `grad_accum` micro-batches from `batches`, the update applied at the last one.

@@ -12,18 +12,32 @@ here wraps `models.t2i.megatron` from outside.
   ranks only); each pipeline stage builds its attention mask from them, the first embeds, the last scores.
 - Randomness: the model is built under one seed on every rank (replicated modules start equal; megatron's CUDA RNG
   tracker gives TP shards their own streams on GPU); then the default generator (bit flips, diffusion draws) is
-  seeded per data-parallel rank, equal on the TP/PP ranks of a replica as the replicated diffusion head needs.
+  seeded per data-parallel rank, equal on the TP ranks of a stage as the replicated projector and diffusion head
+  need. The last pipeline stage (diffusion draws) gets the seed a single-stage run has, earlier stages (bit flips on
+  the first) streams of their own, so the flips of a micro-batch are not drawn from the numbers of its diffusion
+  times and noises.
 - Non-finite steps: a constant loss scale of 1 makes megatron's optimizer check the gradients for inf/NaN and skip
   the update (`step()` returns False), as the DeepSpeed engine does.
-- Micro-batches are `PackedT2IBatch`es; with sequence parallelism they are padded to a multiple of tp
-  (`models.t2i.megatron.batch.pad_packed_batch`); pipelines exchange variable sequence lengths.
+- Fixed shapes: micro-batches are `PackedT2IBatch`es padded to one length, `data.token_budget` rounded up to what
+  sequence parallelism, FP8 and FlexAttention need (`models.t2i.megatron.batch`; padding is masked and unscored, the
+  loss is unchanged), so compiled attention compiles once and pipeline stages exchange one tensor shape
+  (`variable_seq_lengths=False`). A row longer than the budget (never from the loader) pads the step to a longer
+  length, with a warning.
+- Recompute (`parallel.recompute`, or `model.activation_checkpointing=true` = full recompute of every layer when
+  `parallel.recompute` is unset; the `parallel` section wins): megatron reruns the backbone layers; with "full" the
+  diffusion head's blocks rerun too (`training.activation_checkpointing.recompute_head`, parameter names unchanged).
+- Pipelines: 1F1B for pp > 1, interleaved 1F1B with virtual_pp. With pp=2 both neighbours of a rank are the same
+  rank, so batched p2p (one `batch_isend_irecv` for both directions, matched in posting order) swaps activations and
+  gradients of the interleaved schedule; there megatron's unbatched p2p is used, which puts the two directions on
+  two process groups.
 
 Runs on GPUs (NCCL). megatron-core has no CPU path: on CPU this engine runs only under the test harness
-(tests/megatron_cpu.py, which redirects megatron's CUDA lookups), and only without pipelining.
+(tests/helpers/megatron_cpu.py, which redirects megatron's CUDA lookups and runs every schedule over gloo).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -31,25 +45,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.t2i.megatron.batch import pad_packed_batch
+from models.t2i.megatron.batch import fixed_length, pad_to_length, sequence_multiple
 from models.t2i.megatron.config import MegatronParallelConfig, validate_parallel
 from models.t2i.megatron.mapping import load_model_state, reference_to_megatron, split_pp, split_tp
 from models.t2i.megatron.model import MegatronT2IBitDance
 from models.t2i.model import T2IConfig, TextToImageBitDance
 from training.config import TrainConfig
+from training.ema import ShardedEMA
 from training.engines import Resume, StepResult, StepStats, precision
 from training.engines.megatron_checkpoint import DIST, megatron_section, model_key, save_dist
 from training.optim import NO_DECAY_NAMES
 
-PAD_ID = 0  # sequence-parallel padding: any in-vocabulary id (padded positions are their own document, unlabelled)
+PAD_ID = 0  # fixed-length padding: any in-vocabulary id (padded positions are their own document, unlabelled)
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
 def parallel_config(cfg: TrainConfig) -> MegatronParallelConfig:
-    """The `parallel` section plus what the engine decides: recompute, parameter dtype, where layers initialise."""
+    """The `parallel` section plus what the engine decides: parameter dtype, where layers initialise, and recompute:
+    `parallel.recompute` when set, else "full" (every layer) if `model.activation_checkpointing` is on."""
+    settings = asdict(cfg.parallel)
+    if settings["recompute"] is None and cfg.model.activation_checkpointing:
+        settings["recompute"] = "full"
     return MegatronParallelConfig(
-        **asdict(cfg.parallel),
-        recompute=cfg.model.activation_checkpointing,
+        **settings,
         params_dtype=torch.bfloat16 if precision(cfg) == "bf16" else torch.float32,
         use_cpu_initialization=not torch.cuda.is_available(),
     )
@@ -93,6 +111,9 @@ class MegatronEngine:
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.precision = "bf16" if self.par.params_dtype == torch.bfloat16 else "fp32"
+        flex = model_cfg.attention == "flex" or (model_cfg.attention == "auto" and cuda)
+        self.multiple = sequence_multiple(p.tp, p.sequence_parallel, p.fp8 is not None, flex)
+        self.seq_length = fixed_length(cfg.data.token_budget, self.multiple)  # every micro-batch's row length
         torch.manual_seed(cfg.seed)
         if cuda:
             tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
@@ -107,7 +128,8 @@ class MegatronEngine:
                 m.broadcast_params()
         self.optimizer = self._build_optimizer()
         self.set_lr(cfg.optim.lr)  # also applies each group's weight-decay multiplier
-        torch.manual_seed(cfg.seed * 1000 + self.dp_rank)
+        stages_after = ps.get_pipeline_model_parallel_world_size() - 1 - ps.get_pipeline_model_parallel_rank()
+        torch.manual_seed(cfg.seed * 1000 + self.dp_rank + 7_919_777 * stages_after)  # see "Randomness" above
         self._configure_schedule()
 
     # ---- construction ---------------------------------------------------------------------------------------------
@@ -163,12 +185,29 @@ class MegatronEngine:
         return get_megatron_optimizer(config, self.ddp, config_overrides=overrides)
 
     def _configure_schedule(self) -> None:
+        """The schedule's hooks. Each TP rank runs the diffusion head on its share of the patches
+        (`models.t2i.megatron.model`), so its head gradients are partial: `finalize` is megatron's
+        `finalize_model_grads` followed by their sum over TP (exact after the data-parallel reduce-scatter too, the
+        sums being linear, and safe with overlapped DP reduction). With recompute the head's blocks recompute too."""
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from training.activation_checkpointing import recompute_head
+
+        heads = [chunk.vision_head for chunk in self.chunks if chunk.post_process]
+        if self.par.recompute == "full":
+            for chunk in self.chunks:
+                if chunk.post_process:
+                    recompute_head(chunk)
+
+        def finalize(model, num_tokens=None, pg_collection=None, **kwargs):
+            finalize_model_grads(model, num_tokens, pg_collection=pg_collection, **kwargs)
+            group = pg_collection.tp if pg_collection is not None else self.ps.get_tensor_model_parallel_group()
+            sum_head_grads_over_tp(heads, group)
+
         no_sync = [m.no_sync for m in self.ddp]
         for chunk in self.chunks:
-            chunk.config.finalize_model_grads_func = finalize_model_grads
+            chunk.config.finalize_model_grads_func = finalize
             chunk.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
             chunk.config.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward = get_forward_backward_func()
@@ -191,8 +230,14 @@ class MegatronEngine:
         micro = [next(batches) for _ in range(grad_accum)]
         first_of_group = self.ps.get_tensor_model_parallel_rank() == 0 and self.ps.is_pipeline_first_stage()
         counts = [task.batch_counts(b) for b in micro] if first_of_group else [(0, 0, 0.0)]
-        if self.par.sequence_parallel:
-            micro = [pad_packed_batch(b, self.par.tp, PAD_ID) for b in micro]
+        length = max(self.seq_length, *(fixed_length(b.input_ids.shape[1], self.multiple) for b in micro))
+        if length > self.seq_length:  # the same on every rank of the model-parallel group: they read the same data
+            warnings.warn(
+                f"a packed row is longer than data.token_budget={self.cfg.data.token_budget}: this step runs at "
+                f"length {length} instead of {self.seq_length} (one more compiled shape); raise data.token_budget",
+                stacklevel=2,
+            )
+        micro = [pad_to_length(b, length, PAD_ID) for b in micro]
         for m in self.ddp:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -209,7 +254,7 @@ class MegatronEngine:
             data_iterator=[iter(micro) for _ in self.chunks],
             model=self.ddp,
             num_microbatches=grad_accum,
-            seq_length=max(b.input_ids.shape[1] for b in micro),
+            seq_length=length,
             micro_batch_size=micro[0].input_ids.shape[0],
             forward_only=False,
         )
@@ -234,17 +279,86 @@ class MegatronEngine:
     def _model_sharded(self) -> dict:
         return {f"model{i}": _persistent(c.sharded_state_dict(prefix="model.")) for i, c in enumerate(self.chunks)}
 
-    def _ema_sharded(self, ema, model: dict) -> dict:
-        """The EMA shadows under the model's sharding, keyed `ema.<key>`."""
+    def new_ema(self, decay: float) -> ShardedEMA:
+        """The EMA sharded over data-parallel ranks exactly like the distributed optimizer: each rank averages the
+        flat range of every parameter it owns, from the optimizer's fp32 main shard (the fp32 parameter's own range
+        when the weights are fp32)."""
+        (opt,) = _distributed_optimizers(self.optimizer)
+        shards = {}
+        for i, chunk in enumerate(self.chunks):
+            for name, p in chunk.named_parameters():
+                if not p.requires_grad:
+                    continue
+                if p in opt.model_param_gbuf_map:
+                    r = opt._get_model_param_range_map(p)["param"]
+                    rows = slice(r.start, r.end)
+                else:  # no part of this parameter falls in this rank's shard of the buffer
+                    rows = slice(0, 0)
+                main = getattr(p, "main_param", None) if getattr(p, "main_param_sharded", False) else None
+                src = main if main is not None and rows.stop > rows.start else p.detach().view(-1)[rows]
+                shards[f"{i}.{name}"] = (p, rows, src)
+        return ShardedEMA(shards, decay, self.ps.get_data_parallel_group())
+
+    GATHER_MAX_PARAMS = 4_000_000_000  # sample grids gather the whole model into global rank 0 up to this size
+
+    @torch.no_grad()
+    def ema_model(self, ema: ShardedEMA) -> TextToImageBitDance | None:
+        """The whole reference model with the EMA weights on global rank 0, None elsewhere (every rank calls this):
+        the EMA shards are gathered over data-parallel ranks, then every chunk's tensor-parallel piece into rank 0, for
+        sample grids. Models over `GATHER_MAX_PARAMS` return None with a note (export the checkpoint and run
+        `eval.generate` instead)."""
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+        from models.t2i.megatron.mapping import merge_tp, model_state, reference_model_from_megatron
+
+        with torch.device("meta"):
+            size = sum(p.numel() for p in TextToImageBitDance(self.model_cfg).parameters())
+        if size > self.GATHER_MAX_PARAMS:
+            if dist.get_rank() == 0:
+                print(
+                    f"sample grids skipped: gathering {size / 1e9:.1f}B parameters into one process does not fit; "
+                    "export the checkpoint and run eval.generate",
+                    flush=True,
+                )
+            return None
+        full = ema.full()
+        mine: dict[str, torch.Tensor] = {}
+        if self.dp_rank == 0:
+            for i, chunk in enumerate(self.chunks):
+                state = model_state(chunk)
+                for n, _ in chunk.named_parameters():
+                    if f"{i}.{n}" in full:
+                        state[n] = full[f"{i}.{n}"].to(state[n].dtype)
+                offset = get_transformer_layer_offset(chunk.config, chunk.vp_stage)
+                for k, v in state.items():
+                    if k.startswith("decoder.layers."):
+                        index, rest = k[len("decoder.layers.") :].split(".", 1)
+                        k = f"decoder.layers.{int(index) + offset}.{rest}"
+                    mine[k] = v.detach().cpu().float()
+        pieces = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object((self.ps.get_tensor_model_parallel_rank(), mine), pieces, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        by_tp: dict[int, dict] = {}
+        for tp_rank, state in pieces:
+            by_tp.setdefault(tp_rank, {}).update(state)
+        merged = merge_tp([by_tp[r] for r in range(self.par.tp)])
+        model = reference_model_from_megatron(merged, self.model_cfg, self.par.transformer_impl)
+        return model.to(self.device)
+
+    def _ema_sharded(self, ema: ShardedEMA, model: dict, full: dict[str, torch.Tensor] | None = None) -> dict:
+        """The EMA under the model's sharding, keyed `ema.<key>`: whole tensor-parallel-local tensors (gathered over
+        data-parallel ranks for a save, only allocated for a load), like megatron's fully reshardable optimizer."""
         out = {}
         for i, chunk in enumerate(self.chunks):
-            shadow = {id(p): ema.shadow[f"{i}.{n}"] for n, p in chunk.named_parameters() if f"{i}.{n}" in ema.shadow}
+            names = {id(p): f"{i}.{n}" for n, p in chunk.named_parameters() if f"{i}.{n}" in ema.shards}
             part = {}
             for k, sh in model[f"model{i}"].items():
-                if id(sh.data) in shadow:
-                    data = shadow[id(sh.data)]
+                if id(sh.data) in names:
+                    key = names[id(sh.data)]
+                    data = full[key] if full is not None else torch.empty(sh.data.shape, dtype=torch.float32)
                     kw = {"dtype": data.dtype} if hasattr(sh, "dtype") else {}
-                    part[k] = replace(sh, key="ema." + model_key(sh.key), data=data, **kw)
+                    part[k] = replace(sh, key="ema." + model_key(sh.key), data=data.to(sh.data.device), **kw)
             out[f"ema{i}"] = part
         return out
 
@@ -266,10 +380,7 @@ class MegatronEngine:
         contents = section["contents"]
         self.load(directory / DIST, ema if "ema" in contents else None, optimizer="optimizer" in contents)
         if "ema" not in contents:  # a model-only checkpoint (e.g. imported): the EMA starts at its weights
-            with torch.no_grad():
-                for name, p in self.module.named_parameters():
-                    if name in ema.shadow:
-                        ema.shadow[name].copy_(p.detach().float())
+            ema.reset_to_params()
         if trainer.get("world_size") == dist.get_world_size() and section["layout"] == self.layout() and per_rank:
             return "all"
         same_dp = section["layout"].get("dp") == self.dp_size
@@ -286,7 +397,8 @@ class MegatronEngine:
     def save(self, directory: Path, ema) -> None:
         """Model, EMA and optimizer state into a dist_checkpointing directory (every rank calls this)."""
         model = self._model_sharded()
-        state = {**model, **self._ema_sharded(ema, model), "optimizer": self._optimizer_sharded(model, False)}
+        ema_state = self._ema_sharded(ema, model, ema.full())
+        state = {**model, **ema_state, "optimizer": self._optimizer_sharded(model, False)}
         save_dist(state, directory)
 
     @torch.no_grad()
@@ -304,15 +416,29 @@ class MegatronEngine:
         loaded = dist_checkpointing.load(state, str(directory))
         for i, chunk in enumerate(self.chunks):
             load_model_state(chunk, {k.removeprefix("model."): v for k, v in loaded[f"model{i}"].items()})
-            if ema is not None:
-                for k, v in loaded[f"ema{i}"].items():
-                    ema.shadow[f"{i}.{k.removeprefix('model.')}"].copy_(v)
+        if ema is not None:
+            ema.load_full(
+                {
+                    f"{i}.{k.removeprefix('model.')}": v
+                    for i in range(len(self.chunks))
+                    for k, v in loaded[f"ema{i}"].items()
+                }
+            )
         if optimizer:
             _load_optimizer(self.optimizer, loaded["optimizer"])
 
     def layout(self) -> dict:
         p = self.par
         return {"tp": p.tp, "pp": p.pp, "virtual_pp": p.virtual_pp, "dp": self.dp_size}
+
+
+def sum_head_grads_over_tp(heads: list[nn.Module], group) -> None:
+    """Each TP rank ran the diffusion head on its share of the patches: sum the partial head gradients (DDP
+    `main_grad`) over the TP group, one in-place all-reduce per tensor (no copy of the gradients)."""
+    if group.size() > 1:
+        grads = [p.main_grad for head in heads for p in head.parameters() if p.requires_grad]
+        for work in [dist.all_reduce(g, group=group, async_op=True) for g in grads]:
+            work.wait()
 
 
 def _persistent(sharded: dict) -> dict:

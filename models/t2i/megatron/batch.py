@@ -1,22 +1,49 @@
-"""Padding a packed T2I batch to a sequence length that sequence parallelism can split evenly over TP ranks."""
+"""Padding packed T2I batches to one fixed sequence length: even TP splits, aligned FP8 GEMMs and FlexAttention blocks.
+
+The megatron engine pads every micro-batch to `fixed_length(data.token_budget, sequence_multiple(...))`, so compiled
+attention kernels see one shape (FlexAttention under `torch.compile(dynamic=False)` recompiles per new length) and
+pipeline stages exchange activations of one shape without sending shapes first. Padding positions form document -1:
+they are unlabelled, have no image targets and are masked from and to every real token, so the loss is unchanged.
+The DeepSpeed engine (the reference model) does not pad: there, with `model.attention=flex` on GPU, every new row
+length compiles FlexAttention again (dynamo's recompile limit is 8, after which it runs uncompiled), so compiled
+flex training belongs on the megatron engine.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from models.t2i.packing import IGNORE_INDEX, PackedT2IBatch
+
+FLEX_BLOCK = 128  # FlexAttention's block size: rows of whole blocks need no partial-block handling
+FP8_TOKENS = 16  # Transformer Engine FP8 GEMMs need the token count per TP rank divisible by 16
+
+
+def sequence_multiple(tp: int = 1, sequence_parallel: bool = False, fp8: bool = False, flex: bool = False) -> int:
+    """What every row length must be a multiple of: tp under sequence parallelism (each TP rank holds length / tp
+    positions), 16 positions per TP rank with FP8, 128 with FlexAttention."""
+    ranks = tp if sequence_parallel else 1
+    return math.lcm(ranks * (FP8_TOKENS if fp8 else 1), FLEX_BLOCK if flex else 1)
+
+
+def fixed_length(token_budget: int, multiple: int) -> int:
+    """The padded row length: the loader's token budget rounded up to `multiple`."""
+    return -(-token_budget // multiple) * multiple
 
 
 def _remap(flat: torch.Tensor, length: int, new_length: int) -> torch.Tensor:
     return flat // length * new_length + flat % length
 
 
-def pad_packed_batch(batch: PackedT2IBatch, multiple: int, pad_id: int) -> PackedT2IBatch:
-    """`batch` with rows right-padded to a multiple of `multiple` positions (padding: document -1, its own causal
-    blocks, no labels), flat indices remapped; the loss is unchanged. Returns `batch` itself when already aligned."""
+def pad_to_length(batch: PackedT2IBatch, new_length: int, pad_id: int) -> PackedT2IBatch:
+    """`batch` with rows right-padded to `new_length` positions (padding: document -1, its own causal blocks, no
+    labels), flat indices remapped; the loss is unchanged. Returns `batch` itself when already that long."""
     b, length = batch.input_ids.shape
-    new_length = -(-length // multiple) * multiple
     extra = new_length - length
+    if extra < 0:
+        raise ValueError(f"cannot pad a batch of {length} positions to {new_length}")
     if extra == 0:
         return batch
 
@@ -39,3 +66,8 @@ def pad_packed_batch(batch: PackedT2IBatch, multiple: int, pad_id: int) -> Packe
         target_coords=batch.target_coords,
         parallel_num=batch.parallel_num,
     )
+
+
+def pad_packed_batch(batch: PackedT2IBatch, multiple: int, pad_id: int) -> PackedT2IBatch:
+    """`batch` with rows right-padded to the next multiple of `multiple` positions (see `pad_to_length`)."""
+    return pad_to_length(batch, fixed_length(batch.input_ids.shape[1], multiple), pad_id)

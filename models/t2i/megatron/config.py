@@ -18,6 +18,8 @@ from models.t2i.model import T2IConfig
 TRANSFORMER_IMPLS = ("local", "te")
 FP8_FORMATS = (None, "hybrid", "e4m3")
 FP8_RECIPES = ("tensorwise", "delayed", "mxfp8", "blockwise")
+RECOMPUTE = (None, "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 @dataclass
@@ -34,13 +36,20 @@ class ParallelSettings:
     fp8_recipe: str = "tensorwise"  # tensorwise | delayed | mxfp8 | blockwise
     bf16_layers_at_start: int = 1  # with FP8: backbone layers kept in BF16 at each end of the stack
     bf16_layers_at_end: int = 1
+    # Activation recompute (memory for compute): None (model.activation_checkpointing=true then means "full"),
+    # "full": layer inputs are kept and whole layers rerun in the backward pass (the diffusion head's blocks too),
+    # "selective": only the core attention (scores, softmax) reruns, megatron's recompute_modules=["core_attn"].
+    recompute: str | None = None
+    recompute_method: str | None = None  # full only: "uniform" (default) or "block"
+    # full only: uniform reruns groups of this many layers (default 1: every layer on its own); block reruns only the
+    # first this-many layers of each model chunk and keeps the activations of the rest
+    recompute_num_layers: int | None = None
 
 
 @dataclass
 class MegatronParallelConfig(ParallelSettings):
     """The settings above plus how this process builds the layers (set by the engine, not by users)."""
 
-    recompute: bool = False  # recompute every layer's activations in the backward pass (full, uniform, 1 layer)
     params_dtype: torch.dtype = torch.bfloat16
     use_cpu_initialization: bool = False
     perform_initialization: bool = True
@@ -105,6 +114,36 @@ def _check_fp8(cfg: T2IConfig, par: MegatronParallelConfig) -> None:
             )
 
 
+def recompute_plan(cfg: T2IConfig, par: MegatronParallelConfig) -> tuple[str, int] | None:
+    """(method, layers) of full recompute, None without it; raises a one-line ValueError for a setting megatron
+    cannot run (its own checks are asserts or IndexErrors mid-forward)."""
+    if par.recompute not in RECOMPUTE:
+        raise ValueError(f"unknown recompute {par.recompute!r}; choose null, 'full' or 'selective'")
+    if par.recompute != "full":
+        if par.recompute_method is not None or par.recompute_num_layers is not None:
+            raise ValueError(
+                "recompute_method / recompute_num_layers apply to recompute='full' only; set recompute='full' or "
+                "leave them unset"
+            )
+        return None
+    method = par.recompute_method or "uniform"
+    if method not in RECOMPUTE_METHODS:
+        raise ValueError(f"unknown recompute_method {method!r}; choose one of {RECOMPUTE_METHODS}")
+    per_chunk = cfg.llm.num_hidden_layers // (par.pp * (par.virtual_pp or 1))
+    n = par.recompute_num_layers
+    if n is None and method == "block":
+        raise ValueError("recompute_method='block' needs recompute_num_layers (layers recomputed per model chunk)")
+    n = 1 if n is None else n
+    if not 1 <= n <= per_chunk:
+        raise ValueError(f"recompute_num_layers={n} must be in [1, {per_chunk}] (the layers of one model chunk)")
+    if method == "uniform" and per_chunk % n:
+        raise ValueError(
+            f"recompute_method='uniform' reruns groups of recompute_num_layers={n} layers, which must divide the "
+            f"{per_chunk} layers of a model chunk; choose a divisor of {per_chunk} or recompute_method='block'"
+        )
+    return method, n
+
+
 def validate_parallel(cfg: T2IConfig, par: MegatronParallelConfig) -> None:
     """Raise a one-line ValueError (problem; fix) for a parallel layout the model cannot run with."""
     m = cfg.llm
@@ -128,9 +167,12 @@ def validate_parallel(cfg: T2IConfig, par: MegatronParallelConfig) -> None:
     _divides("MLP channels", m.intermediate_size, par.tp, "tp", "choose tp dividing intermediate_size")
     _divides("layers", m.num_hidden_layers, par.pp, "pp", "choose pp dividing the number of layers")
     if par.virtual_pp is not None:
-        if par.virtual_pp < 1 or par.pp < 2:
+        if par.pp < 2:
+            raise ValueError(f"virtual_pp={par.virtual_pp} interleaves pipeline stages; set pp >= 2 or virtual_pp=None")
+        if par.virtual_pp < 2:
             raise ValueError(
-                f"virtual_pp={par.virtual_pp} needs pp >= 2 and virtual_pp >= 1; set pp > 1 or virtual_pp=None"
+                f"virtual_pp={par.virtual_pp} is not interleaving (one model chunk per stage); set virtual_pp >= 2 "
+                "or virtual_pp=None (plain 1F1B)"
             )
         _divides(
             "layers",
@@ -141,6 +183,7 @@ def validate_parallel(cfg: T2IConfig, par: MegatronParallelConfig) -> None:
         )
     if par.sequence_parallel and par.tp == 1:
         raise ValueError("sequence_parallel needs tensor parallelism; set tp > 1 or sequence_parallel=False")
+    recompute_plan(cfg, par)
     _check_fp8(cfg, par)
     if par.transformer_impl == "te" and not transformer_engine_available():
         raise ValueError(
@@ -165,9 +208,16 @@ def transformer_config(cfg: T2IConfig, par: MegatronParallelConfig):
             num_layers_at_start_in_bf16=par.bf16_layers_at_start,
             num_layers_at_end_in_bf16=par.bf16_layers_at_end,
         )
+    # Interleaved with pp=2: a rank's previous and next stage are the same rank, and batched p2p (one
+    # batch_isend_irecv, matched in posting order per peer) would hand the activation to the gradient's buffer and
+    # back; megatron's unbatched p2p sends the two directions over two process groups instead.
+    two_way_single_peer = par.pp == 2 and par.virtual_pp is not None
     recompute = {}
-    if par.recompute:
-        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    plan = recompute_plan(cfg, par)
+    if plan is not None:
+        recompute = dict(recompute_granularity="full", recompute_method=plan[0], recompute_num_layers=plan[1])
+    elif par.recompute == "selective":  # our core attention is plain torch, so rerunning it saves its activations
+        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
     return TransformerConfig(
         num_layers=m.num_hidden_layers,
         hidden_size=m.hidden_size,
@@ -202,8 +252,8 @@ def transformer_config(cfg: T2IConfig, par: MegatronParallelConfig):
         use_cpu_initialization=par.use_cpu_initialization,
         perform_initialization=par.perform_initialization,
         virtual_pipeline_model_parallel_size=par.virtual_pp,
-        variable_seq_lengths=par.pp > 1,  # packed rows differ in length: pipeline stages exchange shapes
-        moe_token_dispatcher_type="alltoall",  # no MoE; megatron rejects its default with variable_seq_lengths
+        variable_seq_lengths=False,  # every micro-batch is padded to one fixed length (models.t2i.megatron.batch)
+        batch_p2p_comm=not two_way_single_peer,
         **recompute,
         **fp8,
     )

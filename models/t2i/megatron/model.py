@@ -16,26 +16,37 @@ Design:
   layers by global index (layer offset of this stage and virtual chunk), the vocab-parallel embedding, the LM head
   and the column/row-parallel layer weights carry their TP axis, and every plain torch submodule (projector,
   diffusion head, norms) is a replicated tensor whose main replica is TP rank 0 / DP rank 0.
-- Mask: every stage builds a `BlockCausalMask` from the batch it reads (doc/block ids) and passes it as
-  `attention_mask`; the schedule gives every stage the batch, so no mask crosses the pipeline.
+- Mask: every stage builds `block_causal_mask` from the batch it reads (doc/block ids stacked into one tensor, its
+  kernel mask built once per forward and shared by the layers) and passes it as `attention_mask`; the schedule
+  gives every stage the batch, so no mask crosses the pipeline.
 - RoPE: megatron's `RotaryEmbedding` (base 1e6) owns the inverse frequencies; its forward only makes positions
   0..s-1, so angles for the packed per-token `position_ids` are formed here and passed as `rotary_pos_emb`
   [s, b, 1, d]; megatron applies them rotate-half (non-interleaved) like HF Qwen3 / models/t2i/qwen3.py.
-- Diffusion head: replicated on every TP rank of the last stage, not sharded. It is a small transformer over P
-  tokens per patch (1.6B parameters at 14B scale) whose cost is a few percent of the backbone's; sharding it would
-  need a second TP implementation of models/core/diffusion_head.py. Its input (the gathered hidden states) and its
-  random draws (default generator, seeded alike on the TP ranks of a data-parallel replica, as megatron's
-  `model_parallel_cuda_manual_seed` does) are identical on every TP rank, so every TP rank computes the same
-  loss and the same head gradient: no TP all-reduce is needed, only the usual data-parallel one. The gather keeps
-  that true backwards: `tensor_parallel_output_grad=False` makes its backward a split, which is right because the
-  gradient arriving there is already complete on every rank (the LM head's all-reduce plus the replicated head's).
-  The projector on the first stage is replicated the same way. With FP8 the head and projector stay BF16 (FP8
-  autocast wraps only the backbone layers).
+- Diffusion head: replicated on every TP rank of the last stage (not sharded: a second TP implementation of
+  models/core/diffusion_head.py would be needed), but its work is split: each TP rank runs it on a contiguous
+  1/tp share of the micro-batch's image patches (whole patches of P tokens, `torch.tensor_split` counts), so the
+  head's activations per rank (tens of GiB per micro-batch at 14B) drop ~1/tp. Three TP collectives keep loss and
+  gradients those of the whole batch: the per-rank vision loss sums are all-reduced
+  (`reduce_from_tensor_model_parallel_region`, backward identity), so every rank holds the full loss; the head
+  conditions pass `copy_to_tensor_model_parallel_region` (forward identity, backward all-reduce), so the partial
+  condition gradients of the ranks are summed before they enter the backbone; and the head's parameter gradients,
+  partial per rank, are summed over TP by the engine after the backward (megatron's `finalize_model_grads` sums only
+  sequence-parallel norm grads; training/engines/megatron.py wraps it). With sequence parallelism the hidden states
+  are gathered with `tensor_parallel_output_grad=False` (backward: split, no reduction): the gradient arriving
+  there is complete on every rank (the LM head's input all-reduce plus the conditions' all-reduce).
+  Random draws: the head's times and noises are drawn for all patches on every TP rank, in the order
+  `BinaryDiffusionHead.loss` draws them, from the default generator (seeded alike on the TP ranks of a
+  data-parallel replica, as megatron's `model_parallel_cuda_manual_seed` does), and each rank keeps its share: the
+  draws are a few MB (C numbers per token) next to the head's activations, keep the default generators of the TP
+  ranks in step (the first stage's bit flips need that) and make results independent of tp; tp=1 computes exactly
+  what the unsplit head did. The projector on the first stage is replicated and runs on every rank. With FP8 the
+  head and projector stay BF16 (FP8 autocast wraps only the backbone layers).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -45,7 +56,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from models.core.diffusion_head import BinaryDiffusionHead
-from models.t2i.megatron.attention import BlockCausalMask
+from models.t2i.megatron.attention import block_causal_mask
 from models.t2i.megatron.config import MegatronParallelConfig, transformer_config
 from models.t2i.megatron.spec import block_spec
 from models.t2i.model import (
@@ -84,7 +95,7 @@ class MegatronT2IBitDance(MegatronModule):
         )
         self.decoder = TransformerBlock(
             config,
-            block_spec(config, par, vp_stage),
+            block_spec(config, par, vp_stage, cfg.attention),
             pre_process=pre_process,
             post_process=post_process,
             vp_stage=vp_stage,
@@ -102,6 +113,7 @@ class MegatronT2IBitDance(MegatronModule):
                 m.hidden_size, m.vocab_size, config=head_config, init_method=init, bias=False, tp_group=tp_group
             )
             self.vision_head = BinaryDiffusionHead(cfg.head).to(config.params_dtype)
+            self.head_tp_group = tp_group  # the head's patches are split over it (see `vision_loss`)
 
     def set_input_tensor(self, input_tensor) -> None:
         """The previous stage's output (pipeline schedules pass a one-element list)."""
@@ -135,7 +147,7 @@ class MegatronT2IBitDance(MegatronModule):
                 f"sequence parallelism needs the packed length {length} to be a multiple of "
                 f"tp={self.par.tp}; pad it with models.t2i.megatron.batch.pad_packed_batch"
             )
-        mask = BlockCausalMask(batch.doc_ids, batch.block_ids, self.cfg.attention)
+        mask = block_causal_mask(batch.doc_ids, batch.block_ids, self.cfg.attention)  # a tensor: recompute saves it
         hidden = self.embed(batch) if self.pre_process else None
         hidden = self.decoder(
             hidden_states=hidden, attention_mask=mask, rotary_pos_emb=self.rotary_freqs(batch.position_ids)
@@ -153,6 +165,38 @@ class MegatronT2IBitDance(MegatronModule):
         labelled = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         logits, _ = self.output_layer(flat[labelled][:, None])  # [n, 1, vocab / tp]
         text_sum = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels[labelled][:, None]).sum()
-        cond = head_conditions(flat, batch)
-        vision_sum = vision_loss_sum(self.vision_head, cond, batch, self.cfg, head_t, head_noise)
+        vision_sum = self.vision_loss(flat, batch, head_t, head_noise)
         return combine_losses(text_sum, labelled.numel(), vision_sum, batch.target_bits.shape[0], self.cfg)
+
+    def vision_loss(self, flat: torch.Tensor, batch: PackedT2IBatch, head_t, head_noise) -> torch.Tensor:
+        """The vision loss sum over all targets, the head run on this TP rank's share of the patches (see the
+        module docstring); `head_t` [k * n] / `head_noise` [k * n, P, C] are for all n patches of the batch."""
+        P, C, k = self.cfg.parallel_num, self.cfg.latent_dim, self.cfg.head.diff_batch_mul
+        n = batch.target_bits.shape[0] // P
+        if head_t is None:  # drawn as BinaryDiffusionHead.loss does: times, then noises, for all k * n rows
+            head_t = self.vision_head.sample_time(k * n, flat.device)
+        if head_noise is None:
+            head_noise = torch.randn(k * n, P, C, device=flat.device)
+        if head_t.numel() != k * n or head_noise.numel() != k * n * P * C:
+            raise ValueError(f"head_t / head_noise must hold draws for all {k} x {n} patch rows of the batch")
+        part = patch_share(n, self.head_tp_group.size(), self.head_tp_group.rank())
+        tokens = slice(part.start * P, part.stop * P)
+        cond = tensor_parallel.copy_to_tensor_model_parallel_region(head_conditions(flat, batch), self.head_tp_group)
+        mine = replace(
+            batch,
+            target_index=batch.target_index[tokens],
+            target_bits=batch.target_bits[tokens],
+            target_coords=batch.target_coords[tokens],
+        )
+        t = head_t.view(k, n)[:, part].reshape(-1)
+        noise = head_noise.view(k, n, P, C)[:, part].reshape(-1, P, C)
+        local = vision_loss_sum(self.vision_head, cond[tokens], mine, self.cfg, t, noise)
+        return tensor_parallel.reduce_from_tensor_model_parallel_region(local, self.head_tp_group)
+
+
+def patch_share(n: int, parts: int, index: int) -> slice:
+    """Patches of share `index` when n patches are cut into `parts` contiguous shares as `torch.tensor_split`
+    cuts them (the first n % parts shares hold one more; shares may be empty)."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return slice(start, start + base + (index < extra))

@@ -3,11 +3,12 @@
 `transformer_impl="te"` starts from `get_gpt_layer_with_transformer_engine_spec` (TE linears with the input norms
 fused into `linear_qkv` / `linear_fc1`; needed for FP8); `"local"` from `get_gpt_layer_local_spec`, whose torch
 norm wrapper refuses sequence parallelism, so its norms are replaced by `RMSNorm` below. Either way only the core
-attention is ours.
+attention is ours (built with the attention backend of the model config).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import torch
@@ -28,8 +29,9 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def layer_spec(par: MegatronParallelConfig) -> ModuleSpec:
-    """One backbone layer: megatron's GPT layer (RMSNorm, QK-norm, SwiGLU) with `BlockCausalCoreAttention`."""
+def layer_spec(par: MegatronParallelConfig, attention: str = "auto") -> ModuleSpec:
+    """One backbone layer: megatron's GPT layer (RMSNorm, QK-norm, SwiGLU) with `BlockCausalCoreAttention` over the
+    attention backend `attention` (`models.core.attention.ATTENTION_BACKENDS`)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if par.transformer_impl == "te":
@@ -44,7 +46,8 @@ def layer_spec(par: MegatronParallelConfig) -> ModuleSpec:
             self_attention=replace(attn, submodules=replace(attn.submodules, q_layernorm=RMSNorm, k_layernorm=RMSNorm)),
         )
     attn = layer.self_attention
-    attn = replace(attn, submodules=replace(attn.submodules, core_attention=BlockCausalCoreAttention))
+    core = functools.partial(BlockCausalCoreAttention, backend=attention)  # megatron calls the builder directly
+    attn = replace(attn, submodules=replace(attn.submodules, core_attention=core))
     return replace(spec, submodules=replace(layer, self_attention=attn))
 
 
@@ -56,8 +59,10 @@ def final_norm(par: MegatronParallelConfig) -> type:
     return RMSNorm
 
 
-def block_spec(config, par: MegatronParallelConfig, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+def block_spec(
+    config, par: MegatronParallelConfig, vp_stage: int | None = None, attention: str = "auto"
+) -> TransformerBlockSubmodules:
     """The layers of this pipeline stage (model chunk `vp_stage` of it when interleaved) plus the final norm (built
     only on the last stage by TransformerBlock)."""
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(par)] * n, layer_norm=final_norm(par))
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(par, attention)] * n, layer_norm=final_norm(par))
