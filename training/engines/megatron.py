@@ -160,8 +160,21 @@ class MegatronEngine:
     def _wrap(self) -> list:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
+        p = self.par
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=p.grad_reduce_in_fp32,
+            use_distributed_optimizer=True,
+            overlap_grad_reduce=p.overlap_grad_reduce,
+            overlap_param_gather=p.overlap_param_gather,
+        )
         return [DistributedDataParallel(c.config, ddp_config, c) for c in self.chunks]
+
+    def _sync_params(self) -> None:
+        """With `overlap_param_gather` the updated weights arrive during the next forward pass: finish the
+        all-gather now (before a checkpoint or a sample grid reads the weights)."""
+        if self.par.overlap_param_gather:
+            for m in self.ddp:
+                m.start_param_sync(force_sync=True)
 
     def _build_optimizer(self):
         from megatron.core.optimizer import OptimizerConfig, ParamKey, ParamWithNamePredicate, get_megatron_optimizer
@@ -179,6 +192,7 @@ class MegatronEngine:
             bf16=self.precision == "bf16",
             params_dtype=self.par.params_dtype,
             use_distributed_optimizer=True,
+            overlap_param_gather=self.par.overlap_param_gather,
             loss_scale=1.0,  # a constant scaler of 1: megatron then checks gradients for inf/NaN and skips
         )
         overrides = {ParamKey(with_name_predicate=ParamWithNamePredicate("no_decay", no_decay)): {"wd_mult": 0.0}}
@@ -206,7 +220,16 @@ class MegatronEngine:
             sum_head_grads_over_tp(heads, group)
 
         no_sync = [m.no_sync for m in self.ddp]
+        overlap = {}
+        if self.par.overlap_grad_reduce:  # the schedule launches each chunk's reduce-scatter as its backward ends
+            grad_sync = [m.start_grad_sync for m in self.ddp]
+            overlap["grad_sync_func"] = grad_sync[0] if len(grad_sync) == 1 else grad_sync
+        if self.par.overlap_param_gather:  # and each chunk's all-gather before its forward (interleaved schedule)
+            param_sync = [m.start_param_sync for m in self.ddp]
+            overlap["param_sync_func"] = param_sync[0] if len(param_sync) == 1 else param_sync
         for chunk in self.chunks:
+            for k, v in overlap.items():
+                setattr(chunk.config, k, v)
             chunk.config.finalize_model_grads_func = finalize
             chunk.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
             chunk.config.grad_scale_func = self.optimizer.scale_loss
@@ -321,6 +344,7 @@ class MegatronEngine:
                     flush=True,
                 )
             return None
+        self._sync_params()
         full = ema.full()
         mine: dict[str, torch.Tensor] = {}
         if self.dp_rank == 0:
@@ -367,6 +391,7 @@ class MegatronEngine:
         return self.optimizer.sharded_state_dict(model, is_loading=loading, metadata=OPTIMIZER_FORMAT)
 
     def save_state(self, directory: Path, ema) -> tuple[dict, dict]:
+        self._sync_params()
         self.save(directory / DIST, ema)
         section = megatron_section(self.model_cfg, **self.layout(), contents=["model", "ema", "optimizer"])
         return {}, {"megatron": section}

@@ -44,6 +44,12 @@ class ParallelSettings:
     # full only: uniform reruns groups of this many layers (default 1: every layer on its own); block reruns only the
     # first this-many layers of each model chunk and keeps the activations of the rest
     recompute_num_layers: int | None = None
+    # Data-parallel communication (megatron's DDP and distributed optimizer): overlap the gradient reduce-scatter
+    # with the backward pass, the parameter all-gather with the next forward pass; reduce gradients in fp32 or in
+    # the parameter dtype (bf16: half the traffic).
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    grad_reduce_in_fp32: bool = True
 
 
 @dataclass
