@@ -134,3 +134,42 @@ def test_layouts_the_schedules_cannot_run_are_refused_in_one_line(layout, overri
         grad_accumulation(train_config(1, layout["pp"], *vpp, *overrides), layout["pp"])
     msg = str(info.value)
     assert "\n" not in msg and problem in msg and fix in msg, msg
+
+
+def _uneven_worker(rank, out_dir, case_path, pp_layers):
+    case = load_case(case_path)
+    layers = "[" + ",".join(map(str, pp_layers)) + "]"
+    overrides = [f"data.token_budget={BUDGET}", f"data.global_batch={MICRO}", f"parallel.pp_layers={layers}"]
+    engine = new_engine(case, 1, len(pp_layers), overrides=overrides)
+    counts = [len(c.decoder.layers) for c in engine.chunks]
+    stats = engine.train_step(iter(case["micro"]), task(case["cfg"]), MICRO)
+    save_result(out_dir, rank, (stats.loss, stats.result.grad_norm, counts))
+
+
+@pytest.mark.slow
+def test_uneven_pipeline_split_gives_the_single_stage_loss(tmp_path):
+    """`parallel.pp_layers`: the last stage (LM head + diffusion head) takes fewer layers; same numbers as pp=1."""
+    path = tmp_path / "case.pt"
+    make_pipeline_case(path)
+    case = load_case(path)
+    with megatron_in_process(init_model_parallel=False):
+        want_loss, want_norm, _ = run_layout(case, *SINGLE)
+    ranks = spawn(_uneven_worker, 2, 0, 0, tmp_path, path, [5, 3])
+    assert [r[2] for r in ranks] == [[5], [3]]
+    for loss, norm, _ in ranks:
+        assert abs(loss - want_loss) <= 1e-6 * abs(want_loss) and abs(norm - want_norm) <= 1e-6 * abs(want_norm)
+
+
+@pytest.mark.parametrize(
+    "pp, pp_layers, vpp, problem",
+    [
+        (2, [5, 2], None, "adding up to the 8 layers"),
+        (4, [1, 3, 2, 2], None, "only the first and last stages may differ"),
+        (2, [6, 2], 2, "with virtual_pp is not supported"),
+    ],
+)
+def test_bad_pp_layers_are_refused_in_one_line(pp, pp_layers, vpp, problem):
+    cfg = replace(make_case()[0], llm=replace(make_case()[0].llm, num_hidden_layers=LAYERS))
+    with pytest.raises(ValueError, match=problem) as info:
+        validate_parallel(cfg, MegatronParallelConfig(pp=pp, pp_layers=pp_layers, virtual_pp=vpp))
+    assert "\n" not in str(info.value)

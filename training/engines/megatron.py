@@ -47,7 +47,7 @@ from torch import nn
 
 from models.t2i.megatron.batch import fixed_length, pad_to_length, sequence_multiple
 from models.t2i.megatron.config import MegatronParallelConfig, validate_parallel
-from models.t2i.megatron.mapping import load_model_state, reference_to_megatron, split_pp, split_tp
+from models.t2i.megatron.mapping import chunk_state, load_model_state, reference_to_megatron, split_tp
 from models.t2i.megatron.model import MegatronT2IBitDance
 from models.t2i.model import T2IConfig, TextToImageBitDance
 from training.config import TrainConfig
@@ -150,11 +150,10 @@ class MegatronEngine:
 
         state = {k: v.detach() for k, v in reference.state_dict().items()}
         full = reference_to_megatron(state, self.model_cfg.llm, self.par.transformer_impl)
-        n_layers, tp_rank = self.model_cfg.llm.num_hidden_layers, self.ps.get_tensor_model_parallel_rank()
+        tp_rank = self.ps.get_tensor_model_parallel_rank()
         for chunk in self.chunks:
-            count = len(chunk.decoder.layers)  # every chunk holds the same number of layers
             start = get_transformer_layer_offset(chunk.config, chunk.vp_stage)
-            part = split_pp(full, n_layers, n_layers // count)[start // count]
+            part = chunk_state(full, start, len(chunk.decoder.layers), chunk.pre_process, chunk.post_process)
             load_model_state(chunk, split_tp(part, self.par.tp)[tp_rank])
 
     def _wrap(self) -> list:

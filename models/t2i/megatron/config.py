@@ -28,7 +28,10 @@ class ParallelSettings:
     world size / (tp * pp)."""
 
     tp: int = 1  # tensor-parallel ranks (divides heads, KV heads, MLP width, vocabulary)
-    pp: int = 1  # pipeline stages (divides the layers)
+    pp: int = 1  # pipeline stages (divides the layers, unless pp_layers says how many each stage takes)
+    # Layers per pipeline stage, e.g. [12, 10, 10, 8] for pp=4: the last stage, which also holds the LM head and
+    # the diffusion head, can take fewer; the stages in between take equal shares. None: an even split.
+    pp_layers: list[int] | None = None
     virtual_pp: int | None = None  # model chunks per pipeline stage (interleaved 1F1B); None: one chunk
     sequence_parallel: bool = False  # split norm/dropout activations along the sequence over TP (needs tp > 1)
     transformer_impl: str = "local"  # "local": megatron's own layers; "te": Transformer Engine layers (FP8)
@@ -120,6 +123,26 @@ def _check_fp8(cfg: T2IConfig, par: MegatronParallelConfig) -> None:
             )
 
 
+def _check_pp_layers(num_layers: int, par: MegatronParallelConfig) -> None:
+    layers = list(par.pp_layers)
+    if len(layers) != par.pp or sum(layers) != num_layers or min(layers) < 1:
+        raise ValueError(
+            f"pp_layers={layers} must list pp={par.pp} positive layer counts adding up to the {num_layers} layers"
+        )
+    if len(set(layers[1:-1])) > 1:
+        raise ValueError(
+            f"pp_layers={layers}: only the first and last stages may differ, the stages in between take equal "
+            "shares; e.g. " + str([layers[0], *[sum(layers[1:-1]) // (par.pp - 2)] * (par.pp - 2), layers[-1]])
+        )
+    if par.virtual_pp is not None:
+        raise ValueError(f"pp_layers={layers} with virtual_pp is not supported; set virtual_pp=None or pp_layers=None")
+
+
+def stage_layer_counts(num_layers: int, par: ParallelSettings) -> list[int]:
+    """Layers held by each pipeline stage."""
+    return list(par.pp_layers) if par.pp_layers is not None else [num_layers // par.pp] * par.pp
+
+
 def recompute_plan(cfg: T2IConfig, par: MegatronParallelConfig) -> tuple[str, int] | None:
     """(method, layers) of full recompute, None without it; raises a one-line ValueError for a setting megatron
     cannot run (its own checks are asserts or IndexErrors mid-forward)."""
@@ -135,14 +158,15 @@ def recompute_plan(cfg: T2IConfig, par: MegatronParallelConfig) -> tuple[str, in
     method = par.recompute_method or "uniform"
     if method not in RECOMPUTE_METHODS:
         raise ValueError(f"unknown recompute_method {method!r}; choose one of {RECOMPUTE_METHODS}")
-    per_chunk = cfg.llm.num_hidden_layers // (par.pp * (par.virtual_pp or 1))
+    chunks = [c // (par.virtual_pp or 1) for c in stage_layer_counts(cfg.llm.num_hidden_layers, par)]
+    per_chunk = min(chunks)
     n = par.recompute_num_layers
     if n is None and method == "block":
         raise ValueError("recompute_method='block' needs recompute_num_layers (layers recomputed per model chunk)")
     n = 1 if n is None else n
     if not 1 <= n <= per_chunk:
         raise ValueError(f"recompute_num_layers={n} must be in [1, {per_chunk}] (the layers of one model chunk)")
-    if method == "uniform" and per_chunk % n:
+    if method == "uniform" and any(c % n for c in chunks):
         raise ValueError(
             f"recompute_method='uniform' reruns groups of recompute_num_layers={n} layers, which must divide the "
             f"{per_chunk} layers of a model chunk; choose a divisor of {per_chunk} or recompute_method='block'"
@@ -171,7 +195,10 @@ def validate_parallel(cfg: T2IConfig, par: MegatronParallelConfig) -> None:
         "pad the vocabulary to a multiple of tp (TextToImageBitDance.resize_vocab)",
     )
     _divides("MLP channels", m.intermediate_size, par.tp, "tp", "choose tp dividing intermediate_size")
-    _divides("layers", m.num_hidden_layers, par.pp, "pp", "choose pp dividing the number of layers")
+    if par.pp_layers is None:
+        _divides("layers", m.num_hidden_layers, par.pp, "pp", "choose pp dividing the number of layers")
+    else:
+        _check_pp_layers(m.num_hidden_layers, par)
     if par.virtual_pp is not None:
         if par.pp < 2:
             raise ValueError(f"virtual_pp={par.virtual_pp} interleaves pipeline stages; set pp >= 2 or virtual_pp=None")
@@ -204,6 +231,11 @@ def transformer_config(cfg: T2IConfig, par: MegatronParallelConfig):
 
     validate_parallel(cfg, par)
     m = cfg.llm
+    uneven = {}
+    if par.pp_layers is not None and len(set(par.pp_layers)) > 1:
+        uneven = dict(
+            num_layers_in_first_pipeline_stage=par.pp_layers[0], num_layers_in_last_pipeline_stage=par.pp_layers[-1]
+        )
     fp8 = {}
     if par.fp8 is not None:
         keep = par.bf16_layers_at_start + par.bf16_layers_at_end > 0
@@ -258,6 +290,7 @@ def transformer_config(cfg: T2IConfig, par: MegatronParallelConfig):
         use_cpu_initialization=par.use_cpu_initialization,
         perform_initialization=par.perform_initialization,
         virtual_pipeline_model_parallel_size=par.virtual_pp,
+        **uneven,
         variable_seq_lengths=False,  # every micro-batch is padded to one fixed length (models.t2i.megatron.batch)
         batch_p2p_comm=not two_way_single_peer,
         **recompute,

@@ -198,22 +198,27 @@ def _relabel(key: str, index: int) -> str:
 
 
 def split_pp(state: State, num_layers: int, pp: int) -> list[State]:
-    """Per-stage states: stage k holds its layers renumbered from 0, the first also the text/image embeddings, the
-    last also the final norm and both heads."""
-    stages: list[State] = []
-    for stage in range(pp):
-        layers = stage_layers(num_layers, pp, stage)
-        part: State = {}
-        for key, t in state.items():
-            if key.startswith(_MEG_LAYER):
-                if _layer_index(key) in layers:
-                    part[_relabel(key, _layer_index(key) - layers.start)] = t
-            elif (key.startswith(_FIRST_STAGE) and stage == 0) or (key.startswith(_LAST_STAGE) and stage == pp - 1):
-                part[key] = t
-            elif not key.startswith(_FIRST_STAGE + _LAST_STAGE):
-                raise ValueError(f"split_pp does not know which stage holds {key}")
-        stages.append(part)
-    return stages
+    """Per-stage states of an even split: stage k holds its layers renumbered from 0, the first also the text/image
+    embeddings, the last also the final norm and both heads."""
+    return [
+        chunk_state(state, stage_layers(num_layers, pp, k).start, num_layers // pp, k == 0, k == pp - 1)
+        for k in range(pp)
+    ]
+
+
+def chunk_state(state: State, start: int, count: int, first: bool, last: bool) -> State:
+    """The part of a full megatron state one model chunk holds: layers start..start+count-1 renumbered from 0, plus the
+    embeddings on the first chunk and the final norm and both heads on the last (any split, even or not)."""
+    part: State = {}
+    for key, t in state.items():
+        if key.startswith(_MEG_LAYER):
+            if start <= _layer_index(key) < start + count:
+                part[_relabel(key, _layer_index(key) - start)] = t
+        elif (key.startswith(_FIRST_STAGE) and first) or (key.startswith(_LAST_STAGE) and last):
+            part[key] = t
+        elif not key.startswith(_FIRST_STAGE + _LAST_STAGE):
+            raise ValueError(f"chunk_state does not know which stage holds {key}")
+    return part
 
 
 def merge_pp(stages: list[State], num_layers: int) -> State:
