@@ -69,6 +69,7 @@ def _dp2_worker(rank, out_dir, case_path, run_dir):
 def test_dp2_halves_ema_memory_and_its_checkpoint_reshards_and_exports_exactly(tmp_path):
     case_file(tmp_path / "case.pt", vocab_size=VOCAB)
     results = spawn(_dp2_worker, 4, 0, 0, tmp_path, tmp_path / "case.pt", tmp_path / "run")
+    print("per-rank EMA bytes at dp=2 / whole:", [round(r["sharded_bytes"] / r["whole_bytes"], 4) for r in results])
     for r in results:
         assert 0.45 <= r["sharded_bytes"] / r["whole_bytes"] <= 0.55, r["sharded_bytes"] / r["whole_bytes"]
         assert r["max_diff"] == 0.0  # the gathered shards are exactly the whole-tensor EMA
