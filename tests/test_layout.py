@@ -2,6 +2,8 @@
 once (the two T2I implementations' shared math, the next-patch sampling loop, the training loop) is not copied."""
 
 import ast
+import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,17 @@ def test_there_is_one_training_entry_point():
         and node.name != "train_step"
     )
     assert loops == ["training/train.py:train"], loops
+
+
+def test_every_engine_implements_the_engine_protocol():
+    pytest.importorskip("megatron.core")
+    from training.engines import Engine
+    from training.engines.deepspeed import DeepSpeedEngine
+    from training.engines.megatron import MegatronEngine
+
+    wanted = {n for n in vars(Engine) if not n.startswith("_")} | set(Engine.__annotations__)
+    for engine in (DeepSpeedEngine, MegatronEngine):
+        source = inspect.getsource(engine)
+        assigned = set(re.findall(r"self\.(\w+)\s*[,=]", source))  # `self.x = ...`, `self.x, self.y = ...`
+        missing = {n for n in wanted if not hasattr(engine, n) and n not in assigned}
+        assert not missing, f"{engine.__name__} lacks {sorted(missing)} of training.engines.Engine"
