@@ -235,3 +235,33 @@ def test_t2i_backbone_initialises_from_a_local_qwen3_folder(data, tmp_path):
     unused = text.res_id(256)  # no sample is 256 tokens tall: this row gets no gradient
     emb = trained["llm.model.embed_tokens.weight"]
     assert torch.equal(emb[unused], model.llm.model.embed_tokens.weight[unused].detach())
+
+
+def test_flex_attention_rows_are_padded_to_one_length_without_changing_the_loss(data):
+    """Under the DeepSpeed engine the T2I task pads every row to the token budget rounded to the FlexAttention block
+    (one compiled shape); padding carries no loss."""
+    from training.config import load_config
+    from training.tasks.t2i import T2ITask
+
+    cfg = load_config(
+        REPO / "training" / "configs" / "tiny_t2i.yaml",
+        [f"data.data_dir={data['tokens']}", "model.attention=flex", "data.token_budget=300"],
+    )
+    task = T2ITask(cfg, torch.device("cpu"))
+    batches = iter(task.loader(0, 1))
+    seen = []
+
+    def forward(batch):
+        seen.append(batch.input_ids.shape[1])
+        return task.model(batch)
+
+    for _ in range(3):
+        batch = next(batches)
+        with torch.no_grad():  # CPU FlexAttention has no backward
+            torch.manual_seed(3)
+            padded = task.step(forward, batch)
+            torch.manual_seed(3)
+            plain = task.model(batch)
+        assert abs(padded.loss.item() - plain.loss.item()) <= 1e-5 * abs(plain.loss.item())
+        assert padded.tokens == int((batch.doc_ids >= 0).sum())
+    assert set(seen) == {384}, seen  # 300 rounded up to the 128-position block, for every row length

@@ -12,6 +12,7 @@ from PIL import Image
 
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
 from data_pipeline.shard_format import load_manifest
+from models.t2i.megatron.batch import FLEX_BLOCK, fixed_length, pad_to_length
 from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config
 from models.t2i.packing import PackedT2IBatch
 from models.tokenizer.model import tensor_to_images
@@ -45,6 +46,9 @@ class T2ITask(Task):
         else:
             self.model = self._init_model(mcfg)
         self.model_cfg = self.model.cfg if self.model is not None else mcfg
+        # compiled FlexAttention recompiles for every new row length: give it one (the megatron engine pads itself)
+        flex = cfg.model.attention == "flex" or (cfg.model.attention == "auto" and device.type == "cuda")
+        self.row_length = fixed_length(cfg.data.token_budget, FLEX_BLOCK) if flex else None
 
     def vocab(self, model_vocab: int) -> int:
         """Text vocabulary to train with: the model's or the data's, whichever is larger, padded to a multiple of the
@@ -131,6 +135,9 @@ class T2ITask(Task):
         return self.counts(self.model_cfg, batch)
 
     def step(self, forward, batch) -> StepOutput:
+        if self.row_length is not None:  # padding is document -1: no loss, no attention to or from real tokens
+            length = max(self.row_length, fixed_length(batch.input_ids.shape[1], FLEX_BLOCK))
+            batch = pad_to_length(batch, length, pad_id=0)
         batch = batch.to(self.device)
         out = forward(batch)
         metrics = {k: v.item() for k, v in self.loss_metrics(out).items()}

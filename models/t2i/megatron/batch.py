@@ -4,9 +4,8 @@ The megatron engine pads every micro-batch to `fixed_length(data.token_budget, s
 attention kernels see one shape (FlexAttention under `torch.compile(dynamic=False)` recompiles per new length) and
 pipeline stages exchange activations of one shape without sending shapes first. Padding positions form document -1:
 they are unlabelled, have no image targets and are masked from and to every real token, so the loss is unchanged.
-The DeepSpeed engine (the reference model) does not pad: there, with `model.attention=flex` on GPU, every new row
-length compiles FlexAttention again (dynamo's recompile limit is 8, after which it runs uncompiled), so compiled
-flex training belongs on the megatron engine.
+The T2I task pads the same way for the DeepSpeed engine whenever the attention backend is flex (to the token budget
+rounded to the FlexAttention block), so compiled flex compiles once there too.
 """
 
 from __future__ import annotations
