@@ -59,7 +59,31 @@ def head(tmp_path_factory):
     ]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     yield env, f"http://127.0.0.1:{dash}"
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    stop_processes_started_with(env["RAY_AUTH_TOKEN"])
+
+
+def stop_processes_started_with(token: str) -> None:
+    """Stop only the Ray processes this test started: those that inherited the test's own auth token, and all their
+    descendants (the raylet's agents get a cleaned environment). Never `ray stop --force`, which would end every Ray
+    process of the user."""
+    import psutil
+
+    ours = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("RAY_AUTH_TOKEN") == token:
+                ours += [proc, *proc.children(recursive=True)]
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    ours = list({proc.pid: proc for proc in ours}.values())
+    for proc in ours:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(ours, timeout=30)
+    for proc in alive:
+        proc.kill()
 
 
 def test_ray_job_submit_tokenizes(head, tmp_path):
