@@ -64,8 +64,8 @@ def head(tmp_path_factory):
 
 def stop_processes_started_with(token: str) -> None:
     """Stop only the Ray processes this test started: those that inherited the test's own auth token, and all their
-    descendants (the raylet's agents get a cleaned environment); never a forced global `ray stop`, which would end every Ray
-    process of the user."""
+    descendants (the raylet's agents get a cleaned environment); never a forced global `ray stop`, which would end
+    every Ray process of the user."""
     import psutil
 
     ours = []
