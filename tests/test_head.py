@@ -150,7 +150,7 @@ class StubRows:
     """Rows whose conditions follow their row id and the bits fed so far; records what step() received."""
 
     def __init__(self, ids: list[int]):
-        self.ids, self.fed = torch.tensor(ids, dtype=torch.float32), []
+        self.ids, self.fed, self.received = torch.tensor(ids, dtype=torch.float32), [], []
 
     def conditions(self, total: torch.Tensor) -> torch.Tensor:
         return (self.ids[:, None, None] * 0.1 + total).expand(-1, 2, 16).contiguous()
@@ -159,9 +159,10 @@ class StubRows:
         return self.conditions(torch.zeros(len(self.ids), 1, 1))
 
     def step(self, bits: torch.Tensor) -> torch.Tensor:
-        self.fed.append(bits)
+        self.received.append(tuple(bits.shape))
+        self.fed.append(bits.repeat(len(self.ids) // bits.shape[0], 1, 1))  # one patch per row
         total = sum(b.mean(dim=(1, 2)) for b in self.fed)[:, None, None]
-        return self.conditions(total.repeat(len(self.ids) // bits.shape[0], 1, 1))
+        return self.conditions(total)
 
 
 def test_next_patch_loop_feeds_back_its_bits_and_stacks_row_sets():
@@ -180,8 +181,14 @@ def test_next_patch_loop_feeds_back_its_bits_and_stacks_row_sets():
 
     out, sets = run(SamplingConfig(steps=2, cfg_scale=3.0, cfg_schedule="linear"))
     assert out.shape == (2, 3 * 2, 8) and set(out.unique().tolist()) == {-1.0, 1.0}
-    assert [tuple(b.shape) for b in sets[0].fed] == [(2, 2, 8)] * 2  # n images' bits, not the 2n rows
-    assert torch.equal(torch.cat(sets[0].fed, dim=1), out[:, :4])  # patches 0 and 1 fed back, in order
+    # step 0 of the linear schedule is unguided: every one of the 2n rows gets its own patch; later steps feed the
+    # n guided patches to both rows of each image
+    assert sets[0].received == [(4, 2, 8), (2, 2, 8)]
+    assert torch.equal(torch.cat(sets[0].fed, dim=1)[:2], out[:, :4])  # patches 0 and 1 fed back, in order
+    assert not torch.equal(sets[0].fed[0][2:], sets[0].fed[0][:2])  # the null rows keep their own first patch
+    assert torch.equal(sets[0].fed[1][2:], sets[0].fed[1][:2])
+    constant, csets = run(SamplingConfig(steps=2, cfg_scale=3.0))
+    assert csets[0].received == [(2, 2, 8)] * 2  # constant guidance: n guided patches at every step
     separate, _ = run(SamplingConfig(steps=2, cfg_scale=3.0, cfg_schedule="linear", batched_cfg=False))
     assert torch.equal(out, separate) and not torch.equal(out, run(SamplingConfig(steps=2, cfg_scale=3.0), 1)[0])
     with pytest.raises(ValueError, match="decoder gave 2 condition rows for 2 images; expected 4"):

@@ -1,10 +1,12 @@
 """Official ImageNet checkpoints: a state dict built here from the official names and shapes loads strictly."""
 
+import math
+
 import pytest
 import torch
 
 from models.c2i.io import load_c2i_checkpoint, save_c2i_checkpoint
-from models.c2i.model import get_c2i_config
+from models.c2i.model import ClassConditionalBitDance, get_c2i_config
 from models.core.state_dict import StateDictMismatchError
 from models.tokenizer.io import save_tokenizer
 from models.tokenizer.model import get_tokenizer_config
@@ -79,7 +81,6 @@ def official_c2i_shapes(dim, n_layer, n_classes, cls_tokens, P, C, hw, head_dept
     h15 = int(1.5 * dim)
     s = {
         "cls_embedding.weight": (n_classes + 1, dim * cls_tokens),
-        "query_token": (1, P - 1, dim),
         "proj_in.w1.weight": (2 * h15, C),
         "proj_in.w1.bias": (2 * h15,),
         "proj_in.w2.weight": (dim, h15),
@@ -88,6 +89,8 @@ def official_c2i_shapes(dim, n_layer, n_classes, cls_tokens, P, C, hw, head_dept
         "norm.weight": (dim,),
         "pos_for_diff.weight": (hw, dim),
     }
+    if P > 1:  # the token-by-token (1x) model has no query tokens
+        s["query_token"] = (1, P - 1, dim)
     for i in range(n_layer):
         p = f"layers.{i}"
         s.update(
@@ -117,17 +120,24 @@ def official_c2i_shapes(dim, n_layer, n_classes, cls_tokens, P, C, hw, head_dept
             f"{n}.final_layer.linear.bias": (C,),
         }
     )
+    chunks = 6 if P > 1 else 3  # adaLN chunks: attention head (P > 1) or the token-wise MLP head of 1x
     for k in range(head_depth):
         b = f"{n}.res_blocks.{k}"
-        for norm in ("norm1", "norm2"):
+        norms = ("norm1", "norm2") if P > 1 else ("norm",)
+        for norm in norms:
             s[f"{b}.{norm}.weight"] = (W,)
             s[f"{b}.{norm}.bias"] = (W,)
+        if P > 1:
+            s.update(
+                {
+                    f"{b}.attn.wqkv.weight": (3 * W, W),
+                    f"{b}.attn.wqkv.bias": (3 * W,),
+                    f"{b}.attn.wo.weight": (W, W),
+                    f"{b}.attn.wo.bias": (W,),
+                }
+            )
         s.update(
             {
-                f"{b}.attn.wqkv.weight": (3 * W, W),
-                f"{b}.attn.wqkv.bias": (3 * W,),
-                f"{b}.attn.wo.weight": (W, W),
-                f"{b}.attn.wo.bias": (W,),
                 f"{b}.w1.weight": (3 * W, W),
                 f"{b}.w1.bias": (3 * W,),
                 f"{b}.w2.weight": (W, int(1.5 * W)),
@@ -135,21 +145,22 @@ def official_c2i_shapes(dim, n_layer, n_classes, cls_tokens, P, C, hw, head_dept
             }
         )
     for m in range(head_adaln):
-        s[f"{n}.ada_ln_blocks.{m}.weight"] = (6 * W, W)
-        s[f"{n}.ada_ln_blocks.{m}.bias"] = (6 * W,)
+        s[f"{n}.ada_ln_blocks.{m}.weight"] = (chunks * W, W)
+        s[f"{n}.ada_ln_blocks.{m}.bias"] = (chunks * W,)
     return s
 
 
-@pytest.fixture
-def official_checkpoint(tmp_path):
-    cfg = get_c2i_config("tiny", parallel_num=4)
+@pytest.fixture(params=[4, 1], ids=["4x", "1x"])
+def official_checkpoint(tmp_path, request):
+    P = request.param
+    cfg = get_c2i_config("tiny", parallel_num=P)
     tok = get_tokenizer_config(cfg.tokenizer)
     shapes = official_c2i_shapes(
         cfg.dim,
         cfg.n_layer,
         cfg.num_classes,
         cfg.cls_token_num,
-        4,
+        P,
         cfg.latent_dim,
         cfg.grid**2,
         cfg.head_depth,
@@ -219,3 +230,29 @@ def test_save_then_load_round_trip(official_checkpoint, tmp_path):
     again, tok2 = load_c2i_checkpoint(tmp_path / "again.pt", cfg)
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def official_c2i_parameter_count(name: str) -> int:
+    """Parameters of a released ImageNet model from the official layout written out above (tokenizer excluded)."""
+    sizes = {"B": (768, 24, 6, 2), "L": (1024, 32, 8, 2), "H": (1280, 40, 12, 3)}
+    size, P = name.split("-")
+    dim, n_layer, depth, adaln = sizes[size]
+    shapes = official_c2i_shapes(dim, n_layer, 1000, 64, int(P[:-1]), 32, 256, depth, adaln)
+    return sum(math.prod(s) for s in shapes.values())
+
+
+@pytest.mark.parametrize(
+    "name,published",
+    [("B-1x", 242e6), ("B-4x", 260e6), ("B-16x", 260e6), ("L-1x", 527e6), ("H-1x", 1.0e9)],
+)
+def test_parameter_counts_equal_the_official_layout_and_the_published_figures(name, published):
+    """Our model's count equals the official layout's exactly; the published figure is that count rounded as the
+    official README prints it (to the MB for B/L: within 0.5%; "1.0B" for H, whose count is 1,007,960,352)."""
+    with torch.device("meta"):
+        model = ClassConditionalBitDance(get_c2i_config(name))
+    ours = sum(p.numel() for p in model.parameters())
+    assert ours == official_c2i_parameter_count(name)
+    if published < 1e9:
+        assert abs(ours - published) / published < 0.005, (name, ours)
+    else:
+        assert round(ours / 1e9, 1) == 1.0, (name, ours)

@@ -204,6 +204,33 @@ def test_samples_export_wandb_offline_and_keep_last(data, tmp_path):
     assert model.cfg.parallel_num == 4 and ae.config.z_channels == 16
 
 
+def test_token_by_token_1x_model_trains_and_exports_the_official_1x_layout(data, tmp_path):
+    """model.name=tiny-1x builds the released 1x architecture (token-wise MLP head, no query tokens), trains
+    through the one loop and exports a checkpoint that loads back strictly."""
+    run(
+        tmp_path / "r",
+        data,
+        "model.name=tiny-1x",
+        "schedule.total_steps=4",
+        "schedule.warmup_steps=1",
+        "checkpoint.every=0",
+        "checkpoint.export_official=true",
+        f"model.image_tokenizer={data['ae']}",
+        kind="c2i",
+        nproc=1,
+    )
+    curve = losses(tmp_path / "r")
+    assert sorted(curve) == [1, 2, 3, 4] and all(v == v and v > 0 for v in curve.values())
+    state = torch.load(tmp_path / "r" / "export" / "bitdance_c2i.pt", weights_only=True)["ema"]
+    assert "head.net.res_blocks.0.norm.weight" in state and "query_token" not in state
+    assert state["head.net.ada_ln_blocks.0.weight"].shape[0] == 3 * state["head.net.ada_ln_blocks.0.weight"].shape[1]
+    from models.c2i.io import load_c2i_checkpoint
+    from models.c2i.model import get_c2i_config
+
+    model, _ = load_c2i_checkpoint(tmp_path / "r" / "export" / "bitdance_c2i.pt", get_c2i_config("tiny-1x"))
+    assert model.head.cfg.block == "mlp"
+
+
 def test_t2i_backbone_initialises_from_a_local_qwen3_folder(data, tmp_path):
     from dataclasses import replace
 

@@ -1,6 +1,8 @@
 """Class-conditional (ImageNet) BitDance: class prefix, query tokens, block-causal backbone and binary head.
 
-Parameter names follow the official ImageNet checkpoints. The frozen tokenizer is not
+Parameter names follow the official ImageNet checkpoints. As in the released models, the token-by-token model
+(P = 1, the "1x" checkpoints) has the token-wise MLP diffusion head and no query tokens; the patch-parallel
+models (P = 4, 16) have the attention head over the P tokens of a patch. The frozen tokenizer is not
 a submodule here: official checkpoints carry it under `vae.`, which `models.c2i.io` splits off.
 Training: `forward(bits, labels)` returns the diffusion loss. Sampling: `models.c2i.sampler`.
 """
@@ -71,6 +73,7 @@ class C2IConfig:
             ch_latent=self.dim,
             depth_latent=self.head_depth,
             depth_adanln=self.head_adaln,
+            block="mlp" if self.parallel_num == 1 else "attention",
             head_dim=64,
             use_swiglu=True,
             sigmoid_output=False,

@@ -1,8 +1,12 @@
-"""Binary diffusion head: the small transformer that denoises P tokens of bits, and its flow-matching loss.
+"""Binary diffusion head: the small network that denoises P tokens of bits, and its flow-matching loss.
 
-Parameter names follow the official checkpoints (`net.*`). Two variants share one class:
-the ImageNet head (head_dim 64, SwiGLU, linear output) and the text-to-image head (head_dim 128, SwiGLU or
-plain MLP, output mapped by 2*sigmoid(o) - 1). Sampling lives in `models/core/head_sampler.py`.
+Parameter names follow the official checkpoints (`net.*`). Two block kinds share one network:
+- "attention" (the patch-parallel heads): adaLN blocks of self-attention over the P tokens then an MLP, six
+  modulation chunks per adaLN module; the ImageNet variant (head_dim 64, SwiGLU, linear output) and the
+  text-to-image variant (head_dim 128, SwiGLU or plain MLP, output mapped by 2*sigmoid(o) - 1).
+- "mlp" (the token-by-token ImageNet 1x head): residual blocks of one LayerNorm (`norm`) and a SwiGLU with
+  hidden 1.5 W, modulated by (scale, shift, gate) - three chunks per adaLN module; tokens never mix.
+Sampling lives in `models/core/head_sampler.py`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TIME_SCHEDULES = ("logit_normal", "uniform")
+HEAD_BLOCKS = ("attention", "mlp")
 
 
 @dataclass
@@ -26,6 +31,7 @@ class HeadConfig:
     ch_latent: int  # head width W
     depth_latent: int = 6
     depth_adanln: int = 2
+    block: str = "attention"  # "attention" (patch-parallel heads) or "mlp" (the token-by-token 1x head)
     head_dim: int = 64  # 64 for the ImageNet head, 128 for the text-to-image head
     use_swiglu: bool = True
     sigmoid_output: bool = False  # True for the text-to-image head: output = 2*sigmoid(o) - 1
@@ -39,7 +45,11 @@ class HeadConfig:
     def __post_init__(self) -> None:
         if self.time_schedule not in TIME_SCHEDULES:
             raise ValueError(f"unknown time_schedule {self.time_schedule!r}; choose one of {TIME_SCHEDULES}")
-        if self.ch_latent % self.head_dim:
+        if self.block not in HEAD_BLOCKS:
+            raise ValueError(f"unknown head block {self.block!r}; choose one of {HEAD_BLOCKS}")
+        if self.block == "mlp" and not self.use_swiglu:
+            raise ValueError("the mlp head block is SwiGLU only (use_swiglu=true)")
+        if self.block == "attention" and self.ch_latent % self.head_dim:
             raise ValueError(f"head width {self.ch_latent} is not a multiple of head_dim {self.head_dim}")
         if self.depth_adanln < 1 or self.depth_latent % self.depth_adanln:
             raise ValueError(f"depth_latent {self.depth_latent} must be a multiple of depth_adanln {self.depth_adanln}")
@@ -116,6 +126,22 @@ class HeadBlock(nn.Module):
         return x + gate2 * self._mlp(self.norm2(x) * (1 + scale2) + shift2)
 
 
+class MlpHeadBlock(nn.Module):
+    """Token-wise residual block of the 1x head: x + gate * SwiGLU(norm(x) * (1 + scale) + shift)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        hidden = int(width * 1.5)
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.w1 = nn.Linear(width, 2 * hidden)
+        self.w2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        scale, shift, gate = mod
+        a, b = self.w1(self.norm(x) * (1 + scale) + shift).chunk(2, dim=-1)
+        return x + gate * self.w2(F.silu(a) * b)
+
+
 class FinalLayer(nn.Module):
     def __init__(self, width: int, out_channels: int):
         super().__init__()
@@ -138,8 +164,13 @@ class HeadNet(nn.Module):
         self.input_proj = nn.Linear(cfg.ch_target, w)
         self.cond_embed = nn.Linear(cfg.ch_cond, w)
         self.time_embed = TimestepEmbedder(w)
-        self.res_blocks = nn.ModuleList(HeadBlock(w, cfg.head_dim, cfg.use_swiglu) for _ in range(cfg.depth_latent))
-        self.ada_ln_blocks = nn.ModuleList(nn.Linear(w, 6 * w) for _ in range(cfg.depth_adanln))
+        if cfg.block == "mlp":
+            blocks: list[nn.Module] = [MlpHeadBlock(w) for _ in range(cfg.depth_latent)]
+        else:
+            blocks = [HeadBlock(w, cfg.head_dim, cfg.use_swiglu) for _ in range(cfg.depth_latent)]
+        self.res_blocks = nn.ModuleList(blocks)
+        self.n_mod = 3 if cfg.block == "mlp" else 6  # modulation chunks per adaLN module
+        self.ada_ln_blocks = nn.ModuleList(nn.Linear(w, self.n_mod * w) for _ in range(cfg.depth_adanln))
         self.blocks_per_adaln = cfg.depth_latent // cfg.depth_adanln
         self.final_layer = FinalLayer(w, cfg.ch_target)
         self.initialize_weights()
@@ -161,7 +192,7 @@ class HeadNet(nn.Module):
         mod: tuple[torch.Tensor, ...] = ()
         for i, block in enumerate(self.res_blocks):
             if i % self.blocks_per_adaln == 0:
-                mod = self.ada_ln_blocks[i // self.blocks_per_adaln](y).chunk(6, dim=-1)
+                mod = self.ada_ln_blocks[i // self.blocks_per_adaln](y).chunk(self.n_mod, dim=-1)
             x = block(x, mod)
         out = self.final_layer(x, y)
         return 2 * torch.sigmoid(out) - 1 if self.sigmoid_output else out

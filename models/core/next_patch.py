@@ -1,9 +1,14 @@
 """The next-patch sampling loop both model families share: prefill, then per AR step guided head sampling, sign to
 bits, and the bits fed back; a family only supplies a decoder (its KV-cache prefill and step).
 
-Rows: the n conditional rows come first, then (when guidance is on) n unconditional rows that see the same image
-tokens. `cfg_row_sets` splits them into the row sets a family decodes in one forward each (one set when
-`batched_cfg`, else two; both give the same numbers) and `RowSetDecoder` stacks those sets into one decoder.
+Rows: the n conditional rows come first, then (when guidance is on) n unconditional rows. `cfg_row_sets` splits
+them into the row sets a family decodes in one forward each (one set when `batched_cfg`, else two; both give the
+same numbers) and `RowSetDecoder` stacks those sets into one decoder.
+
+Guidance as in the official samplers: at a step whose guidance weight is exactly 1 (step 0 of the linear
+schedule) there is no guidance at all - every one of the 2n rows draws its own noise and samples its own patch,
+and each unconditional row keeps its own patch as context. At every other step the conditional and
+unconditional rows share one noise draw and one guided sample, which both rows are fed.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ class RowDecoder(Protocol):
         ...
 
     def step(self, bits: torch.Tensor) -> torch.Tensor:
-        """Feed the ±1 bits [n, P, C] of the last patch (to every row of its image); conditions [R, P, D] of the
-        next patch."""
+        """Feed the ±1 bits of the last patch: [R, P, C] (one per row), or [n, P, C] given to every row of each
+        image (row i gets image i % n); conditions [R, P, D] of the next patch."""
         ...
 
 
@@ -63,10 +68,17 @@ class RowSetDecoder:
     time_shift: float
     num_ar_steps: int
 
+    def __post_init__(self) -> None:
+        self.set_rows: list[int] = []  # rows of each set, known after prefill
+
     def prefill(self) -> torch.Tensor:
-        return torch.cat([d.prefill() for d in self.row_sets])
+        conds = [d.prefill() for d in self.row_sets]
+        self.set_rows = [c.shape[0] for c in conds]
+        return torch.cat(conds)
 
     def step(self, bits: torch.Tensor) -> torch.Tensor:
+        if bits.shape[0] == sum(self.set_rows):  # one patch per row: each set gets its own rows
+            return torch.cat([d.step(b) for d, b in zip(self.row_sets, bits.split(self.set_rows), strict=True)])
         return torch.cat([d.step(bits) for d in self.row_sets])
 
 
@@ -85,20 +97,27 @@ def sample_next_patch(
         raise ValueError(f"decoder gave {conds.shape[0]} condition rows for {n_images} images; expected {rows}")
     n_steps, patches = decoder.num_ar_steps, []
     for step in range(n_steps):
-        cond, uncond = (conds[:n_images], conds[n_images:]) if sampling.guided else (conds, None)
-        x = euler_maruyama(
-            decoder.head_net,
-            cond,
-            decoder.latent_dim,
-            sampling.steps,
-            cfg_at_step(sampling.cfg_scale, sampling.cfg_schedule, step, n_steps),
-            uncond,
-            decoder.time_shift,
-            generator,
-            sampling.batched_cfg,
-        )
-        bits = sign_quantize(x).to(cond.dtype)
-        patches.append(bits)
+        w = cfg_at_step(sampling.cfg_scale, sampling.cfg_schedule, step, n_steps)
+        if sampling.guided and w == 1.0:  # unguided step: all 2n rows sample independently
+            g = generator + generator if isinstance(generator, list) else generator  # row n + i: image i's stream
+            x = euler_maruyama(
+                decoder.head_net, conds, decoder.latent_dim, sampling.steps, 1.0, None, decoder.time_shift, g
+            )
+        else:
+            cond, uncond = (conds[:n_images], conds[n_images:]) if sampling.guided else (conds, None)
+            x = euler_maruyama(
+                decoder.head_net,
+                cond,
+                decoder.latent_dim,
+                sampling.steps,
+                w,
+                uncond,
+                decoder.time_shift,
+                generator,
+                sampling.batched_cfg,
+            )
+        bits = sign_quantize(x).to(conds.dtype)
+        patches.append(bits[:n_images])
         if step + 1 < n_steps:
             conds = decoder.step(bits)
     return torch.cat(patches, dim=1)

@@ -58,8 +58,8 @@ class T2IDecoder:
         return self._conditions(hidden, 0)
 
     def step(self, bits: torch.Tensor) -> torch.Tensor:
-        """Feed the bits [n, P, C] of the next patch (row i gets image i % n; R a multiple of n); conditions
-        [R, P, D] for the patch after it."""
+        """Feed the bits of the next patch: [R, P, C] one per row, or [n, P, C] (row i gets image i % n; R a
+        multiple of n); conditions [R, P, D] for the patch after it."""
         if self.rows % bits.shape[0]:
             raise ValueError(f"bits for {bits.shape[0]} images do not tile {self.rows} rows")
         bits = bits.repeat(self.rows // bits.shape[0], 1, 1)
