@@ -8,7 +8,9 @@ class * per_class + j, then one ADM `<out>/samples.npz` written in chunks. Promp
 image's noise comes from its own generator seeded by (base seed, prompt index, image index), so an image does not
 depend on the number of ranks or the batch size. Finished prompts are skipped on re-runs (a prompt is finished
 when its last file is in place; files are written atomically), so a half-written prompt is redone. Sampler
-settings are a `SamplingConfig` (its defaults are the flags' defaults); on a GPU the models run in bf16 autocast.
+settings are a `SamplingConfig`: the published settings of the model (`--preset`, by default the one the
+checkpoint is recognised as, see `eval.presets`), each overridden by an explicit flag; on a GPU the models run in
+bf16 autocast.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from eval.presets import PRESETS, get_preset, recognise_c2i_checkpoint, recognise_t2i_folder
 from models.core.head_sampler import randn_rows
 from models.core.sampling import CFG_SCHEDULES, SamplingConfig
 from models.tokenizer.model import tensor_to_images
@@ -33,7 +36,7 @@ from models.tokenizer.model import tensor_to_images
 SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "eval_prompts"
 TASKS = ("geneval", "dpg", "shapes", "prompts", "imagenet")
 FOLDER_TASKS = ("geneval", "shapes", "prompts")  # <out>/<idx:05d>/samples/<k:04d>.png + metadata.jsonl
-SAMPLING = SamplingConfig()  # the defaults of --steps, --cfg-scale, --cfg-schedule
+SAMPLING = SamplingConfig()  # --steps, --cfg-scale, --cfg-schedule when no preset applies
 
 
 @dataclass
@@ -206,6 +209,35 @@ def check_imagenet(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
         p.error("--per-class must be >= 1")
 
 
+def resolve_sampling(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Sets args.preset (given, or the one the checkpoint is recognised as), args.model_config for ImageNet, and
+    fills --steps / --cfg-scale / --cfg-schedule left unset from the preset (else the SamplingConfig defaults)."""
+    family = "c2i" if args.task == "imagenet" else "t2i"
+    if args.preset is not None and get_preset(args.preset).family != family:
+        p.error(
+            f"--preset {args.preset} is a {get_preset(args.preset).family} model; --task {args.task} needs {family}"
+        )
+    if family == "c2i":
+        if not Path(args.model).is_file():
+            p.error(f"--model {args.model} is not a checkpoint file")
+        try:
+            recognised = recognise_c2i_checkpoint(args.model)
+        except Exception as err:  # not a torch file, or one that needs unpickling beyond tensors
+            p.error(f"--model {args.model} is not a readable class-conditional checkpoint ({type(err).__name__})")
+        if args.model_config is None:
+            args.model_config = recognised or args.preset
+        if args.model_config is None:
+            p.error(f"{args.model} matches no named model config; pass --model-config (e.g. B-16x, tiny-4x)")
+    else:
+        recognised = recognise_t2i_folder(args.model)
+    if args.preset is None and recognised in PRESETS:
+        args.preset = recognised
+    base = get_preset(args.preset).sampling_for(args.task, args.long_prompts) if args.preset else SAMPLING
+    for flag, value in (("steps", base.steps), ("cfg_scale", base.cfg_scale), ("cfg_schedule", base.cfg_schedule)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=TASKS, required=True)
@@ -221,22 +253,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-tag", type=int, default=12, help="shapes: prompts per tag")
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=4, help="images per sampler call (does not change the images)")
-    p.add_argument("--steps", type=int, default=SAMPLING.steps, help="diffusion-head steps per AR step")
-    p.add_argument("--cfg-scale", type=float, default=SAMPLING.cfg_scale, help="guidance weight (<= 1: none)")
-    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=SAMPLING.cfg_schedule)
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="published sampling settings of a released model (default: the checkpoint's, when recognised)",
+    )
+    p.add_argument("--steps", type=int, help=f"diffusion-head steps per AR step (no preset: {SAMPLING.steps})")
+    p.add_argument("--cfg-scale", type=float, help=f"guidance weight, <= 1: none (no preset: {SAMPLING.cfg_scale})")
+    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help=f"(no preset: {SAMPLING.cfg_schedule})")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument(
         "--image-size", action="append", type=image_size, help="supported HxW sizes of the model (default: official)"
     )
     p.add_argument("--seed", type=int, default=0, help="base seed; image k of prompt i uses image_seed(seed, i, k)")
-    p.add_argument("--model-config", default="B-16x", help="imagenet: the model's config name")
+    p.add_argument("--model-config", help="imagenet: the model's config name (default: recognised from the file)")
     p.add_argument("--tokenizer", help="imagenet: tokenizer file when the checkpoint has no vae. weights")
     p.add_argument("--no-ema", action="store_true", help="imagenet: the 'model' weights even when 'ema' exists")
     p.add_argument("--num-classes", type=int, help="imagenet: the first N classes (default: all of the config's)")
     p.add_argument("--classes", type=class_ids, help="imagenet: only these comma-separated class ids, e.g. 1,2,3")
     p.add_argument("--per-class", type=int, default=50, help="imagenet: images of every class")
     args = p.parse_args(argv)
+    resolve_sampling(p, args)
     try:
         sampling_config(args)
     except ValueError as err:
@@ -285,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         run = {k: v for k, v in vars(args).items()}
         (out / "run.json").write_text(json.dumps({**run, "world_size": world, "prompts": len(jobs)}, indent=2))
+        how = f"preset {args.preset}" if args.preset else "no preset"
+        print(f"sampling ({how}): {sampling_config(args)}", flush=True)
         print(f"{len(jobs)} prompts; rank 0 has {len(mine)} left to generate", flush=True)
     if mine:
         gen = Generator(args, device)

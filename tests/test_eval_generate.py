@@ -185,10 +185,17 @@ def test_sampler_flags_default_to_sampling_config():
         (["--task", "geneval", "--batch-size", "0"], "--batch-size and --images-per-prompt must be >= 1"),
     ],
 )
-def test_bad_arguments_are_one_line_errors(extra, message, capsys):
+def test_bad_arguments_are_one_line_errors(extra, message, capsys, tmp_path):
     from eval.generate import parse_args
 
+    model = "m"
+    if "imagenet" in extra:  # a real (tiny) class-conditional checkpoint: its config is read from the file
+        from models.c2i.io import save_c2i_checkpoint
+        from models.c2i.model import ClassConditionalBitDance, get_c2i_config
+
+        model = str(tmp_path / "tiny.pt")
+        save_c2i_checkpoint(model, ClassConditionalBitDance(get_c2i_config("tiny-4x")))
     with pytest.raises(SystemExit) as err:
-        parse_args(["--model", "m", "--out", "o", *extra])
+        parse_args(["--model", model, "--out", "o", *extra])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.value.code == 2 and last.startswith("python -m eval.generate: error:") and message in last

@@ -101,3 +101,21 @@ def test_reference_tells_the_official_step_zero_apart():
         official = reference_sample(model, labels, 3, 4.0, "linear", torch.Generator().manual_seed(5))
         paired = reference_sample(model, labels, 3, 4.0, "linear", torch.Generator().manual_seed(5), official=False)
     assert not torch.equal(official, paired)
+
+
+def test_per_image_generators_keep_images_independent_of_their_batch_under_linear_guidance():
+    """With one generator per image (as eval.generate seeds them) the unguided first step draws the null row's noise
+    from its image's generator too, so an image's bits do not depend on the other images of its batch."""
+    torch.manual_seed(0)
+    model = ClassConditionalBitDance(get_c2i_config("tiny", parallel_num=4, image_size=8)).eval()
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0, 0.2)
+    sampling = SamplingConfig(steps=3, cfg_scale=4.0, cfg_schedule="linear")
+
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    both = sample_class_conditional(model, torch.tensor([3, 7]), sampling, gens(11, 12))
+    alone = sample_class_conditional(model, torch.tensor([7]), sampling, gens(12))
+    assert torch.equal(both[1:], alone) and not torch.equal(both[0], both[1])
