@@ -43,6 +43,7 @@ def test_apply_rope_rotates_adjacent_pairs():
 @pytest.mark.parametrize("P", [1, 4, 16])
 def test_kv_cache_decoding_matches_teacher_forcing(P):
     model = tiny(P).eval()
+    assert model.head.cfg.block == ("mlp" if P == 1 else "attention")  # 1x: the token-wise head of the releases
     with torch.no_grad():
         for p in model.head.parameters():
             p.normal_(0, 0.1)

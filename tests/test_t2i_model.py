@@ -165,13 +165,16 @@ def test_sin_cos_2d_embedding_follows_the_spec():
 def test_sampler_reproducible_batched_equals_separate_and_sizes(tok_dir):
     tok, model = make(tok_dir, 16)
 
-    def run(seed, batched, h=16, w=48):
+    def run(seed, batched, h=16, w=48, schedule="constant"):
         g = torch.Generator().manual_seed(seed)
-        return sample_t2i(model, tok, CAPTIONS[:2], h, w, SamplingConfig(2, 4.0, batched_cfg=batched), g)
+        sampling = SamplingConfig(2, 4.0, cfg_schedule=schedule, batched_cfg=batched)
+        return sample_t2i(model, tok, CAPTIONS[:2], h, w, sampling, g)
 
     a = run(0, True)
     assert a.shape == (2, 16, 8, 24) and set(a.unique().tolist()) == {-1.0, 1.0}
     assert torch.equal(a, run(0, True)) and torch.equal(a, run(0, False)) and not torch.equal(a, run(1, True))
+    lin = run(0, True, schedule="linear")  # unguided first patch: 2n rows, each row fed its own patch
+    assert torch.equal(lin, run(0, False, schedule="linear")) and not torch.equal(lin, a)
     with pytest.raises(ValueError, match=r"image size 20x20 \(HxW\) is not supported; choose one of: 32x32"):
         run(0, True, 20, 20)
 

@@ -13,7 +13,9 @@ CFG_SCHEDULES = ("constant", "linear")
 class SamplingConfig:
     steps: int = 50  # Euler-Maruyama steps of the diffusion head per next-patch step
     cfg_scale: float = 7.5  # classifier-free guidance weight w (<= 1: no guidance, no unconditional rows)
-    cfg_schedule: str = "constant"  # constant: w at every step; linear: 1 at the first patch growing towards w
+    # constant: w at every step; linear: 1 at the first patch (no guidance there: every row samples its own
+    # patch) growing linearly towards w, as the official ImageNet samplers do
+    cfg_schedule: str = "constant"
     batched_cfg: bool = True  # conditional and unconditional rows in one batched call (same numbers as two calls)
 
     def __post_init__(self) -> None:
