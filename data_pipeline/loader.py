@@ -13,10 +13,18 @@ Resumption is by deterministic replay. With endless streams the DataLoader hands
 its workers, so from the number of batches consumed n every worker knows how many batches it had produced; a
 fresh iterator fast-forwards each worker's pipeline by that many batches (without building their tensors) and
 rotates the worker roles so that its first batch is batch n of the uninterrupted run.
+
+Resizing (another world size or worker count, `load_state_dict(state, all_rank_states)`): the previous layout's
+slots are replayed to find the samples their consumed batches held; what they had not consumed, up to the last
+epoch any of them had reached, is dealt to the new slots (previous slot p goes to new slot p % S when there are
+fewer new slots, or is split by stride among the new slots s with s % P == p when there are more), and then every
+new slot goes on with the next epoch in the new layout. So no sample of an epoch is lost or seen twice. The
+previous layout is kept in the state (`origin`), so a resized run resumes exactly, and resizes again.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -243,6 +251,31 @@ class _Counters:
 class _BatchInfo:
     counters: dict[str, int]
     keys: list[SampleKey] | None
+    epoch: int  # the latest epoch of a sample in the batch
+
+
+@dataclass
+class StreamOrigin:
+    """The layout a resized run's streams continue from, and how far its slots had read."""
+
+    world_size: int
+    num_workers: int
+    batches_consumed: int  # per rank, in that layout
+    max_epoch: int  # the latest epoch any of its slots had placed a sample from
+    parent: StreamOrigin | None = None  # the layout before it, when it was itself a resized run
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * max(1, self.num_workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> StreamOrigin | None:
+        if d is None:
+            return None
+        return cls(**{**d, "parent": cls.from_dict(d.get("parent"))})
 
 
 def _identity(x: T) -> T:
@@ -269,6 +302,15 @@ class BinaryTokenDataset(IterableDataset):
         self._check_shards(manifest)
         self.token_ids = self._t2i_token_ids(manifest) if cfg.kind == "t2i" else None
         self.start_batch = 0
+        self.origin: StreamOrigin | None = None  # set when the run was resized from another layout
+
+    def _in_layout(self, origin: StreamOrigin, slot: int) -> tuple[BinaryTokenDataset, int]:
+        """This dataset as it was in `origin`'s layout (for replay), and the logical worker of its slot `slot`."""
+        old = copy.copy(self)
+        workers = max(1, origin.num_workers)
+        old.rank, logical = divmod(slot, workers)
+        old.world_size, old.workers, old.slots, old.origin = origin.world_size, workers, origin.slots, origin.parent
+        return old, logical
 
     def _check_shards(self, manifest: dict) -> None:
         missing = [p for p in self.shards if not Path(p).is_file()]
@@ -298,9 +340,13 @@ class BinaryTokenDataset(IterableDataset):
             yield _Item(epoch, record_from_members(s["__key__"], bits, s["json"]))
 
     def items(self, slot: int) -> Iterator[_Item]:
-        """The endless, shuffled sample stream of one slot, epoch after epoch."""
-        empty = 0
-        for epoch in itertools.count():
+        """The endless, shuffled sample stream of one slot, epoch after epoch (after its share of what the previous
+        layout had not consumed, when the run was resized)."""
+        empty, start = 0, 0
+        if self.origin is not None:
+            yield from self._inherited(slot)
+            start = self.origin.max_epoch + 1
+        for epoch in itertools.count(start):
             urls, stride = epoch_assignment(self.shards, self.cfg.seed, epoch, slot, self.slots)
             rng = random.Random(_seed_of("buffer", self.cfg.seed, epoch, slot))
             n = 0
@@ -311,7 +357,44 @@ class BinaryTokenDataset(IterableDataset):
             if empty >= MAX_EMPTY_EPOCHS:
                 raise RuntimeError(f"slot {slot} read no sample in {empty} consecutive epochs; are the shards empty?")
 
+    def _inherited(self, slot: int) -> Iterator[_Item]:
+        """This slot's share of the samples the previous layout's slots had not consumed."""
+        old_slots = self.origin.slots
+        for p in range(old_slots):
+            if self.slots > old_slots:
+                owners = [s for s in range(self.slots) if s % old_slots == p]
+            else:
+                owners = [p % self.slots]
+            if slot in owners:
+                share, part = len(owners), owners.index(slot)
+                for i, item in enumerate(self._unconsumed(p)):
+                    if i % share == part:
+                        yield item
+
+    def _unconsumed(self, old_slot: int) -> Iterator[_Item]:
+        """Samples of the previous layout's slot `old_slot`, up to `origin.max_epoch`, that its consumed batches did
+        not hold: its plans are replayed (no tensors) to find those, then its stream is read again without them."""
+        o = self.origin
+        old, logical = self._in_layout(o, old_slot)
+        n, workers = o.batches_consumed, old.workers
+        consumed = n // workers + (1 if logical < n % workers else 0)
+        placed: set[SampleKey] = set()
+        if consumed:
+            for i, rows in enumerate(old.plans(old_slot, _Counters())):
+                placed.update((x.epoch, x.record.key) for row in rows for x in row)
+                if i + 1 == consumed:
+                    break
+        for item in old.items(old_slot):
+            if item.epoch > o.max_epoch:
+                return
+            if (item.epoch, item.record.key) not in placed:
+                yield item
+
     # ---- batch plans (cheap: no tensors) ----
+
+    def plans(self, slot: int, counters: _Counters) -> Iterator[list[list[_Item]]]:
+        """The batches of a slot as rows of items (no tensors)."""
+        return self._imagenet_plans(slot, counters) if self.cfg.kind == "imagenet" else self._t2i_plans(slot, counters)
 
     def _t2i_items(self, items: Iterator[_Item], slot: int, counters: _Counters) -> Iterator[_Item]:
         """Caption dropout, sample lengths, and the too-long filter."""
@@ -376,13 +459,13 @@ class BinaryTokenDataset(IterableDataset):
         """Batches of (this rank, `logical_worker`), after silently replaying the first `skip` of them."""
         slot = self.rank * self.workers + logical_worker
         counters = _Counters()
-        plans = self._imagenet_plans if self.cfg.kind == "imagenet" else self._t2i_plans
-        for i, rows in enumerate(plans(slot, counters)):
+        for i, rows in enumerate(self.plans(slot, counters)):
             delta = counters.take()
             if i < skip:
                 continue
             keys = [(x.epoch, x.record.key) for row in rows for x in row] if self.cfg.debug_keys else None
-            yield self.build(rows), _BatchInfo(delta, keys)
+            epoch = max(x.epoch for row in rows for x in row)
+            yield self.build(rows), _BatchInfo(delta, keys, epoch)
 
     def __iter__(self) -> Iterator[tuple[Batch, _BatchInfo]]:
         info = get_worker_info()
@@ -410,6 +493,7 @@ class BinaryTokenLoader:
         self.cfg = cfg
         self.dataset = BinaryTokenDataset(cfg, rank, world_size)
         self.batches_consumed = 0
+        self.max_epoch = 0  # the latest epoch of a sample handed out
         self._counters = _Counters()
 
     def __iter__(self) -> Iterator[Batch | tuple[Batch, list[SampleKey]]]:
@@ -421,6 +505,7 @@ class BinaryTokenLoader:
         )
         for batch, info in loader:
             self.batches_consumed += 1
+            self.max_epoch = max(self.max_epoch, info.epoch)
             self._counters.add(info.counters)
             yield (batch, info.keys) if self.cfg.debug_keys else batch
 
@@ -439,24 +524,48 @@ class BinaryTokenLoader:
         d = self.dataset
         return {
             "batches_consumed": self.batches_consumed,
+            "max_epoch": self.max_epoch,
             "seed": self.cfg.seed,
             "num_workers": self.cfg.num_workers,
             "world_size": d.world_size,
             "rank": d.rank,
             "dataset": d.fingerprint,
             "settings": self.cfg.stream_settings(),
+            "origin": d.origin.to_dict() if d.origin else None,
             "counters": asdict(self._counters),
         }
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
+    def load_state_dict(self, sd: dict[str, Any], all_ranks: list[dict[str, Any]] | None = None) -> None:
         """Continue after `sd["batches_consumed"]` batches. The rank may differ (all ranks consume the same number
-        of batches, so one rank's state serves every rank); anything else that shapes the stream must match."""
+        of batches, so one rank's state serves every rank). With another world size or worker count the states of
+        all the previous ranks (`all_ranks`) resize the streams (module docstring); anything else that shapes the
+        stream must match."""
         mine = self.state_dict()
-        for key in ("world_size", "num_workers", "dataset", "seed", "settings"):
+        for key in ("dataset", "seed", "settings"):
             if sd.get(key) != mine[key]:
                 raise ValueError(
                     f"loader state is incompatible: {key} was {sd.get(key)!r}, this loader has {mine[key]!r}; "
-                    "exact resumption needs the same data, seed, world size, workers and batching settings"
+                    "resuming needs the same data, seed and batching settings"
                 )
-        self.batches_consumed = int(sd["batches_consumed"])
         self._counters = _Counters(**sd.get("counters", {}))
+        if (sd["world_size"], sd["num_workers"]) == (mine["world_size"], mine["num_workers"]):
+            self.batches_consumed = int(sd["batches_consumed"])
+            self.max_epoch = int(sd.get("max_epoch", 0))
+            self.dataset.origin = StreamOrigin.from_dict(sd.get("origin"))
+            return
+        if all_ranks is None or sorted(s["rank"] for s in all_ranks) != list(range(sd["world_size"])):
+            raise ValueError(
+                f"resizing the data stream from {sd['world_size']} ranks x {sd['num_workers']} workers needs the "
+                f"loader states of all {sd['world_size']} previous ranks"
+            )
+        if len({int(s["batches_consumed"]) for s in all_ranks}) != 1:
+            raise ValueError("the previous ranks' loader states were taken at different batch counts")
+        self.dataset.origin = StreamOrigin(
+            world_size=int(sd["world_size"]),
+            num_workers=int(sd["num_workers"]),
+            batches_consumed=int(sd["batches_consumed"]),
+            max_epoch=max(int(s.get("max_epoch", 0)) for s in all_ranks),
+            parent=StreamOrigin.from_dict(sd.get("origin")),
+        )
+        self.batches_consumed = 0
+        self.max_epoch = self.dataset.origin.max_epoch
