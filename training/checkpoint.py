@@ -119,24 +119,37 @@ def save_checkpoint(run_dir, step: int, engine, ema, loader_state: dict, trainer
     return final
 
 
-def load_checkpoint(path: Path, engine, ema) -> tuple[dict, dict | None]:
+def load_checkpoint(path: Path, engine, ema) -> tuple[dict, dict | None, list[dict] | None]:
     """Restore model, optimizer and EMA (through the engine) and this rank's RNG; returns (trainer state, loader
-    state). The loader state is None when the checkpoint was written with another data-parallel layout (the data
-    stream restarts)."""
+    state, every previous data-parallel rank's loader state when the data stream must be resized, else None)."""
     path = Path(path)
     if not (path / "trainer.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint (no trainer.json); pass a step_* directory or 'auto'")
     rank = dist.get_rank() if dist.is_initialized() else 0
     trainer = json.loads((path / "trainer.json").read_text())
-    own, first = path / f"rank_{rank:05d}.pt", path / f"rank_{0:05d}.pt"
-    per_rank = torch.load(own, map_location="cpu", weights_only=True) if own.is_file() else None
+    own = path / f"rank_{rank:05d}.pt"
+    same_world = trainer.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1)
+    per_rank = torch.load(own, map_location="cpu", weights_only=True) if own.is_file() and same_world else None
     applies = engine.load_state(path, ema, trainer, per_rank)
     if applies == "all" and per_rank is not None:
         set_rng_state(per_rank["rng"])
-        return trainer, per_rank["loader"]
-    if applies == "loader" and first.is_file():  # one rank's loader state serves every rank
-        return trainer, torch.load(first, map_location="cpu", weights_only=True)["loader"]
-    return trainer, None
+        return trainer, per_rank["loader"], None
+    states = previous_loader_states(path)
+    if not states:
+        return trainer, None, None
+    return trainer, states[0], (states if applies == "resized" else None)
+
+
+def previous_loader_states(path: Path) -> list[dict]:
+    """The loader state of every data-parallel rank of a checkpoint (one per data-parallel rank; the tensor-,
+    pipeline- and context-parallel ranks of one data-parallel rank hold the same). Rank files are memory-mapped:
+    only the small loader dicts are read."""
+    by_dp: dict[int, dict] = {}
+    for f in sorted(path.glob("rank_*.pt")):
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=True).get("loader")
+        if state:  # loaders keep a state; tools that save without one ({}) do not
+            by_dp.setdefault(int(state["rank"]), state)
+    return [by_dp[r] for r in sorted(by_dp)]
 
 
 # ---- command line -------------------------------------------------------------------------------------------------

@@ -100,9 +100,9 @@ def train(cfg: TrainConfig) -> TrainerState:
     state = TrainerState()
     resume = {"none": None, "auto": latest_checkpoint(cfg.run_dir)}.get(cfg.checkpoint.resume, cfg.checkpoint.resume)
     if resume is not None:
-        trainer, loader_state = load_checkpoint(Path(resume), engine, ema)
+        trainer, loader_state, all_loader_states = load_checkpoint(Path(resume), engine, ema)
         if loader_state is not None:
-            loader.load_state_dict(loader_state)
+            loader.load_state_dict(loader_state, all_loader_states)
         state = TrainerState(**{k: trainer[k] for k in TrainerState.__dataclass_fields__ if k in trainer})
         if rank == 0:
             print(f"resumed from {resume} at step {state.step}", flush=True)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from training.ema import EMA
     from training.tasks import Task
 
-Resume = Literal["all", "loader", "none"]
+Resume = Literal["all", "loader", "resized"]
 
 
 @dataclass
@@ -72,7 +72,8 @@ class Engine(Protocol):
 
     def load_state(self, directory: Path, ema: EMA, trainer: dict, per_rank: dict | None) -> Resume:
         """Restore model, EMA and optimizer state. Returns what else applies to this run: "all" (this rank's RNG and
-        loader state), "loader" (rank 0's loader state only) or "none" (both start fresh)."""
+        loader state), "loader" (same data-parallel size: rank 0's loader state; RNG starts fresh) or "resized"
+        (another data-parallel size: the data stream is resized from every previous rank's loader state)."""
 
 
 def init_distributed(engine_kind: str = "deepspeed") -> tuple[int, int, torch.device]:

@@ -124,17 +124,67 @@ class DeepSpeedEngine:
         return per_rank, {}
 
     def load_state(self, directory: Path, ema, trainer: dict, per_rank: dict | None) -> Resume:
+        """Same world size: everything, exactly. Another world size (ZeRO 0-2): weights, EMA and the optimizer state
+        re-partitioned for this layout; the data stream is resized and RNG states start fresh."""
         if "megatron" in trainer:
             raise ValueError(f"{directory} was written by the megatron engine; resume it with engine.kind=megatron")
-        if trainer["world_size"] != dist.get_world_size() or per_rank is None:
+        old_world, world = int(trainer["world_size"]), dist.get_world_size()
+        resized = old_world != world
+        if resized and self.zero_stage == 3:
             raise ValueError(
-                f"{directory} was written by {trainer['world_size']} ranks, this run has {dist.get_world_size()}; "
-                "resume with the same world size"
+                f"{directory} was written by {old_world} ranks under ZeRO-3, this run has {world}: ZeRO-3 resumes on "
+                "the same world size only; resume a ZeRO 0-2 run on another size, or keep the size"
             )
+        if not resized and per_rank is None:
+            raise ValueError(f"{directory} has no rank_{dist.get_rank():05d}.pt for this rank")
         self.load_full_state_dict(load_file(str(directory / "model.safetensors")))
-        self.load_optimizer_state(per_rank["optimizer"])
-        ema.load_state_dict(per_rank["ema"] if "ema" in per_rank else load_file(str(directory / "ema.safetensors")))
-        return "all"
+        optimizer = self._resized_optimizer_state(directory, old_world) if resized else per_rank["optimizer"]
+        self.load_optimizer_state(optimizer)
+        own_ema = per_rank is not None and not resized and "ema" in per_rank
+        ema.load_state_dict(per_rank["ema"] if own_ema else load_file(str(directory / "ema.safetensors")))
+        if resized and dist.get_rank() == 0:
+            print(
+                f"{directory} was written by {old_world} ranks, this run has {world}: optimizer state re-partitioned, "
+                "data stream resized, RNG states start fresh",
+                flush=True,
+            )
+        return "resized" if resized else "all"
+
+    def _resized_optimizer_state(self, directory: Path, old_world: int) -> dict:
+        """This rank's optimizer state (as `optimizer_state` makes it) cut from a checkpoint of `old_world` ranks.
+
+        ZeRO 1/2 keep each parameter group as one flat buffer (parameters in order, padding at the end only) split
+        into equal partitions, one per rank; the old partitions are laid end to end and this rank's slice taken
+        (the old files are memory-mapped, so only the overlapping slices are read). ZeRO-0 state is replicated."""
+        files = [directory / f"rank_{r:05d}.pt" for r in range(old_world)]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{directory} lacks {missing[0]}: a resized resume needs every rank's file")
+        olds = [torch.load(f, map_location="cpu", weights_only=True, mmap=True)["optimizer"] for f in files]
+        if self.zero_stage == 0:
+            return olds[0]
+        rank, base = dist.get_rank(), olds[0]["base"]
+        new = {"base": {"param_groups": base["param_groups"], "state": {}}, "fp32_partitions": []}
+        for g, part in enumerate(self.optimizer.single_partition_of_fp32_groups):
+            n, total = part.numel(), sum(p.numel() for p in self.optimizer.bit16_groups[g])
+            old_n = olds[0]["fp32_partitions"][g].numel()
+
+            def cut(pieces: list[torch.Tensor], n=n, total=total, old_n=old_n) -> torch.Tensor:
+                out, start = torch.zeros(n, dtype=pieces[0].dtype), rank * n
+                for r, t in enumerate(pieces):
+                    lo, hi = max(start, r * old_n), min(start + n, (r + 1) * old_n, total)
+                    if lo < hi:
+                        out[lo - start : hi - start] = t[lo - r * old_n : hi - r * old_n]
+                return out
+
+            new["fp32_partitions"].append(cut([o["fp32_partitions"][g] for o in olds]))
+            state = base["state"].get(g)
+            if state is not None:
+                new["base"]["state"][g] = {
+                    k: cut([o["base"]["state"][g][k] for o in olds]) if torch.is_tensor(v) and v.numel() == old_n else v
+                    for k, v in state.items()
+                }
+        return new
 
     # every tensor state this rank owns, loadable with torch.load(weights_only=True)
     def optimizer_state(self) -> dict:

@@ -397,7 +397,7 @@ class MegatronEngine:
 
     def load_state(self, directory: Path, ema, trainer: dict, per_rank: dict | None) -> Resume:
         """Any layout loads (dist_checkpointing reshards); RNG and loader state apply when the layout matches, the
-        loader state alone when the data-parallel size does."""
+        loader state alone when the data-parallel size does; otherwise the data stream is resized."""
         if "megatron" not in trainer:
             raise ValueError(f"{directory} was written by the DeepSpeed engine; resume it with engine.kind=deepspeed")
         section = trainer["megatron"]
@@ -409,14 +409,14 @@ class MegatronEngine:
             return "all"
         same_dp = section["layout"].get("dp") == self.dp_size
         if dist.get_rank() == 0:
-            restart = "" if same_dp else "; the data stream restarts (data-parallel size changed)"
+            restart = "" if same_dp else "; the data stream is resized to the new data-parallel size"
             was = f"layout {section['layout']} on {trainer.get('world_size')} ranks"
             print(
                 f"{directory} was written with {was}, this run has {self.layout()}: weights and optimizer state "
                 f"resharded; RNG states start fresh{restart}",
                 flush=True,
             )
-        return "loader" if same_dp else "none"
+        return "loader" if same_dp else "resized"
 
     def save(self, directory: Path, ema) -> None:
         """Model, EMA and optimizer state into a dist_checkpointing directory (every rank calls this)."""
