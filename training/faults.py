@@ -1,6 +1,7 @@
 """Fault injection for the robustness tests: BITDANCE_FAULT_KILL=<point>:<step> SIGKILLs rank 0 there;
 BITDANCE_FAULT_SIGTERM=<rank>:<step> sends SIGTERM to that rank alone after that step (a preemption notice that
-reaches one rank only).
+reaches one rank only); BITDANCE_FAULT_KILL_RANK=<rank>:<step> SIGKILLs that rank after that step in the first
+attempt of a torchrun job only (TORCHELASTIC_RESTART_COUNT 0), so a job that restarts does not die again there.
 
 Kill points: `step` (after an optimizer step is logged), `after_model` and `before_latest` (inside a checkpoint
 write). Unset in normal runs, where both functions do nothing.
@@ -25,3 +26,10 @@ def maybe_sigterm(step: int) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     if os.environ.get("BITDANCE_FAULT_SIGTERM") == f"{rank}:{step}":
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def maybe_kill_rank(step: int) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if first_attempt and os.environ.get("BITDANCE_FAULT_KILL_RANK") == f"{rank}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)

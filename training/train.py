@@ -23,7 +23,7 @@ from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpo
 from training.config import TrainConfig, grad_accumulation, load_config, to_dict
 from training.ema import EMA
 from training.engines import Engine, build_engine, init_distributed
-from training.faults import maybe_kill, maybe_sigterm
+from training.faults import maybe_kill, maybe_kill_rank, maybe_sigterm
 from training.flops import mfu
 from training.logger import RunLogger
 from training.optim import lr_at
@@ -173,6 +173,7 @@ def train(cfg: TrainConfig) -> TrainerState:
                 log.log(state.step, values)
             log.advance()
             maybe_kill("step", state.step)
+            maybe_kill_rank(state.step)
             maybe_sigterm(state.step)
             if state.consecutive_skips >= cfg.max_consecutive_skips:
                 raise StopTraining(
