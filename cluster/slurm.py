@@ -37,7 +37,11 @@ from cluster.launch import (
     training_args,
 )
 
-HEAD = 'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'
+# head closes the pipe early: scontrol's SIGPIPE must not fail the script under pipefail
+HEAD = [
+    'HEAD=$(set +o pipefail; scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+    ': "${HEAD:?scontrol gave no host names for $SLURM_JOB_NODELIST}"',
+]
 
 
 def sbatch_header(a: argparse.Namespace, what: str) -> list[str]:
@@ -58,7 +62,7 @@ def sbatch_header(a: argparse.Namespace, what: str) -> list[str]:
 def prologue(a: argparse.Namespace) -> list[str]:
     """Strict mode, the submit directory (the repository root), the user's setup lines and $HEAD, the first node."""
     setup = ["set +u  # setup lines (venv or module activation) may read unset variables", *a.setup, "set -u"]
-    return ["set -euo pipefail", 'cd "$SLURM_SUBMIT_DIR"', *(setup if a.setup else []), HEAD]
+    return ["set -euo pipefail", 'cd "$SLURM_SUBMIT_DIR"', *(setup if a.setup else []), *HEAD]
 
 
 def srun(a: argparse.Namespace, *extra: str) -> list:
@@ -123,6 +127,11 @@ def render_tokenize(a: argparse.Namespace):
     lines = [
         *sbatch_header(a, f"BitDance Ray tokenization on {a.nodes} node(s)"),
         *prologue(a),
+        "# token authentication with a token of this job only (srun passes the environment to every step); without",
+        "# it, a ~/.ray/auth_token turns authentication on in the head but not in `ray status` / `ray job submit`",
+        "export RAY_AUTH_MODE=token",
+        "RAY_AUTH_TOKEN=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n')",
+        "export RAY_AUTH_TOKEN",
         "RAY_STEPS=()",
         "stop_ray() {  # stops the Ray cluster this job started: its srun steps (srun forwards SIGTERM to them)",
         '    if ((${#RAY_STEPS[@]})); then kill -TERM "${RAY_STEPS[@]}" 2>/dev/null || true; wait || true; fi',

@@ -127,7 +127,7 @@ def test_slurm_train_script_runs_preflight_then_one_torchrun_per_node(capsys, mo
         "#SBATCH --time=48:00:00",
         "#SBATCH --account=proj",
     ]
-    assert 'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in text
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in text
     assert "set -a; source cluster/nccl.env; set +a" in text
     assert "resume from the last checkpoint" in text and "runs/imagenet_B_16x/checkpoints/latest" in text
     assert text.splitlines()[-1] == "# then: sbatch runs/launch/bitdance-train.sbatch"
@@ -200,10 +200,36 @@ def test_slurm_tokenize_script_starts_waits_submits_and_stops_its_ray_cluster(ca
     cfg = tokenize_config(list(job["entrypoint"]))
     assert cfg.output == "/data/tokens p16" and cfg.parallel_num == 16 and cfg.sizes == [(512, 512)]
 
-    order = [text.index(s) for s in ("ray start --head", "ray status", "ray start --address", "wait-ray", "ray job")]
+    commands = [line.strip() for line in joined_lines(text) if not line.lstrip().startswith("#")]
+    steps = ("ray start --head", "ray status", "ray start --address", "wait-ray", "ray job submit")
+    order = [next(i for i, line in enumerate(commands) if step in line) for step in steps]
     assert order == sorted(order)
     assert "trap stop_ray EXIT" in text and 'kill -TERM "${RAY_STEPS[@]}"' in text
+    # a token of this job only, exported before any Ray command (srun steps inherit it)
+    token = [line for line in text.splitlines() if line.startswith(("export RAY_AUTH", "RAY_AUTH_TOKEN="))]
+    assert token[0] == "export RAY_AUTH_MODE=token" and commands.index(token[-1]) < order[0]
+    r = subprocess.run(
+        ["bash", "-c", "\n".join(["set -euo pipefail", *token[1:], 'echo "$RAY_AUTH_TOKEN"'])],
+        capture_output=True,
+        text=True,
+    )
+    assert re.fullmatch(r"[0-9a-f]{64}\n", r.stdout), r.stdout + r.stderr
     assert text.count("RAY_STEPS+=($!)") == 2
+
+
+def test_head_node_is_the_first_host_name_under_pipefail(tmp_path):
+    """`head -n1` closes the pipe before scontrol has written a long node list; the script must not die of the
+    SIGPIPE (pipefail), and an empty list stops it with one line."""
+    fake = tmp_path / "scontrol"
+    fake.write_text('#!/bin/bash\nfor i in $(seq -w 1 20000); do echo "gpu-$i"; done\n')
+    fake.chmod(0o755)
+    lines = "\n".join(["set -euo pipefail", *slurm.HEAD, 'echo "head=$HEAD"'])
+    env = {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[00001-20000]"}
+    r = subprocess.run(["bash", "-c", lines], env=env, capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (0, "head=gpu-00001\n"), r.stderr
+    fake.write_text("#!/bin/bash\nexit 1\n")
+    r = subprocess.run(["bash", "-c", lines], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "scontrol gave no host names for gpu-[00001-20000]" in r.stderr
 
 
 def test_wait_ray_polls_until_every_node_joined_or_the_deadline(capsys):
