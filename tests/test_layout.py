@@ -56,6 +56,9 @@ def shared_runs(a: list[str], b: list[str], n: int = 6) -> list[tuple[str, ...]]
         ("training/train.py", "cluster/gpu_check.py"),
         ("training/engines/megatron.py", "cluster/gpu_check.py"),
         ("training/tasks/t2i.py", "training/engines/megatron_checkpoint.py"),
+        ("cluster/slurm.py", "cluster/k8s.py"),
+        ("cluster/slurm.py", "cluster/ray_cluster.py"),
+        ("cluster/k8s.py", "cluster/ray_cluster.py"),
     ],
 )
 def test_no_six_line_block_is_copied_between(a, b):

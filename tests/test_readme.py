@@ -4,20 +4,14 @@ real module, passes that module's own argument parser, and (for training) its co
 Commands that need a cluster, GPUs or released weights cannot run here; `make demo` and the other tests run the
 same entry points for real on small data (tests/test_demo.py, tests/test_ray_job_submit.py, ...)."""
 
-import argparse
-import importlib
 import re
 import shlex
 from pathlib import Path
 
-import pytest
+from helpers.cli import check_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-
-
-class _Parsed(Exception):
-    pass
 
 
 def readme_commands() -> list[list[str]]:
@@ -46,25 +40,6 @@ def entry_point(argv: list[str]) -> tuple[str, list[str]]:
         return argv[m + 1], argv[m + 2 :]
     assert argv[:2] == ["python", "-m"], f"unexpected README command {' '.join(argv)}"
     return argv[2], argv[3:]
-
-
-def check_arguments(module: str, args: list[str], monkeypatch) -> argparse.Namespace:
-    """Parse `args` with the module's own parser (through its main(argv)), stopping right after parsing."""
-    original, seen = argparse.ArgumentParser.parse_args, {}
-
-    def parse_only(self, argv=None, namespace=None):
-        try:
-            seen["ns"] = original(self, argv, namespace)
-        except SystemExit:
-            raise AssertionError(f"README command rejected by {module}: {' '.join(args)}") from None
-        raise _Parsed
-
-    mod = importlib.import_module(module)
-    with monkeypatch.context() as m:
-        m.setattr(argparse.ArgumentParser, "parse_args", parse_only)
-        with pytest.raises(_Parsed):
-            mod.main(args)
-    return seen["ns"]
 
 
 def test_readme_starts_with_make_demo_then_make_test():

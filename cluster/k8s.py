@@ -1,0 +1,195 @@
+"""Kubernetes launchers: a KubeRay `RayJob` (a Ray cluster that runs `data_pipeline.tokenize` and shuts down) and a
+Kubeflow `PyTorchJob` (one pod per node, each running torchrun of `training.train`), rendered as YAML.
+
+    python -m cluster.k8s tokenize --image REGISTRY/bitdance:TAG --workers 4 --gpus-per-worker 1 \\
+        --pvc bitdance-data:/data [--dry-run] -- --source wds --input /data/tars --output /data/tokens ...
+    python -m cluster.k8s train --image REGISTRY/bitdance:TAG --nodes 2 --gpus-per-node 8 \\
+        --config training/configs/imagenet_B_16x.yaml --pvc bitdance-data:/data [--dry-run] -- overrides...
+
+The image holds the repository at --workdir (on PYTHONPATH in every container). Paths in the job's arguments are
+paths inside the pods: put data, tokens and run dirs on the mounted PVCs. Without --dry-run the manifest is written
+(runs/launch/<job-name>.yaml unless --out) and `kubectl apply -f` submits it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from importlib.metadata import version
+
+from cluster.launch import (
+    DEFAULT_ENV_FILE,
+    RAY_DASHBOARD_PORT,
+    RAY_GCS_PORT,
+    LaunchError,
+    OneLineParser,
+    add_delivery_flags,
+    dns_name,
+    non_negative_int,
+    out_path,
+    positive_int,
+    read_env_file,
+    run_main,
+    to_yaml,
+    tokenize_command,
+    torchrun,
+    training_args,
+)
+
+
+def volumes(a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """(pod volumes, container mounts): the --pvc claims, and a memory-backed /dev/shm (data loader workers, NCCL)."""
+    vols = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    for i, spec in enumerate(a.pvc):
+        claim, _, path = spec.partition(":")
+        if not claim or not path.startswith("/"):
+            raise LaunchError(f"--pvc {spec!r} must look like CLAIM:/mount/path, e.g. bitdance-data:/data")
+        vols.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": f"pvc-{i}", "mountPath": path})
+    return vols, mounts
+
+
+def container(a, name: str, mounts: list[dict], limits: dict, command: list | None = None, env=None) -> dict:
+    c = {"name": name, "image": a.image, "workingDir": a.workdir}
+    if command is not None:
+        c["command"] = [str(w) for w in command]
+    c["env"] = [{"name": "PYTHONPATH", "value": a.workdir}, *({"name": k, "value": v} for k, v in (env or {}).items())]
+    c["resources"] = {"limits": limits, "requests": dict(limits)}
+    c["volumeMounts"] = mounts
+    return c
+
+
+def limits(cpus: int | None, memory: str | None, gpus: int) -> dict:
+    out = {}
+    if cpus:
+        out["cpu"] = str(cpus)
+    if memory:
+        out["memory"] = memory
+    if gpus:
+        out["nvidia.com/gpu"] = gpus
+    return out
+
+
+def metadata(a: argparse.Namespace) -> dict:
+    return {"name": dns_name(a.job_name), "namespace": a.namespace, "labels": {"app.kubernetes.io/part-of": "bitdance"}}
+
+
+def render_train(a: argparse.Namespace):
+    args, cfg = training_args(a.config, a.overrides, a.max_restarts)
+    env = read_env_file(a.env_file)
+    vols, mounts = volumes(a)
+    g = a.gpus_per_node
+    # the operator sets MASTER_ADDR / MASTER_PORT (the Master pod's service) in every pod; Kubernetes expands $(VAR)
+    cmd = torchrun(a.nodes, g, "$(MASTER_ADDR):$(MASTER_PORT)", a.job_name, a.max_restarts, "training.train", args)
+
+    def replica(count: int) -> dict:
+        pod = {"containers": [container(a, "pytorch", mounts, limits(a.cpus, a.memory, g), cmd, env)]}
+        pod["volumes"] = vols
+        return {"replicas": count, "restartPolicy": "OnFailure", "template": {"spec": pod}}
+
+    replicas = {"Master": replica(1)}
+    if a.nodes > 1:
+        replicas["Worker"] = replica(a.nodes - 1)
+    doc = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": metadata(a),
+        "spec": {
+            "nprocPerNode": str(g),
+            "runPolicy": {"backoffLimit": a.max_restarts, "cleanPodPolicy": "None"},
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+    header = (
+        f"# BitDance training, {a.nodes} pod(s) x {g} GPU(s); rendered by `{a.rendered_by}`\n"
+        f"# Restarts (torchrun's, then the pods') resume from {cfg.run_dir}/checkpoints/latest "
+        "(checkpoint.resume=auto).\n"
+    )
+    return header + to_yaml(doc), ["kubectl", "apply", "-f", out_path(a)]
+
+
+def render_tokenize(a: argparse.Namespace):
+    entry = tokenize_command(a.tokenize_args)
+    vols, mounts = volumes(a)
+    head_ports = [
+        {"containerPort": RAY_GCS_PORT, "name": "gcs-server"},
+        {"containerPort": RAY_DASHBOARD_PORT, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+    ]
+    head = container(a, "ray-head", mounts, limits(a.head_cpus, a.head_memory, 0))
+    head["ports"] = head_ports
+    worker = container(a, "ray-worker", mounts, limits(a.worker_cpus, a.worker_memory, a.gpus_per_worker))
+    doc = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": metadata(a),
+        "spec": {
+            "entrypoint": shlex.join(entry),
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 600,
+            "rayClusterSpec": {
+                "rayVersion": version("ray"),
+                "headGroupSpec": {
+                    "rayStartParams": {"dashboard-host": "0.0.0.0"},
+                    "template": {"spec": {"containers": [head], "volumes": vols}},
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "encoders",
+                        "replicas": a.workers,
+                        "minReplicas": a.workers,
+                        "maxReplicas": a.workers,
+                        "rayStartParams": {},
+                        "template": {"spec": {"containers": [worker], "volumes": vols}},
+                    }
+                ],
+            },
+        },
+    }
+    header = f"# BitDance Ray tokenization, 1 head + {a.workers} worker pod(s); rendered by `{a.rendered_by}`\n"
+    return header + to_yaml(doc), ["kubectl", "apply", "-f", out_path(a)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m cluster.k8s", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    pod = argparse.ArgumentParser(add_help=False)
+    pod.add_argument("--image", required=True, help="container image holding the repository at --workdir")
+    pod.add_argument("--namespace", default="default")
+    pod.add_argument("--pvc", action="append", default=[], help="CLAIM:/mount/path, repeatable (data, checkpoints)")
+    pod.add_argument("--workdir", default="/workspace/bitdance", help="the repository inside the image")
+
+    t = sub.add_parser("train", parents=[pod], help="a Kubeflow PyTorchJob of training.train")
+    t.add_argument("--nodes", type=positive_int, required=True, help="pods, one per node")
+    t.add_argument("--gpus-per-node", type=positive_int, default=8)
+    t.add_argument("--cpus", type=positive_int, help="CPU limit per pod")
+    t.add_argument("--memory", help="memory limit per pod, e.g. 1600Gi")
+    t.add_argument("--config", required=True, help="training YAML (training/configs/), a path inside the image")
+    t.add_argument("--max-restarts", type=non_negative_int, default=3, help="torchrun restarts, then pod restarts")
+    t.add_argument("--env-file", default=DEFAULT_ENV_FILE, help="NCCL / torch.distributed settings (container env)")
+    t.add_argument("overrides", nargs="*", help="after --: dotted config overrides")
+    add_delivery_flags(t, "bitdance-train", ".yaml")
+    t.set_defaults(render=render_train)
+
+    k = sub.add_parser("tokenize", parents=[pod], help="a KubeRay RayJob of data_pipeline.tokenize")
+    k.add_argument("--workers", type=positive_int, default=1, help="Ray worker pods")
+    k.add_argument("--gpus-per-worker", type=non_negative_int, default=1)
+    k.add_argument("--worker-cpus", type=positive_int, default=16)
+    k.add_argument("--worker-memory", default="64Gi")
+    k.add_argument("--head-cpus", type=positive_int, default=8)
+    k.add_argument("--head-memory", default="32Gi")
+    k.add_argument("tokenize_args", nargs="*", help="after --: the data_pipeline.tokenize arguments")
+    add_delivery_flags(k, "bitdance-tokenize", ".yaml")
+    k.set_defaults(render=render_tokenize)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(build_parser(), argv, lambda a: a.render(a))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""What the cluster launchers (`cluster.slurm`, `cluster.k8s`, `cluster.ray_cluster`) share: one-line argument errors,
+shell rendering of command lines, the command lines they all launch (torchrun of `training.train` or
+`cluster.preflight`, `python -m data_pipeline.tokenize`, `ray job submit`), each checked by its entry point's own
+parser or config loader before anything is written, and `--dry-run` (print the file and the command) or write and
+submit."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ENV_FILE = "cluster/nccl.env"
+RAY_GCS_PORT = 6379
+RAY_DASHBOARD_PORT = 8265
+
+
+class LaunchError(ValueError):
+    """A launcher input that cannot work; its message is one line naming the problem and the fix."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`prog: error: message`), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _bounded_int(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = _bounded_int(1)
+non_negative_int = _bounded_int(0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
+    return value
+
+
+# ---------------------------------------------------------------- shell rendering
+
+
+class Shell(str):
+    """A word the shell expands when the script runs (e.g. `$HEAD:29500`): rendered in double quotes."""
+
+
+def quote(word) -> str:
+    if isinstance(word, Shell):
+        return f'"{word}"'
+    return shlex.quote(f"{word:g}" if isinstance(word, float) else str(word))
+
+
+def shell_line(argv, width: int = 110, indent: str = "    ") -> str:
+    """`argv` as one shell command, continued over lines of about `width` characters with trailing backslashes."""
+    words, groups = [quote(w) for w in argv], []
+    for word in words:  # an option stays on the line of its value
+        if groups and groups[-1].startswith("-") and " " not in groups[-1] and not word.startswith("-"):
+            groups[-1] += " " + word
+        else:
+            groups.append(word)
+    lines, current = [], ""
+    for group in groups:
+        if current and len(current) + 1 + len(group) > width:
+            lines.append(current + " \\")
+            current = indent + group
+        else:
+            current = f"{current} {group}" if current else group
+    return "\n".join([*lines, current])
+
+
+def joined_lines(text: str) -> list[str]:
+    """The lines of a shell script with backslash continuations joined (how the shell reads them)."""
+    return re.sub(r"\\\n\s*", " ", text).splitlines()
+
+
+# ---------------------------------------------------------------- the command lines the launchers run
+
+
+def torchrun(nnodes, nproc_per_node, endpoint, rdzv_id, max_restarts: int, module: str, args: list) -> list:
+    """One torchrun per node with a c10d rendezvous (flag spellings as torch.distributed.run's parser has them)."""
+    return [
+        "torchrun",
+        "--nnodes",
+        nnodes,
+        "--nproc-per-node",
+        nproc_per_node,
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        endpoint,
+        "--rdzv-id",
+        rdzv_id,
+        "--max-restarts",
+        max_restarts,
+        "-m",
+        module,
+        *args,
+    ]
+
+
+def training_args(config: str, overrides: list[str], max_restarts: int):
+    """(`training.train` arguments, the loaded TrainConfig): the config file and overrides must load here first, and
+    restarts must resume (checkpoint.resume auto or a checkpoint, not none)."""
+    from training.config import load_config
+
+    if not Path(config).is_file():
+        raise LaunchError(f"config file {config} does not exist; pass --config training/configs/<name>.yaml")
+    try:
+        cfg = load_config(config, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        raise LaunchError(f"{config} with overrides {overrides}: {e}") from None
+    if cfg.checkpoint.resume == "none" and max_restarts:
+        raise LaunchError(
+            f"checkpoint.resume=none with --max-restarts {max_restarts} would restart from step 0; "
+            "drop the override or pass --max-restarts 0"
+        )
+    return ["--config", config, *overrides], cfg
+
+
+def checked_by(parse, args: list[str], what: str):
+    """parse(args) with its argparse errors turned into one LaunchError line (naming `what` was rejected)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parse(args)
+    except SystemExit:
+        lines = [line for line in err.getvalue().splitlines() if line.strip()]
+        reason = lines[-1].split("error: ", 1)[-1] if lines else "rejected"
+        raise LaunchError(f"{what} arguments rejected: {reason}") from None
+
+
+def tokenize_command(args: list[str]) -> list[str]:
+    """`python -m data_pipeline.tokenize <args>`, checked by the tokenize module's own parser."""
+    from data_pipeline import tokenize
+
+    if not args:
+        raise LaunchError("no tokenize arguments; pass them after `--`, e.g. -- --source wds --input /data/tars ...")
+    checked_by(tokenize.parse_args, args, "data_pipeline.tokenize")
+    return ["python", "-m", "data_pipeline.tokenize", *args]
+
+
+def ray_job_submit(address, entrypoint: list) -> list:
+    """`ray job submit` of `entrypoint` from the repository root (its code travels as the job's working dir)."""
+    return ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--", *entrypoint]
+
+
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """KEY=VALUE lines of an env file (comments and blank lines skipped), as the scripts' `source` sees them."""
+    p = Path(path)
+    if not p.is_file():
+        raise LaunchError(f"env file {path} does not exist; pass --env-file {DEFAULT_ENV_FILE} or your own")
+    env = {}
+    for n, raw in enumerate(p.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", key):
+            raise LaunchError(f"{path}:{n} is not a KEY=VALUE line: {raw!r}")
+        env[key] = value.strip().strip("'\"")
+    return env
+
+
+def dns_name(name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", name):
+        raise LaunchError(f"--job-name {name!r} must be lower-case letters, digits and '-', at most 63 characters")
+    return name
+
+
+class _SafeDumperWithoutAliases(yaml.SafeDumper):
+    """PyYAML's safe dumper, writing a shared sub-tree out in full each time (no &anchors / *aliases)."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def to_yaml(doc: dict) -> str:
+    return yaml.dump(doc, Dumper=_SafeDumperWithoutAliases, sort_keys=False, default_flow_style=False, width=1 << 16)
+
+
+# ---------------------------------------------------------------- common flags and delivery
+
+
+def add_delivery_flags(parser: argparse.ArgumentParser, job_name: str, suffix: str, name_flag="--job-name") -> None:
+    parser.add_argument(name_flag, dest="job_name", default=job_name, help=f"the name (default {job_name})")
+    parser.add_argument("--dry-run", action="store_true", help="print the file and the command; write and run nothing")
+    parser.add_argument("--out", help=f"where the rendered file is written (default runs/launch/<job-name>{suffix})")
+    parser.set_defaults(suffix=suffix)
+
+
+def out_path(args: argparse.Namespace) -> str:
+    return args.out or f"runs/launch/{args.job_name}{args.suffix}"
+
+
+def deliver(text: str, out: str, submit: list[str], dry_run: bool) -> int:
+    """--dry-run: print the file, then the command that would run as a trailing comment (so the output stays a valid
+    script or YAML); otherwise write the file and run the command (its exit code is returned)."""
+    if dry_run:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        print(f"# then: {shlex.join(submit)}")
+        return 0
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    if shutil.which(submit[0]) is None:
+        raise LaunchError(f"wrote {out}, but {submit[0]} is not on PATH; run `{shlex.join(submit)}` where it is")
+    print(f"wrote {out}; running {shlex.join(submit)}", flush=True)
+    return subprocess.run(submit).returncode
+
+
+def run_main(parser: argparse.ArgumentParser, argv, render) -> int:
+    """Parse argv, render(args) -> (file text, submit command) and deliver to out_path(args) (None: nothing to
+    deliver); a LaunchError is one line and exit code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    # recorded in the rendered file's header comment, on one line whatever the arguments hold
+    args.rendered_by = shlex.join([*parser.prog.split(), *argv]).replace("\n", "\\n")
+    try:
+        rendered = render(args)
+        if rendered is None:  # a helper subcommand that did its work
+            return 0
+        text, submit = rendered
+        return deliver(text, out_path(args), submit, args.dry_run)
+    except LaunchError as e:
+        parser.error(str(e))
