@@ -74,7 +74,9 @@ def run_two_nodes(run_dir: Path, data_dir: Path, env_extra: dict[str, str]) -> l
             "1",
             *train_args(run_dir, data_dir),
         ]
-        env = {**os.environ, **env_extra}
+        # cluster/nccl.env: a bootstrap store per rendezvous round (the shared one hands restarted workers stale
+        # peer addresses)
+        env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **env_extra}
         procs.append(
             subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
@@ -106,7 +108,7 @@ def test_node_killed_mid_run_restarts_and_resumes_with_the_uninterrupted_losses(
     log = killed[0].stdout + killed[1].stdout
     assert all(r.returncode == 0 for r in killed), log[-6000:]
     assert "resumed from" in log and "step_00000004" in log, log[-4000:]
-    assert "Signals.SIGKILL" in log or "exitcode  : -9" in log or "SIGKILL" in log, log[-4000:]
+    assert "failed (exitcode: -9)" in log, log[-4000:]  # torchrun saw the worker die of SIGKILL, then restarted
     want, got = losses(tmp_path / "straight"), losses(tmp_path / "killed")
     assert sorted(want) == sorted(got) == list(range(1, 13))
     assert got == want

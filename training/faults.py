@@ -1,7 +1,7 @@
 """Fault injection for the robustness tests: BITDANCE_FAULT_KILL=<point>:<step> SIGKILLs rank 0 there;
 BITDANCE_FAULT_SIGTERM=<rank>:<step> sends SIGTERM to that rank alone after that step (a preemption notice that
-reaches one rank only); BITDANCE_FAULT_KILL_RANK=<rank>:<step> SIGKILLs that rank after that step in the first
-attempt of a torchrun job only (TORCHELASTIC_RESTART_COUNT 0), so a job that restarts does not die again there.
+reaches one rank only); BITDANCE_FAULT_KILL_RANK=<rank>:<step> SIGKILLs that rank after that step in a run that started
+from scratch only, so a job that torchrun restarts (and that resumes from a checkpoint) does not die there again.
 
 Kill points: `step` (after an optimizer step is logged), `after_model` and `before_latest` (inside a checkpoint
 write). Unset in normal runs, where both functions do nothing.
@@ -28,8 +28,7 @@ def maybe_sigterm(step: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def maybe_kill_rank(step: int) -> None:
+def maybe_kill_rank(step: int, resumed: bool) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if first_attempt and os.environ.get("BITDANCE_FAULT_KILL_RANK") == f"{rank}:{step}":
+    if not resumed and os.environ.get("BITDANCE_FAULT_KILL_RANK") == f"{rank}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -173,7 +173,7 @@ def train(cfg: TrainConfig) -> TrainerState:
                 log.log(state.step, values)
             log.advance()
             maybe_kill("step", state.step)
-            maybe_kill_rank(state.step)
+            maybe_kill_rank(state.step, resumed=resume is not None)
             maybe_sigterm(state.step)
             if state.consecutive_skips >= cfg.max_consecutive_skips:
                 raise StopTraining(
