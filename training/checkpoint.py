@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from training.faults import maybe_kill
+from training.run_guard import RunDirError
 
 LATEST = "latest"
 
@@ -75,20 +76,80 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def _step_of(path: Path) -> int:
+    return int(path.name.split("_", 1)[1])
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's complete checkpoints (a `trainer.json` is written before the rename), oldest step first."""
+    root = checkpoint_root(run_dir)
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit() and (p / "trainer.json").is_file()]
+    return sorted(found, key=_step_of)
+
+
+def latest_checkpoint(run_dir: str | Path, quiet: bool = False) -> Path | None:
+    """The checkpoint `latest` names; when `latest` is missing or not a file while complete checkpoints exist, the
+    newest complete one (said on stdout unless `quiet`). None when the run has no checkpoint."""
     root = checkpoint_root(run_dir)
     marker = root / LATEST
-    if not marker.is_file():
+    if marker.is_file():
+        path = root / marker.read_text().strip()
+        if not (path / "trainer.json").is_file():
+            raise RunDirError(
+                f"{marker} points to {path}, which is not a complete checkpoint; point it at a complete step_* "
+                "folder or pass checkpoint.resume=<checkpoint>"
+            )
+        return path
+    done = complete_checkpoints(run_dir)
+    if not done:
         return None
-    path = root / marker.read_text().strip()
-    if not (path / "trainer.json").is_file():
-        raise FileNotFoundError(f"{marker} points to {path}, which is not a complete checkpoint")
-    return path
+    if not quiet:
+        why = "is not a file" if marker.exists() else "is missing"
+        print(f"{marker} {why}: using the newest complete checkpoint {done[-1]}", flush=True)
+    return done[-1]
+
+
+def resolve_resume(run_dir: str | Path, resume: str, overwrite: bool, rank: int = 0) -> Path | None:
+    """The checkpoint a run starts from (`checkpoint.resume`: auto | none | a checkpoint folder). A run that would
+    start behind checkpoints already in its run folder (a fresh run in a used folder, or a resume from an older
+    checkpoint) is refused: their higher step numbers would outrank every checkpoint it writes. With
+    `checkpoint.overwrite=true` rank 0 deletes those checkpoints instead (and says so)."""
+    if resume == "auto":
+        return latest_checkpoint(run_dir, quiet=rank != 0)
+    start = None if resume == "none" else Path(resume)
+    if start is not None and not (start / "trainer.json").is_file():
+        raise RunDirError(f"checkpoint.resume={resume} is not a checkpoint (no trainer.json); pass a step_* folder")
+    step = -1 if start is None else int(json.loads((start / "trainer.json").read_text())["step"])
+    root = checkpoint_root(run_dir)
+    ahead = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit() and _step_of(p) > step]
+    if ahead and not overwrite:
+        what = "a fresh run" if start is None else f"a run from step {step}"
+        raise RunDirError(
+            f"{root} holds {len(ahead)} checkpoint(s) up to step {max(map(_step_of, ahead))} that "
+            f"{what} would be mixed with; use checkpoint.resume=auto, another run_dir, or checkpoint.overwrite=true "
+            "to delete them"
+        )
+    if ahead and rank == 0:
+        for p in ahead:
+            shutil.rmtree(p)
+        (root / LATEST).unlink(missing_ok=True)
+        print(f"checkpoint.overwrite=true: deleted {len(ahead)} checkpoint(s) of an earlier run in {root}", flush=True)
+    return start
+
+
+def retention(root: Path, keep_last: int) -> list[Path]:
+    """The checkpoints keep-last-N deletes: all but the newest `keep_last` by step, never the one `latest` names."""
+    marker = root / LATEST
+    keep = marker.read_text().strip() if marker.is_file() else None
+    done = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=_step_of)
+    return [p for p in done[: max(0, len(done) - keep_last)] if p.name != keep]
 
 
 def save_checkpoint(run_dir, step: int, engine, ema, loader_state: dict, trainer: dict, keep_last: int) -> Path:
     """Every rank calls this; returns the final checkpoint directory. The engine writes its own state; this adds each
     rank's RNG and loader state, `trainer.json`, the atomic rename, `latest` and keep-last-N."""
+    if keep_last < 1:
+        raise RunDirError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     root = checkpoint_root(run_dir)
@@ -112,8 +173,7 @@ def save_checkpoint(run_dir, step: int, engine, ema, loader_state: dict, trainer
         marker_tmp = root / f".{LATEST}.tmp"
         marker_tmp.write_text(name + "\n")
         os.replace(marker_tmp, root / LATEST)
-        done = sorted(p for p in root.glob("step_*") if p.is_dir())
-        for old in done[: max(0, len(done) - keep_last)]:
+        for old in retention(root, keep_last):
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
@@ -145,8 +205,8 @@ def load_checkpoint(path: Path, engine, ema) -> tuple[dict, dict | None]:
 def _source(path: str) -> Path:
     """A checkpoint directory, or a run directory standing for its latest checkpoint."""
     p = Path(path)
-    if (checkpoint_root(p) / LATEST).is_file():
-        return latest_checkpoint(p)
+    if checkpoint_root(p).is_dir():
+        return latest_checkpoint(p) or p
     return p
 
 
@@ -174,8 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     from training.engines import megatron_checkpoint as mc
 
-    src, dst = _source(args.src), Path(args.dst)
+    dst = Path(args.dst)
     try:
+        src = _source(args.src)
         if args.command == "reshard":
             out = mc.reshard(src, dst, args.tp, args.pp, args.virtual_pp)
         elif args.command == "export":

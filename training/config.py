@@ -77,8 +77,9 @@ class EngineConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 100  # steps; 0 = only at the end and on SIGTERM
-    keep_last: int = 3
-    resume: str = "auto"  # auto (from <run_dir>/checkpoints/latest) | none | a checkpoint directory
+    keep_last: int = 3  # >= 1; the checkpoint `latest` names is never deleted
+    resume: str = "auto"  # auto (from <run_dir>/checkpoints/latest, else its newest complete one) | none | a folder
+    overwrite: bool = False  # let a run start behind the run folder's checkpoints, deleting them (else refused)
     export_official: bool = True  # also write the EMA weights in the official layout at the end
 
 
@@ -138,6 +139,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (0 <= cfg.schedule.warmup_steps <= cfg.schedule.total_steps, "schedule.warmup_steps must be in [0, total]"),
         (cfg.data.micro_batch > 0 and cfg.data.global_batch > 0, "data.micro_batch and data.global_batch must be > 0"),
         (0.0 <= cfg.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
+        (cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}"),
         (cfg.logging.wandb in ("auto", "online", "offline", "disabled"), "logging.wandb: auto|online|offline|disabled"),
         (
             cfg.model.attention in ("auto", "dense", "segments", "flex"),
