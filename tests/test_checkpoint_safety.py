@@ -1,7 +1,8 @@
 """Checkpoint safety: retention never deletes what `latest` names, a run never starts behind the run folder's
 checkpoints without `checkpoint.overwrite=true`, a missing `latest` resumes from the newest complete checkpoint, one
-run per folder (lock) and workers that die with their launcher."""
+run per folder (lock), workers that die with their launcher, and damaged files refused by their checksums."""
 
+import json
 import os
 import selectors
 import signal
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from training.checkpoint_integrity import MANIFEST, CheckpointError
 from training.config import load_config
 from training.run_guard import RunDirError, RunLock
 
@@ -26,8 +28,8 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 class FakeEngine:
     """The part of `training.engines.Engine` that checkpoints use: one weight file."""
 
-    def __init__(self, value: float = 1.0):
-        self.weight = torch.full((4,), value)
+    def __init__(self, value: float = 1.0, size: int = 4):
+        self.weight = torch.full((size,), value)
 
     def save_state(self, directory: Path, ema) -> tuple[dict, dict]:
         save_file({"w": self.weight}, str(directory / "model.safetensors"))
@@ -38,8 +40,8 @@ class FakeEngine:
         return "all"
 
 
-def write(run_dir: Path, step: int, keep_last: int = 3, value: float = 1.0) -> Path:
-    return save_checkpoint(run_dir, step, FakeEngine(value), None, {}, {"step": step}, keep_last)
+def write(run_dir: Path, step: int, keep_last: int = 3, value: float = 1.0, size: int = 4) -> Path:
+    return save_checkpoint(run_dir, step, FakeEngine(value, size), None, {}, {"step": step}, keep_last)
 
 
 def names(run_dir: Path) -> list[str]:
@@ -128,6 +130,50 @@ def test_train_cli_refuses_keep_last_zero_in_one_line(tmp_path):
     cmd = [sys.executable, "-m", "training.train", f"run_dir={tmp_path}", "checkpoint.keep_last=0"]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: checkpoint.keep_last must be >= 1, got 0"
+
+
+# ---- checksums ----------------------------------------------------------------------------------------------------
+
+
+def test_flipped_bits_in_the_weights_are_refused_naming_the_file(tmp_path):
+    path = write(tmp_path, 1, size=16384)  # 64 KiB of weights
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    for i in range(len(data) - 8192, len(data) - 4096):  # 4 KiB of tensor bytes: still a loadable safetensors file
+        data[i] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert not torch.equal(load_file(str(weights))["w"], torch.ones(16384))  # the damage loads silently by itself
+    with pytest.raises(CheckpointError, match="model.safetensors does not match the sha256") as err:
+        load_checkpoint(path, FakeEngine(), None)
+    assert "\n" not in str(err.value)
+    load_checkpoint(path, FakeEngine(), None, checksums=False)  # sizes only (huge checkpoints): same size, loads
+
+
+def test_missing_truncated_or_unlisted_files_are_refused(tmp_path):
+    path = write(tmp_path, 1)
+    listed = set(json.loads((path / MANIFEST).read_text())["files"])
+    assert listed == {"model.safetensors", "rank_00000.pt", "trainer.json"}
+    (path / "extra.pt").write_bytes(b"planted")
+    with pytest.raises(CheckpointError, match="extra.pt is not listed in"):
+        load_checkpoint(path, FakeEngine(), None, checksums=False)
+    (path / "extra.pt").unlink()
+    with open(path / "rank_00000.pt", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match="rank_00000.pt has 100 bytes, its manifest says"):
+        load_checkpoint(path, FakeEngine(), None, checksums=False)
+    (path / "rank_00000.pt").unlink()
+    with pytest.raises(CheckpointError, match="rank_00000.pt is missing"):
+        load_checkpoint(path, FakeEngine(), None)
+
+
+def test_train_cli_reports_a_damaged_checkpoint_in_one_line(tmp_path):
+    path = write(tmp_path / "run", 1)
+    (path / "trainer.json").write_text((path / "trainer.json").read_text().replace('"step": 1', '"step": 7'))
+    cmd = [sys.executable, "-m", "training.train", f"run_dir={tmp_path / 'run'}", "data.data_dir=/nonexistent"]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr.strip()
+    assert err.startswith("error: checkpoint damaged: ") and "trainer.json" in err and "\n" not in err, err
 
 
 # ---- one writer per run folder ----------------------------------------------------------------------------------

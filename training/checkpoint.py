@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from training.checkpoint_integrity import verify_checkpoint, write_manifest
 from training.faults import maybe_kill
 from training.run_guard import RunDirError
 
@@ -145,9 +146,12 @@ def retention(root: Path, keep_last: int) -> list[Path]:
     return [p for p in done[: max(0, len(done) - keep_last)] if p.name != keep]
 
 
-def save_checkpoint(run_dir, step: int, engine, ema, loader_state: dict, trainer: dict, keep_last: int) -> Path:
+def save_checkpoint(
+    run_dir, step: int, engine, ema, loader_state: dict, trainer: dict, keep_last: int, checksums: bool = True
+) -> Path:
     """Every rank calls this; returns the final checkpoint directory. The engine writes its own state; this adds each
-    rank's RNG and loader state, `trainer.json`, the atomic rename, `latest` and keep-last-N."""
+    rank's RNG and loader state, `trainer.json`, `manifest.json` (sizes and sha256 of every file, see
+    training.checkpoint_integrity), the atomic rename, `latest` and keep-last-N."""
     if keep_last < 1:
         raise RunDirError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -166,6 +170,7 @@ def save_checkpoint(run_dir, step: int, engine, ema, loader_state: dict, trainer
         meta = {**trainer, "step": step, "world_size": world, **fields}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
     _barrier()
+    write_manifest(tmp, checksums)
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -179,13 +184,16 @@ def save_checkpoint(run_dir, step: int, engine, ema, loader_state: dict, trainer
     return final
 
 
-def load_checkpoint(path: Path, engine, ema) -> tuple[dict, dict | None]:
+def load_checkpoint(path: Path, engine, ema, checksums: bool = True, verify: bool = True) -> tuple[dict, dict | None]:
     """Restore model, optimizer and EMA (through the engine) and this rank's RNG; returns (trainer state, loader
     state). The loader state is None when the checkpoint was written with another data-parallel layout (the data
-    stream restarts)."""
+    stream restarts). The files are verified against the checkpoint's manifest first (sizes only without
+    `checksums`; not at all with `verify=False`, for a caller that has just verified them)."""
     path = Path(path)
     if not (path / "trainer.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint (no trainer.json); pass a step_* directory or 'auto'")
+    if verify:
+        verify_checkpoint(path, checksums)
     rank = dist.get_rank() if dist.is_initialized() else 0
     trainer = json.loads((path / "trainer.json").read_text())
     own, first = path / f"rank_{rank:05d}.pt", path / f"rank_{0:05d}.pt"
@@ -225,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         q.add_argument("--tp", type=int, required=True)
         q.add_argument("--pp", type=int, required=True)
     r.add_argument("--virtual-pp", type=int, default=None)
+    for q in (r, e):
+        q.add_argument("--no-checksums", action="store_true", help="check the files' sizes only (huge checkpoints)")
     e.add_argument("--text-tokenizer", required=True, help="text tokenizer folder (Hugging Face files)")
     e.add_argument("--image-tokenizer", required=True, help="image tokenizer weights (ae safetensors)")
     e.add_argument("--weights", choices=("auto", "model", "ema"), default="auto", help="auto: EMA when saved")
@@ -238,9 +248,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         src = _source(args.src)
         if args.command == "reshard":
-            out = mc.reshard(src, dst, args.tp, args.pp, args.virtual_pp)
+            out = mc.reshard(src, dst, args.tp, args.pp, args.virtual_pp, not args.no_checksums)
         elif args.command == "export":
-            out = mc.export_folder(src, dst, Path(args.text_tokenizer), Path(args.image_tokenizer), args.weights)
+            tokenizers = Path(args.text_tokenizer), Path(args.image_tokenizer)
+            out = mc.export_folder(src, dst, *tokenizers, args.weights, not args.no_checksums)
         else:
             out = mc.import_folder(src, dst, args.tp, args.pp, args.model, args.vocab_size, args.seed)
     except ImportError as err:

@@ -80,6 +80,7 @@ class CheckpointConfig:
     keep_last: int = 3  # >= 1; the checkpoint `latest` names is never deleted
     resume: str = "auto"  # auto (from <run_dir>/checkpoints/latest, else its newest complete one) | none | a folder
     overwrite: bool = False  # let a run start behind the run folder's checkpoints, deleting them (else refused)
+    checksums: bool = True  # sha256 of every file, recorded at save and verified at load (false: sizes only)
     export_official: bool = True  # also write the EMA weights in the official layout at the end
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from training.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from training.checkpoint_integrity import CheckpointError, verify_checkpoint
 from training.config import TrainConfig, grad_accumulation, load_config, to_dict
 from training.ema import EMA
 from training.engines import Engine, build_engine, init_distributed
@@ -115,6 +116,8 @@ def train(cfg: TrainConfig) -> TrainerState:
     lock = lock_run_dir(cfg.run_dir, rank)
     try:
         resume = resolve_resume(cfg.run_dir, cfg.checkpoint.resume, cfg.checkpoint.overwrite, rank)
+        if resume is not None:  # before any model is built: a damaged checkpoint fails fast
+            verify_checkpoint(resume, cfg.checkpoint.checksums)
         if dist.is_initialized():
             dist.barrier()  # rank 0 may have deleted an earlier run's checkpoints (checkpoint.overwrite)
         return _train(cfg, rank, world, device, resume)
@@ -132,7 +135,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     loader = task.loader(engine.dp_rank, engine.dp_size)
     state = TrainerState()
     if resume is not None:
-        trainer, loader_state = load_checkpoint(Path(resume), engine, ema)
+        trainer, loader_state = load_checkpoint(Path(resume), engine, ema, verify=False)  # verified in train()
         if loader_state is not None:
             loader.load_state_dict(loader_state)
         state = TrainerState(**{k: trainer[k] for k in TrainerState.__dataclass_fields__ if k in trainer})
@@ -141,9 +144,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     log = RunLogger(cfg, rank, state.step)
     preempt = Preemption()
 
+    cc = cfg.checkpoint
+
     def checkpoint() -> None:
         trainer = {**vars(state), "config": to_dict(cfg)}
-        save_checkpoint(cfg.run_dir, state.step, engine, ema, loader.state_dict(), trainer, cfg.checkpoint.keep_last)
+        save_checkpoint(
+            cfg.run_dir, state.step, engine, ema, loader.state_dict(), trainer, cfg.checkpoint.keep_last, cc.checksums
+        )
 
     def evaluate(step: int, grid: bool) -> dict[str, float]:
         """EMA-weight metrics and sample grid on rank 0, where the loop logs ({} elsewhere): the EMA swapped into the
@@ -264,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         p.exit(2, f"error: {str(e).splitlines()[0]}\n")
     try:
         train(cfg)
-    except RunDirError as e:
+    except (RunDirError, CheckpointError) as e:
         p.exit(2, f"error: {str(e).splitlines()[0]}\n")
     except StopTraining as e:
         print(str(e), file=sys.stderr, flush=True)

@@ -50,6 +50,7 @@ from models.t2i.megatron.config import MegatronParallelConfig, validate_parallel
 from models.t2i.megatron.mapping import chunk_state, load_model_state, reference_to_megatron, split_tp
 from models.t2i.megatron.model import MegatronT2IBitDance
 from models.t2i.model import T2IConfig, TextToImageBitDance
+from training.checkpoint_integrity import verify_checkpoint
 from training.config import TrainConfig
 from training.ema import ShardedEMA
 from training.engines import Resume, StepResult, StepStats, precision
@@ -121,6 +122,7 @@ class MegatronEngine:
         if reference is not None:
             self._load_reference(reference)
         elif init_checkpoint is not None:
+            verify_checkpoint(init_checkpoint, cfg.checkpoint.checksums)
             self.load(Path(init_checkpoint) / DIST, ema=None, optimizer=False)
         self.ddp = self._wrap()  # copies the weights into megatron's contiguous buffers
         if reference is None and init_checkpoint is None:

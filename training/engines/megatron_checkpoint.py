@@ -38,15 +38,14 @@ from models.t2i.megatron.config import MegatronParallelConfig, validate_parallel
 from models.t2i.megatron.mapping import stage_layers, tp_split
 from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config
 from models.t2i.qwen3 import Qwen3Config
+from training.checkpoint_integrity import CheckpointError, verify_checkpoint, write_manifest
+
+__all__ = ["CheckpointError"]  # the tools' one-line error (defined with the checkpoint checks)
 
 DIST = "dist"
 TRAINER = "trainer.json"
 LAYER_KEY = "decoder.layers."
 _PREFIX = re.compile(r"^(optimizer\.state\.[^.]+\.)?(model|ema)\.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or a requested layout that the tools cannot use (one-line message)."""
 
 
 # ---- saving without CUDA ------------------------------------------------------------------------------------------
@@ -281,6 +280,7 @@ def write_model_checkpoint(state: dict[str, torch.Tensor], cfg: T2IConfig, dst: 
     single_process(save_dist, {"tensors": shards}, dst / DIST)
     trainer = {"step": 0, "megatron": megatron_section(cfg, tp, pp, None, None, ["model"])}
     (dst / TRAINER).write_text(json.dumps(trainer, indent=2) + "\n")
+    write_manifest(dst)
     return dst
 
 
@@ -325,13 +325,22 @@ def import_folder(
     return write_model_checkpoint(state, model.cfg, dst, tp, pp)
 
 
-def export_folder(src: Path, dst: Path, text_tokenizer: Path, image_tokenizer: Path, weights: str = "auto") -> Path:
-    """A megatron checkpoint's model (or EMA) weights -> official T2I folder with the given tokenizers."""
+def export_folder(
+    src: Path,
+    dst: Path,
+    text_tokenizer: Path,
+    image_tokenizer: Path,
+    weights: str = "auto",
+    checksums: bool = True,
+) -> Path:
+    """A megatron checkpoint's model (or EMA) weights -> official T2I folder with the given tokenizers. The
+    checkpoint's files are verified against its manifest first (sizes only without `checksums`)."""
     from models.t2i.megatron.mapping import export_megatron_to_folder
     from models.t2i.text_tokenizer import T2ITextTokenizer
     from models.tokenizer.io import load_tokenizer
 
     trainer = read_trainer(src)
+    verify_checkpoint(src, checksums)
     cfg = t2i_config_from_dict(trainer["megatron"]["model"])
     contents = trainer["megatron"]["contents"]
     if weights == "auto":
@@ -371,12 +380,14 @@ def _reshard_worker(rank: int, src: str, dst: str, tp: int, pp: int, port: int) 
         dist.destroy_process_group()
 
 
-def reshard(src: Path, dst: Path, tp: int, pp: int, virtual_pp: int | None = None) -> Path:
+def reshard(src: Path, dst: Path, tp: int, pp: int, virtual_pp: int | None = None, checksums: bool = True) -> Path:
     """Rewrite a megatron checkpoint (model, EMA, optimizer state) chunked for a new (tp, pp) layout, with tp * pp gloo
-    CPU processes each loading and writing its share."""
+    CPU processes each loading and writing its share. The source is verified against its manifest first (sizes only
+    without `checksums`); the result gets its own."""
     import torch.multiprocessing as mp
 
     trainer = read_trainer(src)
+    verify_checkpoint(src, checksums)
     cfg = t2i_config_from_dict(trainer["megatron"]["model"])
     check_layout(cfg, tp, pp, virtual_pp)
     _fresh_dir(dst)
@@ -386,4 +397,5 @@ def reshard(src: Path, dst: Path, tp: int, pp: int, virtual_pp: int | None = Non
     (dst / TRAINER).write_text(json.dumps(trainer, indent=2) + "\n")
     for rank_file in sorted(src.glob("rank_*.pt")):  # RNG and loader states: used when the world layout matches
         shutil.copy2(rank_file, dst / rank_file.name)
+    write_manifest(dst)
     return dst
