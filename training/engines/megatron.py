@@ -54,7 +54,7 @@ from training.checkpoint_integrity import verify_checkpoint
 from training.config import TrainConfig
 from training.ema import ShardedEMA
 from training.engines import Resume, StepResult, StepStats, precision
-from training.engines.megatron_checkpoint import DIST, megatron_section, model_key, save_dist
+from training.engines.megatron_checkpoint import DIST, dist_path, megatron_section, model_key, save_dist
 from training.optim import NO_DECAY_NAMES
 
 PAD_ID = 0  # fixed-length padding: any in-vocabulary id (padded positions are their own document, unlabelled)
@@ -439,7 +439,7 @@ class MegatronEngine:
             state.update(self._ema_sharded(ema, model))
         if optimizer:
             state["optimizer"] = self._optimizer_sharded(model, True)
-        loaded = dist_checkpointing.load(state, str(directory))
+        loaded = dist_checkpointing.load(state, dist_path(directory))
         for i, chunk in enumerate(self.chunks):
             load_model_state(chunk, {k.removeprefix("model."): v for k, v in loaded[f"model{i}"].items()})
         if ema is not None:

@@ -38,7 +38,7 @@ from models.t2i.megatron.config import MegatronParallelConfig, validate_parallel
 from models.t2i.megatron.mapping import stage_layers, tp_split
 from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config
 from models.t2i.qwen3 import Qwen3Config
-from training.checkpoint_integrity import CheckpointError, verify_checkpoint, write_manifest
+from training.checkpoint_integrity import CheckpointError, check_dcp_metadata, verify_checkpoint, write_manifest
 
 __all__ = ["CheckpointError"]  # the tools' one-line error (defined with the checkpoint checks)
 
@@ -190,11 +190,18 @@ def layout_shards(meta: dict, tp: int, pp: int, stages, tp_ranks, make) -> dict:
     return out
 
 
+def dist_path(directory: str | Path) -> str:
+    """`directory` (a dist_checkpointing folder) as megatron takes it, once its pickled metadata has passed
+    `check_dcp_metadata`: every read of a dist folder goes through here first."""
+    check_dcp_metadata(directory)
+    return str(directory)
+
+
 def tensor_meta(directory: Path, prefixes: tuple[str, ...] = ("model.", "ema.", "optimizer.")) -> dict:
     """{key: (global shape, dtype)} of the checkpoint's tensors whose key starts with one of `prefixes`."""
     from megatron.core import dist_checkpointing
 
-    meta = dist_checkpointing.load_tensors_metadata(str(directory))
+    meta = dist_checkpointing.load_tensors_metadata(dist_path(directory))
     return {k: (tuple(v.global_shape), v.dtype) for k, v in meta.items() if k.startswith(prefixes)}
 
 
@@ -203,11 +210,11 @@ def load_full(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
     `decoder.layers.<i>.<name>`, keys without the prefix (needs a process group; reads everything into memory)."""
     from megatron.core import dist_checkpointing
 
-    meta = dist_checkpointing.load_tensors_metadata(str(directory))
+    meta = dist_checkpointing.load_tensors_metadata(dist_path(directory))
     wanted = {k: v for k, v in meta.items() if k.startswith(prefix)}
     if not wanted:
         raise CheckpointError(f"{directory} holds no `{prefix}` tensors")
-    loaded = dist_checkpointing.load(wanted, str(directory), validate_access_integrity=False)
+    loaded = dist_checkpointing.load(wanted, dist_path(directory), validate_access_integrity=False)
     out = {}
     for key in wanted:  # `loaded` also holds the checkpoint's common (non-tensor) state
         t = loaded[key]
@@ -341,6 +348,7 @@ def export_folder(
 
     trainer = read_trainer(src)
     verify_checkpoint(src, checksums)
+    check_dcp_metadata(src / DIST)  # before anything unpickles it
     cfg = t2i_config_from_dict(trainer["megatron"]["model"])
     contents = trainer["megatron"]["contents"]
     if weights == "auto":
@@ -372,10 +380,10 @@ def _reshard_worker(rank: int, src: str, dst: str, tp: int, pp: int, port: int) 
         meta = tensor_meta(Path(src))
         empty = lambda key, index, shape, dtype: torch.empty(shape, dtype=dtype)  # noqa: E731
         shards = layout_shards(meta, tp, pp, [stage], [tp_rank], empty)
-        loaded = dist_checkpointing.load({"tensors": shards}, src)["tensors"]
+        loaded = dist_checkpointing.load({"tensors": shards}, dist_path(src))["tensors"]
         for k, sh in shards.items():
             sh.data = loaded[k]
-        save_dist({**dist_checkpointing.load_common_state_dict(src), "tensors": shards}, Path(dst))
+        save_dist({**dist_checkpointing.load_common_state_dict(dist_path(src)), "tensors": shards}, Path(dst))
     finally:
         dist.destroy_process_group()
 
@@ -388,6 +396,7 @@ def reshard(src: Path, dst: Path, tp: int, pp: int, virtual_pp: int | None = Non
 
     trainer = read_trainer(src)
     verify_checkpoint(src, checksums)
+    check_dcp_metadata(src / DIST)  # before anything unpickles it
     cfg = t2i_config_from_dict(trainer["megatron"]["model"])
     check_layout(cfg, tp, pp, virtual_pp)
     _fresh_dir(dst)
