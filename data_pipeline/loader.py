@@ -45,6 +45,10 @@ Batch = PackedT2IBatch | ImageNetBatch
 SampleKey = tuple[int, str]  # (epoch, sample key)
 
 
+class ShardMismatch(ValueError):
+    """A shard holds another number of samples than the manifest lists (one-line message)."""
+
+
 @dataclass
 class LoaderConfig:
     """What to read and how to batch it; everything that changes the batch stream is part of the resume check."""
@@ -266,6 +270,7 @@ class BinaryTokenDataset(IterableDataset):
         self.fingerprint = dataset_fingerprint(manifest)
         self.bits_per_token = int(manifest["bits_per_token"])
         self.shards = [str(Path(cfg.data_dir) / s["name"]) for s in manifest["shards"]]
+        self.listed = {str(Path(cfg.data_dir) / s["name"]): int(s["samples"]) for s in manifest["shards"]}
         self._check_shards(manifest)
         self.token_ids = self._t2i_token_ids(manifest) if cfg.kind == "t2i" else None
         self.start_batch = 0
@@ -290,12 +295,24 @@ class BinaryTokenDataset(IterableDataset):
     # ---- per-slot sample stream ----
 
     def _read(self, urls: list[str], stride: bool, epoch: int, slot: int) -> Iterator[_Item]:
-        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
-        for i, s in enumerate(pipeline):
-            if stride and i % self.slots != slot:
-                continue
-            bits = bytearray(s["bits"])  # writable, so torch.from_numpy in TokenRecord.grid() does not warn
-            yield _Item(epoch, record_from_members(s["__key__"], bits, s["json"]))
+        """The samples of `urls` in order (every `slots`-th one with `stride`); each shard must hold the number of
+        samples its manifest lists (ShardMismatch otherwise, once the shard is read)."""
+        i = 0
+        for url in urls:
+            n = 0
+            for s in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+                n += 1
+                i += 1
+                if stride and (i - 1) % self.slots != slot:
+                    continue
+                bits = bytearray(s["bits"])  # writable, so torch.from_numpy in TokenRecord.grid() does not warn
+                yield _Item(epoch, record_from_members(s["__key__"], bits, s["json"]))
+            if n != self.listed[url]:
+                raise ShardMismatch(
+                    f"shard {url} holds {n} samples but {Path(self.cfg.data_dir) / 'manifest.json'} lists "
+                    f"{self.listed[url]}: the shard is damaged or was replaced; re-tokenize it (delete it and its "
+                    ".stats.json, rerun data_pipeline.tokenize)"
+                )
 
     def items(self, slot: int) -> Iterator[_Item]:
         """The endless, shuffled sample stream of one slot, epoch after epoch."""

@@ -2,9 +2,12 @@
 ImageNet-style class folders. Each source is cut into input shards; each input shard becomes one output shard.
 
 Reading never raises for bad data: a sample that cannot be read comes out with an `error` reason
-(unsafe_path, missing_image, missing_caption, unreadable_shard, truncated_shard, ...), to be counted.
-Tar members are read in memory and never extracted, and a member name that is absolute or contains `..`
-is rejected as unsafe_path.
+(unsafe_path, missing_image, missing_caption, multiple_images, duplicate_key, unreadable_shard, truncated_shard,
+...), to be counted. Tar members are read in memory and never extracted, and a member name that is absolute or
+contains `..` is rejected as unsafe_path. In a tar, a key seen before (a member whose extension the current sample
+already has starts a new sample with the same key) is a duplicate_key; a sample with two images (`.jpg` and `.png`)
+is multiple_images; a tar that ends without its end-of-archive marker (cut, possibly at a member boundary) adds one
+truncated_shard for the members it lost.
 """
 
 from __future__ import annotations
@@ -107,8 +110,13 @@ def _caption_from_json(raw: bytes) -> tuple[str | None, int | None]:
     return caption, label if isinstance(label, int) else None
 
 
-def _finish(key: str, parts: dict[str, bytes], need_caption: bool) -> RawSample:
-    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+def _finish(key: str, parts: dict[str, bytes], need_caption: bool, duplicate: bool = False) -> RawSample:
+    if duplicate:
+        return RawSample(key, error="duplicate_key", detail=f"key seen before in this shard; members: {sorted(parts)}")
+    images = [e for e in IMAGE_EXTS if e in parts]
+    if len(images) > 1:
+        return RawSample(key, error="multiple_images", detail=f"members: {sorted(parts)}; keep one image per key")
+    image = parts[images[0]] if images else None
     caption, label = (None, None)
     if "json" in parts:
         caption, label = _caption_from_json(parts["json"])
@@ -134,11 +142,24 @@ def _unsafe(name: str) -> bool:
     return ".." in p.parts or ":" in p.parts[0]
 
 
+class _EndAwareTarInfo(tarfile.TarInfo):
+    """Marks its TarFile when the archive ends with the end-of-archive (zero) block: a tar cut at a member boundary
+    otherwise reads as a shorter, complete one."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.bitdance_clean_end = True
+            raise
+
+
 def iter_wds(shard: InputShard, need_caption: bool) -> Iterator[RawSample]:
     """Samples of one webdataset tar: members grouped by key (the name up to the basename's first dot)."""
-    key, parts = None, {}
+    key, parts, seen, duplicate = None, {}, set(), False
     try:
-        with tarfile.open(shard.path, mode="r|*") as tar:
+        with tarfile.open(shard.path, mode="r|*", tarinfo=_EndAwareTarInfo) as tar:
             for info in tar:
                 if _unsafe(info.name):
                     yield RawSample(f"{shard.name}/{info.name}", error="unsafe_path", detail=info.name)
@@ -147,20 +168,27 @@ def iter_wds(shard: InputShard, need_caption: bool) -> Iterator[RawSample]:
                     continue
                 folder, _, base = info.name.rpartition("/")
                 stem, _, ext = base.partition(".")
-                k = f"{folder}/{stem}" if folder else stem
-                if k != key and key is not None:
-                    yield _finish(key, parts, need_caption)
+                k, ext = (f"{folder}/{stem}" if folder else stem), ext.lower()
+                if key is not None and (k != key or ext in parts):  # a new sample (maybe with the same key)
+                    yield _finish(key, parts, need_caption, duplicate)
                     parts = {}
+                if not parts:
+                    duplicate = k in seen
+                    seen.add(k)
                 key = k
-                parts[ext.lower()] = tar.extractfile(info).read()
+                parts[ext] = tar.extractfile(info).read()
+            clean = getattr(tar, "bitdance_clean_end", False)
     except (tarfile.TarError, OSError, EOFError) as e:
         if key is None:
             yield RawSample(shard.name, error="unreadable_shard", detail=f"{type(e).__name__}: {e}")
             return
         yield RawSample(f"{key}#rest", error="truncated_shard", detail=f"{type(e).__name__}: {e}")
-        key = None  # the partially read sample is dropped with the rest of the shard
+        return  # the partially read sample is dropped with the rest of the shard
     if key is not None:
-        yield _finish(key, parts, need_caption)
+        yield _finish(key, parts, need_caption, duplicate)
+    if not clean:
+        detail = "no end-of-archive marker: the tar was cut, members after the last one read are lost"
+        yield RawSample(f"{shard.name}#end", error="truncated_shard", detail=detail)
 
 
 def iter_parquet(shard: InputShard, cfg: SourceConfig) -> Iterator[RawSample]:

@@ -1,0 +1,126 @@
+"""Data pipeline robustness without Ray: every lost sample is counted under a named reason (duplicate keys, two images
+for one key, tars cut at a member boundary), the training loader checks shard sizes against the manifest."""
+
+import io
+import itertools
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from data_pipeline.loader import BinaryTokenLoader, LoaderConfig, ShardMismatch
+from data_pipeline.sources import SourceConfig, iter_samples, list_shards
+from data_pipeline.tokenize import TokenizeConfig, run_tokenize
+from models.t2i.text_tokenizer import build_chat_tokenizer
+from models.tokenizer.io import save_tokenizer
+from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
+
+CAPTIONS = ["a red square", "a blue square"]
+
+
+def png(h: int = 32, w: int = 32, color=(200, 30, 30), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def sample(key: str, caption: str = "a red square", image: bytes | None = None) -> list[tuple[str, bytes]]:
+    return [(f"{key}.png", image or png()), (f"{key}.txt", caption.encode())]
+
+
+def cut_after(path: Path, members: int) -> None:
+    """Cut a tar right after its first `members` members: a shorter archive without its end-of-archive marker."""
+    with tarfile.open(path) as tar:
+        info = tar.getmembers()[members - 1]
+    end = info.offset_data + -(-info.size // 512) * 512
+    path.write_bytes(path.read_bytes()[:end])
+
+
+def samples_of(path: Path) -> list:
+    cfg = SourceConfig("wds", str(path))
+    (shard,) = list_shards(cfg)
+    return list(iter_samples(shard, cfg))
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokenizers")
+    cfg = get_tokenizer_config("tiny")
+    torch.manual_seed(0)
+    save_tokenizer(BinaryAutoencoder(cfg), cfg, root / "ae", name="tiny")
+    return root / "ae", build_chat_tokenizer(CAPTIONS, root / "text", vocab_size=300)
+
+
+def tokenize(tokenizers, raw: Path, out: Path, **kw) -> dict:
+    ae, text = tokenizers
+    base = dict(
+        source="wds",
+        input=str(raw),
+        output=str(out),
+        tokenizer=str(ae),
+        text_tokenizer=str(text),
+        parallel_num=4,
+        sizes=[(32, 32)],
+    )
+    return run_tokenize(TokenizeConfig(**{**base, **kw}), local=True)
+
+
+# ---- point 6: silent sample loss --------------------------------------------------------------------------------
+
+
+def test_a_key_twice_in_a_row_or_later_is_a_counted_duplicate(tmp_path):
+    members = sample("a") + sample("a", "a blue square") + sample("b") + sample("a")
+    rows = samples_of(write_tar(tmp_path / "t.tar", members))
+    want = [("a", None), ("a", "duplicate_key"), ("b", None), ("a", "duplicate_key")]
+    assert [(r.key, r.error) for r in rows] == want
+    assert rows[0].caption == "a red square"
+
+
+def test_a_key_with_two_images_is_counted_not_silently_halved(tmp_path):
+    members = [("a.jpg", png()), ("a.png", png()), ("a.txt", b"a red square"), *sample("b")]
+    rows = samples_of(write_tar(tmp_path / "t.tar", members))
+    assert [(r.key, r.error) for r in rows] == [("a", "multiple_images"), ("b", None)]
+
+
+def test_a_tar_cut_at_a_member_boundary_counts_its_lost_rest(tmp_path):
+    path = write_tar(tmp_path / "t.tar", [m for i in range(4) for m in sample(f"s{i}")])
+    assert [r.error for r in samples_of(path)] == [None] * 4  # intact: no false alarm
+    cut_after(path, 4)  # two whole samples left, no end-of-archive marker
+    rows = samples_of(path)
+    assert [r.error for r in rows] == [None, None, "truncated_shard"]
+    assert "end-of-archive" in rows[-1].detail
+
+
+def test_tokenize_counts_every_lost_sample_under_its_reason(tokenizers, tmp_path):
+    two_images = [("y.jpg", png()), ("y.png", png()), ("y.txt", b"a red square")]
+    write_tar(tmp_path / "raw" / "a.tar", sample("x") + sample("x") + two_images + sample("z"))
+    write_tar(tmp_path / "raw" / "b.tar", [m for i in range(3) for m in sample(f"s{i}")])
+    cut_after(tmp_path / "raw" / "b.tar", 2)
+    manifest = tokenize(tokenizers, tmp_path / "raw", tmp_path / "out")
+    assert manifest["skipped"] == {"duplicate_key": 1, "multiple_images": 1, "truncated_shard": 1}
+    assert manifest["samples"] == 3 and manifest["samples"] + sum(manifest["skipped"].values()) == manifest["inputs"]
+
+
+def test_the_loader_refuses_a_shard_shorter_than_its_manifest(tokenizers, tmp_path):
+    write_tar(tmp_path / "raw" / "part.tar", [m for i in range(24) for m in sample(f"s{i:02d}", CAPTIONS[i % 2])])
+    manifest = tokenize(tokenizers, tmp_path / "raw", tmp_path / "out")
+    assert manifest["shards"] == [{"name": "part.tar", "samples": 24, "tokens": 24 * 16 * 16}]
+    shard = tmp_path / "out" / "part.tar"
+    cut_after(shard, 24)  # 12 of 24 samples (two members each), cut at a member boundary
+    loader = BinaryTokenLoader(LoaderConfig(tmp_path / "out", parallel_num=4, num_workers=0, shuffle_buffer=0), 0, 1)
+    with pytest.raises(ShardMismatch, match="holds 12 samples but .* lists 24") as err:
+        for _ in itertools.islice(loader, 200):
+            pass
+    assert "\n" not in str(err.value)
