@@ -1,7 +1,8 @@
 """Safe image decoding and the two resize policies: nearest aspect bucket (T2I) and ADM centre crop (ImageNet).
 
 Decoding never raises anything but `SkipSample`, whose reason is one of: decode_error, truncated, too_large,
-unsupported_mode. Palette, grey, CMYK and alpha images are converted to RGB (alpha over white) and kept.
+unsupported_mode. Palette, grey, CMYK and alpha images are converted to RGB (alpha over white) and kept; 16-bit grey
+maps 0..65535 to 0..255 (value / 257), so a dark 16-bit image stays dark.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-CONVERTIBLE_MODES = ("RGB", "RGBA", "LA", "L", "P", "PA", "CMYK", "YCbCr", "I;16", "I")
+CONVERTIBLE_MODES = ("RGB", "RGBA", "LA", "L", "P", "PA", "CMYK", "YCbCr", "I;16", "I;16B", "I;16L", "I;16N", "I")
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 64 Mpx; larger images are skipped as decompression bombs
 
 
@@ -57,9 +58,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
         white = Image.new("RGB", rgba.size, (255, 255, 255))
         white.paste(rgba, mask=rgba.getchannel("A"))
         return white
-    if img.mode in ("I;16", "I"):
+    if img.mode.startswith("I"):  # 16-bit grey (PNG opens as I;16 or I): by the format's range, not the image's max
         arr = np.asarray(img, dtype=np.float64)
-        arr = (arr / max(arr.max(), 1.0) * 255.0).astype(np.uint8)
+        arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
         return Image.fromarray(arr).convert("RGB")
     return img.convert("RGB")
 

@@ -1,15 +1,18 @@
 """Data pipeline robustness without Ray: every lost sample is counted under a named reason (duplicate keys, two images
-for one key, tars cut at a member boundary), the training loader checks shard sizes against the manifest."""
+for one key, tars cut at a member boundary), the training loader checks shard sizes against the manifest; 16-bit
+grey images keep their brightness."""
 
 import io
 import itertools
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from data_pipeline.image_ops import decode_image
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig, ShardMismatch
 from data_pipeline.sources import SourceConfig, iter_samples, list_shards
 from data_pipeline.tokenize import TokenizeConfig, run_tokenize
@@ -124,3 +127,15 @@ def test_the_loader_refuses_a_shard_shorter_than_its_manifest(tokenizers, tmp_pa
         for _ in itertools.islice(loader, 200):
             pass
     assert "\n" not in str(err.value)
+
+
+# ---- point 7: 16-bit grey ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [1000, 40000])
+def test_16_bit_grey_converts_by_the_format_range(value):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), value, dtype=np.uint16)).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    rgb = np.asarray(decode_image(buf.getvalue()))
+    assert rgb.shape == (8, 8, 3) and np.all(rgb == round(value / 257))  # 1000 -> 4 (dark), 40000 -> 156
