@@ -339,9 +339,20 @@ def write_manifest(out: Path, cfg: TokenizeConfig, shards: list[InputShard], ide
     return manifest
 
 
+def check_paths(cfg: TokenizeConfig) -> None:
+    """One-line SystemExit for input and output folders that cannot work, before anything is created."""
+    inp, out = Path(cfg.input).resolve(), Path(cfg.output).resolve()
+    if inp.is_dir() and (out == inp or inp in out.parents):
+        raise SystemExit(
+            f"--output {cfg.output} is inside --input {cfg.input}: the next run would read its shards back as input; "
+            "choose an output folder outside the input"
+        )
+
+
 def run_tokenize(cfg: TokenizeConfig, local: bool = False) -> dict:
     """Tokenize every unfinished input shard and (re)write the manifest; returns the manifest.
     `local=True` does the same work in this process without Ray (small data, tests, baselines)."""
+    check_paths(cfg)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     ident = dataset_identity(cfg)

@@ -1,6 +1,6 @@
 """Data pipeline robustness without Ray: every lost sample is counted under a named reason (duplicate keys, two images
 for one key, tars cut at a member boundary), the training loader checks shard sizes against the manifest; 16-bit
-grey images keep their brightness."""
+grey images keep their brightness; an output folder inside the input is refused."""
 
 import io
 import itertools
@@ -139,3 +139,16 @@ def test_16_bit_grey_converts_by_the_format_range(value):
     assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
     rgb = np.asarray(decode_image(buf.getvalue()))
     assert rgb.shape == (8, 8, 3) and np.all(rgb == round(value / 257))  # 1000 -> 4 (dark), 40000 -> 156
+
+
+# ---- point 8: output inside the input ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["tokens", "."])
+def test_an_output_folder_inside_the_input_is_refused(tokenizers, tmp_path, where):
+    write_tar(tmp_path / "raw" / "a.tar", sample("x"))
+    out = tmp_path / "raw" / where
+    with pytest.raises(SystemExit, match="is inside --input .* choose an output folder outside the input") as err:
+        tokenize(tokenizers, tmp_path / "raw", out)
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["a.tar"]  # nothing created
