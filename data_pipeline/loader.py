@@ -338,7 +338,7 @@ class BinaryTokenDataset(IterableDataset):
         for item in items:
             drop = cfg.caption_dropout > 0 and rng.random() < cfg.caption_dropout
             item.text_ids = ids.uncond_ids() if drop else item.record.text_ids
-            item.text_loss = not drop
+            item.text_loss = not drop and bool(item.record.caption)  # an empty caption is an unconditional sample
             item.length = sample_length(len(item.text_ids), item.record.h, item.record.w)
             if item.length > cfg.token_budget:
                 counters.skipped_too_long += 1

@@ -7,7 +7,8 @@ Reading never raises for bad data: a sample that cannot be read comes out with a
 contains `..` is rejected as unsafe_path. In a tar, a key seen before (a member whose extension the current sample
 already has starts a new sample with the same key) is a duplicate_key; a sample with two images (`.jpg` and `.png`)
 is multiple_images; a tar that ends without its end-of-archive marker (cut, possibly at a member boundary) adds one
-truncated_shard for the members it lost.
+truncated_shard for the members it lost. An empty caption (an empty `.txt`, `""` in the json or parquet column) is
+a valid unconditional sample: kept, with the note empty_caption; missing_caption means no caption at all.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class RawSample:
     label: int | None = None
     error: str | None = None
     detail: str = ""
+    note: str | None = None  # a usable sample counted under a reason: empty_caption (an unconditional sample)
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,16 @@ def _finish(key: str, parts: dict[str, bytes], need_caption: bool, duplicate: bo
             pass
     if image is None:
         return RawSample(key, error="missing_image", detail=f"members: {sorted(parts)}")
-    if need_caption and not caption:
-        return RawSample(key, error="missing_caption")
-    return RawSample(key, image=image, caption=caption or "", label=label)
+    if need_caption and caption is None:
+        return RawSample(key, error="missing_caption", detail=f"members: {sorted(parts)}")
+    return _captioned(key, image, caption, label, need_caption)
+
+
+def _captioned(key: str, image: bytes, caption: str | None, label: int | None, need_caption: bool) -> RawSample:
+    """A usable sample; an empty caption is kept (an unconditional sample) and noted as empty_caption."""
+    caption = (caption or "").strip()
+    note = "empty_caption" if need_caption and not caption else None
+    return RawSample(key, image=image, caption=caption, label=label, note=note)
 
 
 def _unsafe(name: str) -> bool:
@@ -209,10 +218,10 @@ def iter_parquet(shard: InputShard, cfg: SourceConfig) -> Iterator[RawSample]:
                 row += 1
                 if not image:
                     yield RawSample(key, error="missing_image")
-                elif not caption:
+                elif caption is None:
                     yield RawSample(key, error="missing_caption")
                 else:
-                    yield RawSample(key, image=image, caption=str(caption))
+                    yield _captioned(key, image, str(caption), None, True)
     except (OSError, ValueError) as e:
         yield RawSample(shard.name, error="unreadable_shard", detail=f"{type(e).__name__}: {e}")
 
@@ -236,7 +245,10 @@ def iter_files(shard: InputShard, classes: dict[str, tuple[int, str]] | None) ->
             continue
         if classes is None:
             caption = _sidecar_caption(path)
-            yield RawSample(rel, image=data, caption=caption) if caption else RawSample(rel, error="missing_caption")
+            if caption is None:
+                yield RawSample(rel, error="missing_caption", detail="no .txt or .json caption beside the image")
+            else:
+                yield _captioned(rel, data, caption, None, True)
             continue
         wnid = Path(rel).parts[0]
         if wnid not in classes:

@@ -156,7 +156,8 @@ def _prepare(raw, cfg: TokenizeConfig) -> dict:
     if cfg.mode == "t2i":
         height, width = nearest_bucket(img.height, img.width, cfg.sizes)
         pixels = resize_cover_crop(img, height, width)
-        text_ids = _text_tokenizer(cfg.text_tokenizer, cfg.parallel_num).prompt_ids(raw.caption)
+        tok = _text_tokenizer(cfg.text_tokenizer, cfg.parallel_num)
+        text_ids = tok.prompt_ids(raw.caption) if raw.caption else tok.uncond_ids()  # empty: unconditional
     else:
         pixels, text_ids = adm_center_crop(img, cfg.image_size), []
     return {"pixels": pixels, "caption": raw.caption, "label": raw.label, "text_ids": text_ids, "source_key": raw.key}
@@ -165,13 +166,15 @@ def _prepare(raw, cfg: TokenizeConfig) -> dict:
 def decode_shard(shard: InputShard, cfg: TokenizeConfig) -> list[dict]:
     """Chunks of one input shard: decoded samples (keyed by their index in the shard) plus skipped ones."""
     start = time.perf_counter()
-    samples, errors, n = [], [], 0
+    samples, errors, notes, n = [], [], Counter(), 0
     for n, raw in enumerate(iter_samples(shard, cfg.source_config(), need_caption=cfg.mode == "t2i"), start=1):
         key = f"{shard.name}-{n - 1:06d}"
         try:
             if raw.error:
                 raise SkipSample(raw.error, raw.detail)
             samples.append({"key": key, **_prepare(raw, cfg)})
+            if raw.note:
+                notes[raw.note] += 1
         except SkipSample as e:
             errors.append(
                 {"shard": shard.name, "key": key, "source_key": raw.key, "reason": e.reason, "detail": e.detail[:300]}
@@ -184,7 +187,7 @@ def decode_shard(shard: InputShard, cfg: TokenizeConfig) -> list[dict]:
         cur.append(s)
         size += s["pixels"].nbytes
     chunks.append(cur)
-    head = {"inputs": n, "errors": errors, "decode_seconds": time.perf_counter() - start}
+    head = {"inputs": n, "errors": errors, "notes": dict(notes), "decode_seconds": time.perf_counter() - start}
     return [{"samples": c, **(head if i == 0 else {})} for i, c in enumerate(chunks)]
 
 
@@ -289,6 +292,7 @@ def _finish_shard(out: Path, name: str, chunks: dict[int, dict]) -> None:
     stats = ShardStats(name=f"{name}.tar", inputs=head["inputs"], ok=len(records))
     for e in head["errors"]:
         stats.skip(e["reason"])
+    stats.notes = dict(sorted(head["notes"].items()))
     stats.seconds = round(head["decode_seconds"] + sum(p["encode_seconds"] for p in parts), 3)
     stats.tokens = sum(r.h * r.w for r in records)
     stats.sizes = dict(Counter(f"{r.image_hw[0]}x{r.image_hw[1]}" for r in records))
@@ -303,9 +307,11 @@ def _finish_shard(out: Path, name: str, chunks: dict[int, dict]) -> None:
 def write_manifest(out: Path, cfg: TokenizeConfig, shards: list[InputShard], ident: dict) -> dict:
     stats = [json.loads((out / f"{s.name}.stats.json").read_text()) for s in shards]
     skipped: Counter = Counter()
+    notes: Counter = Counter()
     sizes: Counter = Counter()
     for st in stats:
         skipped.update(st["skipped"])
+        notes.update(st.get("notes", {}))
         sizes.update(st["sizes"])
     dd = ident["image_tokenizer"]  # the tokenizer's ddconfig, read once by dataset_identity
     manifest = {
@@ -319,6 +325,7 @@ def write_manifest(out: Path, cfg: TokenizeConfig, shards: list[InputShard], ide
         "samples": sum(st["ok"] for st in stats),
         "inputs": sum(st["inputs"] for st in stats),
         "skipped": dict(sorted(skipped.items())),
+        "notes": dict(sorted(notes.items())),  # kept samples counted under a reason (empty_caption)
         "size_histogram": dict(sorted(sizes.items())),
     }
     if cfg.mode == "t2i":

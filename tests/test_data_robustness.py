@@ -1,6 +1,7 @@
 """Data pipeline robustness without Ray: every lost sample is counted under a named reason (duplicate keys, two images
 for one key, tars cut at a member boundary), the training loader checks shard sizes against the manifest; 16-bit
-grey images keep their brightness; an output folder inside the input is refused."""
+grey images keep their brightness; an output folder inside the input is refused; an empty caption is a kept,
+counted unconditional sample."""
 
 import io
 import itertools
@@ -14,6 +15,7 @@ from PIL import Image
 
 from data_pipeline.image_ops import decode_image
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig, ShardMismatch
+from data_pipeline.shard_format import read_shard
 from data_pipeline.sources import SourceConfig, iter_samples, list_shards
 from data_pipeline.tokenize import TokenizeConfig, run_tokenize
 from models.t2i.text_tokenizer import build_chat_tokenizer
@@ -152,3 +154,22 @@ def test_an_output_folder_inside_the_input_is_refused(tokenizers, tmp_path, wher
         tokenize(tokenizers, tmp_path / "raw", out)
     assert "\n" not in str(err.value)
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["a.tar"]  # nothing created
+
+
+# ---- point 9: empty captions ------------------------------------------------------------------------------------
+
+
+def test_an_empty_caption_is_a_kept_unconditional_sample_counted_apart(tokenizers, tmp_path):
+    members = sample("a", "") + sample("b", "   ") + [("c.png", png()), ("c.json", b'{"caption": ""}')]
+    members += [("d.png", png())] + sample("e")  # d: no caption at all
+    write_tar(tmp_path / "raw" / "part.tar", members)
+    manifest = tokenize(tokenizers, tmp_path / "raw", tmp_path / "out")
+    assert manifest["samples"] == 4 and manifest["notes"] == {"empty_caption": 3}
+    assert manifest["skipped"] == {"missing_caption": 1}
+    from models.t2i.text_tokenizer import T2ITextTokenizer
+
+    uncond = T2ITextTokenizer.from_folder(tokenizers[1], 4).uncond_ids()
+    records = read_shard(tmp_path / "out" / "part.tar")
+    assert [r.source_key for r in records] == ["a", "b", "c", "e"]
+    assert [r.text_ids == uncond for r in records] == [True, True, True, False]
+    assert [r.caption for r in records][:3] == ["", "", ""]
