@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.image_ops import (
+    DEFAULT_MAX_ASPECT,
     DEFAULT_MAX_PIXELS,
     SkipSample,
     adm_center_crop,
@@ -47,7 +48,14 @@ from data_pipeline.shard_format import (
     write_json_atomic,
     write_shard_atomic,
 )
-from data_pipeline.sources import SOURCE_KINDS, InputShard, SourceConfig, iter_samples, list_shards
+from data_pipeline.sources import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    SOURCE_KINDS,
+    InputShard,
+    SourceConfig,
+    iter_samples,
+    list_shards,
+)
 from models.t2i.model import OFFICIAL_IMAGE_SIZES
 from models.tokenizer.io import load_tokenizer
 from models.tokenizer.model import images_to_tensor
@@ -73,6 +81,9 @@ class TokenizeConfig:
     address: str | None = None
     num_cpus: int | None = None  # local Ray only
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # limits for pathological samples (skipped and counted; not part of the dataset identity)
+    max_aspect: float = DEFAULT_MAX_ASPECT
+    max_member_mb: int = DEFAULT_MAX_MEMBER_BYTES >> 20
     samples_per_shard: int = 1000
     image_column: str = "image"
     caption_column: str = "caption"
@@ -90,7 +101,13 @@ class TokenizeConfig:
 
     def source_config(self) -> SourceConfig:
         return SourceConfig(
-            self.source, self.input, self.samples_per_shard, self.image_column, self.caption_column, self.class_index
+            self.source,
+            self.input,
+            self.samples_per_shard,
+            self.image_column,
+            self.caption_column,
+            self.class_index,
+            self.max_member_mb << 20,
         )
 
 
@@ -152,7 +169,7 @@ def check_or_claim_output(out: Path, ident: dict) -> None:
 
 # ---------------------------------------------------------------- stage 1: read + decode (Ray tasks)
 def _prepare(raw, cfg: TokenizeConfig) -> dict:
-    img = decode_image(raw.image, cfg.max_pixels)
+    img = decode_image(raw.image, cfg.max_pixels, cfg.max_aspect)
     if cfg.mode == "t2i":
         height, width = nearest_bucket(img.height, img.width, cfg.sizes)
         pixels = resize_cover_crop(img, height, width)
@@ -161,6 +178,10 @@ def _prepare(raw, cfg: TokenizeConfig) -> dict:
     else:
         pixels, text_ids = adm_center_crop(img, cfg.image_size), []
     return {"pixels": pixels, "caption": raw.caption, "label": raw.label, "text_ids": text_ids, "source_key": raw.key}
+
+
+def _error(shard: InputShard, key: str, raw, reason: str, detail: str) -> dict:
+    return {"shard": shard.name, "key": key, "source_key": raw.key, "reason": reason, "detail": detail[:300]}
 
 
 def decode_shard(shard: InputShard, cfg: TokenizeConfig) -> list[dict]:
@@ -176,9 +197,11 @@ def decode_shard(shard: InputShard, cfg: TokenizeConfig) -> list[dict]:
             if raw.note:
                 notes[raw.note] += 1
         except SkipSample as e:
-            errors.append(
-                {"shard": shard.name, "key": key, "source_key": raw.key, "reason": e.reason, "detail": e.detail[:300]}
-            )
+            errors.append(_error(shard, key, raw, e.reason, e.detail))
+        except MemoryError:  # one sample never fails its shard
+            errors.append(_error(shard, key, raw, "out_of_memory", "MemoryError while decoding or resizing"))
+        except Exception as e:  # noqa: BLE001 - counted with its error, never fails the shard
+            errors.append(_error(shard, key, raw, "processing_error", f"{type(e).__name__}: {e}"))
     chunks, cur, size = [], [], 0
     for s in samples:
         if cur and (len(cur) >= cfg.chunk_samples or size + s["pixels"].nbytes > CHUNK_BYTES):
@@ -450,6 +473,8 @@ def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
     p.add_argument("--caption-column", default="caption")
     p.add_argument("--class-index", help="ImageNet class index (json or one wnid per line)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--max-aspect", type=float, default=DEFAULT_MAX_ASPECT, help="long side / short side at most")
+    p.add_argument("--max-member-mb", type=int, default=DEFAULT_MAX_MEMBER_BYTES >> 20, help="largest image file read")
     p.add_argument("--fault-kill-after", type=int, help=argparse.SUPPRESS)
     a = vars(p.parse_args(argv))
     if a["sizes"] is None:

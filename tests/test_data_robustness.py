@@ -1,10 +1,14 @@
 """Data pipeline robustness without Ray: every lost sample is counted under a named reason (duplicate keys, two images
 for one key, tars cut at a member boundary), the training loader checks shard sizes against the manifest; 16-bit
 grey images keep their brightness; an output folder inside the input is refused; an empty caption is a kept,
-counted unconditional sample."""
+counted unconditional sample; the work per sample is bounded (aspect ratio, pixels, member size) and one bad sample
+never fails its shard."""
 
 import io
 import itertools
+import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -13,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline.image_ops import decode_image
+from data_pipeline.image_ops import SkipSample, decode_image
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig, ShardMismatch
 from data_pipeline.shard_format import read_shard
 from data_pipeline.sources import SourceConfig, iter_samples, list_shards
@@ -23,6 +27,7 @@ from models.tokenizer.io import save_tokenizer
 from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 
 CAPTIONS = ["a red square", "a blue square"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def png(h: int = 32, w: int = 32, color=(200, 30, 30), mode: str = "RGB") -> bytes:
@@ -173,3 +178,113 @@ def test_an_empty_caption_is_a_kept_unconditional_sample_counted_apart(tokenizer
     assert [r.source_key for r in records] == ["a", "b", "c", "e"]
     assert [r.text_ids == uncond for r in records] == [True, True, True, False]
     assert [r.caption for r in records][:3] == ["", "", ""]
+
+
+# ---- point 10: bounded work per sample --------------------------------------------------------------------------
+
+
+def test_an_extreme_aspect_ratio_is_refused_from_the_header():
+    for w, h in ((8000, 1), (1, 40000)):
+        with pytest.raises(SkipSample) as err:
+            decode_image(png(h, w))
+        assert err.value.reason == "extreme_aspect"
+    assert decode_image(png(10, 80)).size == (80, 10)  # 8:1 is still fine
+
+
+def test_an_oversized_member_is_never_read_and_counted(tmp_path):
+    members = [("big.png", png(64, 64)), ("big.txt", b"a red square"), *sample("ok")]
+    path = write_tar(tmp_path / "t.tar", members)
+    cfg = SourceConfig("wds", str(path), max_member_bytes=len(png()) + 1)
+    rows = list(iter_samples(list_shards(cfg)[0], cfg))
+    assert [(r.key, r.error) for r in rows] == [("big", "member_too_large"), ("ok", None)]
+
+
+def test_one_failing_sample_never_fails_its_shard(tokenizers, tmp_path, monkeypatch):
+    import data_pipeline.tokenize as tok
+
+    prepare = tok._prepare
+
+    def flaky(raw, cfg):
+        if raw.key == "b":
+            raise MemoryError
+        if raw.key == "c":
+            raise ValueError("math domain error")
+        return prepare(raw, cfg)
+
+    monkeypatch.setattr(tok, "_prepare", flaky)
+    write_tar(tmp_path / "raw" / "part.tar", [m for k in "abcd" for m in sample(k)])
+    manifest = tokenize(tokenizers, tmp_path / "raw", tmp_path / "out")
+    assert manifest["samples"] == 2 and manifest["skipped"] == {"out_of_memory": 1, "processing_error": 1}
+
+
+class Zeros(io.RawIOBase):
+    """`size` zero bytes, read in pieces (no buffer of that size)."""
+
+    def __init__(self, size: int):
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self.left)
+        b[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+MEASURE = """
+import json, sys
+from data_pipeline.sources import list_shards
+from data_pipeline.tokenize import TokenizeConfig, _text_tokenizer, decode_shard
+
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+
+raw, text = sys.argv[1], sys.argv[2]
+cfg = TokenizeConfig(source="wds", input=raw, output=raw + "_out", tokenizer="unused", text_tokenizer=text,
+                     parallel_num=4)
+_text_tokenizer(text, 4).prompt_ids("warm up")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+before = kib("VmRSS")
+reasons, ok = [], 0
+for shard in list_shards(cfg.source_config()):
+    chunks = decode_shard(shard, cfg)
+    reasons += [e["reason"] for e in chunks[0]["errors"]]
+    ok += sum(len(c["samples"]) for c in chunks)
+print(json.dumps({"growth_mb": (kib("VmHWM") - before) / 1024, "reasons": sorted(reasons), "ok": ok}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
+def test_planted_files_stay_under_a_memory_bound(tokenizers, tmp_path):
+    """An 8000x1 and a 1x40000 PNG (a 524-megapixel intermediate, a MemoryError) and a 1 MB gzip ".tar" holding a
+    1 GiB member: the decoding process's peak RSS (VmHWM, reset before the work) grows by less than 200 MB over its
+    RSS before (the old code: gigabytes, or a MemoryError that failed the shard); the good samples survive, each
+    planted one is counted."""
+    raw = tmp_path / "raw"
+    write_tar(raw / "wide.tar", sample("wide", image=png(1, 8000)) + sample("tall", image=png(40000, 1)) + sample("ok"))
+    with tarfile.open(raw / "bomb.tar", "w:gz", compresslevel=6) as tar:  # gzip, though named .tar
+        info = tarfile.TarInfo("big.png")
+        info.size = 2**30
+        tar.addfile(info, io.BufferedReader(Zeros(info.size), 1 << 20))
+        for name, payload in sample("after"):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert (raw / "bomb.tar").stat().st_size < 2 * 2**20
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(raw), str(tokenizers[1])],
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["reasons"] == ["extreme_aspect", "extreme_aspect", "member_too_large"], result
+    assert result["ok"] == 2, result
+    assert 0 <= result["growth_mb"] < 200, result
