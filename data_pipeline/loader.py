@@ -45,8 +45,15 @@ Batch = PackedT2IBatch | ImageNetBatch
 SampleKey = tuple[int, str]  # (epoch, sample key)
 
 
-class ShardMismatch(ValueError):
-    """A shard holds another number of samples than the manifest lists (one-line message)."""
+class LoaderError(ValueError):
+    """The dataset cannot feed this loader as configured (one-line message naming the fix)."""
+
+
+class ShardMismatch(LoaderError):
+    """A shard holds another number of samples than the manifest lists."""
+
+
+MAX_SKIPPED_IN_A_ROW = 10_000  # consecutive samples over the token budget before giving up (nothing fits)
 
 
 @dataclass
@@ -273,6 +280,8 @@ class BinaryTokenDataset(IterableDataset):
         self.listed = {str(Path(cfg.data_dir) / s["name"]): int(s["samples"]) for s in manifest["shards"]}
         self._check_shards(manifest)
         self.token_ids = self._t2i_token_ids(manifest) if cfg.kind == "t2i" else None
+        if cfg.kind == "t2i":
+            self._check_token_budget(manifest)
         self.start_batch = 0
 
     def _check_shards(self, manifest: dict) -> None:
@@ -282,6 +291,21 @@ class BinaryTokenDataset(IterableDataset):
         total = sum(int(s["samples"]) for s in manifest["shards"])
         if total < self.slots:
             raise ValueError(f"{total} samples cannot feed {self.slots} slots (world_size x num_workers)")
+
+    def _check_token_budget(self, manifest: dict) -> None:
+        """Refuse a token budget below the shortest sample the dataset can hold: its smallest image (from the
+        manifest's size histogram) with the unconditional prompt. (A budget above that but below every real sample
+        is caught while reading: MAX_SKIPPED_IN_A_ROW.)"""
+        sizes = [tuple(int(x) for x in k.split("x")) for k in manifest.get("size_histogram", {})]
+        if not sizes or "downsample" not in manifest:
+            return
+        down = int(manifest["downsample"])
+        shortest = min(sample_length(len(self.token_ids.uncond_ids()), h // down, w // down) for h, w in sizes)
+        if self.cfg.token_budget < shortest:
+            raise LoaderError(
+                f"data.token_budget={self.cfg.token_budget} is smaller than every sample of {self.cfg.data_dir} (the "
+                f"shortest possible takes {shortest} tokens); raise data.token_budget to at least {shortest}"
+            )
 
     def _t2i_token_ids(self, manifest: dict) -> ManifestTokenIds:
         ids = ManifestTokenIds.from_manifest(manifest)
@@ -334,7 +358,7 @@ class BinaryTokenDataset(IterableDataset):
         """Caption dropout, sample lengths, and the too-long filter."""
         cfg, ids = self.cfg, self.token_ids
         rng = random.Random(_seed_of("caption_dropout", cfg.seed, slot))
-        warned = False
+        warned, in_a_row, shortest = False, 0, None
         for item in items:
             drop = cfg.caption_dropout > 0 and rng.random() < cfg.caption_dropout
             item.text_ids = ids.uncond_ids() if drop else item.record.text_ids
@@ -342,6 +366,13 @@ class BinaryTokenDataset(IterableDataset):
             item.length = sample_length(len(item.text_ids), item.record.h, item.record.w)
             if item.length > cfg.token_budget:
                 counters.skipped_too_long += 1
+                in_a_row += 1
+                shortest = min(shortest or item.length, item.length)
+                if in_a_row >= MAX_SKIPPED_IN_A_ROW:  # nothing fits: stop instead of reading the data forever
+                    raise LoaderError(
+                        f"{in_a_row} samples in a row exceed data.token_budget={cfg.token_budget} (the shortest took "
+                        f"{shortest} tokens); raise data.token_budget"
+                    )
                 if not warned:
                     log.warning(
                         "skipping sample %s: %d tokens > token_budget %d (counted in stats; warned once)",
@@ -351,6 +382,7 @@ class BinaryTokenDataset(IterableDataset):
                     )
                     warned = True
                 continue
+            in_a_row, shortest = 0, None
             yield item
 
     def _t2i_plans(self, slot: int, counters: _Counters) -> Iterator[list[list[_Item]]]:

@@ -98,6 +98,9 @@ class TokenizeConfig:
         self.sizes = [tuple(s) for s in self.sizes]
         if self.batch_size < 1 or self.chunk_samples < 1:
             raise ValueError("--batch-size and --chunk-samples must be >= 1")
+        for flag, value in (("--num-cpus", self.num_cpus), ("--num-actors", self.num_actors)):
+            if value is not None and value < 1:  # a local Ray with 0 CPUs schedules nothing: the job would hang
+                raise ValueError(f"{flag} must be >= 1, got {value}")
 
     def source_config(self) -> SourceConfig:
         return SourceConfig(
@@ -482,7 +485,7 @@ def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
     try:
         return TokenizeConfig(**a)
     except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+        p.exit(2, f"error: {str(e).splitlines()[0]}\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,7 @@
 for one key, tars cut at a member boundary), the training loader checks shard sizes against the manifest; 16-bit
 grey images keep their brightness; an output folder inside the input is refused; an empty caption is a kept,
 counted unconditional sample; the work per sample is bounded (aspect ratio, pixels, member size) and one bad sample
-never fails its shard."""
+never fails its shard; a token budget nothing fits and `--num-cpus 0` are one-line errors, not hangs."""
 
 import io
 import itertools
@@ -288,3 +288,79 @@ def test_planted_files_stay_under_a_memory_bound(tokenizers, tmp_path):
     assert result["reasons"] == ["extreme_aspect", "extreme_aspect", "member_too_large"], result
     assert result["ok"] == 2, result
     assert 0 <= result["growth_mb"] < 200, result
+
+
+# ---- point 11: hangs --------------------------------------------------------------------------------------------
+
+
+def run_py(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter; a hang fails the test at `timeout` instead of hanging the suite."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+ITERATE = """
+import itertools, sys
+from data_pipeline.loader import BinaryTokenLoader, LoaderConfig, LoaderError
+cfg = LoaderConfig(sys.argv[1], parallel_num=4, num_workers=0, token_budget=int(sys.argv[2]), caption_dropout=0.0)
+try:
+    for _ in itertools.islice(BinaryTokenLoader(cfg, 0, 1), 3):
+        pass
+except LoaderError as e:
+    print(e, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.fixture(scope="module")
+def shards(tokenizers, tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget")
+    write_tar(root / "raw" / "part.tar", [m for i in range(24) for m in sample(f"s{i:02d}", CAPTIONS[i % 2])])
+    tokenize(tokenizers, root / "raw", root / "out")
+    return root / "out"
+
+
+def test_a_token_budget_below_every_sample_is_refused_up_front(shards):
+    proc = run_py(ITERATE, str(shards), "50")  # a 32x32 image alone is 16 x 16 = 256 tokens
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert "data.token_budget=50 is smaller than every sample" in err and "\n" not in err, err
+
+
+def test_a_token_budget_that_no_real_sample_fits_stops_instead_of_spinning(shards):
+    from models.t2i.text_tokenizer import T2ITextTokenizer
+
+    shortest = (
+        2 + 16 * 16 + len(T2ITextTokenizer.from_folder(shards.parent.parent / "tokenizers0" / "text", 4).uncond_ids())
+    )
+    proc = run_py(ITERATE, str(shards), str(shortest))  # fits an unconditional sample; every captioned one is longer
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()[-1]  # after the loader's one warning about skipping
+    assert err.startswith(f"10000 samples in a row exceed data.token_budget={shortest}"), proc.stderr
+
+
+def test_num_cpus_zero_is_refused_in_one_line(tokenizers, tmp_path):
+    write_tar(tmp_path / "raw" / "a.tar", sample("x"))
+    ae, text = tokenizers
+    args = ["--source", "wds", "--input", str(tmp_path / "raw"), "--output", str(tmp_path / "out")]
+    args += ["--tokenizer", str(ae), "--text-tokenizer", str(text), "--parallel-num", "4", "--num-cpus", "0"]
+    proc = run_py("from data_pipeline.tokenize import main; main()", *args, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --num-cpus must be >= 1, got 0", proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_training_reports_a_token_budget_nothing_fits_in_one_line(shards, tmp_path):
+    config = REPO / "training" / "configs" / "tiny_t2i.yaml"
+    args = ["-m", "training.train", "--config", str(config), f"run_dir={tmp_path / 'run'}", f"data.data_dir={shards}"]
+    args += ["data.token_budget=50", "logging.wandb=disabled"]
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: data.token_budget=50 is smaller than every sample"), proc.stderr[-3000:]

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data_pipeline.loader import LoaderError
 from training.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from training.checkpoint_integrity import CheckpointError, verify_checkpoint
 from training.config import TrainConfig, grad_accumulation, load_config, to_dict
@@ -273,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg)
     except (RunDirError, CheckpointError) as e:
         p.exit(2, f"error: {str(e).splitlines()[0]}\n")
+    except LoaderError as e:  # from a DataLoader worker the message is the last line of the wrapped traceback
+        p.exit(2, f"error: {str(e).strip().splitlines()[-1].removeprefix(type(e).__name__ + ': ')}\n")
     except StopTraining as e:
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(3)
