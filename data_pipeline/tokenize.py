@@ -10,7 +10,8 @@ one output shard per input shard, atomically, with its stats and errors, then `m
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m data_pipeline.tokenize \
         --source wds --input /data/tars --output /data/tokens --mode t2i --tokenizer ae_d16c32.safetensors \
         --text-tokenizer /models/Qwen3-14B --parallel-num 16
-Without --address (and no RAY_ADDRESS, as `ray job submit` sets), a local Ray bound to 127.0.0.1 is started.
+Without --address (and no RAY_ADDRESS, as `ray job submit` sets), a local Ray listening on 127.0.0.1 only is started
+(data_pipeline/ray_local.py).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from data_pipeline.image_ops import (
     nearest_bucket,
     resize_cover_crop,
 )
+from data_pipeline.ray_local import connect_ray
 from data_pipeline.shard_format import (
     ERRORS,
     FORMAT,
@@ -288,25 +290,6 @@ class ChunkEncoder:
 
 
 # ---------------------------------------------------------------- driver
-def connect_ray(cfg: TokenizeConfig):
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(
-            num_cpus=cfg.num_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            dashboard_host="127.0.0.1",
-            log_to_driver=False,
-        )
-    return ray
-
-
 def _shard_done(out: Path, name: str) -> bool:
     return (out / f"{name}.tar").is_file() and (out / f"{name}.stats.json").is_file()
 
@@ -416,7 +399,7 @@ def _run_local(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
 
 
 def _run_ray(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
-    ray = connect_ray(cfg)
+    ray = connect_ray(cfg.address, cfg.num_cpus)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     gpus = int(ray.cluster_resources().get("GPU", 0))

@@ -1,12 +1,14 @@
-"""Data pipeline robustness without Ray: every lost sample is counted under a named reason (duplicate keys, two images
-for one key, tars cut at a member boundary), the training loader checks shard sizes against the manifest; 16-bit
-grey images keep their brightness; an output folder inside the input is refused; an empty caption is a kept,
-counted unconditional sample; the work per sample is bounded (aspect ratio, pixels, member size) and one bad sample
-never fails its shard; a token budget nothing fits and `--num-cpus 0` are one-line errors, not hangs."""
+"""Data pipeline robustness: every lost sample is counted under a named reason (duplicate keys, two images for one
+key, tars cut at a member boundary); the training loader checks shard sizes against the manifest; 16-bit grey images
+keep their brightness; an output folder inside the input is refused; an empty caption is a kept, counted
+unconditional sample; the work per sample is bounded (aspect ratio, pixels, member size) and one bad sample never
+fails its shard; a token budget nothing fits and `--num-cpus 0` are one-line errors, not hangs; the tokenize job's
+own Ray listens on loopback only."""
 
 import io
 import itertools
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -364,3 +366,43 @@ def test_training_reports_a_token_budget_nothing_fits_in_one_line(shards, tmp_pa
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith("error: data.token_budget=50 is smaller than every sample"), proc.stderr[-3000:]
+
+
+# ---- point 12: the local Ray listens on loopback only -----------------------------------------------------------
+
+LISTENING = """
+import json, psutil
+from data_pipeline.ray_local import connect_ray
+ray = connect_ray(None, 1)
+try:
+    ray.get(ray.remote(lambda: 1).remote())  # a worker is up too
+    sockets = []
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:  # the driver and what Ray started
+        for c in proc.net_connections(kind="inet"):
+            if c.status == psutil.CONN_LISTEN:
+                sockets.append([proc.name(), c.laddr.ip, c.laddr.port])
+    print(json.dumps({"node": ray.util.get_node_ip_address(), "sockets": sockets}))
+finally:
+    ray.shutdown()
+"""
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+@pytest.mark.slow
+def test_the_local_ray_of_the_tokenize_job_listens_on_loopback_only():
+    pytest.importorskip("ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", LISTENING],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["node"] == "127.0.0.1"
+    names = {name for name, _, _ in result["sockets"]}
+    assert {"gcs_server", "raylet"} <= names, result  # the servers were seen
+    assert all(ip in LOOPBACK for _, ip, _ in result["sockets"]), result["sockets"]
