@@ -20,6 +20,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
 import pickle
 import time
@@ -103,6 +104,22 @@ class TokenizeConfig:
         for flag, value in (("--num-cpus", self.num_cpus), ("--num-actors", self.num_actors)):
             if value is not None and value < 1:  # a local Ray with 0 CPUs schedules nothing: the job would hang
                 raise ValueError(f"{flag} must be >= 1, got {value}")
+        root = math.isqrt(self.parallel_num) if self.parallel_num > 0 else 0
+        if self.mode == "t2i" and root * root != self.parallel_num:
+            raise ValueError(f"--parallel-num must be a square number (1, 4, 16, 64, ...), got {self.parallel_num}")
+        if self.mode == "t2i" and (not self.sizes or any(h < 1 or w < 1 for h, w in self.sizes)):
+            bad = next((f"{h}x{w}" for h, w in self.sizes if h < 1 or w < 1), "none")
+            raise ValueError(f"--size needs positive sides (e.g. 512x512), got {bad}")
+        for flag, value in (
+            ("--image-size", self.image_size),
+            ("--samples-per-shard", self.samples_per_shard),
+            ("--max-pixels", self.max_pixels),
+            ("--max-member-mb", self.max_member_mb),
+        ):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if not self.max_aspect >= 1.0:
+            raise ValueError(f"--max-aspect must be >= 1, got {self.max_aspect}")
 
     def source_config(self) -> SourceConfig:
         return SourceConfig(
@@ -162,13 +179,15 @@ def check_or_claim_output(out: Path, ident: dict) -> None:
     digest = identity_hash(ident)
     if path.is_file():
         old = json.loads(path.read_text())
-        if old["hash"] != digest:
+        if old["hash"] != digest and any(out.glob("*.stats.json")):
             changed = sorted(k for k in set(old["identity"]) | set(ident) if old["identity"].get(k) != ident.get(k))
             raise SystemExit(
                 f"{out} holds shards tokenized with another config (differs in: {', '.join(changed)}); "
                 "use a new --output or delete the old shards"
             )
-        return
+        if old["hash"] == digest:
+            return
+        print(f"{out} was claimed by another config but holds no finished shard: claiming it for this one")
     write_json_atomic(path, {"hash": digest, "identity": ident})
 
 
@@ -355,25 +374,37 @@ def write_manifest(out: Path, cfg: TokenizeConfig, shards: list[InputShard], ide
     return manifest
 
 
-def check_paths(cfg: TokenizeConfig) -> None:
-    """One-line SystemExit for input and output folders that cannot work, before anything is created."""
+def check_paths(cfg: TokenizeConfig) -> list[InputShard]:
+    """The input shards, or a one-line SystemExit for inputs, outputs and tokenizers that cannot work, before
+    anything is created."""
     inp, out = Path(cfg.input).resolve(), Path(cfg.output).resolve()
+    if not inp.exists():
+        raise SystemExit(f"--input {cfg.input} does not exist")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--output {cfg.output} is a file; give a folder (new or holding earlier shards)")
     if inp.is_dir() and (out == inp or inp in out.parents):
         raise SystemExit(
             f"--output {cfg.output} is inside --input {cfg.input}: the next run would read its shards back as input; "
             "choose an output folder outside the input"
         )
+    for flag, path in (("--tokenizer", cfg.tokenizer), ("--text-tokenizer", cfg.text_tokenizer)):
+        if path is not None and not Path(path).exists():
+            raise SystemExit(f"{flag} {path} does not exist")
+    try:
+        return list_shards(cfg.source_config())
+    except (ValueError, FileNotFoundError) as e:
+        kind = {"wds": ".tar files", "parquet": ".parquet files"}.get(cfg.source, "images")
+        raise SystemExit(f"{str(e).splitlines()[0]} (looked for {kind}; check --input and --source)") from None
 
 
 def run_tokenize(cfg: TokenizeConfig, local: bool = False) -> dict:
     """Tokenize every unfinished input shard and (re)write the manifest; returns the manifest.
     `local=True` does the same work in this process without Ray (small data, tests, baselines)."""
-    check_paths(cfg)
+    shards = check_paths(cfg)
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     ident = dataset_identity(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     check_or_claim_output(out, ident)
-    shards = list_shards(cfg.source_config())
     dupes = [n for n, c in Counter(s.name for s in shards).items() if c > 1]
     if dupes:
         raise SystemExit(f"input shards map to the same output names: {dupes[:5]}")
