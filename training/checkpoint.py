@@ -5,6 +5,7 @@ checkpoint tools (`python -m training.checkpoint reshard|export|import ...`).
         model.safetensors   full model weights (rank 0)      ema.safetensors  EMA weights (rank 0; ZeRO<=2)
         rank_00000.pt       this rank's optimizer partition, RNG states, loader state, EMA shard (ZeRO-3)
         trainer.json        step, tokens/samples seen, skipped steps, world size, config
+        manifest.json       size and sha256 of every file above (training.checkpoint_integrity), written last
     <run_dir>/checkpoints/latest   name of the newest complete checkpoint
 
 Each engine writes its own state (`training.engines.Engine.save_state`; the files above are the DeepSpeed engine's);
@@ -12,11 +13,14 @@ the megatron engine writes `dist/` (model, EMA and optimizer state through megat
 any TP/PP layout) instead, see training/engines/megatron_checkpoint.py. This module adds RNG and loader state to each
 `rank_*.pt`, and `trainer.json`. Everything is written into `.step_XXXXXXXX.tmp/`, renamed when all ranks are done,
 and only then is `latest` replaced, so a crash at any point leaves the previous checkpoint as `latest`.
-Loading uses safetensors and `torch.load(weights_only=True)` only.
+Keep-last-N deletes by step number and never the checkpoint `latest` names. Resuming (`resolve_resume`) takes
+`latest`, else the newest complete checkpoint (said in the log); a run that would start behind checkpoints already in
+its run folder is refused unless `checkpoint.overwrite=true`. Loading verifies the manifest first and uses
+safetensors and `torch.load(weights_only=True)` only (megatron's pickled DCP metadata passes a restricted unpickler).
 
-    python -m training.checkpoint reshard --src <ckpt> --dst <ckpt> --tp N --pp M [--virtual-pp V]
+    python -m training.checkpoint reshard --src <ckpt> --dst <ckpt> --tp N --pp M [--virtual-pp V] [--no-checksums]
     python -m training.checkpoint export --src <ckpt> --dst <official folder> --text-tokenizer <folder>
-        --image-tokenizer <ae.safetensors> [--weights auto|model|ema]
+        --image-tokenizer <ae.safetensors> [--weights auto|model|ema] [--no-checksums]
     python -m training.checkpoint import --src <official folder | HF Qwen3 folder> --dst <ckpt> --tp N --pp M
         [--model 14B-16x] [--vocab-size V] [--seed S]
 A `--src` may also be a run directory (its `checkpoints/latest` is used). All three run on CPU-only machines.

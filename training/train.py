@@ -145,13 +145,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     log = RunLogger(cfg, rank, state.step)
     preempt = Preemption()
 
-    cc = cfg.checkpoint
-
     def checkpoint() -> None:
         trainer = {**vars(state), "config": to_dict(cfg)}
-        save_checkpoint(
-            cfg.run_dir, state.step, engine, ema, loader.state_dict(), trainer, cfg.checkpoint.keep_last, cc.checksums
-        )
+        keep, checksums = cfg.checkpoint.keep_last, cfg.checkpoint.checksums
+        save_checkpoint(cfg.run_dir, state.step, engine, ema, loader.state_dict(), trainer, keep, checksums)
 
     def evaluate(step: int, grid: bool) -> dict[str, float]:
         """EMA-weight metrics and sample grid on rank 0, where the loop logs ({} elsewhere): the EMA swapped into the
