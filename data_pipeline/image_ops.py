@@ -1,7 +1,11 @@
 """Safe image decoding and the two resize policies: nearest aspect bucket (T2I) and ADM centre crop (ImageNet).
 
 Decoding never raises anything but `SkipSample`, whose reason is one of: decode_error, truncated, too_large,
-unsupported_mode. Palette, grey, CMYK and alpha images are converted to RGB (alpha over white) and kept.
+extreme_aspect, unsupported_mode. Size and aspect ratio are checked from the header, before the pixels are decoded:
+at most `max_pixels`, and at most `max_aspect` between the long and the short side (an 8000x1 image would otherwise
+be scaled to cover a bucket through a 524-megapixel intermediate). Palette, grey, CMYK and alpha images are
+converted to RGB (alpha over white) and kept; 16-bit grey maps 0..65535 to 0..255 (value / 257), so a dark 16-bit
+image stays dark.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import warnings
 import numpy as np
 from PIL import Image
 
-CONVERTIBLE_MODES = ("RGB", "RGBA", "LA", "L", "P", "PA", "CMYK", "YCbCr", "I;16", "I")
+CONVERTIBLE_MODES = ("RGB", "RGBA", "LA", "L", "P", "PA", "CMYK", "YCbCr", "I;16", "I;16B", "I;16L", "I;16N", "I")
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 64 Mpx; larger images are skipped as decompression bombs
+DEFAULT_MAX_ASPECT = 8.0  # long side / short side; the official buckets reach 4
 
 
 class SkipSample(Exception):
@@ -25,7 +30,9 @@ class SkipSample(Exception):
         self.reason, self.detail = reason, detail
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = DEFAULT_MAX_ASPECT
+) -> Image.Image:
     """Bytes -> fully loaded RGB PIL image, or SkipSample."""
     try:
         with warnings.catch_warnings():
@@ -34,6 +41,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             w, h = img.size
             if w * h > max_pixels:
                 raise SkipSample("too_large", f"{w}x{h} exceeds {max_pixels} pixels")
+            if max(w, h) > max_aspect * max(1, min(w, h)):
+                raise SkipSample("extreme_aspect", f"{w}x{h}: sides differ by more than {max_aspect}x")
             img.load()
     except SkipSample:
         raise
@@ -57,9 +66,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
         white = Image.new("RGB", rgba.size, (255, 255, 255))
         white.paste(rgba, mask=rgba.getchannel("A"))
         return white
-    if img.mode in ("I;16", "I"):
+    if img.mode.startswith("I"):  # 16-bit grey (PNG opens as I;16 or I): by the format's range, not the image's max
         arr = np.asarray(img, dtype=np.float64)
-        arr = (arr / max(arr.max(), 1.0) * 255.0).astype(np.uint8)
+        arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
         return Image.fromarray(arr).convert("RGB")
     return img.convert("RGB")
 

@@ -53,6 +53,17 @@ Batch = PackedT2IBatch | ImageNetBatch
 SampleKey = tuple[int, str]  # (epoch, sample key)
 
 
+class LoaderError(ValueError):
+    """The dataset cannot feed this loader as configured (one-line message naming the fix)."""
+
+
+class ShardMismatch(LoaderError):
+    """A shard holds another number of samples than the manifest lists."""
+
+
+MAX_SKIPPED_IN_A_ROW = 10_000  # consecutive samples over the token budget before giving up (nothing fits)
+
+
 @dataclass
 class LoaderConfig:
     """What to read and how to batch it; everything that changes the batch stream is part of the resume check."""
@@ -299,8 +310,11 @@ class BinaryTokenDataset(IterableDataset):
         self.fingerprint = dataset_fingerprint(manifest)
         self.bits_per_token = int(manifest["bits_per_token"])
         self.shards = [str(Path(cfg.data_dir) / s["name"]) for s in manifest["shards"]]
+        self.listed = {str(Path(cfg.data_dir) / s["name"]): int(s["samples"]) for s in manifest["shards"]}
         self._check_shards(manifest)
         self.token_ids = self._t2i_token_ids(manifest) if cfg.kind == "t2i" else None
+        if cfg.kind == "t2i":
+            self._check_token_budget(manifest)
         self.start_batch = 0
         self.origin: StreamOrigin | None = None  # set when the run was resized from another layout
 
@@ -320,6 +334,21 @@ class BinaryTokenDataset(IterableDataset):
         if total < self.slots:
             raise ValueError(f"{total} samples cannot feed {self.slots} slots (world_size x num_workers)")
 
+    def _check_token_budget(self, manifest: dict) -> None:
+        """Refuse a token budget below the shortest sample the dataset can hold: its smallest image (from the
+        manifest's size histogram) with the unconditional prompt. (A budget above that but below every real sample
+        is caught while reading: MAX_SKIPPED_IN_A_ROW.)"""
+        sizes = [tuple(int(x) for x in k.split("x")) for k in manifest.get("size_histogram", {})]
+        if not sizes or "downsample" not in manifest:
+            return
+        down = int(manifest["downsample"])
+        shortest = min(sample_length(len(self.token_ids.uncond_ids()), h // down, w // down) for h, w in sizes)
+        if self.cfg.token_budget < shortest:
+            raise LoaderError(
+                f"data.token_budget={self.cfg.token_budget} is smaller than every sample of {self.cfg.data_dir} (the "
+                f"shortest possible takes {shortest} tokens); raise data.token_budget to at least {shortest}"
+            )
+
     def _t2i_token_ids(self, manifest: dict) -> ManifestTokenIds:
         ids = ManifestTokenIds.from_manifest(manifest)
         if ids.parallel_num != self.cfg.parallel_num:
@@ -332,12 +361,24 @@ class BinaryTokenDataset(IterableDataset):
     # ---- per-slot sample stream ----
 
     def _read(self, urls: list[str], stride: bool, epoch: int, slot: int) -> Iterator[_Item]:
-        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
-        for i, s in enumerate(pipeline):
-            if stride and i % self.slots != slot:
-                continue
-            bits = bytearray(s["bits"])  # writable, so torch.from_numpy in TokenRecord.grid() does not warn
-            yield _Item(epoch, record_from_members(s["__key__"], bits, s["json"]))
+        """The samples of `urls` in order (every `slots`-th one with `stride`); each shard must hold the number of
+        samples its manifest lists (ShardMismatch otherwise, once the shard is read)."""
+        i = 0
+        for url in urls:
+            n = 0
+            for s in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+                n += 1
+                i += 1
+                if stride and (i - 1) % self.slots != slot:
+                    continue
+                bits = bytearray(s["bits"])  # writable, so torch.from_numpy in TokenRecord.grid() does not warn
+                yield _Item(epoch, record_from_members(s["__key__"], bits, s["json"]))
+            if n != self.listed[url]:
+                raise ShardMismatch(
+                    f"shard {url} holds {n} samples but {Path(self.cfg.data_dir) / 'manifest.json'} lists "
+                    f"{self.listed[url]}: the shard is damaged or was replaced; re-tokenize it (delete it and its "
+                    ".stats.json, rerun data_pipeline.tokenize)"
+                )
 
     def items(self, slot: int) -> Iterator[_Item]:
         """The endless, shuffled sample stream of one slot, epoch after epoch (after its share of what the previous
@@ -400,14 +441,21 @@ class BinaryTokenDataset(IterableDataset):
         """Caption dropout, sample lengths, and the too-long filter."""
         cfg, ids = self.cfg, self.token_ids
         rng = random.Random(_seed_of("caption_dropout", cfg.seed, slot))
-        warned = False
+        warned, in_a_row, shortest = False, 0, None
         for item in items:
             drop = cfg.caption_dropout > 0 and rng.random() < cfg.caption_dropout
             item.text_ids = ids.uncond_ids() if drop else item.record.text_ids
-            item.text_loss = not drop
+            item.text_loss = not drop and bool(item.record.caption)  # an empty caption is an unconditional sample
             item.length = sample_length(len(item.text_ids), item.record.h, item.record.w)
             if item.length > cfg.token_budget:
                 counters.skipped_too_long += 1
+                in_a_row += 1
+                shortest = min(shortest or item.length, item.length)
+                if in_a_row >= MAX_SKIPPED_IN_A_ROW:  # nothing fits: stop instead of reading the data forever
+                    raise LoaderError(
+                        f"{in_a_row} samples in a row exceed data.token_budget={cfg.token_budget} (the shortest took "
+                        f"{shortest} tokens); raise data.token_budget"
+                    )
                 if not warned:
                     log.warning(
                         "skipping sample %s: %d tokens > token_budget %d (counted in stats; warned once)",
@@ -417,6 +465,7 @@ class BinaryTokenDataset(IterableDataset):
                     )
                     warned = True
                 continue
+            in_a_row, shortest = 0, None
             yield item
 
     def _t2i_plans(self, slot: int, counters: _Counters) -> Iterator[list[list[_Item]]]:

@@ -125,6 +125,7 @@ class ShardStats:
     inputs: int = 0
     ok: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, int] = field(default_factory=dict)  # kept samples counted under a reason (empty_caption)
     seconds: float = 0.0
     tokens: int = 0
     sizes: dict[str, int] = field(default_factory=dict)  # "HxW" (pixels after resize) -> count

@@ -10,7 +10,8 @@ one output shard per input shard, atomically, with its stats and errors, then `m
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m data_pipeline.tokenize \
         --source wds --input /data/tars --output /data/tokens --mode t2i --tokenizer ae_d16c32.safetensors \
         --text-tokenizer /models/Qwen3-14B --parallel-num 16
-Without --address (and no RAY_ADDRESS, as `ray job submit` sets), a local Ray bound to 127.0.0.1 is started.
+Without --address (and no RAY_ADDRESS, as `ray job submit` sets), a local Ray listening on 127.0.0.1 only is started
+(data_pipeline/ray_local.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
 import pickle
 import time
@@ -31,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.image_ops import (
+    DEFAULT_MAX_ASPECT,
     DEFAULT_MAX_PIXELS,
     SkipSample,
     adm_center_crop,
@@ -38,6 +41,7 @@ from data_pipeline.image_ops import (
     nearest_bucket,
     resize_cover_crop,
 )
+from data_pipeline.ray_local import connect_ray
 from data_pipeline.shard_format import (
     ERRORS,
     FORMAT,
@@ -47,7 +51,14 @@ from data_pipeline.shard_format import (
     write_json_atomic,
     write_shard_atomic,
 )
-from data_pipeline.sources import SOURCE_KINDS, InputShard, SourceConfig, iter_samples, list_shards
+from data_pipeline.sources import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    SOURCE_KINDS,
+    InputShard,
+    SourceConfig,
+    iter_samples,
+    list_shards,
+)
 from models.t2i.model import OFFICIAL_IMAGE_SIZES
 from models.tokenizer.io import load_tokenizer
 from models.tokenizer.model import images_to_tensor
@@ -73,6 +84,9 @@ class TokenizeConfig:
     address: str | None = None
     num_cpus: int | None = None  # local Ray only
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # limits for pathological samples (skipped and counted; not part of the dataset identity)
+    max_aspect: float = DEFAULT_MAX_ASPECT
+    max_member_mb: int = DEFAULT_MAX_MEMBER_BYTES >> 20
     samples_per_shard: int = 1000
     image_column: str = "image"
     caption_column: str = "caption"
@@ -87,10 +101,35 @@ class TokenizeConfig:
         self.sizes = [tuple(s) for s in self.sizes]
         if self.batch_size < 1 or self.chunk_samples < 1:
             raise ValueError("--batch-size and --chunk-samples must be >= 1")
+        for flag, value in (("--num-cpus", self.num_cpus), ("--num-actors", self.num_actors)):
+            if value is not None and value < 1:  # a local Ray with 0 CPUs schedules nothing: the job would hang
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        root = math.isqrt(self.parallel_num) if self.parallel_num > 0 else 0
+        if self.mode == "t2i" and root * root != self.parallel_num:
+            raise ValueError(f"--parallel-num must be a square number (1, 4, 16, 64, ...), got {self.parallel_num}")
+        if self.mode == "t2i" and (not self.sizes or any(h < 1 or w < 1 for h, w in self.sizes)):
+            bad = next((f"{h}x{w}" for h, w in self.sizes if h < 1 or w < 1), "none")
+            raise ValueError(f"--size needs positive sides (e.g. 512x512), got {bad}")
+        for flag, value in (
+            ("--image-size", self.image_size),
+            ("--samples-per-shard", self.samples_per_shard),
+            ("--max-pixels", self.max_pixels),
+            ("--max-member-mb", self.max_member_mb),
+        ):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if not self.max_aspect >= 1.0:
+            raise ValueError(f"--max-aspect must be >= 1, got {self.max_aspect}")
 
     def source_config(self) -> SourceConfig:
         return SourceConfig(
-            self.source, self.input, self.samples_per_shard, self.image_column, self.caption_column, self.class_index
+            self.source,
+            self.input,
+            self.samples_per_shard,
+            self.image_column,
+            self.caption_column,
+            self.class_index,
+            self.max_member_mb << 20,
         )
 
 
@@ -140,42 +179,53 @@ def check_or_claim_output(out: Path, ident: dict) -> None:
     digest = identity_hash(ident)
     if path.is_file():
         old = json.loads(path.read_text())
-        if old["hash"] != digest:
+        if old["hash"] != digest and any(out.glob("*.stats.json")):
             changed = sorted(k for k in set(old["identity"]) | set(ident) if old["identity"].get(k) != ident.get(k))
             raise SystemExit(
                 f"{out} holds shards tokenized with another config (differs in: {', '.join(changed)}); "
                 "use a new --output or delete the old shards"
             )
-        return
+        if old["hash"] == digest:
+            return
+        print(f"{out} was claimed by another config but holds no finished shard: claiming it for this one")
     write_json_atomic(path, {"hash": digest, "identity": ident})
 
 
 # ---------------------------------------------------------------- stage 1: read + decode (Ray tasks)
 def _prepare(raw, cfg: TokenizeConfig) -> dict:
-    img = decode_image(raw.image, cfg.max_pixels)
+    img = decode_image(raw.image, cfg.max_pixels, cfg.max_aspect)
     if cfg.mode == "t2i":
         height, width = nearest_bucket(img.height, img.width, cfg.sizes)
         pixels = resize_cover_crop(img, height, width)
-        text_ids = _text_tokenizer(cfg.text_tokenizer, cfg.parallel_num).prompt_ids(raw.caption)
+        tok = _text_tokenizer(cfg.text_tokenizer, cfg.parallel_num)
+        text_ids = tok.prompt_ids(raw.caption) if raw.caption else tok.uncond_ids()  # empty: unconditional
     else:
         pixels, text_ids = adm_center_crop(img, cfg.image_size), []
     return {"pixels": pixels, "caption": raw.caption, "label": raw.label, "text_ids": text_ids, "source_key": raw.key}
 
 
+def _error(shard: InputShard, key: str, raw, reason: str, detail: str) -> dict:
+    return {"shard": shard.name, "key": key, "source_key": raw.key, "reason": reason, "detail": detail[:300]}
+
+
 def decode_shard(shard: InputShard, cfg: TokenizeConfig) -> list[dict]:
     """Chunks of one input shard: decoded samples (keyed by their index in the shard) plus skipped ones."""
     start = time.perf_counter()
-    samples, errors, n = [], [], 0
+    samples, errors, notes, n = [], [], Counter(), 0
     for n, raw in enumerate(iter_samples(shard, cfg.source_config(), need_caption=cfg.mode == "t2i"), start=1):
         key = f"{shard.name}-{n - 1:06d}"
         try:
             if raw.error:
                 raise SkipSample(raw.error, raw.detail)
             samples.append({"key": key, **_prepare(raw, cfg)})
+            if raw.note:
+                notes[raw.note] += 1
         except SkipSample as e:
-            errors.append(
-                {"shard": shard.name, "key": key, "source_key": raw.key, "reason": e.reason, "detail": e.detail[:300]}
-            )
+            errors.append(_error(shard, key, raw, e.reason, e.detail))
+        except MemoryError:  # one sample never fails its shard
+            errors.append(_error(shard, key, raw, "out_of_memory", "MemoryError while decoding or resizing"))
+        except Exception as e:  # noqa: BLE001 - counted with its error, never fails the shard
+            errors.append(_error(shard, key, raw, "processing_error", f"{type(e).__name__}: {e}"))
     chunks, cur, size = [], [], 0
     for s in samples:
         if cur and (len(cur) >= cfg.chunk_samples or size + s["pixels"].nbytes > CHUNK_BYTES):
@@ -184,7 +234,7 @@ def decode_shard(shard: InputShard, cfg: TokenizeConfig) -> list[dict]:
         cur.append(s)
         size += s["pixels"].nbytes
     chunks.append(cur)
-    head = {"inputs": n, "errors": errors, "decode_seconds": time.perf_counter() - start}
+    head = {"inputs": n, "errors": errors, "notes": dict(notes), "decode_seconds": time.perf_counter() - start}
     return [{"samples": c, **(head if i == 0 else {})} for i, c in enumerate(chunks)]
 
 
@@ -259,25 +309,6 @@ class ChunkEncoder:
 
 
 # ---------------------------------------------------------------- driver
-def connect_ray(cfg: TokenizeConfig):
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(
-            num_cpus=cfg.num_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            dashboard_host="127.0.0.1",
-            log_to_driver=False,
-        )
-    return ray
-
-
 def _shard_done(out: Path, name: str) -> bool:
     return (out / f"{name}.tar").is_file() and (out / f"{name}.stats.json").is_file()
 
@@ -289,6 +320,7 @@ def _finish_shard(out: Path, name: str, chunks: dict[int, dict]) -> None:
     stats = ShardStats(name=f"{name}.tar", inputs=head["inputs"], ok=len(records))
     for e in head["errors"]:
         stats.skip(e["reason"])
+    stats.notes = dict(sorted(head["notes"].items()))
     stats.seconds = round(head["decode_seconds"] + sum(p["encode_seconds"] for p in parts), 3)
     stats.tokens = sum(r.h * r.w for r in records)
     stats.sizes = dict(Counter(f"{r.image_hw[0]}x{r.image_hw[1]}" for r in records))
@@ -303,9 +335,11 @@ def _finish_shard(out: Path, name: str, chunks: dict[int, dict]) -> None:
 def write_manifest(out: Path, cfg: TokenizeConfig, shards: list[InputShard], ident: dict) -> dict:
     stats = [json.loads((out / f"{s.name}.stats.json").read_text()) for s in shards]
     skipped: Counter = Counter()
+    notes: Counter = Counter()
     sizes: Counter = Counter()
     for st in stats:
         skipped.update(st["skipped"])
+        notes.update(st.get("notes", {}))
         sizes.update(st["sizes"])
     dd = ident["image_tokenizer"]  # the tokenizer's ddconfig, read once by dataset_identity
     manifest = {
@@ -319,6 +353,7 @@ def write_manifest(out: Path, cfg: TokenizeConfig, shards: list[InputShard], ide
         "samples": sum(st["ok"] for st in stats),
         "inputs": sum(st["inputs"] for st in stats),
         "skipped": dict(sorted(skipped.items())),
+        "notes": dict(sorted(notes.items())),  # kept samples counted under a reason (empty_caption)
         "size_histogram": dict(sorted(sizes.items())),
     }
     if cfg.mode == "t2i":
@@ -339,14 +374,37 @@ def write_manifest(out: Path, cfg: TokenizeConfig, shards: list[InputShard], ide
     return manifest
 
 
+def check_paths(cfg: TokenizeConfig) -> list[InputShard]:
+    """The input shards, or a one-line SystemExit for inputs, outputs and tokenizers that cannot work, before
+    anything is created."""
+    inp, out = Path(cfg.input).resolve(), Path(cfg.output).resolve()
+    if not inp.exists():
+        raise SystemExit(f"--input {cfg.input} does not exist")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--output {cfg.output} is a file; give a folder (new or holding earlier shards)")
+    if inp.is_dir() and (out == inp or inp in out.parents):
+        raise SystemExit(
+            f"--output {cfg.output} is inside --input {cfg.input}: the next run would read its shards back as input; "
+            "choose an output folder outside the input"
+        )
+    for flag, path in (("--tokenizer", cfg.tokenizer), ("--text-tokenizer", cfg.text_tokenizer)):
+        if path is not None and not Path(path).exists():
+            raise SystemExit(f"{flag} {path} does not exist")
+    try:
+        return list_shards(cfg.source_config())
+    except (ValueError, FileNotFoundError) as e:
+        kind = {"wds": ".tar files", "parquet": ".parquet files"}.get(cfg.source, "images")
+        raise SystemExit(f"{str(e).splitlines()[0]} (looked for {kind}; check --input and --source)") from None
+
+
 def run_tokenize(cfg: TokenizeConfig, local: bool = False) -> dict:
     """Tokenize every unfinished input shard and (re)write the manifest; returns the manifest.
     `local=True` does the same work in this process without Ray (small data, tests, baselines)."""
+    shards = check_paths(cfg)
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     ident = dataset_identity(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     check_or_claim_output(out, ident)
-    shards = list_shards(cfg.source_config())
     dupes = [n for n, c in Counter(s.name for s in shards).items() if c > 1]
     if dupes:
         raise SystemExit(f"input shards map to the same output names: {dupes[:5]}")
@@ -372,7 +430,7 @@ def _run_local(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
 
 
 def _run_ray(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
-    ray = connect_ray(cfg)
+    ray = connect_ray(cfg.address, cfg.num_cpus)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -432,6 +490,8 @@ def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
     p.add_argument("--caption-column", default="caption")
     p.add_argument("--class-index", help="ImageNet class index (json or one wnid per line)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--max-aspect", type=float, default=DEFAULT_MAX_ASPECT, help="long side / short side at most")
+    p.add_argument("--max-member-mb", type=int, default=DEFAULT_MAX_MEMBER_BYTES >> 20, help="largest image file read")
     p.add_argument("--fault-kill-after", type=int, help=argparse.SUPPRESS)
     a = vars(p.parse_args(argv))
     if a["sizes"] is None:
@@ -439,7 +499,7 @@ def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
     try:
         return TokenizeConfig(**a)
     except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+        p.exit(2, f"error: {str(e).splitlines()[0]}\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,8 +59,27 @@ def head(tmp_path_factory):
         "--disable-usage-stats",
     ]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
-    yield env, f"http://127.0.0.1:{dash}"
-    stop_processes_started_with(env["RAY_AUTH_TOKEN"])
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        wait_until_jobs_are_accepted(env, address)
+        yield env, address
+    finally:
+        stop_processes_started_with(env["RAY_AUTH_TOKEN"])
+
+
+def wait_until_jobs_are_accepted(env: dict, address: str, timeout: float = 300) -> None:
+    """Readiness: `ray start` returns before the head's job agent has registered, and a submission before that fails
+    with "No available agent to submit job" (the head waits only 10 s for it). Submit a trivial job until one is
+    accepted, or fail at the deadline; each refused attempt is the head's own wait, not a sleep."""
+    deadline = time.monotonic() + timeout
+    probe = [str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait", "--", "python", "-c", "pass"]
+    while True:
+        r = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=120)
+        if r.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            output = r.stdout[-1500:] + r.stderr[-1500:]
+            raise AssertionError(f"the Ray head accepted no job within {timeout} s: {output}")
 
 
 def stop_processes_started_with(token: str) -> None:

@@ -179,9 +179,16 @@ def test_save_load_round_trip(tmp_path) -> None:
     loaded = load_tokenizer(tmp_path)
     assert loaded.config.to_ddconfig() == cfg.to_ddconfig() and not loaded.training
     ref = model.state_dict()
-    assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
+    assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())  # the weights round trip exactly
+    # the two instances compute alike; float results are compared with a tolerance (kernels may differ in the last
+    # bits), the bits only where the latent is clearly away from 0, and both decode the same bits
     x = torch.rand(1, 3, 8, 8)
-    assert torch.equal(loaded(x)[0], model.eval()(x)[0])
+    with torch.no_grad():
+        want, got = model.eval().encode(x), loaded.encode(x)
+        torch.testing.assert_close(got.latent, want.latent, rtol=1e-5, atol=1e-6)
+        clear = want.latent.abs() > 1e-4
+        assert torch.equal(got.bits[clear], want.bits[clear])
+        torch.testing.assert_close(loaded.decode(want.bits), model.decode(want.bits), rtol=1e-5, atol=1e-6)
 
 
 def test_renamed_key_fails_with_its_name(tmp_path) -> None:

@@ -5,6 +5,7 @@ checkpoint tools (`python -m training.checkpoint reshard|export|import ...`).
         model.safetensors   full model weights (rank 0)      ema.safetensors  EMA weights (rank 0; ZeRO<=2)
         rank_00000.pt       this rank's optimizer partition, RNG states, loader state, EMA shard (ZeRO-3)
         trainer.json        step, tokens/samples seen, skipped steps, world size, config
+        manifest.json       size and sha256 of every file above (training.checkpoint_integrity), written last
     <run_dir>/checkpoints/latest   name of the newest complete checkpoint
 
 Each engine writes its own state (`training.engines.Engine.save_state`; the files above are the DeepSpeed engine's);
@@ -12,11 +13,14 @@ the megatron engine writes `dist/` (model, EMA and optimizer state through megat
 any TP/PP layout) instead, see training/engines/megatron_checkpoint.py. This module adds RNG and loader state to each
 `rank_*.pt`, and `trainer.json`. Everything is written into `.step_XXXXXXXX.tmp/`, renamed when all ranks are done,
 and only then is `latest` replaced, so a crash at any point leaves the previous checkpoint as `latest`.
-Loading uses safetensors and `torch.load(weights_only=True)` only.
+Keep-last-N deletes by step number and never the checkpoint `latest` names. Resuming (`resolve_resume`) takes
+`latest`, else the newest complete checkpoint (said in the log); a run that would start behind checkpoints already in
+its run folder is refused unless `checkpoint.overwrite=true`. Loading verifies the manifest first and uses
+safetensors and `torch.load(weights_only=True)` only (megatron's pickled DCP metadata passes a restricted unpickler).
 
-    python -m training.checkpoint reshard --src <ckpt> --dst <ckpt> --tp N --pp M [--virtual-pp V]
+    python -m training.checkpoint reshard --src <ckpt> --dst <ckpt> --tp N --pp M [--virtual-pp V] [--no-checksums]
     python -m training.checkpoint export --src <ckpt> --dst <official folder> --text-tokenizer <folder>
-        --image-tokenizer <ae.safetensors> [--weights auto|model|ema]
+        --image-tokenizer <ae.safetensors> [--weights auto|model|ema] [--no-checksums]
     python -m training.checkpoint import --src <official folder | HF Qwen3 folder> --dst <ckpt> --tp N --pp M
         [--model 14B-16x] [--vocab-size V] [--seed S]
 A `--src` may also be a run directory (its `checkpoints/latest` is used). All three run on CPU-only machines.
@@ -34,7 +38,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from training.checkpoint_integrity import verify_checkpoint, write_manifest
 from training.faults import maybe_kill
+from training.run_guard import RunDirError
 
 LATEST = "latest"
 
@@ -75,20 +81,83 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def _step_of(path: Path) -> int:
+    return int(path.name.split("_", 1)[1])
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's complete checkpoints (a `trainer.json` is written before the rename), oldest step first."""
+    root = checkpoint_root(run_dir)
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit() and (p / "trainer.json").is_file()]
+    return sorted(found, key=_step_of)
+
+
+def latest_checkpoint(run_dir: str | Path, quiet: bool = False) -> Path | None:
+    """The checkpoint `latest` names; when `latest` is missing or not a file while complete checkpoints exist, the
+    newest complete one (said on stdout unless `quiet`). None when the run has no checkpoint."""
     root = checkpoint_root(run_dir)
     marker = root / LATEST
-    if not marker.is_file():
+    if marker.is_file():
+        path = root / marker.read_text().strip()
+        if not (path / "trainer.json").is_file():
+            raise RunDirError(
+                f"{marker} points to {path}, which is not a complete checkpoint; point it at a complete step_* "
+                "folder or pass checkpoint.resume=<checkpoint>"
+            )
+        return path
+    done = complete_checkpoints(run_dir)
+    if not done:
         return None
-    path = root / marker.read_text().strip()
-    if not (path / "trainer.json").is_file():
-        raise FileNotFoundError(f"{marker} points to {path}, which is not a complete checkpoint")
-    return path
+    if not quiet:
+        why = "is not a file" if marker.exists() else "is missing"
+        print(f"{marker} {why}: using the newest complete checkpoint {done[-1]}", flush=True)
+    return done[-1]
 
 
-def save_checkpoint(run_dir, step: int, engine, ema, loader_state: dict, trainer: dict, keep_last: int) -> Path:
+def resolve_resume(run_dir: str | Path, resume: str, overwrite: bool, rank: int = 0) -> Path | None:
+    """The checkpoint a run starts from (`checkpoint.resume`: auto | none | a checkpoint folder). A run that would
+    start behind checkpoints already in its run folder (a fresh run in a used folder, or a resume from an older
+    checkpoint) is refused: their higher step numbers would outrank every checkpoint it writes. With
+    `checkpoint.overwrite=true` rank 0 deletes those checkpoints instead (and says so)."""
+    if resume == "auto":
+        return latest_checkpoint(run_dir, quiet=rank != 0)
+    start = None if resume == "none" else Path(resume)
+    if start is not None and not (start / "trainer.json").is_file():
+        raise RunDirError(f"checkpoint.resume={resume} is not a checkpoint (no trainer.json); pass a step_* folder")
+    step = -1 if start is None else int(json.loads((start / "trainer.json").read_text())["step"])
+    root = checkpoint_root(run_dir)
+    ahead = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit() and _step_of(p) > step]
+    if ahead and not overwrite:
+        what = "a fresh run" if start is None else f"a run from step {step}"
+        raise RunDirError(
+            f"{root} holds {len(ahead)} checkpoint(s) up to step {max(map(_step_of, ahead))} that "
+            f"{what} would be mixed with; use checkpoint.resume=auto, another run_dir, or checkpoint.overwrite=true "
+            "to delete them"
+        )
+    if ahead and rank == 0:
+        for p in ahead:
+            shutil.rmtree(p)
+        (root / LATEST).unlink(missing_ok=True)
+        print(f"checkpoint.overwrite=true: deleted {len(ahead)} checkpoint(s) of an earlier run in {root}", flush=True)
+    return start
+
+
+def retention(root: Path, keep_last: int) -> list[Path]:
+    """The checkpoints keep-last-N deletes: all but the newest `keep_last` by step, never the one `latest` names."""
+    marker = root / LATEST
+    keep = marker.read_text().strip() if marker.is_file() else None
+    done = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=_step_of)
+    return [p for p in done[: max(0, len(done) - keep_last)] if p.name != keep]
+
+
+def save_checkpoint(
+    run_dir, step: int, engine, ema, loader_state: dict, trainer: dict, keep_last: int, checksums: bool = True
+) -> Path:
     """Every rank calls this; returns the final checkpoint directory. The engine writes its own state; this adds each
-    rank's RNG and loader state, `trainer.json`, the atomic rename, `latest` and keep-last-N."""
+    rank's RNG and loader state, `trainer.json`, `manifest.json` (sizes and sha256 of every file, see
+    training.checkpoint_integrity), the atomic rename, `latest` and keep-last-N."""
+    if keep_last < 1:
+        raise RunDirError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     root = checkpoint_root(run_dir)
@@ -105,6 +174,7 @@ def save_checkpoint(run_dir, step: int, engine, ema, loader_state: dict, trainer
         meta = {**trainer, "step": step, "world_size": world, **fields}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
     _barrier()
+    write_manifest(tmp, checksums)
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -112,19 +182,24 @@ def save_checkpoint(run_dir, step: int, engine, ema, loader_state: dict, trainer
         marker_tmp = root / f".{LATEST}.tmp"
         marker_tmp.write_text(name + "\n")
         os.replace(marker_tmp, root / LATEST)
-        done = sorted(p for p in root.glob("step_*") if p.is_dir())
-        for old in done[: max(0, len(done) - keep_last)]:
+        for old in retention(root, keep_last):
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
 
-def load_checkpoint(path: Path, engine, ema) -> tuple[dict, dict | None, list[dict] | None]:
+def load_checkpoint(
+    path: Path, engine, ema, checksums: bool = True, verify: bool = True
+) -> tuple[dict, dict | None, list[dict] | None]:
     """Restore model, optimizer and EMA (through the engine) and this rank's RNG; returns (trainer state, loader
-    state, every previous data-parallel rank's loader state when the data stream must be resized, else None)."""
+    state, every previous data-parallel rank's loader state when the data stream must be resized, else None). The
+    files are verified against the checkpoint's manifest first (sizes only without `checksums`; not at all with
+    `verify=False`, for a caller that has just verified them)."""
     path = Path(path)
     if not (path / "trainer.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint (no trainer.json); pass a step_* directory or 'auto'")
+    if verify:
+        verify_checkpoint(path, checksums)
     rank = dist.get_rank() if dist.is_initialized() else 0
     trainer = json.loads((path / "trainer.json").read_text())
     own = path / f"rank_{rank:05d}.pt"
@@ -158,8 +233,8 @@ def previous_loader_states(path: Path) -> list[dict]:
 def _source(path: str) -> Path:
     """A checkpoint directory, or a run directory standing for its latest checkpoint."""
     p = Path(path)
-    if (checkpoint_root(p) / LATEST).is_file():
-        return latest_checkpoint(p)
+    if checkpoint_root(p).is_dir():
+        return latest_checkpoint(p) or p
     return p
 
 
@@ -178,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
         q.add_argument("--tp", type=int, required=True)
         q.add_argument("--pp", type=int, required=True)
     r.add_argument("--virtual-pp", type=int, default=None)
+    for q in (r, e):
+        q.add_argument("--no-checksums", action="store_true", help="check the files' sizes only (huge checkpoints)")
     e.add_argument("--text-tokenizer", required=True, help="text tokenizer folder (Hugging Face files)")
     e.add_argument("--image-tokenizer", required=True, help="image tokenizer weights (ae safetensors)")
     e.add_argument("--weights", choices=("auto", "model", "ema"), default="auto", help="auto: EMA when saved")
@@ -187,12 +264,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     from training.engines import megatron_checkpoint as mc
 
-    src, dst = _source(args.src), Path(args.dst)
+    dst = Path(args.dst)
     try:
+        src = _source(args.src)
         if args.command == "reshard":
-            out = mc.reshard(src, dst, args.tp, args.pp, args.virtual_pp)
+            out = mc.reshard(src, dst, args.tp, args.pp, args.virtual_pp, not args.no_checksums)
         elif args.command == "export":
-            out = mc.export_folder(src, dst, Path(args.text_tokenizer), Path(args.image_tokenizer), args.weights)
+            tokenizers = Path(args.text_tokenizer), Path(args.image_tokenizer)
+            out = mc.export_folder(src, dst, *tokenizers, args.weights, not args.no_checksums)
         else:
             out = mc.import_folder(src, dst, args.tp, args.pp, args.model, args.vocab_size, args.seed)
     except ImportError as err:

@@ -77,8 +77,10 @@ class EngineConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 100  # steps; 0 = only at the end and on SIGTERM
-    keep_last: int = 3
-    resume: str = "auto"  # auto (from <run_dir>/checkpoints/latest) | none | a checkpoint directory
+    keep_last: int = 3  # >= 1; the checkpoint `latest` names is never deleted
+    resume: str = "auto"  # auto (from <run_dir>/checkpoints/latest, else its newest complete one) | none | a folder
+    overwrite: bool = False  # let a run start behind the run folder's checkpoints, deleting them (else refused)
+    checksums: bool = True  # sha256 of every file, recorded at save and verified at load (false: sizes only)
     export_official: bool = True  # also write the EMA weights in the official layout at the end
 
 
@@ -138,6 +140,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (0 <= cfg.schedule.warmup_steps <= cfg.schedule.total_steps, "schedule.warmup_steps must be in [0, total]"),
         (cfg.data.micro_batch > 0 and cfg.data.global_batch > 0, "data.micro_batch and data.global_batch must be > 0"),
         (0.0 <= cfg.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
+        (cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}"),
+        *_range_checks(cfg),
         (cfg.logging.wandb in ("auto", "online", "offline", "disabled"), "logging.wandb: auto|online|offline|disabled"),
         (
             cfg.model.attention in ("auto", "dense", "segments", "flex"),
@@ -148,6 +152,32 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not ok:
             raise ValueError(message)
     return cfg
+
+
+def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """Single-field ranges: (ok, one-line message) per field."""
+    o, c = cfg.optim, cfg
+    fields = [
+        ("seed", c.seed, c.seed >= 0, ">= 0"),
+        ("max_consecutive_skips", c.max_consecutive_skips, c.max_consecutive_skips >= 1, ">= 1"),
+        ("optim.lr", o.lr, o.lr >= 0, ">= 0"),
+        ("optim.eps", o.eps, o.eps > 0, "> 0"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optim.grad_clip", o.grad_clip, o.grad_clip >= 0, ">= 0 (0 turns clipping off)"),
+        ("optim.betas", o.betas, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "two values in [0, 1)"),
+        ("schedule.min_lr", c.schedule.min_lr, c.schedule.min_lr >= 0, ">= 0"),
+        ("checkpoint.every", c.checkpoint.every, c.checkpoint.every >= 0, ">= 0 (0: only at the end and on SIGTERM)"),
+        ("logging.every", c.logging.every, c.logging.every >= 1, ">= 1"),
+        ("logging.peak_tflops", c.logging.peak_tflops, c.logging.peak_tflops >= 0, ">= 0"),
+        ("eval.every", c.eval.every, c.eval.every >= 0, ">= 0 (0: off)"),
+        ("data.token_budget", c.data.token_budget, c.data.token_budget >= 1, ">= 1"),
+        ("data.num_workers", c.data.num_workers, c.data.num_workers >= 0, ">= 0"),
+        ("data.shuffle_buffer", c.data.shuffle_buffer, c.data.shuffle_buffer >= 0, ">= 0"),
+        ("data.caption_dropout", c.data.caption_dropout, 0 <= c.data.caption_dropout <= 1, "in [0, 1]"),
+        ("data.image_size", c.data.image_size, c.data.image_size >= 1, ">= 1"),
+        ("data.holdout", c.data.holdout, c.data.holdout >= 0, ">= 0"),
+    ]
+    return [(ok, f"{name} must be {rule}, got {value}") for name, value, ok, rule in fields]
 
 
 def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
@@ -182,15 +212,31 @@ def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
     return accum
 
 
+def _load_yaml(path: Path):
+    """The YAML file as an OmegaConf mapping; a one-line error naming the file and line when it does not parse."""
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{where}: YAML does not parse ({problem}); fix the file") from None
+    if not OmegaConf.is_dict(loaded):
+        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a mapping of config sections")
+    return loaded
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """YAML (optional) + `key.sub=value` overrides merged onto the dataclass defaults, then validated."""
     base = OmegaConf.structured(TrainConfig)
     try:
         parts = [base]
         if path is not None:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"config file {path} does not exist")
-            parts.append(OmegaConf.load(path))
+            parts.append(_load_yaml(Path(path)))
         bad = [o for o in overrides or [] if "=" not in o]
         if bad:
             raise ValueError(f"overrides must look like key.sub=value, got {bad}")

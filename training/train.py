@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from data_pipeline.loader import LoaderError
+from training.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from training.checkpoint_integrity import CheckpointError, verify_checkpoint
 from training.config import TrainConfig, grad_accumulation, load_config, to_dict
 from training.ema import EMA
 from training.engines import Engine, build_engine, init_distributed
@@ -27,6 +29,7 @@ from training.faults import maybe_kill, maybe_kill_rank, maybe_sigterm
 from training.flops import mfu
 from training.logger import RunLogger
 from training.optim import lr_at
+from training.run_guard import RunDirError, RunLock, exit_with_parent, launched_by_torchrun
 from training.tasks import Task, build_task
 
 
@@ -89,8 +92,42 @@ def with_ema_weights(engine: Engine, ema: EMA, fn):
             params[n].copy_(v)
 
 
+def lock_run_dir(run_dir: str, rank: int) -> RunLock | None:
+    """Rank 0 takes the run folder's lock; every rank raises the same one-line error when it is taken."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(run_dir)
+        except RunDirError as e:
+            error = str(e)
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise RunDirError(error)
+    return lock
+
+
 def train(cfg: TrainConfig) -> TrainerState:
+    """The run, with the run folder locked by rank 0 for its whole life (training.run_guard)."""
+    if launched_by_torchrun():
+        exit_with_parent()  # a SIGKILLed torchrun takes its workers with it
     rank, world, device = init_distributed(cfg.engine.kind)
+    lock = lock_run_dir(cfg.run_dir, rank)
+    try:
+        resume = resolve_resume(cfg.run_dir, cfg.checkpoint.resume, cfg.checkpoint.overwrite, rank)
+        if resume is not None:  # before any model is built: a damaged checkpoint fails fast
+            verify_checkpoint(resume, cfg.checkpoint.checksums)
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 may have deleted an earlier run's checkpoints (checkpoint.overwrite)
+        return _train(cfg, rank, world, device, resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume: Path | None) -> TrainerState:
     torch.manual_seed(cfg.seed * 1000 + rank)
     task = build_task(cfg, device)
     grad_accum = grad_accumulation(cfg, world)
@@ -98,9 +135,8 @@ def train(cfg: TrainConfig) -> TrainerState:
     ema = engine.new_ema(cfg.ema_decay)
     loader = task.loader(engine.dp_rank, engine.dp_size)
     state = TrainerState()
-    resume = {"none": None, "auto": latest_checkpoint(cfg.run_dir)}.get(cfg.checkpoint.resume, cfg.checkpoint.resume)
     if resume is not None:
-        trainer, loader_state, all_loader_states = load_checkpoint(Path(resume), engine, ema)
+        trainer, loader_state, all_loader_states = load_checkpoint(Path(resume), engine, ema, verify=False)
         if loader_state is not None:
             loader.load_state_dict(loader_state, all_loader_states)
         state = TrainerState(**{k: trainer[k] for k in TrainerState.__dataclass_fields__ if k in trainer})
@@ -111,7 +147,8 @@ def train(cfg: TrainConfig) -> TrainerState:
 
     def checkpoint() -> None:
         trainer = {**vars(state), "config": to_dict(cfg)}
-        save_checkpoint(cfg.run_dir, state.step, engine, ema, loader.state_dict(), trainer, cfg.checkpoint.keep_last)
+        keep, checksums = cfg.checkpoint.keep_last, cfg.checkpoint.checksums
+        save_checkpoint(cfg.run_dir, state.step, engine, ema, loader.state_dict(), trainer, keep, checksums)
 
     def evaluate(step: int, grid: bool) -> dict[str, float]:
         """EMA-weight metrics and sample grid on rank 0, where the loop logs ({} elsewhere): the EMA swapped into the
@@ -188,7 +225,7 @@ def train(cfg: TrainConfig) -> TrainerState:
                 return state
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
                 checkpoint()
-        last = latest_checkpoint(cfg.run_dir)
+        last = latest_checkpoint(cfg.run_dir, quiet=True)
         if last is None or last.name != f"step_{state.step:08d}":
             checkpoint()
         if cfg.checkpoint.export_official and rank == 0:
@@ -230,9 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+        p.exit(2, f"error: {str(e).splitlines()[0]}\n")
     try:
         train(cfg)
+    except (RunDirError, CheckpointError) as e:
+        p.exit(2, f"error: {str(e).splitlines()[0]}\n")
+    except LoaderError as e:  # from a DataLoader worker the message is the last line of the wrapped traceback
+        p.exit(2, f"error: {str(e).strip().splitlines()[-1].removeprefix(type(e).__name__ + ': ')}\n")
     except StopTraining as e:
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(3)

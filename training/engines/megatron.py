@@ -50,10 +50,11 @@ from models.t2i.megatron.config import MegatronParallelConfig, validate_parallel
 from models.t2i.megatron.mapping import chunk_state, load_model_state, reference_to_megatron, split_tp
 from models.t2i.megatron.model import MegatronT2IBitDance
 from models.t2i.model import T2IConfig, TextToImageBitDance
+from training.checkpoint_integrity import verify_checkpoint
 from training.config import TrainConfig
 from training.ema import ShardedEMA
 from training.engines import Resume, StepResult, StepStats, precision
-from training.engines.megatron_checkpoint import DIST, megatron_section, model_key, save_dist
+from training.engines.megatron_checkpoint import DIST, dist_path, megatron_section, model_key, save_dist
 from training.optim import NO_DECAY_NAMES
 
 PAD_ID = 0  # fixed-length padding: any in-vocabulary id (padded positions are their own document, unlabelled)
@@ -121,6 +122,7 @@ class MegatronEngine:
         if reference is not None:
             self._load_reference(reference)
         elif init_checkpoint is not None:
+            verify_checkpoint(init_checkpoint, cfg.checkpoint.checksums)
             self.load(Path(init_checkpoint) / DIST, ema=None, optimizer=False)
         self.ddp = self._wrap()  # copies the weights into megatron's contiguous buffers
         if reference is None and init_checkpoint is None:
@@ -437,7 +439,7 @@ class MegatronEngine:
             state.update(self._ema_sharded(ema, model))
         if optimizer:
             state["optimizer"] = self._optimizer_sharded(model, True)
-        loaded = dist_checkpointing.load(state, str(directory))
+        loaded = dist_checkpointing.load(state, dist_path(directory))
         for i, chunk in enumerate(self.chunks):
             load_model_state(chunk, {k.removeprefix("model."): v for k, v in loaded[f"model{i}"].items()})
         if ema is not None:

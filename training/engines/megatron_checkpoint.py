@@ -38,15 +38,14 @@ from models.t2i.megatron.config import MegatronParallelConfig, validate_parallel
 from models.t2i.megatron.mapping import stage_layers, tp_split
 from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config
 from models.t2i.qwen3 import Qwen3Config
+from training.checkpoint_integrity import CheckpointError, check_dcp_metadata, verify_checkpoint, write_manifest
+
+__all__ = ["CheckpointError"]  # the tools' one-line error (defined with the checkpoint checks)
 
 DIST = "dist"
 TRAINER = "trainer.json"
 LAYER_KEY = "decoder.layers."
 _PREFIX = re.compile(r"^(optimizer\.state\.[^.]+\.)?(model|ema)\.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or a requested layout that the tools cannot use (one-line message)."""
 
 
 # ---- saving without CUDA ------------------------------------------------------------------------------------------
@@ -191,11 +190,18 @@ def layout_shards(meta: dict, tp: int, pp: int, stages, tp_ranks, make) -> dict:
     return out
 
 
+def dist_path(directory: str | Path) -> str:
+    """`directory` (a dist_checkpointing folder) as megatron takes it, once its pickled metadata has passed
+    `check_dcp_metadata`: every read of a dist folder goes through here first."""
+    check_dcp_metadata(directory)
+    return str(directory)
+
+
 def tensor_meta(directory: Path, prefixes: tuple[str, ...] = ("model.", "ema.", "optimizer.")) -> dict:
     """{key: (global shape, dtype)} of the checkpoint's tensors whose key starts with one of `prefixes`."""
     from megatron.core import dist_checkpointing
 
-    meta = dist_checkpointing.load_tensors_metadata(str(directory))
+    meta = dist_checkpointing.load_tensors_metadata(dist_path(directory))
     return {k: (tuple(v.global_shape), v.dtype) for k, v in meta.items() if k.startswith(prefixes)}
 
 
@@ -204,11 +210,11 @@ def load_full(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
     `decoder.layers.<i>.<name>`, keys without the prefix (needs a process group; reads everything into memory)."""
     from megatron.core import dist_checkpointing
 
-    meta = dist_checkpointing.load_tensors_metadata(str(directory))
+    meta = dist_checkpointing.load_tensors_metadata(dist_path(directory))
     wanted = {k: v for k, v in meta.items() if k.startswith(prefix)}
     if not wanted:
         raise CheckpointError(f"{directory} holds no `{prefix}` tensors")
-    loaded = dist_checkpointing.load(wanted, str(directory), validate_access_integrity=False)
+    loaded = dist_checkpointing.load(wanted, dist_path(directory), validate_access_integrity=False)
     out = {}
     for key in wanted:  # `loaded` also holds the checkpoint's common (non-tensor) state
         t = loaded[key]
@@ -281,6 +287,7 @@ def write_model_checkpoint(state: dict[str, torch.Tensor], cfg: T2IConfig, dst: 
     single_process(save_dist, {"tensors": shards}, dst / DIST)
     trainer = {"step": 0, "megatron": megatron_section(cfg, tp, pp, None, None, ["model"])}
     (dst / TRAINER).write_text(json.dumps(trainer, indent=2) + "\n")
+    write_manifest(dst)
     return dst
 
 
@@ -325,13 +332,23 @@ def import_folder(
     return write_model_checkpoint(state, model.cfg, dst, tp, pp)
 
 
-def export_folder(src: Path, dst: Path, text_tokenizer: Path, image_tokenizer: Path, weights: str = "auto") -> Path:
-    """A megatron checkpoint's model (or EMA) weights -> official T2I folder with the given tokenizers."""
+def export_folder(
+    src: Path,
+    dst: Path,
+    text_tokenizer: Path,
+    image_tokenizer: Path,
+    weights: str = "auto",
+    checksums: bool = True,
+) -> Path:
+    """A megatron checkpoint's model (or EMA) weights -> official T2I folder with the given tokenizers. The
+    checkpoint's files are verified against its manifest first (sizes only without `checksums`)."""
     from models.t2i.megatron.mapping import export_megatron_to_folder
     from models.t2i.text_tokenizer import T2ITextTokenizer
     from models.tokenizer.io import load_tokenizer
 
     trainer = read_trainer(src)
+    verify_checkpoint(src, checksums)
+    check_dcp_metadata(src / DIST)  # before anything unpickles it
     cfg = t2i_config_from_dict(trainer["megatron"]["model"])
     contents = trainer["megatron"]["contents"]
     if weights == "auto":
@@ -363,20 +380,23 @@ def _reshard_worker(rank: int, src: str, dst: str, tp: int, pp: int, port: int) 
         meta = tensor_meta(Path(src))
         empty = lambda key, index, shape, dtype: torch.empty(shape, dtype=dtype)  # noqa: E731
         shards = layout_shards(meta, tp, pp, [stage], [tp_rank], empty)
-        loaded = dist_checkpointing.load({"tensors": shards}, src)["tensors"]
+        loaded = dist_checkpointing.load({"tensors": shards}, dist_path(src))["tensors"]
         for k, sh in shards.items():
             sh.data = loaded[k]
-        save_dist({**dist_checkpointing.load_common_state_dict(src), "tensors": shards}, Path(dst))
+        save_dist({**dist_checkpointing.load_common_state_dict(dist_path(src)), "tensors": shards}, Path(dst))
     finally:
         dist.destroy_process_group()
 
 
-def reshard(src: Path, dst: Path, tp: int, pp: int, virtual_pp: int | None = None) -> Path:
+def reshard(src: Path, dst: Path, tp: int, pp: int, virtual_pp: int | None = None, checksums: bool = True) -> Path:
     """Rewrite a megatron checkpoint (model, EMA, optimizer state) chunked for a new (tp, pp) layout, with tp * pp gloo
-    CPU processes each loading and writing its share."""
+    CPU processes each loading and writing its share. The source is verified against its manifest first (sizes only
+    without `checksums`); the result gets its own."""
     import torch.multiprocessing as mp
 
     trainer = read_trainer(src)
+    verify_checkpoint(src, checksums)
+    check_dcp_metadata(src / DIST)  # before anything unpickles it
     cfg = t2i_config_from_dict(trainer["megatron"]["model"])
     check_layout(cfg, tp, pp, virtual_pp)
     _fresh_dir(dst)
@@ -386,4 +406,5 @@ def reshard(src: Path, dst: Path, tp: int, pp: int, virtual_pp: int | None = Non
     (dst / TRAINER).write_text(json.dumps(trainer, indent=2) + "\n")
     for rank_file in sorted(src.glob("rank_*.pt")):  # RNG and loader states: used when the world layout matches
         shutil.copy2(rank_file, dst / rank_file.name)
+    write_manifest(dst)
     return dst
