@@ -35,6 +35,9 @@ class FakeEngine:
         save_file({"w": self.weight}, str(directory / "model.safetensors"))
         return {}, {}
 
+    def when_saved(self, finalize) -> None:
+        finalize()
+
     def load_state(self, directory: Path, ema, trainer: dict, per_rank) -> str:
         self.weight = load_file(str(directory / "model.safetensors"))["w"]
         return "all"

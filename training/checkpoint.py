@@ -155,7 +155,9 @@ def save_checkpoint(
 ) -> Path:
     """Every rank calls this; returns the final checkpoint directory. The engine writes its own state; this adds each
     rank's RNG and loader state, `trainer.json`, `manifest.json` (sizes and sha256 of every file, see
-    training.checkpoint_integrity), the atomic rename, `latest` and keep-last-N."""
+    training.checkpoint_integrity), the atomic rename, `latest` and keep-last-N. When the engine writes in the
+    background (megatron, `checkpoint.async_save`), the manifest, rename and `latest` follow when the write is done,
+    so `latest` only ever names a complete checkpoint."""
     if keep_last < 1:
         raise RunDirError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -174,17 +176,21 @@ def save_checkpoint(
         meta = {**trainer, "step": step, "world_size": world, **fields}
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
     _barrier()
-    write_manifest(tmp, checksums)
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        maybe_kill("before_latest", step)
-        marker_tmp = root / f".{LATEST}.tmp"
-        marker_tmp.write_text(name + "\n")
-        os.replace(marker_tmp, root / LATEST)
-        for old in retention(root, keep_last):
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+
+    def finalize() -> None:  # every rank, once the engine's files are on disk
+        write_manifest(tmp, checksums)
+        if rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            maybe_kill("before_latest", step)
+            marker_tmp = root / f".{LATEST}.tmp"
+            marker_tmp.write_text(name + "\n")
+            os.replace(marker_tmp, root / LATEST)
+            for old in retention(root, keep_last):
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+
+    engine.when_saved(finalize)  # at once, or when a background write (checkpoint.async_save) completes
     return final
 
 

@@ -125,27 +125,38 @@ def verify_checkpoint(directory: str | Path, checksums: bool = True) -> None:
 # ---- pickled torch DCP metadata -----------------------------------------------------------------------------------
 
 _DCP = "torch.distributed.checkpoint.metadata"
-ALLOWED = {
-    (_DCP, n)
-    for n in (
-        "Metadata",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "MetadataIndex",
-        "StorageMeta",
-        "_MEM_FORMAT_ENCODING",
-    )
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("collections", "OrderedDict"),
-    *(("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes", "bool")),
-}
+ALLOWED = (
+    {
+        (_DCP, n)
+        for n in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    }
+    | {
+        # megatron's async writer keeps every rank's save plan in the metadata (to reuse it at the next save)
+        ("torch.distributed.checkpoint.planner", n)
+        for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")
+    }
+    | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("collections", "OrderedDict"),
+        *(
+            ("builtins", n)
+            for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes", "bool")
+        ),
+    }
+)
 
 
 class RestrictedUnpickler(pickle.Unpickler):

@@ -81,6 +81,7 @@ class CheckpointConfig:
     resume: str = "auto"  # auto (from <run_dir>/checkpoints/latest, else its newest complete one) | none | a folder
     overwrite: bool = False  # let a run start behind the run folder's checkpoints, deleting them (else refused)
     checksums: bool = True  # sha256 of every file, recorded at save and verified at load (false: sizes only)
+    async_save: bool = False  # megatron: write the checkpoint in the background while training goes on
     export_official: bool = True  # also write the EMA weights in the official layout at the end
 
 
@@ -141,6 +142,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.data.micro_batch > 0 and cfg.data.global_batch > 0, "data.micro_batch and data.global_batch must be > 0"),
         (0.0 <= cfg.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
         (cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}"),
+        (
+            not cfg.checkpoint.async_save or cfg.engine.kind == "megatron",
+            "checkpoint.async_save needs engine.kind=megatron (DeepSpeed checkpoints are written synchronously)",
+        ),
         *_range_checks(cfg),
         (cfg.logging.wandb in ("auto", "online", "offline", "disabled"), "logging.wandb: auto|online|offline|disabled"),
         (

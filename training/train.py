@@ -209,6 +209,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
             if state.step % cfg.logging.every == 0 or state.step == 1 or final_step or not result.applied:
                 log.log(state.step, values)
             log.advance()
+            engine.poll_saves()  # finish a background checkpoint write that is done
             maybe_kill("step", state.step)
             maybe_kill_rank(state.step, resumed=resume is not None)
             maybe_sigterm(state.step)
@@ -220,14 +221,17 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                 )
             if preempt.requested():  # the same answer on every rank
                 checkpoint()
+                engine.wait_saves()
                 if rank == 0:
                     print(f"SIGTERM: checkpoint written at step {state.step}; exiting", flush=True)
                 return state
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
                 checkpoint()
+        engine.wait_saves()
         last = latest_checkpoint(cfg.run_dir, quiet=True)
         if last is None or last.name != f"step_{state.step:08d}":
             checkpoint()
+            engine.wait_saves()
         if cfg.checkpoint.export_official and rank == 0:
             if engine.full_model_on_rank0:
                 out = Path(cfg.run_dir) / "export"

@@ -5,6 +5,7 @@ and the run-directory code (`training.checkpoint`) talk to them only through `En
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -69,6 +70,16 @@ class Engine(Protocol):
     def save_state(self, directory: Path, ema: EMA) -> tuple[dict, dict]:
         """Write model, EMA and optimizer state into the checkpoint `directory` (every rank calls this). Returns
         (this rank's extra tensors for its `rank_*.pt`, fields for `trainer.json`)."""
+
+    def when_saved(self, finalize: Callable[[], None]) -> None:
+        """Run `finalize` (every rank) once the state `save_state` started is on disk: at once when it was written
+        synchronously, else when the background write completes (`poll_saves` / `wait_saves`)."""
+
+    def poll_saves(self) -> None:
+        """Finish background checkpoint writes that are done (every rank, at the same points; cheap otherwise)."""
+
+    def wait_saves(self) -> None:
+        """Block until every background checkpoint write is on disk and finalized (every rank)."""
 
     def load_state(self, directory: Path, ema: EMA, trainer: dict, per_rank: dict | None) -> Resume:
         """Restore model, EMA and optimizer state. Returns what else applies to this run: "all" (this rank's RNG and

@@ -123,6 +123,15 @@ class DeepSpeedEngine:
                 save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(directory / "ema.safetensors"))
         return per_rank, {}
 
+    def when_saved(self, finalize) -> None:
+        finalize()  # DeepSpeed's state is on disk when save_state returns
+
+    def poll_saves(self) -> None:
+        pass
+
+    def wait_saves(self) -> None:
+        pass
+
     def load_state(self, directory: Path, ema, trainer: dict, per_rank: dict | None) -> Resume:
         """Same world size: everything, exactly. Another world size (ZeRO 0-2): weights, EMA and the optimizer state
         re-partitioned for this layout; the data stream is resized and RNG states start fresh."""

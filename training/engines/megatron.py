@@ -107,6 +107,10 @@ class MegatronEngine:
         ) != (p.tp, p.pp, p.virtual_pp):
             raise ValueError("megatron's model-parallel state is already initialised with another layout")
         self.ps = parallel_state
+        self._pending = None  # a background checkpoint write not yet scheduled (checkpoint.async_save)
+        self._queue = None  # megatron's AsyncCallsQueue, made at the first background write
+        if cfg.checkpoint.async_save:
+            self._start_async_writer()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         cuda = torch.cuda.is_available()
@@ -393,7 +397,8 @@ class MegatronEngine:
 
     def save_state(self, directory: Path, ema) -> tuple[dict, dict]:
         self._sync_params()
-        self.save(directory / DIST, ema)
+        self.wait_saves()  # one background write at a time
+        self._pending = self.save(directory / DIST, ema, async_save=self.cfg.checkpoint.async_save)
         section = megatron_section(self.model_cfg, **self.layout(), contents=["model", "ema", "optimizer"])
         return {}, {"megatron": section}
 
@@ -420,12 +425,49 @@ class MegatronEngine:
             )
         return "loader" if same_dp else "resized"
 
-    def save(self, directory: Path, ema) -> None:
-        """Model, EMA and optimizer state into a dist_checkpointing directory (every rank calls this)."""
+    def save(self, directory: Path, ema, async_save: bool = False):
+        """Model, EMA and optimizer state into a dist_checkpointing directory (every rank calls this). With
+        `async_save` the files are written in the background (megatron's async save: a snapshot taken now, written
+        by a forked process); returns the pending request, which `when_saved` schedules."""
         model = self._model_sharded()
         ema_state = self._ema_sharded(ema, model, ema.full())
         state = {**model, **ema_state, "optimizer": self._optimizer_sharded(model, False)}
-        save_dist(state, directory)
+        return save_dist(state, directory, async_save=async_save)
+
+    # ---- background checkpoint writes (checkpoint.async_save) ----
+
+    def when_saved(self, finalize) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            finalize()
+            return
+        pending.finalize_fns.append(finalize)
+        self._async_queue().schedule_async_request(pending)
+
+    def _async_queue(self):
+        if self._queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue()
+        return self._queue
+
+    @staticmethod
+    def _start_async_writer() -> None:
+        """megatron's async writer reports through a multiprocessing manager it starts (a fresh interpreter, seconds)
+        at the first async save; start it with the engine so that cost is not paid inside a training step."""
+        try:
+            from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
+        except ImportError:  # another megatron-core version: the first save starts it
+            return
+        _get_write_results_queue()
+
+    def poll_saves(self) -> None:
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait_saves(self) -> None:
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=True)
 
     @torch.no_grad()
     def load(self, directory: Path, ema=None, optimizer: bool = True) -> None:

@@ -82,15 +82,23 @@ def _host_save_strategy():
     return HostSaveStrategy()
 
 
-def save_dist(state: dict, directory: Path) -> None:
-    """`dist_checkpointing.save` on every rank (megatron's writer on GPU machines, `HostSaveStrategy` without CUDA)."""
+def save_dist(state: dict, directory: Path, async_save: bool = False):
+    """`dist_checkpointing.save` on every rank (megatron's writer on GPU machines, `HostSaveStrategy` without CUDA).
+    `async_save`: megatron's torch_dist writer in its asynchronous form; returns the pending `AsyncRequest` (files
+    are written when it is scheduled on an `AsyncCallsQueue`, and `metadata.json` by its finalize step)."""
     from megatron.core import dist_checkpointing
 
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
+    if async_save:
+        from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+        strategy = TorchDistSaveShardedStrategy("torch_dist", 1)
+        return dist_checkpointing.save(state, str(directory), sharded_strategy=strategy, async_sharded_save=True)
     strategy = None if torch.cuda.is_available() else _host_save_strategy()
     dist_checkpointing.save(state, str(directory), sharded_strategy=strategy)
+    return None
 
 
 # ---- side file ----------------------------------------------------------------------------------------------------
