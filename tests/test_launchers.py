@@ -452,5 +452,12 @@ def test_nccl_env_file_holds_real_variable_names_and_sources_like_it_reads():
     )
     sourced = dict(item.split("=", 1) for item in r.stdout.decode().split("\0") if "=" in item)
     active = read_env_file(REPO / "cluster" / "nccl.env")
-    assert active == {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    assert active == {
+        "NCCL_DEBUG": "WARN",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",  # read by torch's elastic rendezvous (a Python module)
+    }
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" in Path(dynamic_rendezvous.__file__).read_text()
     assert {k: sourced.get(k) for k in names} == {k: active.get(k) for k in names}
