@@ -16,10 +16,12 @@ Loading uses safetensors and `torch.load(weights_only=True)` only.
 
     python -m training.checkpoint reshard --src <ckpt> --dst <ckpt> --tp N --pp M [--virtual-pp V]
     python -m training.checkpoint export --src <ckpt> --dst <official folder> --text-tokenizer <folder>
-        --image-tokenizer <ae.safetensors> [--weights auto|model|ema]
+        --image-tokenizer <ae.safetensors> [--weights auto|model|ema] [--dtype bf16|fp32]
     python -m training.checkpoint import --src <official folder | HF Qwen3 folder> --dst <ckpt> --tp N --pp M
         [--model 14B-16x] [--vocab-size V] [--seed S]
-A `--src` may also be a run directory (its `checkpoints/latest` is used). All three run on CPU-only machines.
+A `--src` may also be a run directory (its `checkpoints/latest` is used). All three run on CPU-only machines, in one
+process that streams one decoder layer at a time (training/engines/checkpoint_stream.py): export writes one
+`model-0000i-of-0000N.safetensors` per layer (bf16 by default, as the official folders).
 """
 
 from __future__ import annotations
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--text-tokenizer", required=True, help="text tokenizer folder (Hugging Face files)")
     e.add_argument("--image-tokenizer", required=True, help="image tokenizer weights (ae safetensors)")
     e.add_argument("--weights", choices=("auto", "model", "ema"), default="auto", help="auto: EMA when saved")
+    e.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of the exported weights")
     i.add_argument("--model", default=None, help="named T2I config for the head of a Qwen3 import, e.g. 14B-16x")
     i.add_argument("--vocab-size", type=int, default=None, help="resize the text vocabulary (new rows: mean)")
     i.add_argument("--seed", type=int, default=0, help="initialisation of the new head and projector")
@@ -192,7 +195,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "reshard":
             out = mc.reshard(src, dst, args.tp, args.pp, args.virtual_pp)
         elif args.command == "export":
-            out = mc.export_folder(src, dst, Path(args.text_tokenizer), Path(args.image_tokenizer), args.weights)
+            out = mc.export_folder(
+                src, dst, Path(args.text_tokenizer), Path(args.image_tokenizer), args.weights, args.dtype
+            )
         else:
             out = mc.import_folder(src, dst, args.tp, args.pp, args.model, args.vocab_size, args.seed)
     except ImportError as err:
