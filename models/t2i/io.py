@@ -74,6 +74,35 @@ def llm_weight_files(folder: Path) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), path)
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: Path, names) -> dict[str, torch.Tensor]:
+    """The named tensors of a safetensors file, each read with a plain file read into its own buffer (no memory map:
+    the process keeps only what it returns, which a streaming reader's memory bound relies on)."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        out = {}
+        for name in names:
+            entry = header[name]
+            start, end = entry["data_offsets"]
+            f.seek(8 + header_len + start)
+            buf = bytearray(f.read(end - start))
+            flat = torch.frombuffer(buf, dtype=_SAFETENSORS_DTYPES[entry["dtype"]]) if buf else torch.empty(0)
+            out[name] = flat.view(entry["shape"])
+    return out
+
+
 def head_config_from_json(d: dict) -> HeadConfig:
     """The T2I head (head_dim 128, 2*sigmoid-1 output) described by `vision_head_config.json`."""
     missing = [k for k in HEAD_JSON_KEYS if k not in d]

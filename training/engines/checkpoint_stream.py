@@ -111,12 +111,11 @@ class FolderLayers:
         self.official = (folder / "vision_head_config.json").is_file()
 
     def _tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
+        from models.t2i.io import read_safetensors
 
         out = {}
         for path in dict.fromkeys(self.files[n] for n in names):
-            with safe_open(str(path), "pt") as f:
-                out.update({n: f.get_tensor(n) for n in names if self.files[n] == path})
+            out.update(read_safetensors(path, [n for n in names if self.files[n] == path]))
         return out
 
     def read(self, group: int) -> Group:
