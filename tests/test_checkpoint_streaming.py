@@ -26,7 +26,7 @@ from helpers.megatron_cpu import save_result, spawn  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from models.t2i.io import export_t2i_folder, load_t2i_folder  # noqa: E402
-from models.t2i.megatron.mapping import reference_to_megatron, split_tp  # noqa: E402
+from models.t2i.megatron.mapping import reference_to_megatron, split_tp, tp_split  # noqa: E402
 from models.t2i.model import TextToImageBitDance, get_t2i_config  # noqa: E402
 from models.t2i.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer  # noqa: E402
 from models.tokenizer.io import load_tokenizer, save_tokenizer  # noqa: E402
@@ -266,8 +266,9 @@ def test_reshard_reads_each_source_layer_once(imported, tmp_path):
     fetch = single_process(reshard_streaming, src, tmp_path / "r", 1, 1)
     assert fetch.reads == LAYERS + 1
     meta = single_process(tensor_meta, src / DIST)
-    items = sum(shape[0] if ".decoder.layers." in k else 1 for k, (shape, _) in meta.items())
-    assert len(list((tmp_path / "r" / DIST).glob("*.distcp"))) == items  # one file per chunk
+    # one file per chunk: per layer for stacked keys, fc1 as two pieces ([gate; up]) even at TP=1
+    items = sum((shape[0] if ".decoder.layers." in k else 1) * tp_split(k)[1] for k, (shape, _) in meta.items())
+    assert len(list((tmp_path / "r" / DIST).glob("*.distcp"))) == items
 
 
 # ---- the megatron engine's model.init_from=<folder> -----------------------------------------------------------------

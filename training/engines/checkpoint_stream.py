@@ -16,6 +16,7 @@ It owns the layer-at-a-time sources, the lazy writer and the streamed tools:
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -33,8 +34,6 @@ from training.engines.megatron_checkpoint import (
     layout_shards,
     megatron_section,
     model_key,
-    read_trainer,
-    t2i_config_from_dict,
     tensor_meta,
 )
 
@@ -78,23 +77,37 @@ def read_chunks(directory: Path, chunks: dict) -> None:
     torch.distributed.checkpoint's resharding reads (each stored item read once, copied into the regions it
     overlaps). Needs a process group."""
     from torch.distributed import checkpoint as dcp
+
+    planner = _chunk_load_planner()(chunks)
+    dcp.load({}, storage_reader=dcp.FileSystemReader(str(directory)), planner=planner)
+    planner.chunks = None  # the planner may live on in a reference cycle: it must not keep a layer alive
+
+
+@functools.cache
+def _chunk_load_planner():
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
     class ChunkLoadPlanner(DefaultLoadPlanner):
+        """Reads the given regions of stored tensors (no state dict: the targets are the chunks' tensors)."""
+
+        def __init__(self, chunks: dict):
+            super().__init__()
+            self.chunks = chunks
+
         def create_local_plan(self):
             items = []
-            for key, (offsets, t) in chunks.items():
+            for key, (offsets, t) in self.chunks.items():
                 want = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=t.shape)
                 items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [want])
             return LoadPlan(items)
 
         def lookup_tensor(self, index):
-            return chunks[index.fqn][1]
+            return self.chunks[index.fqn][1]
 
-    dcp.load({}, storage_reader=dcp.FileSystemReader(str(directory)), planner=ChunkLoadPlanner())
+    return ChunkLoadPlanner
 
 
 class FolderLayers:
@@ -315,25 +328,27 @@ def export_streaming(src: Path, dst: Path, cfg, weights: str, text_tok, image_to
     n = cfg.llm.num_hidden_layers
     dst.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0
-    cast = lambda state: {k: v.to(dtype).contiguous() for k, v in state.items()}  # noqa: E731
     for i in range(n):
         layer = {k[len(prefix) + len(LAYER_KEY) :]: v for k, v in source.read(i).items()}
-        state = cast({f"model.layers.{i}.{k}": v for k, v in layer_to_reference(layer, cfg.llm, "te").items()})
+        ref = {f"model.layers.{i}.{k}": v for k, v in layer_to_reference(layer, cfg.llm, "te").items()}
+        del layer  # the fused qkv / fc1 go; the reference tensors are cast one by one, each original freed
+        state = _cast(ref, dtype)
         weight_map.update(save_llm_shard(dst, shard_name(i + 1, n + 1), state))
         total += sum(t.nbytes for t in state.values())
-        del layer, state
+        del state
     top = top_to_reference({k[len(prefix) :]: v for k, v in source.read(TOP).items()})
-    llm = cast({k.removeprefix("llm."): v for k, v in top.items() if k.startswith("llm.")})
+    llm = _cast({k.removeprefix("llm."): v for k, v in top.items() if k.startswith("llm.")}, dtype)
     weight_map.update(save_llm_shard(dst, shard_name(n + 1, n + 1), llm))
     write_llm_index(dst, weight_map, total + sum(t.nbytes for t in llm.values()))
     write_llm_config(dst, cfg.llm, dtype)
-    part = lambda p: cast({k[len(p) + 1 :]: v for k, v in top.items() if k.startswith(p + ".")})  # noqa: E731
+    part = lambda p: _cast({k[len(p) + 1 :]: v for k, v in top.items() if k.startswith(p + ".")}, dtype)  # noqa: E731
     write_t2i_parts(dst, cfg, text_tok, image_tok, part("vision_head"), part("projector"))
     return dst
 
 
-def checkpoint_config(src: Path):
-    return t2i_config_from_dict(read_trainer(src)["megatron"]["model"])
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state` in `dtype`, contiguous; each source tensor is dropped from `state` as soon as it is cast."""
+    return {k: state.pop(k).to(dtype).contiguous() for k in list(state)}
 
 
 # ---- a rank's shard from a source (the engine's model.init_from=<folder>) -------------------------------------------
