@@ -20,10 +20,12 @@ safetensors and `torch.load(weights_only=True)` only (megatron's pickled DCP met
 
     python -m training.checkpoint reshard --src <ckpt> --dst <ckpt> --tp N --pp M [--virtual-pp V] [--no-checksums]
     python -m training.checkpoint export --src <ckpt> --dst <official folder> --text-tokenizer <folder>
-        --image-tokenizer <ae.safetensors> [--weights auto|model|ema] [--no-checksums]
+        --image-tokenizer <ae.safetensors> [--weights auto|model|ema] [--dtype bf16|fp32] [--no-checksums]
     python -m training.checkpoint import --src <official folder | HF Qwen3 folder> --dst <ckpt> --tp N --pp M
         [--model 14B-16x] [--vocab-size V] [--seed S]
-A `--src` may also be a run directory (its `checkpoints/latest` is used). All three run on CPU-only machines.
+A `--src` may also be a run directory (its `checkpoints/latest` is used). All three run on CPU-only machines, in one
+process that streams one decoder layer at a time (training/engines/checkpoint_stream.py): export writes one
+`model-0000i-of-0000N.safetensors` per layer (bf16 by default, as the official folders).
 """
 
 from __future__ import annotations
@@ -264,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--text-tokenizer", required=True, help="text tokenizer folder (Hugging Face files)")
     e.add_argument("--image-tokenizer", required=True, help="image tokenizer weights (ae safetensors)")
     e.add_argument("--weights", choices=("auto", "model", "ema"), default="auto", help="auto: EMA when saved")
+    e.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of the exported weights")
     i.add_argument("--model", default=None, help="named T2I config for the head of a Qwen3 import, e.g. 14B-16x")
     i.add_argument("--vocab-size", type=int, default=None, help="resize the text vocabulary (new rows: mean)")
     i.add_argument("--seed", type=int, default=0, help="initialisation of the new head and projector")
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
             out = mc.reshard(src, dst, args.tp, args.pp, args.virtual_pp, not args.no_checksums)
         elif args.command == "export":
             tokenizers = Path(args.text_tokenizer), Path(args.image_tokenizer)
-            out = mc.export_folder(src, dst, *tokenizers, args.weights, not args.no_checksums)
+            out = mc.export_folder(src, dst, *tokenizers, args.weights, args.dtype, not args.no_checksums)
         else:
             out = mc.import_folder(src, dst, args.tp, args.pp, args.model, args.vocab_size, args.seed)
     except ImportError as err:

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models.core.diffusion_head import HeadConfig
@@ -62,6 +63,46 @@ def read_llm_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(_require(folder / "model.safetensors")))
 
 
+def llm_weight_files(folder: Path) -> dict[str, Path]:
+    """{Qwen3 tensor name: the safetensors file holding it} of a folder (index json, or one `model.safetensors`),
+    reading only headers."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        return {k: _require(folder / v) for k, v in json.loads(index.read_text())["weight_map"].items()}
+    path = _require(folder / "model.safetensors")
+    with safe_open(str(path), "pt") as f:
+        return dict.fromkeys(f.keys(), path)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: Path, names) -> dict[str, torch.Tensor]:
+    """The named tensors of a safetensors file, each read with a plain file read into its own buffer (no memory map:
+    the process keeps only what it returns, which a streaming reader's memory bound relies on)."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        out = {}
+        for name in names:
+            entry = header[name]
+            start, end = entry["data_offsets"]
+            f.seek(8 + header_len + start)
+            buf = bytearray(f.read(end - start))
+            flat = torch.frombuffer(buf, dtype=_SAFETENSORS_DTYPES[entry["dtype"]]) if buf else torch.empty(0)
+            out[name] = flat.view(entry["shape"])
+    return out
+
+
 def head_config_from_json(d: dict) -> HeadConfig:
     """The T2I head (head_dim 128, 2*sigmoid-1 output) described by `vision_head_config.json`."""
     missing = [k for k in HEAD_JSON_KEYS if k not in d]
@@ -70,10 +111,10 @@ def head_config_from_json(d: dict) -> HeadConfig:
     return HeadConfig(**{k: d[k] for k in HEAD_JSON_KEYS}, head_dim=128, sigmoid_output=True)
 
 
-def load_t2i_folder(
+def t2i_folder_config(
     folder: str | Path, attention: str = "auto", image_sizes: tuple | None = None, device: str = "cpu"
-) -> tuple[TextToImageBitDance, T2ITextTokenizer, BinaryAutoencoder]:
-    """Load (model, text tokenizer, image tokenizer) from an official-layout folder, every part strictly."""
+) -> tuple[T2IConfig, BinaryAutoencoder]:
+    """(model config, image tokenizer) of an official-layout folder, without reading the model weights."""
     folder = Path(folder)
     llm_cfg = Qwen3Config.from_hf_dict(_read_json(folder / "config.json"))
     head_cfg = head_config_from_json(_read_json(folder / "vision_head_config.json"))
@@ -91,7 +132,16 @@ def load_t2i_folder(
     )
     if image_sizes is not None:
         kw["image_sizes"] = tuple(tuple(s) for s in image_sizes)
-    cfg = T2IConfig(**kw)
+    return T2IConfig(**kw), image_tok
+
+
+def load_t2i_folder(
+    folder: str | Path, attention: str = "auto", image_sizes: tuple | None = None, device: str = "cpu"
+) -> tuple[TextToImageBitDance, T2ITextTokenizer, BinaryAutoencoder]:
+    """Load (model, text tokenizer, image tokenizer) from an official-layout folder, every part strictly."""
+    folder = Path(folder)
+    cfg, image_tok = t2i_folder_config(folder, attention, image_sizes, device)
+    llm_cfg, head_cfg = cfg.llm, cfg.head
     with torch.device("meta"):
         model = TextToImageBitDance(cfg)
     load_state_dict_strict(model.llm, read_llm_state_dict(folder), f"Qwen3 backbone in {folder}", assign=True)
@@ -104,14 +154,19 @@ def load_t2i_folder(
     return model.to(device).eval(), text_tok, image_tok
 
 
+def qwen3_t2i_config(folder: str | Path, base_cfg: T2IConfig) -> T2IConfig:
+    """`base_cfg` with the backbone of a Hugging Face Qwen3 folder's `config.json` (the head's `ch_cond` follows)."""
+    llm = Qwen3Config.from_hf_dict(_read_json(Path(folder) / "config.json"))
+    return replace(base_cfg, llm=llm, head=replace(base_cfg.head, ch_cond=llm.hidden_size))
+
+
 def t2i_from_qwen3_folder(folder: str | Path, base_cfg: T2IConfig, stored_dtype: bool = False) -> TextToImageBitDance:
     """A T2I model of `base_cfg` whose backbone is the Qwen3 of a Hugging Face folder (its `config.json` replaces
     `base_cfg.llm`, the head's `ch_cond` follows the hidden size), loaded strictly. Projector and head start fresh
     from the default generator (seed it first). The model is in the default dtype with the weights cast into it, or
     with `stored_dtype` in the dtype the weights are stored in."""
     folder = Path(folder)
-    llm = Qwen3Config.from_hf_dict(_read_json(folder / "config.json"))
-    model = TextToImageBitDance(replace(base_cfg, llm=llm, head=replace(base_cfg.head, ch_cond=llm.hidden_size)))
+    model = TextToImageBitDance(qwen3_t2i_config(folder, base_cfg))
     weights = read_llm_state_dict(folder)
     if stored_dtype:
         model.to(next(iter(weights.values())).dtype)
@@ -136,6 +191,44 @@ def _plain(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
+def shard_name(i: int, n: int) -> str:
+    """The Hugging Face name of LLM shard `i` (from 1) of `n`."""
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def save_llm_shard(out: Path, name: str, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """One LLM safetensors file; returns its part of the index's weight map."""
+    save_file(state, str(out / name), metadata={"format": "pt"})
+    return dict.fromkeys(state, name)
+
+
+def write_llm_index(out: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_llm_config(out: Path, llm: Qwen3Config, dtype: torch.dtype) -> None:
+    (out / "config.json").write_text(json.dumps(llm.to_hf_dict(str(dtype).removeprefix("torch.")), indent=2) + "\n")
+
+
+def write_t2i_parts(
+    out: Path,
+    cfg: T2IConfig,
+    text_tok: T2ITextTokenizer,
+    image_tok: BinaryAutoencoder,
+    vision_head: dict[str, torch.Tensor],
+    projector: dict[str, torch.Tensor],
+) -> None:
+    """Everything of the official layout but the LLM: image tokenizer, vision head (config and weights, `net.*`),
+    projector (`fc1.*`, `fc2.*`) and the text tokenizer files."""
+    save_tokenizer(image_tok, image_tok.config, out)
+    head = {k: getattr(cfg.head, k) for k in HEAD_JSON_KEYS}
+    (out / "vision_head_config.json").write_text(json.dumps(head, indent=2) + "\n")
+    save_file(vision_head, str(out / "vision_head.safetensors"))
+    save_file(projector, str(out / "projector.safetensors"))
+    text_tok.save(out)
+
+
 def export_t2i_folder(
     model: TextToImageBitDance,
     text_tok: T2ITextTokenizer,
@@ -147,24 +240,14 @@ def export_t2i_folder(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     llm_state = _plain(model.llm)
-    dtype = str(next(iter(llm_state.values())).dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(model.cfg.llm.to_hf_dict(dtype), indent=2) + "\n")
+    write_llm_config(out, model.cfg.llm, next(iter(llm_state.values())).dtype)
     shards = _shards(llm_state, max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
     else:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in llm_state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    save_tokenizer(image_tok, image_tok.config, out)
-    head = {k: getattr(model.cfg.head, k) for k in HEAD_JSON_KEYS}
-    (out / "vision_head_config.json").write_text(json.dumps(head, indent=2) + "\n")
-    save_file(_plain(model.vision_head), str(out / "vision_head.safetensors"))
-    save_file(_plain(model.projector), str(out / "projector.safetensors"))
-    text_tok.save(out)
+            weight_map.update(save_llm_shard(out, shard_name(i, len(shards)), shard))
+        write_llm_index(out, weight_map, sum(t.numel() * t.element_size() for t in llm_state.values()))
+    write_t2i_parts(out, model.cfg, text_tok, image_tok, _plain(model.vision_head), _plain(model.projector))
     return out

@@ -124,6 +124,17 @@ def get_t2i_config(name: str, **overrides) -> T2IConfig:
     return replace(base, **overrides)
 
 
+def resized_rows(weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """An embedding / LM-head matrix with `vocab_size` rows: the first rows kept, new rows at the mean of the old."""
+    if vocab_size == weight.shape[0]:
+        return weight
+    out = weight.new_empty((vocab_size, *weight.shape[1:]))
+    keep = min(weight.shape[0], vocab_size)
+    out[:keep] = weight[:keep]
+    out[keep:] = weight.mean(dim=0, keepdim=True)
+    return out
+
+
 def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """[sin(n w_i), cos(n w_i)] with w_i = 1 / 10000^(i / (dim/2)), i < dim/2: [N] -> [N, dim]."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float32, device=positions.device) / (dim / 2))
@@ -276,11 +287,9 @@ class TextToImageBitDance(nn.Module):
         new_head = nn.Linear(
             head.in_features, vocab_size, bias=False, device=head.weight.device, dtype=head.weight.dtype
         )
-        keep = min(old, vocab_size)
         with torch.no_grad():
             for new, cur in ((new_emb.weight, emb.weight), (new_head.weight, head.weight)):
-                new[:keep] = cur[:keep]
-                new[keep:] = cur.mean(dim=0, keepdim=True)
+                new.copy_(resized_rows(cur, vocab_size))
         self.llm.model.embed_tokens, self.llm.lm_head = new_emb, new_head
         self.cfg.llm = replace(self.cfg.llm, vocab_size=vocab_size)
         self.llm.cfg = self.llm.model.cfg = self.cfg.llm

@@ -120,7 +120,7 @@ def build_engine(cfg: TrainConfig, task: Task, grad_accum: int) -> Engine:
         from training.engines.megatron import MegatronEngine
 
         reference, task.model = task.model, None  # the engine takes the weights; its chunks replace the model
-        return MegatronEngine(cfg, task.model_cfg, reference, task.init_checkpoint)
+        return MegatronEngine(cfg, task.model_cfg, reference, task.init_checkpoint, task.init_folder)
     from training.engines.deepspeed import DeepSpeedEngine
     from training.optim import build_optimizer
 

@@ -89,9 +89,11 @@ class MegatronEngine:
         model_cfg: T2IConfig,
         reference: TextToImageBitDance | None = None,
         init_checkpoint: Path | None = None,
+        init_folder: Path | None = None,
     ):
-        """Model chunks from megatron's own initialisation, or the weights of `reference` (a full model) or of a
-        megatron checkpoint's model (`init_checkpoint`)."""
+        """Model chunks from megatron's own initialisation, or the weights of `reference` (a full model), of a
+        megatron checkpoint's model (`init_checkpoint`) or of an official / Hugging Face Qwen3 folder (`init_folder`,
+        read by every rank for its own shard only)."""
         from megatron.core import parallel_state, tensor_parallel
 
         self.cfg, self.model_cfg, self.par = cfg, model_cfg, parallel_config(cfg)
@@ -128,8 +130,10 @@ class MegatronEngine:
         elif init_checkpoint is not None:
             verify_checkpoint(init_checkpoint, cfg.checkpoint.checksums)
             self.load(Path(init_checkpoint) / DIST, ema=None, optimizer=False)
+        elif init_folder is not None:
+            self._load_folder(Path(init_folder))
         self.ddp = self._wrap()  # copies the weights into megatron's contiguous buffers
-        if reference is None and init_checkpoint is None:
+        if reference is None and init_checkpoint is None and init_folder is None:
             for m in self.ddp:
                 m.broadcast_params()
         self.optimizer = self._build_optimizer()
@@ -161,6 +165,22 @@ class MegatronEngine:
             start = get_transformer_layer_offset(chunk.config, chunk.vp_stage)
             part = chunk_state(full, start, len(chunk.decoder.layers), chunk.pre_process, chunk.post_process)
             load_model_state(chunk, split_tp(part, self.par.tp)[tp_rank])
+
+    @torch.no_grad()
+    def _load_folder(self, folder: Path) -> None:
+        """This rank's shard (its stages' layers, its TP pieces) from an official or Hugging Face Qwen3 folder, read one
+        layer at a time through the checkpoint tools' lazy fetcher (`checkpoint_stream`), never the whole model. The
+        folder's vocabulary is resized to the model's (new rows: the mean); a Qwen3 folder's projector and head start
+        fresh from `seed`."""
+        from training.engines.checkpoint_stream import Fetcher, FolderLayers, fill_sharded
+
+        source = FolderLayers(folder, self.model_cfg, self.cfg.seed)
+        self._apply_model(fill_sharded(self._model_sharded(), Fetcher(source.read)))
+
+    def _apply_model(self, loaded: dict) -> None:
+        """Each chunk's weights from a loaded model state ({`model<i>`: {`model.<name>`: tensor}})."""
+        for i, chunk in enumerate(self.chunks):
+            load_model_state(chunk, {k.removeprefix("model."): v for k, v in loaded[f"model{i}"].items()})
 
     def _wrap(self) -> list:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -482,8 +502,7 @@ class MegatronEngine:
         if optimizer:
             state["optimizer"] = self._optimizer_sharded(model, True)
         loaded = dist_checkpointing.load(state, dist_path(directory))
-        for i, chunk in enumerate(self.chunks):
-            load_model_state(chunk, {k.removeprefix("model."): v for k, v in loaded[f"model{i}"].items()})
+        self._apply_model(loaded)
         if ema is not None:
             ema.load_full(
                 {

@@ -26,7 +26,7 @@ import json
 import re
 import shutil
 import socket
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,7 +36,7 @@ import torch.distributed as dist
 from models.core.diffusion_head import HeadConfig
 from models.t2i.megatron.config import MegatronParallelConfig, validate_parallel
 from models.t2i.megatron.mapping import stage_layers, tp_split
-from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config
+from models.t2i.model import T2IConfig
 from models.t2i.qwen3 import Qwen3Config
 from training.checkpoint_integrity import CheckpointError, check_dcp_metadata, verify_checkpoint, write_manifest
 
@@ -235,18 +235,6 @@ def load_full(directory: Path, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def stacked(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, tuple]:
-    """Checkpoint tensor metadata {`model.<key>`: (global shape, dtype)} of a full megatron state (layers stacked)."""
-    meta = {}
-    for key, t in state.items():
-        if key.startswith(LAYER_KEY):
-            rest = key[len(LAYER_KEY) :].split(".", 1)[1]
-            meta[f"model.{LAYER_KEY}{rest}"] = ((num_layers, *t.shape), t.dtype)
-        else:
-            meta[f"model.{key}"] = (tuple(t.shape), t.dtype)
-    return meta
-
-
 # ---- process groups for the offline tools -------------------------------------------------------------------------
 
 
@@ -269,75 +257,28 @@ def single_process(fn, *args):
         dist.destroy_process_group()
 
 
-# ---- import / export / reshard ------------------------------------------------------------------------------------
-
-
-def _fresh_dir(dst: Path) -> None:
+def fresh_dir(dst: Path) -> None:
+    """A new, empty checkpoint directory (with its `dist/`); an existing non-empty one is an error."""
     if dst.exists() and any(dst.iterdir()):
         raise CheckpointError(f"destination {dst} exists and is not empty; choose a new directory")
     (dst / DIST).mkdir(parents=True, exist_ok=True)
 
 
-def write_model_checkpoint(state: dict[str, torch.Tensor], cfg: T2IConfig, dst: Path, tp: int, pp: int) -> Path:
-    """A model-only megatron checkpoint of a full megatron state (TE-spec names), chunked for (tp, pp)."""
-    check_layout(cfg, tp, pp)
-    _fresh_dir(dst)
-    meta = stacked(state, cfg.llm.num_hidden_layers)
-
-    def chunk(key, index, shape, dtype):
-        name = key[len("model.") :]
-        if name.startswith(LAYER_KEY):
-            rest = name[len(LAYER_KEY) :]
-            return state[f"{LAYER_KEY}{index[0]}.{rest}"][index[1:]].clone()
-        return state[name][index].clone()
-
-    shards = layout_shards(meta, tp, pp, range(pp), range(tp), chunk)
-    single_process(save_dist, {"tensors": shards}, dst / DIST)
-    trainer = {"step": 0, "megatron": megatron_section(cfg, tp, pp, None, None, ["model"])}
-    (dst / TRAINER).write_text(json.dumps(trainer, indent=2) + "\n")
-    write_manifest(dst)
-    return dst
-
-
-def reference_from_hf(folder: Path, model_name: str, vocab_size: int | None, seed: int) -> TextToImageBitDance:
-    """A T2I model whose backbone is the Qwen3 of a Hugging Face folder; projector and head freshly initialised
-    (seeded) in the backbone's dtype; the vocabulary resized to `vocab_size` when given."""
-    from models.t2i.io import t2i_from_qwen3_folder
-
-    torch.manual_seed(seed)
-    model = t2i_from_qwen3_folder(folder, get_t2i_config(model_name), stored_dtype=True)
-    if vocab_size is not None:
-        model.resize_vocab(vocab_size)
-    return model
+# ---- import / export / reshard ------------------------------------------------------------------------------------
 
 
 def import_folder(
     src: Path, dst: Path, tp: int, pp: int, model_name: str | None = None, vocab_size: int | None = None, seed: int = 0
 ) -> Path:
-    """Official T2I folder (`vision_head_config.json` present) or Hugging Face Qwen3 folder -> megatron checkpoint."""
-    from models.t2i.megatron.mapping import reference_to_megatron
+    """Official T2I folder (`vision_head_config.json` present) or Hugging Face Qwen3 folder -> megatron checkpoint,
+    streamed one layer at a time (`checkpoint_stream.import_streaming`). A Qwen3 folder's projector and head start
+    fresh (seeded) in the backbone's dtype; `vocab_size` resizes the vocabulary (new rows: the mean)."""
+    from training.engines.checkpoint_stream import folder_model_config, import_streaming
 
-    if not src.is_dir():
-        raise CheckpointError(f"import source {src} does not exist")
-    if not (src / "config.json").is_file():
-        raise CheckpointError(
-            f"{src} is neither an official T2I folder nor a Hugging Face Qwen3 folder (no config.json)"
-        )
-    llm = Qwen3Config.from_hf_dict(json.loads((src / "config.json").read_text()))
-    check_layout(replace(llm, vocab_size=vocab_size or llm.vocab_size), tp, pp)  # before reading the weights
-    if (src / "vision_head_config.json").is_file():
-        from models.t2i.io import load_t2i_folder
-
-        model, _, _ = load_t2i_folder(src)
-        if vocab_size is not None:
-            model.resize_vocab(vocab_size)
-    else:
-        if model_name is None:
-            raise CheckpointError("importing a Hugging Face Qwen3 folder needs --model (e.g. 14B-16x) for the head")
-        model = reference_from_hf(src, model_name, vocab_size, seed)
-    check_layout(model.cfg, tp, pp)
-    state = reference_to_megatron({k: v.detach() for k, v in model.state_dict().items()}, model.cfg.llm, "te")
-    return write_model_checkpoint(state, model.cfg, dst, tp, pp)
+    check_layout(folder_model_config(src, model_name, vocab_size), tp, pp)  # before any process group
+    single_process(import_streaming, src, dst, tp, pp, model_name, vocab_size, seed)
+    write_manifest(dst)
+    return dst
 
 
 def export_folder(
@@ -346,13 +287,15 @@ def export_folder(
     text_tokenizer: Path,
     image_tokenizer: Path,
     weights: str = "auto",
+    dtype: str = "bf16",
     checksums: bool = True,
 ) -> Path:
-    """A megatron checkpoint's model (or EMA) weights -> official T2I folder with the given tokenizers. The
-    checkpoint's files are verified against its manifest first (sizes only without `checksums`)."""
-    from models.t2i.megatron.mapping import export_megatron_to_folder
+    """A megatron checkpoint's model (or EMA) weights -> official T2I folder with the given tokenizers, in `dtype`
+    (bf16 as the official folders, or fp32), streamed one layer at a time (`checkpoint_stream.export_streaming`).
+    The checkpoint's files are verified against its manifest first (sizes only without `checksums`)."""
     from models.t2i.text_tokenizer import T2ITextTokenizer
     from models.tokenizer.io import load_tokenizer
+    from training.engines.checkpoint_stream import DTYPES, export_streaming
 
     trainer = read_trainer(src)
     verify_checkpoint(src, checksums)
@@ -363,6 +306,8 @@ def export_folder(
         weights = "ema" if "ema" in contents else "model"
     if weights not in contents:
         raise CheckpointError(f"{src} holds no {weights} weights (it holds {contents})")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown export dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     for path in (text_tokenizer, image_tokenizer):
         if not path.exists():
             raise CheckpointError(f"tokenizer {path} does not exist")
@@ -374,41 +319,22 @@ def export_folder(
         raise CheckpointError(
             f"image tokenizer makes {image_tok.config.z_channels}-bit tokens; the model predicts {cfg.latent_dim}"
         )
-    state = single_process(load_full, src / DIST, f"{weights}.")
-    return export_megatron_to_folder(state, cfg, text_tok, image_tok, dst, layout="te")
-
-
-def _reshard_worker(rank: int, src: str, dst: str, tp: int, pp: int, port: int) -> None:
-    from megatron.core import dist_checkpointing
-
-    torch.set_num_threads(1)
-    _init_group(rank, tp * pp, port)
-    try:
-        stage, tp_rank = divmod(rank, tp)
-        meta = tensor_meta(Path(src))
-        empty = lambda key, index, shape, dtype: torch.empty(shape, dtype=dtype)  # noqa: E731
-        shards = layout_shards(meta, tp, pp, [stage], [tp_rank], empty)
-        loaded = dist_checkpointing.load({"tensors": shards}, dist_path(src))["tensors"]
-        for k, sh in shards.items():
-            sh.data = loaded[k]
-        save_dist({**dist_checkpointing.load_common_state_dict(dist_path(src)), "tensors": shards}, Path(dst))
-    finally:
-        dist.destroy_process_group()
+    return single_process(export_streaming, src, dst, cfg, weights, text_tok, image_tok, DTYPES[dtype])
 
 
 def reshard(src: Path, dst: Path, tp: int, pp: int, virtual_pp: int | None = None, checksums: bool = True) -> Path:
-    """Rewrite a megatron checkpoint (model, EMA, optimizer state) chunked for a new (tp, pp) layout, with tp * pp gloo
-    CPU processes each loading and writing its share. The source is verified against its manifest first (sizes only
-    without `checksums`); the result gets its own."""
-    import torch.multiprocessing as mp
+    """Rewrite a megatron checkpoint (model, EMA, optimizer state) chunked for a new (tp, pp) layout, in one process
+    that holds one source layer of every key at a time (`checkpoint_stream.reshard_streaming`). The source is
+    verified against its manifest first (sizes only without `checksums`); the result gets its own."""
+    from training.engines.checkpoint_stream import reshard_streaming
 
     trainer = read_trainer(src)
     verify_checkpoint(src, checksums)
     check_dcp_metadata(src / DIST)  # before anything unpickles it
     cfg = t2i_config_from_dict(trainer["megatron"]["model"])
     check_layout(cfg, tp, pp, virtual_pp)
-    _fresh_dir(dst)
-    mp.spawn(_reshard_worker, args=(str(src / DIST), str(dst / DIST), tp, pp, _free_port()), nprocs=tp * pp)
+    fresh_dir(dst)
+    single_process(reshard_streaming, src, dst, tp, pp, virtual_pp)
     section = trainer["megatron"]
     section["layout"] = {"tp": tp, "pp": pp, "virtual_pp": virtual_pp, "dp": section["layout"].get("dp")}
     (dst / TRAINER).write_text(json.dumps(trainer, indent=2) + "\n")

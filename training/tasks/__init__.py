@@ -33,6 +33,7 @@ class Task:
     model: nn.Module | None
     model_cfg: object = None
     init_checkpoint: Path | None = None  # a megatron checkpoint the engine loads itself (t2i)
+    init_folder: Path | None = None  # an official / Qwen3 folder the megatron engine reads per rank (t2i)
     current_step: int = 0  # the optimizer step being computed (set by the loop)
     evaluates_at_ends: bool = False  # also evaluate before the first step and after the last
 

@@ -41,6 +41,7 @@ class T2ITask(Task):
             raise ValueError(f"data has {self.manifest['bits_per_token']}-bit tokens, model expects {mcfg.latent_dim}")
         mcfg = replace(mcfg, llm=replace(mcfg.llm, vocab_size=self.vocab(mcfg.llm.vocab_size)))
         self.init_checkpoint: Path | None = None
+        self.init_folder: Path | None = None
         if cfg.engine.kind == "megatron":
             self.model, mcfg = self._init_megatron(mcfg)
         else:
@@ -58,9 +59,9 @@ class T2ITask(Task):
         return -(-n // tp) * tp
 
     def _init_megatron(self, mcfg) -> tuple[TextToImageBitDance | None, T2IConfig]:
-        """The megatron engine builds its own model chunks: returns the full reference model (on CPU) only when its
-        weights come from an official or Hugging Face folder; a megatron checkpoint in `model.init_from` is loaded
-        by the engine (sharded) and supplies the model config."""
+        """The megatron engine builds its own model chunks and loads `model.init_from` itself, sharded: a megatron
+        checkpoint (`init_checkpoint`, which supplies the model config) or an official / Hugging Face Qwen3 folder
+        (`init_folder`). Returns (None, the model config)."""
         from training.engines.megatron_checkpoint import is_megatron_checkpoint, model_config_of
 
         src = self.cfg.model.init_from
@@ -79,14 +80,22 @@ class T2ITask(Task):
                     f"{data_vocab}; re-import it with --vocab-size"
                 )
             return None, ckpt_cfg
-        if src:
-            device, self.device = self.device, torch.device("cpu")
-            try:
-                model = self._init_model(mcfg)
-            finally:
-                self.device = device
-            return model, model.cfg
+        if src:  # each rank reads its own shard of the folder (no full model anywhere)
+            self.init_folder = Path(src)
+            return None, self._folder_config(mcfg)
         return None, mcfg
+
+    def _folder_config(self, mcfg) -> T2IConfig:
+        """The model `model.init_from=<official or Hugging Face Qwen3 folder>` makes, without reading its weights:
+        an official folder's own config (or `mcfg` with the folder's backbone), the vocabulary resized for the data."""
+        from models.t2i.io import qwen3_t2i_config, t2i_folder_config
+
+        src = Path(self.cfg.model.init_from)
+        if (src / "vision_head_config.json").is_file():
+            cfg, _ = t2i_folder_config(src, attention=self.cfg.model.attention, image_sizes=mcfg.image_sizes)
+        else:
+            cfg = qwen3_t2i_config(src, mcfg)
+        return replace(cfg, llm=replace(cfg.llm, vocab_size=self.vocab(cfg.llm.vocab_size)))
 
     def _init_model(self, mcfg) -> TextToImageBitDance:
         src = self.cfg.model.init_from

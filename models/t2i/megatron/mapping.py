@@ -67,43 +67,68 @@ def unfuse_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int) -> tup
     return tuple(p.reshape(-1, hidden).contiguous() for p in (w[:, :per], w[:, per], w[:, per + 1]))
 
 
+def layer_to_megatron(layer: State, cfg: Qwen3Config, layout: str = "local") -> State:
+    """One decoder layer: reference names inside the layer (`self_attn.q_proj.weight`) -> megatron names
+    (`self_attention.linear_qkv.weight`), q/k/v fused per query group and [gate; up] concatenated."""
+    out = {b: layer[a] for a, b in _layer_names(layout).items()}
+    q, k, v = (layer[f"self_attn.{n}_proj.weight"] for n in "qkv")
+    out["self_attention.linear_qkv.weight"] = fuse_qkv(q, k, v, cfg.num_key_value_heads, cfg.head_dim)
+    out["mlp.linear_fc1.weight"] = torch.cat([layer["mlp.gate_proj.weight"], layer["mlp.up_proj.weight"]])
+    return out
+
+
+def layer_to_reference(layer: State, cfg: Qwen3Config, layout: str = "local") -> State:
+    """Inverse of `layer_to_megatron` (q/k/v and gate/up come out as contiguous copies)."""
+    out = {a: layer[b] for a, b in _layer_names(layout).items()}
+    qkv = layer["self_attention.linear_qkv.weight"]
+    q, k, v = unfuse_qkv(qkv, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    out.update({"self_attn.q_proj.weight": q, "self_attn.k_proj.weight": k, "self_attn.v_proj.weight": v})
+    gate, up = layer["mlp.linear_fc1.weight"].chunk(2)
+    out["mlp.gate_proj.weight"], out["mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
+    return out
+
+
+def top_to_megatron(state: State) -> State:
+    """The tensors outside the decoder layers (embeddings, final norm, LM head, projector, vision head): reference
+    names -> megatron names (keys of `state` it does not know are ignored)."""
+    out = {b: state[a] for a, b in _TOP.items() if a in state}
+    out.update({k: v for k, v in state.items() if k.startswith(_SAME_PREFIXES)})
+    return out
+
+
+def top_to_reference(state: State) -> State:
+    """Inverse of `top_to_megatron`."""
+    out = {a: state[b] for a, b in _TOP.items() if b in state}
+    out.update({k: v for k, v in state.items() if k.startswith(_SAME_PREFIXES)})
+    return out
+
+
+def _in_layer(state: State, prefix: str) -> State:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _prefixed(state: State, prefix: str) -> State:
+    return {prefix + k: v for k, v in state.items()}
+
+
 def reference_to_megatron(state: State, cfg: Qwen3Config, layout: str = "local") -> State:
     """Full megatron state (TP=1, all layers) from a `TextToImageBitDance` state dict."""
-    names, out = _layer_names(layout), {}
-    g, hd = cfg.num_key_value_heads, cfg.head_dim
+    out = {}
     for i in range(cfg.num_hidden_layers):
-        src, dst = f"{_REF_LAYER}{i}.", f"{_MEG_LAYER}{i}."
-        for a, b in names.items():
-            out[dst + b] = state[src + a]
-        q, k, v = (state[f"{src}self_attn.{n}_proj.weight"] for n in "qkv")
-        out[dst + "self_attention.linear_qkv.weight"] = fuse_qkv(q, k, v, g, hd)
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat(
-            [state[src + "mlp.gate_proj.weight"], state[src + "mlp.up_proj.weight"]]
-        )
-    for a, b in _TOP.items():
-        out[b] = state[a]
-    out.update({k: v for k, v in state.items() if k.startswith(_SAME_PREFIXES)})
+        layer = _in_layer(state, f"{_REF_LAYER}{i}.")
+        out.update(_prefixed(layer_to_megatron(layer, cfg, layout), f"{_MEG_LAYER}{i}."))
+    out.update(top_to_megatron(state))
     _check_consumed(state, out, cfg, to_megatron=True)
     return out
 
 
 def megatron_to_reference(state: State, cfg: Qwen3Config, layout: str = "local") -> State:
     """`TextToImageBitDance` state dict from a full megatron state (TP=1, all layers)."""
-    names, out = _layer_names(layout), {}
+    out = {}
     for i in range(cfg.num_hidden_layers):
-        src, dst = f"{_MEG_LAYER}{i}.", f"{_REF_LAYER}{i}."
-        for a, b in names.items():
-            out[dst + a] = state[src + b]
-        qkv = state[src + "self_attention.linear_qkv.weight"]
-        q, k, v = unfuse_qkv(qkv, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
-        out.update(
-            {f"{dst}self_attn.q_proj.weight": q, f"{dst}self_attn.k_proj.weight": k, f"{dst}self_attn.v_proj.weight": v}
-        )
-        gate, up = state[src + "mlp.linear_fc1.weight"].chunk(2)
-        out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
-    for a, b in _TOP.items():
-        out[a] = state[b]
-    out.update({k: v for k, v in state.items() if k.startswith(_SAME_PREFIXES)})
+        layer = _in_layer(state, f"{_MEG_LAYER}{i}.")
+        out.update(_prefixed(layer_to_reference(layer, cfg, layout), f"{_REF_LAYER}{i}."))
+    out.update(top_to_reference(state))
     _check_consumed(state, out, cfg, to_megatron=False)
     return out
 
