@@ -10,7 +10,8 @@ pipeline parallelism itself needs more than one rank), `attention` (FlexAttentio
 the model's attention shape: fwd and fwd+bwd time, speedup, output and input-grad differences; an fp32 equality check
 at a smaller size), `train` (BF16 `MegatronEngine.train_step` over synthetic packed micro-batches with the T2I task's
 hooks: tokens/s, MFU, peak memory) and `fp8` (the same on Transformer Engine layers, BF16 and FP8 hybrid tensorwise;
-skipped when Transformer Engine does not import).
+skipped when Transformer Engine does not import). FP8 of the DeepSpeed path (torchao, `engine.precision=fp8`) vs BF16:
+`python -m cluster.gpu_check_fp8` (cluster/GPU_CHECK.md).
 """
 
 from __future__ import annotations

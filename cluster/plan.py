@@ -617,7 +617,7 @@ def plan_all(
     """Every candidate layout, feasible ones first (fastest first), then those that do not fit, then errors."""
     cfg = get_t2i_config(name)
     attention = "flex" if train.model.attention == "auto" else train.model.attention  # auto: flex on GPU
-    how = Behaviour(attention=attention, param_bytes=2 if train.engine.precision in ("bf16", "auto") else 4)
+    how = Behaviour(attention=attention, param_bytes=2 if train.engine.precision in ("bf16", "fp8", "auto") else 4)
     plans = [plan_layout(cfg, lay, cl, train, micro_batches, how) for lay in layouts(cfg, cl)]
     fits = sorted((p for p in plans if p.fits(cl.gpu_mem_gib)), key=lambda p: (p.step_s, p.peak.total))
     over = sorted((p for p in plans if not p.error and not p.fits(cl.gpu_mem_gib)), key=lambda p: p.peak.total)

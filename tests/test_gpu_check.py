@@ -2,6 +2,7 @@
 without a GPU), and, under the CPU megatron harness, the `schedule` and `train` sections driving the product's
 MegatronEngine (the train section's MFU is `training.flops.mfu` of the steps' FLOPs)."""
 
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -109,3 +110,29 @@ def test_train_section_mfu_is_the_shared_formula(capsys):
     counts = res["params"]
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total") > 0
     assert counts["lm_head"] == counts["embedding"] == 512 * 128
+
+
+def test_gpu_check_fp8_cpu_smoke_runs_end_to_end(tmp_path):
+    """cluster/gpu_check_fp8.py --device cpu --quick: the tiny model through bf16, fp8 tensorwise and fp8 rowwise,
+    with the profiler summary and the table (the figures mean nothing on CPU)."""
+    pytest.importorskip("torchao.float8")
+    out = tmp_path / "fp8.json"
+    cmd = [sys.executable, "-m", "cluster.gpu_check_fp8", "--device", "cpu", "--quick", "--out", str(out)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "profiler by op" in run.stdout and "aten::mm" in run.stdout
+    modes = ("bf16", "fp8-tensorwise", "fp8-rowwise")
+    rows = {line.split()[0] for line in run.stdout.splitlines() if line.split()[:1] in ([m] for m in modes)}
+    assert rows == set(modes), run.stdout[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in results] == list(modes)
+    assert all(r["finite"] and r["tokens_per_s"] > 0 and 0 < r["head_share"] < 1 for r in results)
+    assert results[0]["losses"] != results[1]["losses"]  # the float8 linears are in effect
+
+
+def test_gpu_check_fp8_without_gpu_says_so():
+    from cluster import gpu_check_fp8
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert gpu_check_fp8.main([]) == 2

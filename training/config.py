@@ -18,6 +18,7 @@ from models.t2i.megatron.config import ParallelSettings
 
 MODEL_KINDS = ("t2i", "c2i", "tokenizer")
 ENGINE_KINDS = ("deepspeed", "megatron")
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 
 
 @dataclass
@@ -71,7 +72,9 @@ class ScheduleConfig:
 class EngineConfig:
     kind: str = "deepspeed"  # deepspeed | megatron (t2i only; reads the `parallel` section)
     zero_stage: int = 0  # 0-3 (deepspeed)
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp8 (deepspeed: torchao float8 backbone linears, bf16 elsewhere)
+    precision: str = "auto"
+    fp8_recipe: str = "tensorwise"  # engine.precision=fp8: tensorwise | rowwise (torchao float8 scaling)
 
 
 @dataclass
@@ -135,7 +138,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "the tokenizer trains with engine.zero_stage 0-2 (its adaptive GAN weight needs whole parameters)",
         ),
         (cfg.parallel.tp >= 1 and cfg.parallel.pp >= 1, "parallel.tp and parallel.pp must be >= 1"),
-        (cfg.engine.precision in ("auto", "fp32", "bf16"), "engine.precision must be auto, fp32 or bf16"),
+        (cfg.engine.precision in PRECISIONS, "engine.precision must be auto, fp32, bf16 or fp8"),
+        *_fp8_checks(cfg),
         (cfg.schedule.decay in ("constant", "cosine"), "schedule.decay must be constant or cosine"),
         (cfg.schedule.total_steps > 0, "schedule.total_steps must be > 0"),
         (0 <= cfg.schedule.warmup_steps <= cfg.schedule.total_steps, "schedule.warmup_steps must be in [0, total]"),
@@ -157,6 +161,21 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not ok:
             raise ValueError(message)
     return cfg
+
+
+def _fp8_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """engine.precision=fp8 is the DeepSpeed engine's torchao path; megatron keeps its Transformer Engine FP8."""
+    e, fp8 = cfg.engine, cfg.engine.precision == "fp8"
+    return [
+        (e.fp8_recipe in ("tensorwise", "rowwise"), "engine.fp8_recipe must be tensorwise or rowwise"),
+        (
+            not fp8 or e.kind == "deepspeed",
+            "engine.precision=fp8 is torchao FP8 for engine.kind=deepspeed; megatron's FP8 is Transformer Engine: set "
+            "engine.precision=bf16 parallel.transformer_impl=te parallel.fp8=hybrid",
+        ),
+        (not fp8 or cfg.model.kind in ("t2i", "c2i"), "engine.precision=fp8 converts a backbone: model.kind t2i|c2i"),
+        (not fp8 or e.zero_stage >= 1, "engine.precision fp8 needs engine.zero_stage >= 1 (fp32 master weights)"),
+    ]
 
 
 def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:

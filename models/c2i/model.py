@@ -206,7 +206,8 @@ class ClassConditionalBitDance(nn.Module):
     def head_conditions(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced condition vectors [B, h*w, dim] for all targets, given patch-raster input tokens."""
         n_img = self.cfg.grid * self.cfg.grid
-        x = torch.cat([self.prefix_embeddings(labels), self.proj_in(tokens[:, : n_img - self.cfg.parallel_num])], 1)
+        tokens = tokens[:, : n_img - self.cfg.parallel_num].to(self.pos_for_diff.weight.dtype)  # bf16 weights: bf16 in
+        x = torch.cat([self.prefix_embeddings(labels), self.proj_in(tokens)], 1)
         hidden = self.run_backbone(x)[:, self.cfg.cls_token_num - 1 :]
         return hidden + self.pos_for_diff.weight
 

@@ -124,6 +124,16 @@ def build_engine(cfg: TrainConfig, task: Task, grad_accum: int) -> Engine:
     from training.engines.deepspeed import DeepSpeedEngine
     from training.optim import build_optimizer
 
+    if precision(cfg) == "fp8":  # before the optimizer and the checkpoint wrappers (plain module names)
+        from training.fp8 import convert_backbone, skipped_unaligned
+
+        converted, skipped = convert_backbone(task.model, cfg.engine.fp8_recipe), skipped_unaligned(task.model)
+        if dist.get_rank() == 0:
+            print(
+                f"fp8 (torchao {cfg.engine.fp8_recipe}): {len(converted)} backbone linears converted, "
+                f"{len(skipped)} left in bf16 (dims not multiples of 16){': ' + ', '.join(skipped) if skipped else ''}",
+                flush=True,
+            )
     if cfg.model.activation_checkpointing:
         from training.activation_checkpointing import apply_activation_checkpointing
 

@@ -1,5 +1,6 @@
-"""The DeepSpeed engine behind the training loop: ZeRO stage 0-3, bf16 (GPU) or fp32 (CPU), gloo on CPU and NCCL
-on GPU, gradient clipping, and steps skipped (not applied) when the gradients are not finite.
+"""The DeepSpeed engine behind the training loop: ZeRO stage 0-3, bf16 (GPU) or fp32 (CPU) or fp8 (torchao float8
+backbone linears, converted by `build_engine`, bf16 for the rest), gloo on CPU and NCCL on GPU, gradient clipping,
+and steps skipped (not applied) when the gradients are not finite.
 
 The loop sees only `train_step`, `set_lr`, `module` and the checkpoint hooks, so other engines
 (training/engines/megatron.py) stand behind the same calls.
@@ -28,14 +29,17 @@ class DeepSpeedEngine:
 
         self.zero_stage = cfg.engine.zero_stage
         self.precision = precision(cfg)
-        if self.precision == "bf16" and self.zero_stage == 0:
-            raise ValueError("engine.precision bf16 needs engine.zero_stage >= 1 (fp32 master weights live there)")
+        bf16 = self.precision in ("bf16", "fp8")  # fp8: float8 matmuls in the converted linears, bf16 elsewhere
+        if bf16 and self.zero_stage == 0:
+            raise ValueError(
+                f"engine.precision {self.precision} needs engine.zero_stage >= 1 (fp32 master weights live there)"
+            )
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
             "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": cfg.optim.grad_clip,
             "zero_optimization": {"stage": self.zero_stage},
-            "bf16": {"enabled": self.precision == "bf16", "check_grad_overflow": True},
+            "bf16": {"enabled": bf16, "check_grad_overflow": True},
             "steps_per_print": 2**62,
             "wall_clock_breakdown": False,
         }
