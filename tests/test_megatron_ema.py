@@ -78,6 +78,7 @@ def test_dp2_halves_ema_memory_and_its_checkpoint_reshards_and_exports_exactly(t
     for args in (
         ["reshard", "--src", str(ckpt), "--dst", str(tmp_path / "tp1"), "--tp", "1", "--pp", "1"],
         ["export", "--src", str(tmp_path / "tp1"), "--dst", str(tmp_path / "export"), "--weights", "ema"]
+        + ["--dtype", "fp32"]  # exact comparison (the default is the official folders' bf16)
         + ["--text-tokenizer", str(tokenizers(tmp_path)[0]), "--image-tokenizer", str(tokenizers(tmp_path)[1])],
     ):
         proc = subprocess.run(run + args, cwd=REPO, capture_output=True, text=True, timeout=600)

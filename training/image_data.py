@@ -58,7 +58,11 @@ class RawImageBatches:
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "world": self.world, "seed": self.seed}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["world"] != self.world or state["seed"] != self.seed:
-            raise ValueError("image stream state was saved with another world size or seed")
+    def load_state_dict(self, state: dict, all_ranks: list[dict] | None = None) -> None:
+        """`all_ranks` (a resized resume) is refused: the tokenizer's image stream resumes on its own world size."""
+        if all_ranks is not None or state["world"] != self.world or state["seed"] != self.seed:
+            raise ValueError(
+                f"the tokenizer's image stream was saved with world size {state['world']} and seed {state['seed']}; "
+                f"resume it with the same (this run: {self.world}, {self.seed})"
+            )
         self.consumed = state["consumed"]
