@@ -33,7 +33,7 @@ import torch
 
 from models.t2i.megatron.batch import pad_packed_batch
 from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config, t2i_head_config
-from models.t2i.packing import PackedT2IBatch, T2ISample, pack_rows, sample_length
+from models.t2i.packing import PackedT2IBatch, SyntheticPrefixIds, T2ISample, pack_rows, sample_length
 from models.t2i.qwen3 import get_qwen3_config
 from training.config import load_config
 from training.flops import mask_pairs, mfu, t2i_batch_flops, t2i_linear_params
@@ -59,18 +59,6 @@ def check_config(quick: bool = False) -> T2IConfig:
     )
     head = replace(t2i_head_config(llm.hidden_size, 32, 16), ch_latent=1024)
     return T2IConfig(llm=llm, head=head)
-
-
-class PrefixIds:
-    """Image-prefix ids (vision_start, res_h, res_w, P - 1 queries) for packing without a trained text tokenizer."""
-
-    pad_id = 0
-
-    def __init__(self, parallel_num: int):
-        self.parallel_num = parallel_num
-
-    def image_prefix_ids(self, grid_h: int, grid_w: int) -> list[int]:
-        return [1, 2, 3] + [4 + i for i in range(self.parallel_num - 1)]
 
 
 def synthetic_batch(cfg: T2IConfig, seq_len: int, rows: int = 1, seed: int = 0) -> PackedT2IBatch:
@@ -102,7 +90,7 @@ def synthetic_batch(cfg: T2IConfig, seq_len: int, rows: int = 1, seed: int = 0) 
         if not row:
             raise ValueError(f"seq_len {seq_len} holds no sample of the smallest image size {grids[0]}")
         packed.append(row)
-    tokens = PrefixIds(cfg.parallel_num)
+    tokens = SyntheticPrefixIds(cfg.parallel_num)
     return pad_packed_batch(pack_rows(packed, tokens, cfg.parallel_num), seq_len, tokens.pad_id)
 
 

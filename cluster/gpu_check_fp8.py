@@ -26,7 +26,7 @@ import torch
 
 from models.t2i.megatron.batch import pad_packed_batch
 from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config, t2i_head_config, vision_loss_sum
-from models.t2i.packing import PackedT2IBatch, T2ISample, pack_rows, sample_length
+from models.t2i.packing import PackedT2IBatch, SyntheticPrefixIds, T2ISample, pack_rows, sample_length
 from models.t2i.qwen3 import get_qwen3_config
 from training.flops import t2i_batch_flops
 from training.fp8 import convert_backbone
@@ -43,21 +43,9 @@ def model_config(shape: str, layers: int, device: str) -> T2IConfig:
     if shape == "14b-slice":
         cfg = get_t2i_config("14B-16x", attention="flex")
         return replace(cfg, llm=replace(cfg.llm, num_hidden_layers=layers, vocab_size=32768))
-    llm = get_qwen3_config(
-        "14B", vocab_size=32768, hidden_size=2048, intermediate_size=6144, num_hidden_layers=layers,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-    )  # fmt: skip
+    shape = dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16, num_key_value_heads=8, head_dim=128)
+    llm = get_qwen3_config("14B", vocab_size=32768, num_hidden_layers=layers, **shape)
     return T2IConfig(llm=llm, head=replace(t2i_head_config(2048, 32, 16), ch_latent=1024), attention="flex")
-
-
-class PrefixIds:
-    pad_id = 0
-
-    def __init__(self, parallel_num: int):
-        self.parallel_num = parallel_num
-
-    def image_prefix_ids(self, grid_h: int, grid_w: int) -> list[int]:
-        return [1, 2, 3] + [4 + i for i in range(self.parallel_num - 1)]
 
 
 def synthetic_batch(cfg: T2IConfig, seq_len: int, seed: int = 0) -> PackedT2IBatch:
@@ -78,7 +66,7 @@ def synthetic_batch(cfg: T2IConfig, seq_len: int, seed: int = 0) -> PackedT2IBat
         used += sample_length(n_text, h, w)
     if not row:
         raise ValueError(f"seq_len {seq_len} holds no sample of the smallest image size {grids[0]}")
-    tokens = PrefixIds(cfg.parallel_num)
+    tokens = SyntheticPrefixIds(cfg.parallel_num)
     return pad_packed_batch(pack_rows([row], tokens, cfg.parallel_num), 128, tokens.pad_id)
 
 

@@ -21,6 +21,7 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
 
+from helpers.data import make_tokenizers  # noqa: E402
 from helpers.megatron_case import train_config  # noqa: E402
 from helpers.megatron_cpu import save_result, spawn  # noqa: E402
 from safetensors import safe_open  # noqa: E402
@@ -28,9 +29,8 @@ from safetensors import safe_open  # noqa: E402
 from models.t2i.io import export_t2i_folder, load_t2i_folder  # noqa: E402
 from models.t2i.megatron.mapping import reference_to_megatron, split_tp, tp_split  # noqa: E402
 from models.t2i.model import TextToImageBitDance, get_t2i_config  # noqa: E402
-from models.t2i.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer  # noqa: E402
-from models.tokenizer.io import load_tokenizer, save_tokenizer  # noqa: E402
-from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config  # noqa: E402
+from models.t2i.text_tokenizer import T2ITextTokenizer  # noqa: E402
+from models.tokenizer.io import load_tokenizer  # noqa: E402
 from training.engines.checkpoint_stream import TOP, CheckpointLayers, reshard_streaming, save_lazy  # noqa: E402
 from training.engines.megatron_checkpoint import (  # noqa: E402
     DIST,
@@ -122,12 +122,7 @@ def check_bound(tool: str, peak: float, baseline: float, layer: float, top: floa
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tokenizers")
-    text = build_chat_tokenizer(["a red circle", "two blue squares"], root / "text")
-    cfg = get_tokenizer_config("tiny")
-    torch.manual_seed(0)
-    save_tokenizer(BinaryAutoencoder(cfg), cfg, root / "ae", name="tiny")
-    return text, root / "ae"
+    return make_tokenizers(tmp_path_factory.mktemp("tokenizers"))
 
 
 @pytest.fixture(scope="module")

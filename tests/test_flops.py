@@ -3,10 +3,10 @@ brute-force count of the dense mask (padding excluded), and one batch's FLOPs by
 
 import torch
 
-from cluster.gpu_check import PrefixIds, synthetic_batch
+from cluster.gpu_check import synthetic_batch
 from models.core.attention import dense_block_causal_mask
 from models.t2i.model import TextToImageBitDance, get_t2i_config
-from models.t2i.packing import T2ISample, pack_rows
+from models.t2i.packing import SyntheticPrefixIds, T2ISample, pack_rows
 from training.flops import mask_pairs, mfu, t2i_batch_flops, t2i_linear_params
 
 
@@ -30,7 +30,7 @@ def one_sample_batch():
     """tiny-16x: 10 text ids and an 8x24 grid (12 blocks of P=16), no padding: 204 positions."""
     cfg = get_t2i_config("tiny-16x")
     sample = T2ISample(list(range(100, 110)), torch.ones(cfg.latent_dim, 8, 24))
-    return cfg, pack_rows([[sample]], PrefixIds(cfg.parallel_num), cfg.parallel_num)
+    return cfg, pack_rows([[sample]], SyntheticPrefixIds(cfg.parallel_num), cfg.parallel_num)
 
 
 def test_mask_pairs_by_hand_and_against_the_dense_mask_without_padding():

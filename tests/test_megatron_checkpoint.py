@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
 
+from helpers.data import make_tokenizers  # noqa: E402
 from helpers.megatron_case import (  # noqa: E402
     case_file,
     forward_loss,
@@ -29,9 +30,7 @@ from safetensors.torch import load_file  # noqa: E402
 from models.t2i.io import export_t2i_folder, load_t2i_folder  # noqa: E402
 from models.t2i.megatron.mapping import megatron_to_reference, merge_tp  # noqa: E402
 from models.t2i.model import TextToImageBitDance, get_t2i_config  # noqa: E402
-from models.t2i.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer  # noqa: E402
-from models.tokenizer.io import save_tokenizer  # noqa: E402
-from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config  # noqa: E402
+from models.t2i.text_tokenizer import T2ITextTokenizer  # noqa: E402
 from training.checkpoint import load_checkpoint, main, save_checkpoint  # noqa: E402
 from training.ema import ShardedEMA  # noqa: E402
 from training.engines.megatron_checkpoint import DIST, load_full, single_process, tensor_meta  # noqa: E402
@@ -286,12 +285,7 @@ def test_reshard_cli_rewrites_chunks_and_keeps_optimizer_state(base, tp2, case_p
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tokenizers")
-    text = build_chat_tokenizer(["a red circle", "two blue squares"], root / "text")
-    cfg = get_tokenizer_config("tiny")
-    torch.manual_seed(0)
-    save_tokenizer(BinaryAutoencoder(cfg), cfg, root / "ae", name="tiny")
-    return text, root / "ae"
+    return make_tokenizers(tmp_path_factory.mktemp("tokenizers"))
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,19 @@ class ImageTokenIds(Protocol):
     def uncond_ids(self) -> list[int]: ...
 
 
+class SyntheticPrefixIds:
+    """Image-prefix ids (vision_start, res_h, res_w, P - 1 queries) for packing synthetic batches without a trained
+    text tokenizer (benchmarks, GPU checks)."""
+
+    pad_id = 0
+
+    def __init__(self, parallel_num: int):
+        self.parallel_num = parallel_num
+
+    def image_prefix_ids(self, grid_h: int, grid_w: int) -> list[int]:
+        return [1, 2, 3] + [4 + i for i in range(self.parallel_num - 1)]
+
+
 @dataclass
 class T2ISample:
     text_ids: list[int]  # templated prompt ids (or the unconditional prompt's ids)

@@ -51,3 +51,12 @@ def make_c2i_data(root: Path, ae: Path, samples: int = 64) -> Path:
     )
     run_tokenize(cfg, local=True)
     return root / "tokens"
+
+
+def make_tokenizers(root: Path) -> tuple[Path, Path]:
+    """(text tokenizer folder, image tokenizer folder): a small chat BPE and a seeded tiny binary tokenizer."""
+    text = build_chat_tokenizer(["a red circle", "two blue squares"], root / "text")
+    cfg = get_tokenizer_config("tiny")
+    torch.manual_seed(0)
+    save_tokenizer(BinaryAutoencoder(cfg), cfg, root / "ae", name="tiny")
+    return text, root / "ae"
