@@ -65,6 +65,46 @@ MAX_SKIPPED_IN_A_ROW = 10_000  # consecutive samples over the token budget befor
 
 
 @dataclass
+class SubsetConfig:
+    """A curated subset of a tokenized dataset (e.g. the "small amount of high-quality data" a distillation runs on):
+    only samples meeting every set bound are read; the rest are counted (`filtered_out` in the loader stats)."""
+
+    min_side: int = 0  # pixels: the shorter side of the image as tokenized
+    min_caption_tokens: int = 0  # templated prompt ids
+    max_caption_tokens: int = 0  # 0: no upper bound
+    score: str | None = None  # a score column the tokenize job carried from the source (record `scores`)
+    min_score: float = 0.0  # with `score`: keep samples whose score is >= this
+
+    def __post_init__(self) -> None:
+        if min(self.min_side, self.min_caption_tokens, self.max_caption_tokens) < 0:
+            raise ValueError("data.subset bounds must be >= 0")
+        if self.max_caption_tokens and self.max_caption_tokens < self.min_caption_tokens:
+            raise ValueError(
+                f"data.subset.max_caption_tokens={self.max_caption_tokens} < min_caption_tokens="
+                f"{self.min_caption_tokens}: no caption fits"
+            )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.min_side or self.min_caption_tokens or self.max_caption_tokens or self.score)
+
+    def keeps(self, r: TokenRecord) -> bool:
+        if min(r.image_hw) < self.min_side or len(r.text_ids) < self.min_caption_tokens:
+            return False
+        if self.max_caption_tokens and len(r.text_ids) > self.max_caption_tokens:
+            return False
+        if self.score is None:
+            return True
+        if self.score not in r.scores:
+            have = ", ".join(sorted(r.scores)) or "none"
+            raise LoaderError(
+                f"sample {r.key} has no score {self.score!r} (its scores: {have}); tokenize from a source whose "
+                f"json (or --score-columns) carries it, or unset data.subset.score"
+            )
+        return r.scores[self.score] >= self.min_score
+
+
+@dataclass
 class LoaderConfig:
     """What to read and how to batch it; everything that changes the batch stream is part of the resume check."""
 
@@ -79,6 +119,7 @@ class LoaderConfig:
     caption_dropout: float = 0.1  # T2I: probability of replacing the prompt by the unconditional one
     num_workers: int = 2
     lookahead: int = 64  # T2I: pending samples the packer chooses from
+    subset: SubsetConfig = field(default_factory=SubsetConfig)  # only the samples it keeps are read
     debug_keys: bool = False  # yield (batch, [(epoch, key), ...]) instead of batch (tests, debugging)
 
     def __post_init__(self) -> None:
@@ -97,7 +138,10 @@ class LoaderConfig:
         keys = ["kind", "shuffle_buffer"]
         keys += ["token_budget", "rows_per_batch", "parallel_num", "caption_dropout", "lookahead"]
         keys += ["batch_size"] if self.kind == "imagenet" else []
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if self.subset.active:  # (absent otherwise, so the states of runs without a subset stay as they were)
+            out["subset"] = asdict(self.subset)
+        return out
 
 
 @dataclass
@@ -244,6 +288,7 @@ class _Item:
 class _Counters:
     samples: int = 0  # samples placed in batches
     skipped_too_long: int = 0
+    filtered_out: int = 0  # samples outside the configured subset
     rows: int = 0  # T2I rows emitted
     row_tokens: int = 0  # tokens in them
 
@@ -437,6 +482,26 @@ class BinaryTokenDataset(IterableDataset):
         """The batches of a slot as rows of items (no tensors)."""
         return self._imagenet_plans(slot, counters) if self.cfg.kind == "imagenet" else self._t2i_plans(slot, counters)
 
+    def _selected(self, items: Iterator[_Item], counters: _Counters) -> Iterator[_Item]:
+        """The items the configured subset keeps; the others are counted. A subset that keeps nothing is an error."""
+        subset = self.cfg.subset
+        if not subset.active:
+            yield from items
+            return
+        in_a_row = 0
+        for item in items:
+            if subset.keeps(item.record):
+                in_a_row = 0
+                yield item
+                continue
+            counters.filtered_out += 1
+            in_a_row += 1
+            if in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise LoaderError(
+                    f"data.subset ({asdict(subset)}) kept none of the last {in_a_row} samples of {self.cfg.data_dir}; "
+                    "loosen it"
+                )
+
     def _t2i_items(self, items: Iterator[_Item], slot: int, counters: _Counters) -> Iterator[_Item]:
         """Caption dropout, sample lengths, and the too-long filter."""
         cfg, ids = self.cfg, self.token_ids
@@ -470,7 +535,7 @@ class BinaryTokenDataset(IterableDataset):
 
     def _t2i_plans(self, slot: int, counters: _Counters) -> Iterator[list[list[_Item]]]:
         cfg = self.cfg
-        items = self._t2i_items(self.items(slot), slot, counters)
+        items = self._t2i_items(self._selected(self.items(slot), counters), slot, counters)
         rows_stream = greedy_rows(items, lambda x: x.length, cfg.token_budget, cfg.lookahead)
         for rows in batched(rows_stream, cfg.rows_per_batch):
             counters.rows += len(rows)
@@ -480,7 +545,7 @@ class BinaryTokenDataset(IterableDataset):
 
     def _imagenet_plans(self, slot: int, counters: _Counters) -> Iterator[list[list[_Item]]]:
         first: TokenRecord | None = None
-        for chunk in batched(self.items(slot), self.cfg.batch_size):
+        for chunk in batched(self._selected(self.items(slot), counters), self.cfg.batch_size):
             for item in chunk:
                 r = item.record
                 first = first or r
@@ -565,6 +630,7 @@ class BinaryTokenLoader:
             "batches": self.batches_consumed,
             "samples_seen": c.samples,
             "skipped_too_long": c.skipped_too_long,
+            "filtered_out": c.filtered_out,
             "rows": c.rows,
             "fill_ratio": fill,
         }

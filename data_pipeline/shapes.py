@@ -71,7 +71,15 @@ class Scene:
             "relation": self.relation,
             "kind": self.kind,
             "size": [int(self.size[0]), int(self.size[1])],
+            "min_object_area": self.min_object_area,
         }
+
+    @property
+    def min_object_area(self) -> float:
+        """The smallest object's bounding box as a fraction of the image: a quality score (small objects lose their
+        shape through a 2x tokenizer), which the loader's curated subsets (`data.subset.score`) can select on."""
+        areas = [(o["bbox"][2] - o["bbox"][0]) * (o["bbox"][3] - o["bbox"][1]) for o in self.objects]
+        return round(min(areas) / (self.size[0] * self.size[1]), 4) if areas else 0.0
 
     @classmethod
     def from_json(cls, d: dict) -> Scene:

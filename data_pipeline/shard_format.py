@@ -2,7 +2,8 @@
 
 One output shard per input shard, named `<input shard stem>.tar`. Each sample has two members:
   `<key>.bits`  packed token bits, uint8, row-major [h * w, C / 8] in raster order (bit order: `models/core/bits.py`)
-  `<key>.json`  {"h", "w", "bits_per_token", "text_ids", "caption", "source_key", "label", "image_hw"}
+  `<key>.json`  {"h", "w", "bits_per_token", "text_ids", "caption", "source_key", "label", "image_hw", "scores"}
+                (scores: numbers carried from the source, e.g. an aesthetic score, for curated subsets)
 The key is `<shard stem>-<index in the input shard:06d>`, so it is deterministic and unique in the dataset.
 Beside the shards: `<stem>.stats.json` per shard, `manifest.json` and `errors.jsonl` per dataset.
 """
@@ -40,6 +41,7 @@ class TokenRecord:
     source_key: str
     label: int | None = None
     image_hw: tuple[int, int] = (0, 0)
+    scores: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_grid(cls, key: str, grid: torch.Tensor, **meta) -> TokenRecord:
@@ -102,6 +104,7 @@ def record_from_members(key: str, bits: bytes, meta: bytes | dict) -> TokenRecor
         source_key=m["source_key"],
         label=m.get("label"),
         image_hw=tuple(m["image_hw"]),
+        scores=dict(m.get("scores", {})),
     )
 
 

@@ -20,10 +20,11 @@ import contextlib
 import gzip
 import json
 import lzma
+import math
 import tarfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 SOURCE_KINDS = ("wds", "parquet", "folder", "imagenet")
@@ -50,6 +51,7 @@ class RawSample:
     error: str | None = None
     detail: str = ""
     note: str | None = None  # a usable sample counted under a reason: empty_caption (an unconditional sample)
+    scores: dict[str, float] = field(default_factory=dict)  # score columns (curated subsets: loader data.subset)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class SourceConfig:
     samples_per_shard: int = 1000  # folder / imagenet sources
     image_column: str = "image"  # parquet
     caption_column: str = "caption"  # parquet
+    score_columns: tuple[str, ...] = ()  # parquet: numeric columns carried as scores (json sources: every number)
     class_index: str | None = None  # imagenet: json {"0": ["n01440764", "tench"], ...} or one wnid per line
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # larger members / cells / files: member_too_large, never read
 
@@ -110,16 +113,22 @@ def class_index(cfg: SourceConfig) -> dict[str, tuple[int, str]]:
     return {line.split()[0]: (i, line.split()[0]) for i, line in enumerate(l for l in text.splitlines() if l.strip())}
 
 
-def _caption_from_json(raw: bytes) -> tuple[str | None, int | None]:
+def _caption_from_json(raw: bytes) -> tuple[str | None, int | None, dict[str, float]]:
+    """(caption, class label, scores: the json's other top-level numbers, e.g. an aesthetic or CLIP score)."""
     try:
         meta = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        return None, None
+        return None, None, {}
     if not isinstance(meta, dict):
-        return None, None
+        return None, None, {}
     caption = next((meta[k] for k in CAPTION_KEYS if isinstance(meta.get(k), str)), None)
     label = meta.get("label", meta.get("cls"))
-    return caption, label if isinstance(label, int) else None
+    scores = {
+        k: float(v)
+        for k, v in meta.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("label", "cls") and math.isfinite(v)
+    }
+    return caption, label if isinstance(label, int) else None, scores
 
 
 @dataclass(frozen=True)
@@ -139,9 +148,9 @@ def _finish(key: str, parts: dict[str, bytes | Oversize], need_caption: bool, du
     if len(images) > 1:
         return RawSample(key, error="multiple_images", detail=f"members: {sorted(parts)}; keep one image per key")
     image = parts[images[0]] if images else None
-    caption, label = (None, None)
+    caption, label, scores = (None, None, {})
     if "json" in parts:
-        caption, label = _caption_from_json(parts["json"])
+        caption, label, scores = _caption_from_json(parts["json"])
     if "txt" in parts:
         caption = parts["txt"].decode("utf-8", errors="replace").strip()
     if "cls" in parts:
@@ -153,14 +162,16 @@ def _finish(key: str, parts: dict[str, bytes | Oversize], need_caption: bool, du
         return RawSample(key, error="missing_image", detail=f"members: {sorted(parts)}")
     if need_caption and caption is None:
         return RawSample(key, error="missing_caption", detail=f"members: {sorted(parts)}")
-    return _captioned(key, image, caption, label, need_caption)
+    return _captioned(key, image, caption, label, need_caption, scores)
 
 
-def _captioned(key: str, image: bytes, caption: str | None, label: int | None, need_caption: bool) -> RawSample:
+def _captioned(
+    key: str, image: bytes, caption: str | None, label: int | None, need_caption: bool, scores: dict | None = None
+) -> RawSample:
     """A usable sample; an empty caption is kept (an unconditional sample) and noted as empty_caption."""
     caption = (caption or "").strip()
     note = "empty_caption" if need_caption and not caption else None
-    return RawSample(key, image=image, caption=caption, label=label, note=note)
+    return RawSample(key, image=image, caption=caption, label=label, note=note, scores=scores or {})
 
 
 def _unsafe(name: str) -> bool:
@@ -248,13 +259,17 @@ def iter_parquet(shard: InputShard, cfg: SourceConfig) -> Iterator[RawSample]:
 
     try:
         pf = pq.ParquetFile(shard.path)
-        missing = {cfg.image_column, cfg.caption_column} - set(pf.schema_arrow.names)
+        columns = [cfg.image_column, cfg.caption_column, *cfg.score_columns]
+        missing = set(columns) - set(pf.schema_arrow.names)
         if missing:
             have = pf.schema_arrow.names
-            raise ValueError(f"columns {sorted(missing)} not in {have}; set --image-column/--caption-column")
+            raise ValueError(
+                f"columns {sorted(missing)} not in {have}; set --image-column/--caption-column/--score-columns"
+            )
         row = 0
-        for batch in pf.iter_batches(columns=[cfg.image_column, cfg.caption_column], batch_size=256):
-            for image, caption in zip(*(batch.column(i).to_pylist() for i in range(2)), strict=True):
+        for batch in pf.iter_batches(columns=columns, batch_size=256):
+            cells = [batch.column(i).to_pylist() for i in range(len(columns))]
+            for image, caption, *numbers in zip(*cells, strict=True):
                 if isinstance(image, dict):  # Hugging Face datasets' Image feature: {"bytes", "path"}
                     image = image.get("bytes")
                 key = f"{shard.name}/{row:08d}"
@@ -268,17 +283,20 @@ def iter_parquet(shard: InputShard, cfg: SourceConfig) -> Iterator[RawSample]:
                 elif caption is None:
                     yield RawSample(key, error="missing_caption")
                 else:
-                    yield _captioned(key, image, str(caption), None, True)
+                    scores = {c: float(v) for c, v in zip(cfg.score_columns, numbers, strict=True) if v is not None}
+                    yield _captioned(key, image, str(caption), None, True, scores)
     except (OSError, ValueError) as e:
         yield RawSample(shard.name, error="unreadable_shard", detail=f"{type(e).__name__}: {e}")
 
 
-def _sidecar_caption(image_path: Path) -> str | None:
+def _sidecar_caption(image_path: Path) -> tuple[str | None, dict[str, float]]:
+    """(caption, scores) from the .txt or .json beside an image (scores: the json's numbers)."""
+    js = image_path.with_suffix(".json")
+    caption, _, scores = _caption_from_json(js.read_bytes()) if js.is_file() else (None, None, {})
     txt = image_path.with_suffix(".txt")
     if txt.is_file():
-        return txt.read_text(errors="replace").strip()
-    js = image_path.with_suffix(".json")
-    return _caption_from_json(js.read_bytes())[0] if js.is_file() else None
+        caption = txt.read_text(errors="replace").strip()
+    return caption, scores
 
 
 def iter_files(
@@ -297,11 +315,11 @@ def iter_files(
             yield RawSample(rel, error="unreadable_file", detail=str(e))
             continue
         if classes is None:
-            caption = _sidecar_caption(path)
+            caption, scores = _sidecar_caption(path)
             if caption is None:
                 yield RawSample(rel, error="missing_caption", detail="no .txt or .json caption beside the image")
             else:
-                yield _captioned(rel, data, caption, None, True)
+                yield _captioned(rel, data, caption, None, True, scores)
             continue
         wnid = Path(rel).parts[0]
         if wnid not in classes:

@@ -90,6 +90,7 @@ class TokenizeConfig:
     samples_per_shard: int = 1000
     image_column: str = "image"
     caption_column: str = "caption"
+    score_columns: tuple[str, ...] = ()  # parquet: numeric columns kept as sample scores (json: every number)
     class_index: str | None = None
     fault_kill_after: int | None = None  # testing: an encoder actor dies once after this many chunks
 
@@ -125,11 +126,12 @@ class TokenizeConfig:
         return SourceConfig(
             self.source,
             self.input,
-            self.samples_per_shard,
-            self.image_column,
-            self.caption_column,
-            self.class_index,
-            self.max_member_mb << 20,
+            samples_per_shard=self.samples_per_shard,
+            image_column=self.image_column,
+            caption_column=self.caption_column,
+            score_columns=tuple(self.score_columns),
+            class_index=self.class_index,
+            max_member_bytes=self.max_member_mb << 20,
         )
 
 
@@ -201,7 +203,14 @@ def _prepare(raw, cfg: TokenizeConfig) -> dict:
         text_ids = tok.prompt_ids(raw.caption) if raw.caption else tok.uncond_ids()  # empty: unconditional
     else:
         pixels, text_ids = adm_center_crop(img, cfg.image_size), []
-    return {"pixels": pixels, "caption": raw.caption, "label": raw.label, "text_ids": text_ids, "source_key": raw.key}
+    return {
+        "pixels": pixels,
+        "caption": raw.caption,
+        "label": raw.label,
+        "text_ids": text_ids,
+        "source_key": raw.key,
+        "scores": raw.scores,
+    }
 
 
 def _error(shard: InputShard, key: str, raw, reason: str, detail: str) -> dict:
@@ -283,6 +292,7 @@ class ChunkEncoder:
                         source_key=s["source_key"],
                         label=s["label"],
                         image_hw=tuple(s["pixels"].shape[:2]),
+                        scores=s["scores"],
                     )
         return [records[s["key"]] for s in samples]
 
@@ -488,6 +498,13 @@ def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
     p.add_argument("--samples-per-shard", type=int, default=1000, help="folder/imagenet sources")
     p.add_argument("--image-column", default="image")
     p.add_argument("--caption-column", default="caption")
+    p.add_argument(
+        "--score-columns",
+        type=lambda v: tuple(c for c in v.split(",") if c),
+        default=(),
+        help="parquet: comma-separated numeric columns kept as sample scores (for data.subset.score); json "
+        "sidecars and webdataset json members keep every top-level number",
+    )
     p.add_argument("--class-index", help="ImageNet class index (json or one wnid per line)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--max-aspect", type=float, default=DEFAULT_MAX_ASPECT, help="long side / short side at most")

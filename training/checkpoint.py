@@ -267,7 +267,12 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--image-tokenizer", required=True, help="image tokenizer weights (ae safetensors)")
     e.add_argument("--weights", choices=("auto", "model", "ema"), default="auto", help="auto: EMA when saved")
     e.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of the exported weights")
-    i.add_argument("--model", default=None, help="named T2I config for the head of a Qwen3 import, e.g. 14B-16x")
+    i.add_argument(
+        "--model",
+        default=None,
+        help="named T2I config: the head of a Qwen3 import (e.g. 14B-16x), or another P for an official folder "
+        "(14B-64x from a 16x folder: new query rows, models.t2i.repatch)",
+    )
     i.add_argument("--vocab-size", type=int, default=None, help="resize the text vocabulary (new rows: mean)")
     i.add_argument("--seed", type=int, default=0, help="initialisation of the new head and projector")
     args = p.parse_args(argv)

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data_pipeline.loader import SubsetConfig
 from models.core.sampling import SamplingConfig
 from models.t2i.megatron.config import ParallelSettings
 
@@ -49,6 +50,7 @@ class DataConfig:
     caption_dropout: float = 0.1
     image_size: int = 64  # tokenizer: crop size
     holdout: int = 16  # tokenizer: held-out images for PSNR/SSIM
+    subset: SubsetConfig = field(default_factory=SubsetConfig)  # t2i / c2i: train on a curated subset only
 
 
 @dataclass

@@ -111,6 +111,11 @@ def head_config_from_json(d: dict) -> HeadConfig:
     return HeadConfig(**{k: d[k] for k in HEAD_JSON_KEYS}, head_dim=128, sigmoid_output=True)
 
 
+def folder_parallel_num(folder: str | Path) -> int:
+    """P (tokens per step) of an official-layout folder, from its `vision_head_config.json`."""
+    return int(_read_json(Path(folder) / "vision_head_config.json")["parallel_num"])
+
+
 def t2i_folder_config(
     folder: str | Path, attention: str = "auto", image_sizes: tuple | None = None, device: str = "cpu"
 ) -> tuple[T2IConfig, BinaryAutoencoder]:

@@ -117,11 +117,15 @@ class FolderLayers:
     projector and vision head start fresh from `seed`, in the backbone's dtype."""
 
     def __init__(self, folder: Path, cfg, seed: int = 0):
-        from models.t2i.io import llm_weight_files
+        from models.t2i.io import folder_parallel_num, llm_weight_files
+        from models.t2i.repatch import query_rows
 
         self.folder, self.cfg, self.seed = folder, cfg, seed
         self.files = llm_weight_files(folder)
         self.official = (folder / "vision_head_config.json").is_file()
+        self.query_rows = None  # an official folder of another P: its new query rows (`models.t2i.repatch`)
+        if self.official and (source_p := folder_parallel_num(folder)) != cfg.parallel_num:
+            self.query_rows = query_rows(folder, source_p, cfg.parallel_num)
 
     def _tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         from models.t2i.io import read_safetensors
@@ -150,6 +154,8 @@ class FolderLayers:
         top = {f"llm.{k}": v for k, v in self._tensors(names).items()}
         for k in ("llm.model.embed_tokens.weight", "llm.lm_head.weight"):
             top[k] = resized_rows(top[k], self.cfg.llm.vocab_size)
+            if self.query_rows is not None:
+                top[k] = self.query_rows.apply(top[k].clone())
         return top
 
     def _head_and_projector(self) -> dict[str, torch.Tensor]:
@@ -271,6 +277,7 @@ def folder_model_config(src: Path, model_name: str | None, vocab_size: int | Non
     backbone; the vocabulary `vocab_size` when given."""
     from models.t2i.io import qwen3_t2i_config, t2i_folder_config
     from models.t2i.model import get_t2i_config
+    from models.t2i.repatch import with_parallel_num
 
     if not src.is_dir():
         raise CheckpointError(f"import source {src} does not exist")
@@ -280,6 +287,8 @@ def folder_model_config(src: Path, model_name: str | None, vocab_size: int | Non
         )
     if (src / "vision_head_config.json").is_file():
         cfg, _ = t2i_folder_config(src)
+        if model_name is not None and (p := get_t2i_config(model_name).parallel_num) != cfg.parallel_num:
+            cfg = with_parallel_num(cfg, p)  # a P' model started from a P folder (the 16x -> 64x distillation)
     elif model_name is None:
         raise CheckpointError("importing a Hugging Face Qwen3 folder needs --model (e.g. 14B-16x) for the head")
     else:

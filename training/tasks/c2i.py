@@ -49,6 +49,7 @@ class C2ITask(Task):
             shuffle_buffer=d.shuffle_buffer,
             batch_size=d.micro_batch,
             num_workers=d.num_workers,
+            subset=d.subset,
         )
         return BinaryTokenLoader(lc, rank=rank, world_size=world)
 

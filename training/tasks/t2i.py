@@ -15,6 +15,7 @@ from data_pipeline.shard_format import load_manifest
 from models.t2i.megatron.batch import FLEX_BLOCK, fixed_length, pad_to_length
 from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config
 from models.t2i.packing import PackedT2IBatch
+from models.t2i.repatch import QueryRows, query_rows, repatch_, with_parallel_num
 from models.tokenizer.model import tensor_to_images
 from training.config import TrainConfig
 from training.flops import t2i_batch_flops
@@ -71,7 +72,8 @@ class T2ITask(Task):
             if (ckpt_cfg.parallel_num, ckpt_cfg.latent_dim) != (mcfg.parallel_num, mcfg.latent_dim):
                 raise ValueError(
                     f"checkpoint {src} predicts P={ckpt_cfg.parallel_num} {ckpt_cfg.latent_dim}-bit "
-                    f"tokens; the data has P={mcfg.parallel_num}, {mcfg.latent_dim} bits"
+                    f"tokens; the data has P={mcfg.parallel_num}, {mcfg.latent_dim} bits (to start another P from it, "
+                    "export it to a folder with `python -m training.checkpoint export` and pass the folder)"
                 )
             data_vocab = self.manifest["text_tokens"]["vocab_size"]
             if ckpt_cfg.llm.vocab_size < data_vocab:
@@ -88,11 +90,16 @@ class T2ITask(Task):
     def _folder_config(self, mcfg) -> T2IConfig:
         """The model `model.init_from=<official or Hugging Face Qwen3 folder>` makes, without reading its weights:
         an official folder's own config (or `mcfg` with the folder's backbone), the vocabulary resized for the data."""
-        from models.t2i.io import qwen3_t2i_config, t2i_folder_config
+        from models.t2i.io import folder_parallel_num, qwen3_t2i_config, t2i_folder_config
 
         src = Path(self.cfg.model.init_from)
         if (src / "vision_head_config.json").is_file():
-            cfg, _ = t2i_folder_config(src, attention=self.cfg.model.attention, image_sizes=mcfg.image_sizes)
+            source_p = folder_parallel_num(src)
+            same_p = source_p == mcfg.parallel_num
+            cfg, _ = t2i_folder_config(src, self.cfg.model.attention, mcfg.image_sizes if same_p else None)
+            if not same_p:  # the engine's FolderLayers sets the new query rows
+                self._query_rows(src, source_p, mcfg.parallel_num)
+                cfg = with_parallel_num(cfg, mcfg.parallel_num, mcfg.image_sizes)
         else:
             cfg = qwen3_t2i_config(src, mcfg)
         return replace(cfg, llm=replace(cfg.llm, vocab_size=self.vocab(cfg.llm.vocab_size)))
@@ -100,10 +107,15 @@ class T2ITask(Task):
     def _init_model(self, mcfg) -> TextToImageBitDance:
         src = self.cfg.model.init_from
         if src and (Path(src) / "vision_head_config.json").is_file():
-            from models.t2i.io import load_t2i_folder
+            from models.t2i.io import folder_parallel_num, load_t2i_folder
 
-            model, _, _ = load_t2i_folder(src, attention=self.cfg.model.attention, image_sizes=mcfg.image_sizes)
+            source_p = folder_parallel_num(src)
+            sizes = mcfg.image_sizes if source_p == mcfg.parallel_num else None  # the data's sizes tile into P' patches
+            model, _, _ = load_t2i_folder(src, attention=self.cfg.model.attention, image_sizes=sizes)
             model.resize_vocab(self.vocab(model.cfg.llm.vocab_size))
+            if source_p != mcfg.parallel_num:
+                rows = self._query_rows(src, source_p, mcfg.parallel_num)
+                repatch_(model, mcfg.parallel_num, rows, mcfg.image_sizes)
             return model.float().to(self.device)
         if src:  # a Hugging Face Qwen3 folder: the backbone starts from it
             from models.t2i.io import t2i_from_qwen3_folder
@@ -112,6 +124,18 @@ class T2ITask(Task):
             model.resize_vocab(self.vocab(model.cfg.llm.vocab_size))
             return model.to(self.device)
         return TextToImageBitDance(mcfg).to(self.device)
+
+    def _query_rows(self, src, source_p: int, target_p: int) -> QueryRows:
+        """The query rows a P=`source_p` folder needs as a P'=`target_p` model (`models.t2i.repatch`), checked against
+        the query ids the data was tokenized with."""
+        rows = query_rows(src, source_p, target_p)
+        data_ids = tuple(self.manifest["text_tokens"]["query_ids"])
+        if rows.target != data_ids:
+            raise ValueError(
+                f"{src}'s text tokenizer gives the P={target_p} query tokens ids {list(rows.target[:3])}... but the "
+                f"data was tokenized with {list(data_ids[:3])}...; tokenize with --text-tokenizer {src}"
+            )
+        return rows
 
     def loader(self, rank: int, world: int) -> BinaryTokenLoader:
         d = self.cfg.data
@@ -125,6 +149,7 @@ class T2ITask(Task):
             parallel_num=self.model_cfg.parallel_num,
             caption_dropout=d.caption_dropout,
             num_workers=d.num_workers,
+            subset=d.subset,
         )
         return BinaryTokenLoader(lc, rank=rank, world_size=world)
 
