@@ -58,9 +58,17 @@ class DemoConfig:
     # sampling and scoring
     prompts_per_tag: int = 12
     images_per_prompt: int = 2
+    seeds: int = 3  # benchmark seeds (prompt draw and noise): the score is their mean, with the spread beside it
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(steps=20, cfg_scale=2.0))
     chance_samples: int = 300
+    ceiling_renders: int = 4  # correct renders per prompt through the image tokenizer (the ceiling column)
     grid_images: int = 24
+    # optional stage: distil the P=4 model into a P'-token student (cluster/demo_distill.py)
+    distill: bool = False
+    distill_parallel_num: int = 16
+    distill_steps: int = 400
+    distill_min_object_area: float = 0.0  # curated subset: data.subset.score=min_object_area (0 keeps everything)
+    speed_images: int = 32  # images each model samples for the time-per-image figure
 
 
 @dataclass
@@ -188,8 +196,9 @@ def _parallel_num(cfg: DemoConfig) -> int:
     return get_t2i_config(name).parallel_num
 
 
-def run_tokenize(cfg: DemoConfig, out: Path) -> dict:
-    tokens = out / "data" / "tokens"
+def run_tokenize(cfg: DemoConfig, out: Path, parallel_num: int | None = None, dest: str = "tokens") -> dict:
+    """Ray tokenization of the raw data into <out>/data/<dest>, for the T2I model's P (or `parallel_num`)."""
+    tokens = out / "data" / dest
     size = f"{cfg.image_size}x{cfg.image_size}"
     _sh(
         [
@@ -207,14 +216,14 @@ def run_tokenize(cfg: DemoConfig, out: Path) -> dict:
             "--text-tokenizer",
             str(out / "text_tokenizer"),
             "--parallel-num",
-            str(_parallel_num(cfg)),
+            str(parallel_num or _parallel_num(cfg)),
             "--size",
             size,
             "--num-cpus",
             str(max(2, cfg.nproc)),
         ],
         cfg,
-        out / "logs" / "tokenize.log",
+        out / "logs" / f"{dest}.log",
     )
     manifest = json.loads((tokens / "manifest.json").read_text())
     return {
@@ -225,8 +234,11 @@ def run_tokenize(cfg: DemoConfig, out: Path) -> dict:
     }
 
 
-def run_train(cfg: DemoConfig, out: Path) -> dict:
-    run_dir = out / "t2i"
+def run_train(
+    cfg: DemoConfig, out: Path, name: str = "t2i", steps: int | None = None, tokens: str = "tokens", extra=()
+) -> dict:
+    """torchrun text-to-image training into <out>/<name> (the distillation stage passes its own model overrides)."""
+    run_dir, steps = out / name, steps or cfg.t2i_steps
     _sh(
         [
             *_torchrun(cfg),
@@ -235,29 +247,42 @@ def run_train(cfg: DemoConfig, out: Path) -> dict:
             "--config",
             cfg.t2i_config,
             f"run_dir={run_dir}",
-            f"data.data_dir={out / 'data' / 'tokens'}",
+            f"data.data_dir={out / 'data' / tokens}",
             f"model.text_tokenizer={out / 'text_tokenizer'}",
             f"model.image_tokenizer={out / 'tokenizer' / 'export'}",
             f"seed={cfg.seed}",
-            *_schedule(cfg.t2i_config, cfg.t2i_steps),
+            *_schedule(cfg.t2i_config, steps),
+            *extra,
         ],
         cfg,
-        out / "logs" / "train.log",
+        out / "logs" / f"{name}.log",
     )
     rows = _metrics(run_dir)
     return {
         "export": str(run_dir / "export"),
-        "steps": cfg.t2i_steps,
+        "steps": steps,
         "final_loss": _last(rows, "loss"),
         "tokens_per_s": _mean(rows, "tokens_per_s"),
         "samples_per_s": _mean(rows, "samples_per_s"),
     }
 
 
-def run_sample(cfg: DemoConfig, out: Path) -> dict:
-    samples = out / "samples"
+def seed_dirs(cfg: DemoConfig, samples: Path) -> list[Path]:
+    """One sample folder per benchmark seed: <samples>/seed_<k>."""
+    return [samples / f"seed_{k}" for k in range(cfg.seeds)]
+
+
+def run_sample(cfg: DemoConfig, out: Path, model: str = "t2i", dest: str = "samples") -> dict:
+    """The shapes-benchmark prompts of every seed, sampled with torchrun from <out>/<model>/export."""
+    start, images = time.perf_counter(), 0
+    for k, folder in enumerate(seed_dirs(cfg, out / dest)):
+        sample_prompts(cfg, out / model / "export", folder, cfg.seed + k, out / "logs" / f"{dest}.log")
+        images += len(list(folder.glob("*/samples/*.png")))
+    return {"samples": str(out / dest), "images": images, "images_per_s": images / (time.perf_counter() - start)}
+
+
+def sample_prompts(cfg: DemoConfig, model: Path, samples: Path, seed: int, log: Path) -> None:
     size = f"{cfg.image_size}x{cfg.image_size}"
-    start = time.perf_counter()
     _sh(
         [
             *_torchrun(cfg),
@@ -266,7 +291,7 @@ def run_sample(cfg: DemoConfig, out: Path) -> dict:
             "--task",
             "shapes",
             "--model",
-            str(out / "t2i" / "export"),
+            str(model),
             "--out",
             str(samples),
             "--height",
@@ -286,24 +311,67 @@ def run_sample(cfg: DemoConfig, out: Path) -> dict:
             "--batch-size",
             "16",
             "--seed",
-            str(cfg.seed),
+            str(seed),
             "--per-tag",
             str(cfg.prompts_per_tag),
         ],
         cfg,
-        out / "logs" / "sample.log",
+        log,
     )
-    images = len(list(samples.glob("*/samples/*.png")))
-    return {"samples": str(samples), "images": images, "images_per_s": images / (time.perf_counter() - start)}
+
+
+def score_seeds(cfg: DemoConfig, samples: Path) -> dict:
+    """Scores of every seed's folder and their mean and spread: `per_tag` / `overall` are means over the seeds,
+    `sd` their standard deviations (population), `per_seed` each seed's overall score."""
+    import numpy as np
+
+    from eval.shapes_bench import format_table, score_folder
+
+    runs = []
+    for folder in seed_dirs(cfg, samples):
+        runs.append(score_folder(folder, cfg.chance_samples, size=cfg.image_size))
+        (folder / "summary.json").write_text(json.dumps({"shapes": runs[-1]}, indent=2))
+        print(f"{folder.name}:\n{format_table(runs[-1])}", flush=True)
+    tags = list(runs[0]["per_tag"])
+    per_tag = {t: [r["per_tag"][t] for r in runs] for t in tags}
+    overall = [r["overall"] for r in runs]
+    return {
+        "per_tag": {t: float(np.mean(v)) for t, v in per_tag.items()},
+        "sd": {t: float(np.std(v)) for t, v in per_tag.items()},
+        "overall": float(np.mean(overall)),
+        "overall_sd": float(np.std(overall)),
+        "per_seed": overall,
+        "images": sum(r["images"] for r in runs),
+        "counts": {t: sum(r["counts"][t] for r in runs) for t in tags},
+        "chance": runs[0]["chance"],
+    }
 
 
 def run_score(cfg: DemoConfig, out: Path) -> dict:
-    from eval.shapes_bench import format_table, score_folder
-
-    result = score_folder(out / "samples", cfg.chance_samples, size=cfg.image_size)
-    (out / "samples" / "summary.json").write_text(json.dumps({"shapes": result}, indent=2))
-    print(format_table(result), flush=True)
+    """Per-tag accuracy (mean and spread over the seeds), chance, and the tokenizer's ceiling."""
+    result = score_seeds(cfg, out / "samples")
+    result["ceiling"] = tokenizer_ceiling(cfg, out)
     return result
+
+
+def tokenizer_ceiling(cfg: DemoConfig, out: Path) -> dict:
+    """The scorer's accuracy on the demo tokenizer's reconstructions of correct renders of the benchmark prompts."""
+    import numpy as np
+    import torch
+
+    from eval.shapes_bench import ceiling_level, shapes_prompts
+    from models.tokenizer.io import load_tokenizer
+    from models.tokenizer.model import images_to_tensor, tensor_to_images
+
+    ae = load_tokenizer(out / "tokenizer" / "export")
+
+    @torch.no_grad()
+    def reconstruct(images: np.ndarray) -> np.ndarray:
+        return tensor_to_images(ae.decode(ae.encode(images_to_tensor(torch.from_numpy(images))).bits)).numpy()
+
+    prompts = [p for k in range(cfg.seeds) for p in shapes_prompts(cfg.seed + k, cfg.prompts_per_tag)]
+    per_tag = ceiling_level(reconstruct, prompts, cfg.ceiling_renders, cfg.seed, cfg.image_size)
+    return {"per_tag": per_tag, "overall": float(np.mean(list(per_tag.values())))}
 
 
 def _pick(*keys: str) -> Callable[[DemoConfig], dict]:
@@ -351,11 +419,17 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "sample",
         "sampling the shapes-benchmark prompts",
-        _pick("prompts_per_tag", "images_per_prompt", "sampling", "nproc"),
+        _pick("prompts_per_tag", "images_per_prompt", "seeds", "sampling", "nproc"),
         ("train",),
         run_sample,
     ),
-    Stage("score", "scoring (per-tag accuracy, chance)", _pick("chance_samples"), ("sample",), run_score),
+    Stage(
+        "score",
+        "scoring (per-tag accuracy over the seeds, chance, tokenizer ceiling)",
+        _pick("chance_samples", "ceiling_renders"),
+        ("sample",),
+        run_score,
+    ),
 )
 STAGE_DIRS = {
     "data": ("data/raw",),
@@ -366,6 +440,15 @@ STAGE_DIRS = {
     "sample": ("samples",),
     "score": (),
 }
+
+
+def stages(cfg: DemoConfig) -> tuple[tuple[Stage, ...], dict[str, tuple[str, ...]]]:
+    """The stages this configuration runs (the distillation ones with `distill=true`) and the folders they own."""
+    if not cfg.distill:
+        return STAGES, STAGE_DIRS
+    from cluster import demo_distill
+
+    return STAGES + demo_distill.STAGES, {**STAGE_DIRS, **demo_distill.STAGE_DIRS}
 
 
 def _file(path: str) -> str:
@@ -384,7 +467,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     (out / "stages").mkdir(parents=True, exist_ok=True)
     done: dict[str, dict] = {}
     wall = time.perf_counter()
-    for stage in STAGES:
+    run_stages, stage_dirs = stages(cfg)
+    for stage in run_stages:
         fp, base = fingerprint(stage, cfg, done), fingerprint(stage, cfg, done, skip=stage.resumable)
         marker = out / "stages" / f"{stage.name}.json"
         if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fp:
@@ -393,7 +477,7 @@ def run_demo(cfg: DemoConfig) -> Path:
             continue
         state = out / "stages" / f"{stage.name}.base"
         if not state.is_file() or state.read_text() != base:  # new inputs or settings: start this stage over
-            for d in STAGE_DIRS[stage.name]:
+            for d in stage_dirs[stage.name]:
                 shutil.rmtree(out / d, ignore_errors=True)
         state.write_text(base)  # same base, other step count: the training stages resume from their checkpoints
         print(f"== {stage.name}: {stage.what}", flush=True)
@@ -429,8 +513,10 @@ def load_demo_config(overrides: list[str]) -> DemoConfig:
     for name in ("tokenizer_config", "t2i_config"):
         if not Path(getattr(cfg, name)).is_file():
             raise ValueError(f"{name}={getattr(cfg, name)} does not exist; pass a YAML under training/configs/")
-    if cfg.nproc < 1 or cfg.samples < 16 or cfg.t2i_steps < 1 or cfg.tokenizer_steps < 1:
-        raise ValueError("nproc, t2i_steps and tokenizer_steps must be >= 1 and samples >= 16")
+    if min(cfg.nproc, cfg.t2i_steps, cfg.tokenizer_steps, cfg.seeds, cfg.distill_steps, cfg.speed_images) < 1:
+        raise ValueError("nproc, t2i_steps, tokenizer_steps, seeds, distill_steps and speed_images must be >= 1")
+    if cfg.samples < 16:
+        raise ValueError(f"samples must be >= 16, got {cfg.samples}")
     return cfg
 
 

@@ -35,6 +35,78 @@ def graded_cells(samples: Path, limit: int) -> list[tuple[Path, str]]:
     return cells[:limit]
 
 
+def _pm(mean: float, sd: float) -> str:
+    return f"{_fmt(mean)} ± {_fmt(sd)}"
+
+
+def score_section(cfg, score: dict) -> list[str]:
+    """The benchmark table: per tag the mean and spread over the seeds, chance, the tokenizer's ceiling and the
+    demo's target (2x chance where chance is below 0.3; the mean at least half the ceiling)."""
+    chance, achieved = score["chance"], score["overall"]
+    ceiling = score.get("ceiling", {"per_tag": {}, "overall": float("nan")})
+    seeds = ", ".join(_fmt(v) for v in score["per_seed"])
+    lines = [
+        "## Shapes benchmark",
+        "",
+        f"Mean accuracy over the tags: **{_pm(achieved, score['overall_sd'])}** (mean ± standard deviation over "
+        f"{len(score['per_seed'])} benchmark seeds, each its own prompt draw and noise: {seeds}); chance (a random "
+        f"training image per prompt): **{_fmt(chance['overall'])}**; ceiling (the scorer on the image tokenizer's "
+        f"reconstructions of correct renders, what a perfect model could reach through it): "
+        f"**{_fmt(ceiling['overall'])}**. {score['images']} images, {cfg.images_per_prompt} per prompt per seed, "
+        f"{cfg.sampling.steps} head steps, CFG {cfg.sampling.cfg_scale}.",
+        "",
+        "| tag | accuracy (mean ± sd) | chance | ceiling | target | met | images |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for tag, acc in score["per_tag"].items():
+        c = chance["per_tag"].get(tag)
+        target = 2 * c if c is not None and c < 0.3 else None
+        met = "" if target is None else ("yes" if acc >= target else "no")
+        lines.append(
+            f"| {tag} | {_pm(acc, score['sd'][tag])} | {_fmt(c)} | {_fmt(ceiling['per_tag'].get(tag))} | "
+            f"{'>= ' + _fmt(target) if target is not None else '-'} | {met} | {score['counts'][tag]} |"
+        )
+    half = ceiling["overall"] / 2
+    met = "yes" if achieved >= half else "no"
+    lines += [
+        f"| **mean** | **{_pm(achieved, score['overall_sd'])}** | {_fmt(chance['overall'])} | "
+        f"{_fmt(ceiling['overall'])} | >= {_fmt(half)} | {met} | {score['images']} |",
+        "",
+    ]
+    return lines
+
+
+def distill_section(cfg, ev: dict, done: dict) -> list[str]:
+    """Teacher vs student: AR steps, time per image (one process, same prompts and settings) and score."""
+    rows, teacher = ev["rows"], ev["rows"]["teacher"]
+    lines = [
+        "## Distillation",
+        "",
+        f"The P={teacher['P']} model distilled into a P={rows['student']['P']} student "
+        f"({cfg.distill_steps} steps from the teacher's weights, `model.init_from`; "
+        f"{done['distill']['seconds']:.0f} s). Time per image: {ev['speed_images']} prompts sampled and decoded "
+        f"in batches of 16 by each model in one process ({max(1, cfg.nproc)} threads), {cfg.sampling.steps} head "
+        "steps, CFG. Score: the benchmark above, same seeds.",
+        "",
+        "| model | P | AR steps per image | s / image | speed | score (mean ± sd) | score vs teacher |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in rows.items():
+        speed = teacher["s_per_image"] / r["s_per_image"]
+        ratio = r["score"] / teacher["score"] if teacher["score"] else float("nan")
+        lines.append(
+            f"| {name} | {r['P']} | {r['ar_steps']} | {r['s_per_image']:.4f} | {speed:.2f}x | "
+            f"{_pm(r['score'], r['sd'])} | {ratio:.0%} |"
+        )
+    lines += [
+        "",
+        f"Target: >= 3x faster ({'met' if ev['speedup'] >= 3 else 'not met'}: {ev['speedup']:.2f}x) with >= 90% of "
+        f"the teacher's score ({'met' if ev['score_ratio'] >= 0.9 else 'not met'}: {ev['score_ratio']:.0%}).",
+        "",
+    ]
+    return lines
+
+
 def _wandb_run(run_dir: Path) -> str:
     runs = sorted((run_dir / "wandb").glob("offline-run-*")) + sorted((run_dir / "wandb").glob("run-*"))
     return str(runs[-1]) if runs else "none (logging.wandb disabled)"
@@ -51,22 +123,8 @@ def write_demo_report(cfg, out: Path, done: dict[str, dict]) -> Path:
         "Re-create with `make demo` (finished stages are reused).",
         "",
     ]
-    chance, achieved = score["chance"]["overall"], score["overall"]
-    lines += [
-        "## Shapes benchmark",
-        "",
-        f"Mean accuracy over the tags: **{_fmt(achieved)}**; chance (a random training image per prompt): "
-        f"**{_fmt(chance)}**; ratio {_fmt(achieved / chance if chance else float('nan'), '.1f')}x. "
-        f"{score['images']} images, {cfg.images_per_prompt} per prompt, {cfg.sampling.steps} head steps, "
-        f"CFG {cfg.sampling.cfg_scale}.",
-        "",
-        "| tag | accuracy | chance | images |",
-        "| --- | --- | --- | --- |",
-    ]
-    for tag, acc in score["per_tag"].items():
-        lines.append(f"| {tag} | {_fmt(acc)} | {_fmt(score['chance']['per_tag'].get(tag))} | {score['counts'][tag]} |")
-    lines += [f"| **mean** | **{_fmt(achieved)}** | {_fmt(chance)} | {score['images']} |", ""]
-    cells = graded_cells(out / "samples", cfg.grid_images)
+    lines += score_section(cfg, score)
+    cells = graded_cells(out / "samples" / "seed_0", cfg.grid_images)
     if cells:
         captioned_grid(cells, columns=6).save(out / "samples_grid.png")
         lines += [
@@ -115,6 +173,8 @@ def write_demo_report(cfg, out: Path, done: dict[str, dict]) -> Path:
         f"images/s over {cfg.nproc} processes; {_fmt(sm['seconds'], '.1f')} s |",
         "",
     ]
+    if "distill_eval" in res:
+        lines += distill_section(cfg, res["distill_eval"], done)
     lines += ["## Stage timings", "", "| stage | seconds | |", "| --- | --- | --- |"]
     for name, d in done.items():
         lines.append(f"| {name} | {d['seconds']:.1f} | {'reused from an earlier run' if d.get('reused') else ''} |")

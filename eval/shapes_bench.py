@@ -30,6 +30,10 @@ position 1/36 = 0.028, color_attr 1/270 = 0.004 (mean 0.112). `chance_level` est
 `n` random `make_scene` renders per tag against random prompts of that tag (fixed seed), which also exercises the
 scorer on images that mostly do not match.
 
+Ceiling (`ceiling_level`): the accuracy on the image tokenizer's reconstructions of correct renders of each prompt,
+i.e. what a perfect autoregressive model could reach through that tokenizer (it separates the tokenizer's limit,
+e.g. squares rounded into circles at 32x32, from the model's).
+
 Output layout read by `score_folder` (as GenEval): <out>/<index:05d>/metadata.jsonl (the prompt's JSON dict on one
 line) and <out>/<index:05d>/samples/<k:04d>.png; it writes <out>/shapes_results.jsonl.
 
@@ -44,7 +48,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -321,6 +325,26 @@ def chance_level(n: int = 500, seed: int = 0, size: int = 64) -> dict[str, float
             hits += score_image(render(scene), pool[int(rng.integers(len(pool)))])[0]
         out[tag] = hits / n
     return out
+
+
+def ceiling_level(
+    reconstruct: Callable[[np.ndarray], np.ndarray],
+    prompts: list[dict],
+    renders: int = 4,
+    seed: int = 0,
+    size: int = 32,
+    batch: int = 64,
+) -> dict[str, float]:
+    """Per-tag accuracy of the image tokenizer's reconstructions of correct renders of each prompt: what a perfect
+    autoregressive model could reach through that tokenizer. `reconstruct` maps uint8 [B, H, W, 3] to the same."""
+    rng = np.random.default_rng([seed, 200])
+    specs = [p for p in prompts for _ in range(renders)]
+    truth = np.stack([np.asarray(render_prompt(p, rng, size)) for p in specs])
+    recon = np.concatenate([reconstruct(truth[i : i + batch]) for i in range(0, len(truth), batch)])
+    hits: dict[str, list[bool]] = {}
+    for spec, image in zip(specs, recon, strict=True):
+        hits.setdefault(spec["tag"], []).append(score_image(image, spec)[0])
+    return {tag: float(np.mean(v)) for tag, v in hits.items()}
 
 
 def score_folder(out_dir: str | os.PathLike, chance_samples: int = 500, size: int = 64) -> dict:

@@ -1,6 +1,7 @@
 """`make demo` shortened: the same stages and code path (shapes -> tokenizer -> Ray -> torchrun training ->
 sampling -> scoring -> report) with a few steps, then re-runs that reuse and redo the right stages."""
 
+import hashlib
 import json
 
 import pytest
@@ -15,16 +16,45 @@ SHORT = [
     "t2i_steps=2",
     "prompts_per_tag=1",
     "images_per_prompt=1",
+    "seeds=2",
+    "ceiling_renders=1",
     "sampling.steps=2",
     "chance_samples=10",
     "grid_images=6",
 ]
 
 
-@pytest.mark.slow
-def test_short_demo_runs_end_to_end_and_reuses_stages(tmp_path, capsys):
-    out = tmp_path / "demo"
+def outputs_digest(out) -> dict:
+    """What a demo produced, to compare two runs: each seed's per-image verdicts and the bytes of every sample."""
+    samples = sorted(out.glob("samples/seed_*/*/samples/*.png"))
+    return {
+        "verdicts": [(p.parent.name, p.read_text()) for p in sorted(out.glob("samples/seed_*/shapes_results.jsonl"))],
+        "images": {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in samples},
+    }
+
+
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory):
+    """One short demo from scratch: its folder and the digest of what it produced (before other tests re-run it)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
     report = run_demo(load_demo_config([*SHORT, f"out={out}"]))
+    return out, report, outputs_digest(out)
+
+
+@pytest.mark.slow
+def test_two_short_demos_from_scratch_give_identical_samples_and_scores(short_demo, tmp_path):
+    first_out, _, first = short_demo
+    second_out = tmp_path / "again"
+    run_demo(load_demo_config([*SHORT, f"out={second_out}"]))
+    second = outputs_digest(second_out)
+    assert first["images"] and first == second
+    scores = [json.loads((o / "stages" / "score.json").read_text())["result"] for o in (first_out, second_out)]
+    assert scores[0]["per_tag"] == scores[1]["per_tag"] and scores[0]["ceiling"] == scores[1]["ceiling"]
+
+
+@pytest.mark.slow
+def test_short_demo_runs_end_to_end_and_reuses_stages(short_demo, capsys):
+    out, report, _ = short_demo
     text = report.read_text()
     for section in (
         "## Shapes benchmark",
@@ -35,6 +65,7 @@ def test_short_demo_runs_end_to_end_and_reuses_stages(tmp_path, capsys):
         "tokens/s",
         "wandb offline run",
         "## Stage timings",
+        "ceiling",
         "samples_grid.png",
         "loss_curve.png",
     ):
@@ -43,7 +74,8 @@ def test_short_demo_runs_end_to_end_and_reuses_stages(tmp_path, capsys):
         assert Image.open(out / png).size[0] > 100
     markers = {s.name: json.loads((out / "stages" / f"{s.name}.json").read_text()) for s in STAGES}
     score = markers["score"]["result"]
-    assert score["images"] == 6 and set(score["per_tag"]) == set(score["chance"]["per_tag"])
+    assert score["images"] == 12 and len(score["per_seed"]) == 2  # 6 prompts x 1 image x 2 seeds
+    assert set(score["per_tag"]) == set(score["chance"]["per_tag"]) == set(score["ceiling"]["per_tag"])
     assert markers["tokenize"]["result"]["samples"] == 64
     assert json.loads((out / "t2i" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
     assert list((out / "t2i" / "wandb").glob("offline-run-*")), "the training run logs to wandb offline"
@@ -58,6 +90,16 @@ def test_short_demo_runs_end_to_end_and_reuses_stages(tmp_path, capsys):
     assert all(f"== {s}: reused" in printed for s in ("data", "tokenizer", "text", "tokenize")), printed
     assert "resumed from" in printed and "== train: done" in printed and "== score: done" in printed
     assert json.loads((out / "t2i" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+    # the optional distillation: the base stages are reused, the student starts from the teacher and is compared
+    report = run_demo(load_demo_config([*SHORT, f"out={out}", "t2i_steps=3", "distill=true", "distill_steps=2"]))
+    printed = capsys.readouterr().out
+    assert all(f"== {s.name}: reused" in printed for s in STAGES), printed
+    text = report.read_text()
+    assert "## Distillation" in text and "| student | 16 | 16 |" in text and "| teacher | 4 | 64 |" in text
+    ev = json.loads((out / "stages" / "distill_eval.json").read_text())["result"]
+    assert ev["rows"]["student"]["s_per_image"] > 0 and ev["speed_images"] == 32
+    assert json.loads((out / "distill" / "export" / "vision_head_config.json").read_text())["parallel_num"] == 16
 
 
 def test_bad_demo_settings_are_one_line_errors(tmp_path):

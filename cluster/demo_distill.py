@@ -1,0 +1,119 @@
+"""The demo's optional distillation stages (`make demo ARGS="distill=true"`): the P=4 model distilled into a P'=16
+student at demo scale, by the same path the 14B 16x -> 64x distillation takes (README "Distilling 16x into 64x").
+
+  tokenize_student the raw shapes data tokenized again for P' (Ray job; the same text tokenizer, so the first query
+                  ids are the teacher's)
+  distill         torchrun training of `tiny-<P'>x` with `model.init_from=<teacher export>` (models/t2i/repatch.py),
+                  optionally on a curated subset (`data.subset.score=min_object_area`)
+  distill_eval    the student sampled on the benchmark seeds and scored; then, in one process, both models sample
+                  the same prompts with the same settings for the time per image: the report's distillation table
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from cluster.demo import DemoConfig, Stage, _parallel_num, _pick, run_sample, run_tokenize, run_train, score_seeds
+
+TOKENS = "tokens_student"  # <out>/data/tokens_student: the raw data tokenized for the student's P
+
+
+def run_tokenize_student(cfg: DemoConfig, out: Path) -> dict:
+    return run_tokenize(cfg, out, cfg.distill_parallel_num, TOKENS)
+
+
+def run_distill(cfg: DemoConfig, out: Path) -> dict:
+    extra = [f"model.name=tiny-{cfg.distill_parallel_num}x", f"model.init_from={out / 't2i' / 'export'}"]
+    if cfg.distill_min_object_area > 0:
+        extra += ["data.subset.score=min_object_area", f"data.subset.min_score={cfg.distill_min_object_area}"]
+    return run_train(cfg, out, "distill", cfg.distill_steps, TOKENS, extra)
+
+
+def time_per_image(folder: Path, prompts: list[str], cfg: DemoConfig, batch: int = 16) -> float:
+    """Seconds per image to sample and decode `prompts` (batches of `batch`) with the model of an official folder."""
+    import torch
+
+    from models.t2i.io import load_t2i_folder
+    from models.t2i.sampler import sample_t2i
+
+    size = (cfg.image_size, cfg.image_size)
+    model, text, ae = load_t2i_folder(folder, image_sizes=[size])
+    model.float()
+
+    def sample(part: list[str]) -> None:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        bits = sample_t2i(model, text, part, *size, cfg.sampling, generator=gen)
+        ae.decode(bits)
+
+    with torch.no_grad():
+        sample(prompts[:2])  # warm-up (first-call allocations)
+        start = time.perf_counter()
+        for i in range(0, len(prompts), batch):
+            sample(prompts[i : i + batch])
+    return (time.perf_counter() - start) / len(prompts)
+
+
+def run_distill_eval(cfg: DemoConfig, out: Path) -> dict:
+    import json
+
+    import torch
+
+    from eval.shapes_bench import shapes_prompts
+
+    sampled = run_sample(cfg, out, model="distill", dest="distill_samples")
+    student = score_seeds(cfg, out / "distill_samples")
+    teacher = json.loads((out / "stages" / "score.json").read_text())["result"]
+    prompts = [p["prompt"] for p in shapes_prompts(cfg.seed, cfg.prompts_per_tag)]
+    prompts = (prompts * (cfg.speed_images // len(prompts) + 1))[: cfg.speed_images]
+    torch.set_num_threads(max(1, cfg.nproc))
+    seconds = {name: time_per_image(out / name / "export", prompts, cfg) for name in ("t2i", "distill")}
+    grid = (cfg.image_size // 2) ** 2  # tokens per image of the demo's 2x tokenizer
+    rows = {
+        name: {
+            "P": p,
+            "ar_steps": grid // p,
+            "s_per_image": seconds[run],
+            "score": scores["overall"],
+            "sd": scores["overall_sd"],
+        }
+        for name, p, run, scores in (
+            ("teacher", _parallel_num(cfg), "t2i", teacher),
+            ("student", cfg.distill_parallel_num, "distill", student),
+        )
+    }
+    return {
+        "rows": rows,
+        "speedup": seconds["t2i"] / seconds["distill"],
+        "score_ratio": student["overall"] / teacher["overall"] if teacher["overall"] else float("nan"),
+        "student_scores": student,
+        "images": sampled["images"],
+        "speed_images": len(prompts),
+    }
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "tokenize_student",
+        "Ray tokenization for the student's P",
+        _pick("distill_parallel_num"),
+        ("tokenizer", "text"),
+        run_tokenize_student,
+    ),
+    Stage(
+        "distill",
+        "distillation: the P'-token student from the P=4 model (torchrun, DeepSpeed)",
+        _pick("distill_steps", "distill_min_object_area", "nproc"),
+        ("train", "tokenize_student"),
+        run_distill,
+        ("distill_steps",),
+    ),
+    Stage(
+        "distill_eval",
+        "student sampling and scoring; teacher vs student time per image",
+        _pick("prompts_per_tag", "images_per_prompt", "seeds", "sampling", "speed_images", "chance_samples"),
+        ("distill", "score"),
+        run_distill_eval,
+    ),
+)
+STAGE_DIRS = {"tokenize_student": (f"data/{TOKENS}",), "distill": ("distill",), "distill_eval": ("distill_samples",)}
