@@ -64,7 +64,9 @@ def test_all_kinds_and_json_round_trip():
         d = s.to_json()
         assert json.loads(json.dumps(d)) == d
         assert Scene.from_json(d) == s
-        assert set(d) == {"caption", "objects", "relation", "kind", "size"} and d["size"] == [64, 64]
+        assert set(d) == {"caption", "objects", "relation", "kind", "size", "min_object_area"} and d["size"] == [64, 64]
+        areas = [(o["bbox"][2] - o["bbox"][0]) * (o["bbox"][3] - o["bbox"][1]) / 64**2 for o in d["objects"]]
+        assert d["min_object_area"] == pytest.approx(min(areas), abs=1e-4)
 
 
 def test_caption_matches_objects():

@@ -97,3 +97,25 @@ def test_buckets_and_crops():
     img = Image.new("RGB", (300, 200), (1, 2, 3))
     assert resize_cover_crop(img, 64, 128).shape == (64, 128, 3)
     assert adm_center_crop(Image.new("RGB", (1000, 600)), 256).shape == (256, 256, 3)
+
+
+def test_score_columns_are_carried_from_parquet_and_json(tmp_path):
+    """The numbers a curated subset selects on (data.subset.score): parquet --score-columns, every top-level number of
+    a json sidecar or webdataset json member (not the class label, not booleans or strings)."""
+    table = pa.table({"image": [png(8, 8), png(8, 8)], "caption": ["a", "b"], "aesthetic": [6.5, None]})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    cfg = SourceConfig("parquet", str(tmp_path), score_columns=("aesthetic",))
+    rows = list(iter_samples(list_shards(cfg)[0], cfg))
+    assert [r.scores for r in rows] == [{"aesthetic": 6.5}, {}]
+    missing = SourceConfig("parquet", str(tmp_path), score_columns=("clip",))
+    (err,) = iter_samples(list_shards(missing)[0], missing)
+    assert err.error == "unreadable_shard" and "--score-columns" in err.detail
+
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png(8, 8))
+    meta = {"caption": "x", "clip": 0.31, "label": 3, "nsfw": False, "source": "web", "width": 1024}
+    (folder / "a.json").write_text(json.dumps(meta))
+    cfg = SourceConfig("folder", str(folder))
+    (row,) = iter_samples(list_shards(cfg)[0], cfg)
+    assert row.caption == "x" and row.scores == {"clip": 0.31, "width": 1024.0}
