@@ -275,3 +275,21 @@ def test_cli(tmp_path, capsys):
     assert "single_object" in table and "0.500" in table and "overall" in table
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing")])
+
+
+def test_ceiling_is_one_for_perfect_reconstructions_and_falls_with_blur():
+    """The ceiling scores reconstructions of correct renders: an identity "tokenizer" reaches 1.0 on every tag, a
+    blurring one loses the small shapes (the 2x tokenizer's failure the ceiling column shows)."""
+    from PIL import ImageFilter
+
+    from eval.shapes_bench import ceiling_level
+
+    prompts = shapes_prompts(0, 4)
+    perfect = ceiling_level(lambda x: x, prompts, renders=2, size=32)
+    assert perfect == {tag: 1.0 for tag in TAGS}
+
+    def blur(images):
+        return np.stack([np.asarray(Image.fromarray(i).filter(ImageFilter.GaussianBlur(1.2))) for i in images])
+
+    blurred = ceiling_level(blur, prompts, renders=2, size=32)
+    assert set(blurred) == set(TAGS) and np.mean(list(blurred.values())) < 0.9
