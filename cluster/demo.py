@@ -11,6 +11,10 @@ Each stage runs a real entry point exactly as a user runs it on a cluster (a sub
   score      eval.shapes_bench.score_folder                     per-tag accuracy next to chance
   report     <out>/report.md                                    scores, sample grid, loss curve, figures, timings
 
+With `distill=true` three more stages (cluster/demo_distill.py) distil the P=4 model into a P=16 student and add a
+teacher-vs-student table (time per image and score). The score is the mean and spread over `seeds` benchmark seeds,
+next to chance and to the image tokenizer's ceiling.
+
 Re-running reuses finished stages: each writes <out>/stages/<name>.json when it completes, keyed by a fingerprint
 of its settings and of the stages it reads; a stage whose fingerprint changed runs again (from scratch), and an
 interrupted training stage resumes from its last checkpoint. Settings: `DemoConfig` (dotted overrides on the
