@@ -68,7 +68,8 @@ def run_distill_eval(cfg: DemoConfig, out: Path) -> dict:
     prompts = (prompts * (cfg.speed_images // len(prompts) + 1))[: cfg.speed_images]
     torch.set_num_threads(max(1, cfg.nproc))
     seconds = {name: time_per_image(out / name / "export", prompts, cfg) for name in ("t2i", "distill")}
-    grid = (cfg.image_size // 2) ** 2  # tokens per image of the demo's 2x tokenizer
+    down = json.loads((out / "data" / "tokens" / "manifest.json").read_text())["downsample"]
+    grid = (cfg.image_size // down) ** 2  # tokens per image
     rows = {
         name: {
             "P": p,
