@@ -77,31 +77,38 @@ def score_section(cfg, score: dict) -> list[str]:
 
 
 def distill_section(cfg, ev: dict, done: dict) -> list[str]:
-    """Teacher vs student: AR steps, time per image (one process, same prompts and settings) and score."""
+    """Teacher vs student: AR steps, time per image (latency and batched; one process, same prompts and settings)
+    and score."""
     rows, teacher = ev["rows"], ev["rows"]["teacher"]
+    batched = ev["batches"]["throughput"]
     lines = [
         "## Distillation",
         "",
         f"The P={teacher['P']} model distilled into a P={rows['student']['P']} student "
         f"({cfg.distill_steps} steps from the teacher's weights, `model.init_from`; "
         f"{done['distill']['seconds']:.0f} s). Time per image: {ev['speed_images']} prompts sampled and decoded "
-        f"in batches of 16 by each model in one process ({max(1, cfg.nproc)} threads), {cfg.sampling.steps} head "
-        "steps, CFG. Score: the benchmark above, same seeds.",
+        f"by each model in one process ({max(1, cfg.nproc)} threads), {cfg.sampling.steps} head steps, CFG; "
+        f"latency one image at a time (the paper's seconds per image), batched {batched} images per call. "
+        "Score: the benchmark above, same seeds.",
         "",
-        "| model | P | AR steps per image | s / image | speed | score (mean ± sd) | score vs teacher |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| model | P | AR steps per image | latency s / image | speed | s / image, batch {batched} | speed | "
+        "score (mean ± sd) | score vs teacher |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in rows.items():
-        speed = teacher["s_per_image"] / r["s_per_image"]
         ratio = r["score"] / teacher["score"] if teacher["score"] else float("nan")
         lines.append(
-            f"| {name} | {r['P']} | {r['ar_steps']} | {r['s_per_image']:.4f} | {speed:.2f}x | "
-            f"{_pm(r['score'], r['sd'])} | {ratio:.0%} |"
+            f"| {name} | {r['P']} | {r['ar_steps']} | {r['s_per_image']:.4f} | "
+            f"{teacher['s_per_image'] / r['s_per_image']:.2f}x | {r['s_per_image_batched']:.4f} | "
+            f"{teacher['s_per_image_batched'] / r['s_per_image_batched']:.2f}x | {_pm(r['score'], r['sd'])} | "
+            f"{ratio:.0%} |"
         )
     lines += [
         "",
-        f"Target: >= 3x faster ({'met' if ev['speedup'] >= 3 else 'not met'}: {ev['speedup']:.2f}x) with >= 90% of "
-        f"the teacher's score ({'met' if ev['score_ratio'] >= 0.9 else 'not met'}: {ev['score_ratio']:.0%}).",
+        f"Target: >= 3x faster ({'met' if ev['speedup'] >= 3 else 'not met'}: {ev['speedup']:.2f}x latency; "
+        f"{ev['speedup_batched']:.2f}x at batch {batched}, where the CPU is compute-bound and the head's work per "
+        "token does not depend on P) with >= 90% of the teacher's score "
+        f"({'met' if ev['score_ratio'] >= 0.9 else 'not met'}: {ev['score_ratio']:.0%}).",
         "",
     ]
     return lines

@@ -98,7 +98,9 @@ def test_short_demo_runs_end_to_end_and_reuses_stages(short_demo, capsys):
     text = report.read_text()
     assert "## Distillation" in text and "| student | 16 | 16 |" in text and "| teacher | 4 | 64 |" in text
     ev = json.loads((out / "stages" / "distill_eval.json").read_text())["result"]
-    assert ev["rows"]["student"]["s_per_image"] > 0 and ev["speed_images"] == 32
+    student = ev["rows"]["student"]
+    assert student["s_per_image"] > 0 and student["s_per_image_batched"] > 0 and ev["speed_images"] == 32
+    assert ev["batches"] == {"latency": 1, "throughput": 16} and ev["speedup"] > 0 and ev["speedup_batched"] > 0
     assert json.loads((out / "distill" / "export" / "vision_head_config.json").read_text())["parallel_num"] == 16
 
 

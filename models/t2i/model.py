@@ -116,7 +116,12 @@ def get_t2i_config(name: str, **overrides) -> T2IConfig:
         llm = get_qwen3_config("tiny")
         base = T2IConfig(
             llm=llm,
-            head=t2i_head_config(llm.hidden_size, 16, P, depth_latent=2, depth_adanln=1),
+            # a head narrower than the backbone (14B: as wide), so that one image's AR step costs about the same for
+            # any P on a CPU, as a 14B step on a GPU does (bound by reading weights); at width 128 the head's per-token
+            # arithmetic grows each step's cost with P and hides next-patch decoding's fewer steps
+            head=replace(
+                t2i_head_config(llm.hidden_size, 16, P, depth_latent=2, depth_adanln=1), ch_latent=64, head_dim=64
+            ),
             downsample=2,
             image_sizes=((32, 32), (16, 48), (48, 16), (32, 64)),
             tokenizer="tiny",
