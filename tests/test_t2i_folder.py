@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.core.state_dict import StateDictMismatchError
-from models.t2i.io import export_t2i_folder, load_t2i_folder
+from models.t2i.io import HEAD_JSON_KEYS, export_t2i_folder, head_config_from_json, load_t2i_folder, write_t2i_parts
 from models.t2i.model import TextToImageBitDance, get_t2i_config
 from models.t2i.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer
 from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
@@ -51,6 +51,19 @@ def test_export_layout_is_official(exported):
     assert set(load_file(str(out / "projector.safetensors"))) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
     assert all(k.startswith("net.") for k in load_file(str(out / "vision_head.safetensors")))
     assert json.loads((out / "ae_config.json").read_text())["ddconfig"]["z_channels"] == 16
+
+
+def test_head_dim_is_written_only_when_it_is_not_the_official_128(exported, tmp_path):
+    model, out, _ = exported
+    head = json.loads((out / "vision_head_config.json").read_text())
+    assert head["head_dim"] == model.cfg.head.head_dim == 64 and set(head) == {*HEAD_JSON_KEYS, "head_dim"}
+    assert head_config_from_json(head).head_dim == 64
+    official = {k: v for k, v in head.items() if k != "head_dim"} | {"ch_latent": 256}
+    assert head_config_from_json(official).head_dim == 128
+    cfg = replace(model.cfg, head=head_config_from_json(official))
+    _, text, ae = load_t2i_folder(out)
+    write_t2i_parts(tmp_path, cfg, text, ae, {}, {})
+    assert set(json.loads((tmp_path / "vision_head_config.json").read_text())) == set(HEAD_JSON_KEYS)
 
 
 def test_round_trip_is_byte_identical(exported):

@@ -38,6 +38,7 @@ HEAD_JSON_KEYS = (
     "diff_batch_mul",
     "use_swiglu",
 )
+OFFICIAL_HEAD_DIM = 128  # the released heads' attention head width; not in their vision_head_config.json
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -104,11 +105,13 @@ def read_safetensors(path: Path, names) -> dict[str, torch.Tensor]:
 
 
 def head_config_from_json(d: dict) -> HeadConfig:
-    """The T2I head (head_dim 128, 2*sigmoid-1 output) described by `vision_head_config.json`."""
+    """The T2I head (2*sigmoid-1 output) described by `vision_head_config.json`; head_dim 128 unless the file names
+    another (only our small configs write the key, so released folders stay byte-for-byte in the official layout)."""
     missing = [k for k in HEAD_JSON_KEYS if k not in d]
     if missing:
         raise ValueError(f"vision_head_config.json lacks {missing}")
-    return HeadConfig(**{k: d[k] for k in HEAD_JSON_KEYS}, head_dim=128, sigmoid_output=True)
+    head_dim = d.get("head_dim", OFFICIAL_HEAD_DIM)
+    return HeadConfig(**{k: d[k] for k in HEAD_JSON_KEYS}, head_dim=head_dim, sigmoid_output=True)
 
 
 def folder_parallel_num(folder: str | Path) -> int:
@@ -228,6 +231,8 @@ def write_t2i_parts(
     projector (`fc1.*`, `fc2.*`) and the text tokenizer files."""
     save_tokenizer(image_tok, image_tok.config, out)
     head = {k: getattr(cfg.head, k) for k in HEAD_JSON_KEYS}
+    if cfg.head.head_dim != OFFICIAL_HEAD_DIM:
+        head["head_dim"] = cfg.head.head_dim
     (out / "vision_head_config.json").write_text(json.dumps(head, indent=2) + "\n")
     save_file(vision_head, str(out / "vision_head.safetensors"))
     save_file(projector, str(out / "projector.safetensors"))
