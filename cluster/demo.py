@@ -70,7 +70,7 @@ class DemoConfig:
     # optional stage: distil the P=4 model into a P'-token student (cluster/demo_distill.py)
     distill: bool = False
     distill_parallel_num: int = 16
-    distill_steps: int = 400
+    distill_steps: int = 1000
     distill_min_object_area: float = 0.0  # curated subset: data.subset.score=min_object_area (0 keeps everything)
     speed_images: int = 32  # images each model samples for the time-per-image figure
 
