@@ -3,7 +3,7 @@ student at demo scale, by the same path the 14B 16x -> 64x distillation takes (R
 
   tokenize_student the raw shapes data tokenized again for P' (Ray job; the same text tokenizer, so the first query
                   ids are the teacher's)
-  distill         torchrun training of `tiny-<P'>x` with `model.init_from=<teacher export>` (models/t2i/repatch.py),
+  distill         torchrun training of `demo-<P'>x` with `model.init_from=<teacher export>` (models/t2i/repatch.py),
                   optionally on a curated subset (`data.subset.score=min_object_area`)
   distill_eval    the student sampled on the benchmark seeds and scored; then, in one process, both models sample
                   the same prompts with the same settings for the time per image: the report's distillation table
@@ -29,7 +29,7 @@ def run_tokenize_student(cfg: DemoConfig, out: Path) -> dict:
 
 
 def run_distill(cfg: DemoConfig, out: Path) -> dict:
-    extra = [f"model.name=tiny-{cfg.distill_parallel_num}x", f"model.init_from={out / 't2i' / 'export'}"]
+    extra = [f"model.name=demo-{cfg.distill_parallel_num}x", f"model.init_from={out / 't2i' / 'export'}"]
     if cfg.distill_min_object_area > 0:
         extra += ["data.subset.score=min_object_area", f"data.subset.min_score={cfg.distill_min_object_area}"]
     return run_train(cfg, out, "distill", cfg.distill_steps, TOKENS, extra)

@@ -52,7 +52,7 @@ def test_batch_flops_by_hand():
     assert (f["positions"], f["text"], f["image_in"], f["targets"], f["pairs"]) == (204, 9, 176, 192, 22350)
     backbone = 2 * (128 * 128 + 2 * 128 * 64 + 128 * 128 + 3 * 128 * 256)  # q, k, v, o, SwiGLU; 2 layers
     lm_head, projector = 128 * 512, 16 * 128 + 128 * 128
-    w, hidden = 64, 96  # head width, its SwiGLU width (1.5 w)
+    w, hidden = 128, 192  # head width, its SwiGLU width (1.5 w)
     head_token = 16 * w + 128 * w + 6 * w * w + 2 * (4 * w * w + 3 * w * hidden) + 2 * w * w + w * 16
     head_patch = 256 * w + w * w  # timestep MLP, once per patch of 16
     dense = 6 * (backbone * 204 + lm_head * 9 + projector * 176 + head_token * 192 + head_patch * 12)

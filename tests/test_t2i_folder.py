@@ -56,14 +56,14 @@ def test_export_layout_is_official(exported):
 def test_head_dim_is_written_only_when_it_is_not_the_official_128(exported, tmp_path):
     model, out, _ = exported
     head = json.loads((out / "vision_head_config.json").read_text())
-    assert head["head_dim"] == model.cfg.head.head_dim == 64 and set(head) == {*HEAD_JSON_KEYS, "head_dim"}
-    assert head_config_from_json(head).head_dim == 64
-    official = {k: v for k, v in head.items() if k != "head_dim"} | {"ch_latent": 256}
-    assert head_config_from_json(official).head_dim == 128
-    cfg = replace(model.cfg, head=head_config_from_json(official))
+    assert model.cfg.head.head_dim == 128 and set(head) == set(HEAD_JSON_KEYS)  # the official keys, nothing else
+    assert head_config_from_json(head).head_dim == 128
     _, text, ae = load_t2i_folder(out)
-    write_t2i_parts(tmp_path, cfg, text, ae, {}, {})
-    assert set(json.loads((tmp_path / "vision_head_config.json").read_text())) == set(HEAD_JSON_KEYS)
+    demo = get_t2i_config("demo-4x")  # the demo's 64-wide head
+    write_t2i_parts(tmp_path, demo, text, ae, {}, {})
+    written = json.loads((tmp_path / "vision_head_config.json").read_text())
+    assert written["head_dim"] == 64 and set(written) == {*HEAD_JSON_KEYS, "head_dim"}
+    assert head_config_from_json(written) == demo.head
 
 
 def test_round_trip_is_byte_identical(exported):

@@ -103,25 +103,26 @@ def t2i_head_config(width: int, latent_dim: int, parallel_num: int, **kw) -> Hea
 
 
 def get_t2i_config(name: str, **overrides) -> T2IConfig:
-    """ "14B-16x", "14B-64x" (official sizes) or "tiny-4x"/"tiny-16x"/... (CPU tests and the demo; 2x tokenizer,
-    small sizes)."""
-    m = re.fullmatch(r"(14B|tiny)-(\d+)x", name)
+    """ "14B-16x", "14B-64x" (official sizes), "tiny-<P>x" (CPU tests; 2x tokenizer, small sizes) or "demo-<P>x"
+    (`make demo`: tiny with a head half as wide as its backbone)."""
+    m = re.fullmatch(r"(14B|tiny|demo)-(\d+)x", name)
     if m is None:
-        raise ValueError(f"unknown T2I config {name!r}; known: 14B-16x, 14B-64x, tiny-<P>x")
+        raise ValueError(f"unknown T2I config {name!r}; known: 14B-16x, 14B-64x, tiny-<P>x, demo-<P>x")
     P = int(m.group(2))
     if m.group(1) == "14B":
         llm = get_qwen3_config("14B")
         base = T2IConfig(llm=llm, head=t2i_head_config(llm.hidden_size, 32, P))
     else:
         llm = get_qwen3_config("tiny")
+        head = t2i_head_config(llm.hidden_size, 16, P, depth_latent=2, depth_adanln=1)
+        if m.group(1) == "demo":
+            # The 14B head is as wide as its backbone, yet one image's AR step costs about the same for any P on a
+            # GPU: it is bound by reading the weights. On a CPU a 128-wide head's per-token arithmetic makes the cost
+            # grow with P and hides next-patch decoding's fewer steps; a 64-wide head brings back the 14B regime.
+            head = replace(head, ch_latent=64, head_dim=64)
         base = T2IConfig(
             llm=llm,
-            # a head narrower than the backbone (14B: as wide), so that one image's AR step costs about the same for
-            # any P on a CPU, as a 14B step on a GPU does (bound by reading weights); at width 128 the head's per-token
-            # arithmetic grows each step's cost with P and hides next-patch decoding's fewer steps
-            head=replace(
-                t2i_head_config(llm.hidden_size, 16, P, depth_latent=2, depth_adanln=1), ch_latent=64, head_dim=64
-            ),
+            head=head,
             downsample=2,
             image_sizes=((32, 32), (16, 48), (48, 16), (32, 64)),
             tokenizer="tiny",
