@@ -241,6 +241,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
             else:
                 how = EXPORT_HOW[engine.kind]
                 print(f"the EMA is sharded over ranks; export it from the last checkpoint with {how}", flush=True)
+        if dist.is_initialized():
+            # every rank leaves together: a rank that tears its process group down while rank 0 still exports was
+            # seen to abort (SIGABRT, "terminate called without an active exception") on a loaded machine
+            dist.barrier()
         return state
     finally:
         log.close()
