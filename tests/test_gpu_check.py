@@ -126,7 +126,8 @@ def test_gpu_check_fp8_cpu_smoke_runs_end_to_end(tmp_path):
     assert rows == set(modes), run.stdout[-2000:]
     results = json.loads(out.read_text())["results"]
     assert [r["mode"] for r in results] == list(modes)
-    assert all(r["finite"] and r["tokens_per_s"] > 0 and 0 < r["head_share"] < 1 for r in results)
+    # head_share is the head's time, timed on its own, over the step's: on a loaded CPU it can pass 1
+    assert all(r["finite"] and r["tokens_per_s"] > 0 and r["head_share"] > 0 for r in results), results
     assert results[0]["losses"] != results[1]["losses"]  # the float8 linears are in effect
 
 

@@ -10,6 +10,7 @@ section): data loader -> one optimizer step through the engine over the step's m
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -242,9 +243,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                 how = EXPORT_HOW[engine.kind]
                 print(f"the EMA is sharded over ranks; export it from the last checkpoint with {how}", flush=True)
         if dist.is_initialized():
-            # every rank leaves together: a rank that tears its process group down while rank 0 still exports was
-            # seen to abort (SIGABRT, "terminate called without an active exception") on a loaded machine
-            dist.barrier()
+            dist.barrier()  # every rank leaves together, after rank 0's export
         return state
     finally:
         log.close()
@@ -288,6 +287,13 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if launched_by_torchrun():
+        # The run is complete (checkpoints written, logs closed). Leave without interpreter finalization: on a loaded
+        # machine a torchrun worker of a DeepSpeed run was seen to abort in C++ teardown after destroy_process_group
+        # ("terminate called without an active exception", SIGABRT), failing a finished run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
