@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (before the process group: the note at training/engines/__init__.py imports)
 from PIL import Image
 from tqdm import tqdm
 

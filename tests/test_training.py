@@ -25,7 +25,9 @@ def data(tmp_path_factory):
     return {**t2i, "c2i": make_c2i_data(root / "c2i", t2i["ae"])}
 
 
-def run(run_dir, data, *overrides, nproc=2, kind="t2i", env=None, check=True, timeout=600):
+def run(
+    run_dir, data, *overrides, nproc=2, kind="t2i", env=None, check=True, timeout=600, program=("-m", "training.train")
+):
     config = REPO / "training" / "configs" / f"tiny_{kind}.yaml"
     data_dir = data["tokens"] if kind == "t2i" else data["c2i"]
     args = [
@@ -37,7 +39,7 @@ def run(run_dir, data, *overrides, nproc=2, kind="t2i", env=None, check=True, ti
         *overrides,
     ]
     launcher = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    cmd = [*launcher, "-m", "training.train", "--config", str(config), *args]
+    cmd = [*launcher, *program, "--config", str(config), *args]
     proc = subprocess.run(
         cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
     )
@@ -158,6 +160,58 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(data, tmp_path):
     assert "SIGTERM: checkpoint written" in out
     latest = (tmp_path / "r" / "checkpoints" / "latest").read_text().strip()
     assert int(latest.split("_")[1]) >= 3
+
+
+TEARDOWN = """
+import importlib, os, sys, weakref
+import torch.distributed as dist
+from training.engines import init_distributed, shutdown_distributed
+kind = sys.argv[1]
+init_distributed(kind)
+import training.train  # what a run imports once the group exists: its engine, megatron-core's schedules, dynamo
+importlib.import_module("training.engines." + kind)
+import megatron.core.pipeline_parallel.schedules, torch._dynamo
+from megatron.core import parallel_state
+if kind == "megatron":
+    parallel_state.initialize_model_parallel(1, 1)  # its groups, gloo ones included
+world = weakref.ref(dist.group.WORLD)
+shutdown_distributed()
+threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+print(world() is None, [t for t in threads if "gloo" in t or "tcpstore" in t])
+"""
+
+
+@pytest.mark.parametrize("kind", ["deepspeed", "megatron"])
+def test_shutdown_frees_the_process_group_and_its_threads(kind):
+    """A process group kept alive past shutdown (captured at import by `group=GroupMember.WORLD` defaults of modules
+    imported after it was made) leaves its gloo/TCPStore threads running into interpreter finalization, where a
+    finished run was seen to abort (SIGABRT, "terminate called without an active exception")."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": str(29500 + os.getpid() % 1000 + 7)}
+    proc = subprocess.run([sys.executable, "-c", TEARDOWN, kind], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "True []"
+
+
+WRAPPED_TRAIN = """
+import atexit, os, sys
+def threads_left():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    print("threads at exit:", sorted(n for n in names if "gloo" in n or "tcpstore" in n), file=sys.stderr, flush=True)
+atexit.register(threads_left)  # atexit handlers run before interpreter finalization
+from training.train import main
+main()
+"""
+
+
+def test_a_finished_two_process_run_leaves_no_group_thread_to_finalization(data, tmp_path):
+    script = tmp_path / "wrapped_train.py"
+    script.write_text(WRAPPED_TRAIN)
+    env = {"PYTHONPATH": str(REPO)}
+    proc = run(
+        tmp_path / "r", data, "schedule.total_steps=3", "schedule.warmup_steps=1", env=env, program=[str(script)]
+    )
+    left = [line for line in proc.stderr.splitlines() if "threads at exit:" in line]
+    assert len(left) == 2 and all(line.endswith("threads at exit: []") for line in left), left
 
 
 def test_every_shipped_config_validates():

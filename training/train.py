@@ -10,7 +10,6 @@ section): data loader -> one optimizer step through the engine over the step's m
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -25,7 +24,7 @@ from training.checkpoint import latest_checkpoint, load_checkpoint, resolve_resu
 from training.checkpoint_integrity import CheckpointError, verify_checkpoint
 from training.config import TrainConfig, grad_accumulation, load_config, to_dict
 from training.ema import EMA
-from training.engines import Engine, build_engine, init_distributed
+from training.engines import Engine, build_engine, init_distributed, shutdown_distributed
 from training.faults import maybe_kill, maybe_kill_rank, maybe_sigterm
 from training.flops import mfu
 from training.logger import RunLogger
@@ -285,15 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(3)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if launched_by_torchrun():
-        # The run is complete (checkpoints written, logs closed). Leave without interpreter finalization: on a loaded
-        # machine a torchrun worker of a DeepSpeed run was seen to abort in C++ teardown after destroy_process_group
-        # ("terminate called without an active exception", SIGABRT), failing a finished run.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ and the run-directory code (`training.checkpoint`) talk to them only through `En
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,14 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (see below)
 from torch import nn
+
+# Modules whose functions default to `group=GroupMember.WORLD` capture the world group when they are imported. Imported
+# after the group exists, they keep it alive past destroy_process_group; its gloo/TCPStore threads then run on into
+# interpreter finalization, where a finished run may abort ("terminate called without an active exception", SIGABRT).
+# So they are imported before init_distributed makes the group: torch.distributed.nn (which torch._dynamo imports) here,
+# DeepSpeed (deepspeed.comm.torch: `barrier(group=GroupMember.WORLD)`) at the top of init_distributed.
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -90,6 +99,9 @@ class Engine(Protocol):
 def init_distributed(engine_kind: str = "deepspeed") -> tuple[int, int, torch.device]:
     """Process group from the torchrun launcher env (a single process when absent). The megatron engine needs no
     DeepSpeed: its process group comes from torch.distributed directly."""
+    if engine_kind == "deepspeed":
+        import deepspeed  # before the process group exists (see the note at the imports)
+
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -102,10 +114,25 @@ def init_distributed(engine_kind: str = "deepspeed") -> tuple[int, int, torch.de
         # gloo next to NCCL on GPUs: the loop's small CPU collectives (metrics, flags) need it
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     if engine_kind == "deepspeed":
-        import deepspeed
-
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # adopts the process group above
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def shutdown_distributed() -> None:
+    """Free every process group this process made (megatron's model-parallel groups, DeepSpeed's, the world group),
+    so that no gloo/NCCL thread outlives the run into interpreter finalization (see the note at the imports)."""
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+        # megatron-core 0.16's destroy_model_parallel leaves these two set
+        parallel_state._INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP = None
+        parallel_state._INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP_GLOO = None
+    deepspeed_comm = sys.modules.get("deepspeed.comm.comm")
+    if dist.is_initialized() and deepspeed_comm is not None and deepspeed_comm.cdb is not None:
+        deepspeed_comm.destroy_process_group()  # torch's groups and DeepSpeed's references to them (its utils.groups)
+    elif dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()  # groups held in reference cycles (a DeepSpeed engine's) are freed now, not during finalization
 
 
 def precision(cfg: TrainConfig) -> str:

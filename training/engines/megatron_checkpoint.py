@@ -39,6 +39,7 @@ from models.t2i.megatron.mapping import stage_layers, tp_split
 from models.t2i.model import T2IConfig
 from models.t2i.qwen3 import Qwen3Config
 from training.checkpoint_integrity import CheckpointError, check_dcp_metadata, verify_checkpoint, write_manifest
+from training.engines import shutdown_distributed
 
 __all__ = ["CheckpointError"]  # the tools' one-line error (defined with the checkpoint checks)
 
@@ -254,7 +255,7 @@ def single_process(fn, *args):
     try:
         return fn(*args)
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def fresh_dir(dst: Path) -> None:
