@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.overrides import TorchFunctionMode
 
+from training.engines import shutdown_distributed  # (importing it first imports what must precede the group)
+
 
 class CudaAsCpu(TorchFunctionMode):
     """`device="cuda"` allocations land on the CPU, `.cuda()` is a no-op, `Tensor.type()` names a CUDA type."""
@@ -58,13 +60,6 @@ def init_parallel(rank: int, world: int, port: int, tp: int = 1, pp: int = 1) ->
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
 
 
-def shutdown_parallel() -> None:
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,7 +79,7 @@ def megatron_in_process(tp: int = 1, pp: int = 1, init_model_parallel: bool = Tr
         try:
             yield
         finally:
-            shutdown_parallel()
+            shutdown_distributed()
 
 
 def _entry(rank: int, fn, world: int, port: int, tp: int, pp: int, args: tuple) -> None:
@@ -99,7 +94,7 @@ def _entry(rank: int, fn, world: int, port: int, tp: int, pp: int, args: tuple) 
     try:
         fn(rank, *args)
     finally:
-        shutdown_parallel()
+        shutdown_distributed()
 
 
 def spawn(fn, world: int, tp: int, pp: int, out_dir: Path, *args) -> list:
