@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.data import make_c2i_data, make_t2i_data
+from helpers.megatron_cpu import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -162,8 +163,17 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(data, tmp_path):
     assert int(latest.split("_")[1]) >= 3
 
 
-TEARDOWN = """
-import importlib, os, sys, weakref
+GROUP_THREADS = """
+import os
+def group_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return sorted(n for n in names if "gloo" in n or "tcpstore" in n)
+"""
+
+TEARDOWN = (
+    GROUP_THREADS
+    + """
+import importlib, sys, weakref
 import torch.distributed as dist
 from training.engines import init_distributed, shutdown_distributed
 kind = sys.argv[1]
@@ -176,9 +186,9 @@ if kind == "megatron":
     parallel_state.initialize_model_parallel(1, 1)  # its groups, gloo ones included
 world = weakref.ref(dist.group.WORLD)
 shutdown_distributed()
-threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
-print(world() is None, [t for t in threads if "gloo" in t or "tcpstore" in t])
+print(world() is None, group_threads())
 """
+)
 
 
 @pytest.mark.parametrize("kind", ["deepspeed", "megatron"])
@@ -186,21 +196,22 @@ def test_shutdown_frees_the_process_group_and_its_threads(kind):
     """A process group kept alive past shutdown (captured at import by `group=GroupMember.WORLD` defaults of modules
     imported after it was made) leaves its gloo/TCPStore threads running into interpreter finalization, where a
     finished run was seen to abort (SIGABRT, "terminate called without an active exception")."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": str(29500 + os.getpid() % 1000 + 7)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": str(free_port())}
     proc = subprocess.run([sys.executable, "-c", TEARDOWN, kind], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "True []"
 
 
-WRAPPED_TRAIN = """
-import atexit, os, sys
-def threads_left():
-    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-    print("threads at exit:", sorted(n for n in names if "gloo" in n or "tcpstore" in n), file=sys.stderr, flush=True)
-atexit.register(threads_left)  # atexit handlers run before interpreter finalization
+WRAPPED_TRAIN = (
+    GROUP_THREADS
+    + """
+import atexit, sys
+# atexit handlers run before interpreter finalization
+atexit.register(lambda: print("threads at exit:", group_threads(), file=sys.stderr, flush=True))
 from training.train import main
 main()
 """
+)
 
 
 def test_a_finished_two_process_run_leaves_no_group_thread_to_finalization(data, tmp_path):
