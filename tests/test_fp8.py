@@ -13,7 +13,10 @@ from torch import nn
 from models.c2i.model import ClassConditionalBitDance, get_c2i_config, to_patch_raster
 from models.t2i.model import TextToImageBitDance, get_t2i_config
 from training.config import load_config
+from models.family import FAMILIES
 from training.fp8 import convert_backbone, is_backbone_linear, skipped_unaligned
+
+T2I, C2I = FAMILIES.get("t2i").fp8_prefixes, FAMILIES.get("c2i").fp8_prefixes
 
 pytest.importorskip("torchao.float8")
 from torchao.float8.float8_linear import Float8Linear  # noqa: E402
@@ -36,7 +39,7 @@ def float8_names(model: nn.Module) -> set[str]:
 def test_t2i_conversion_touches_exactly_the_backbone_linears():
     model = t2i_model()
     layers = model.cfg.llm.num_hidden_layers
-    converted = convert_backbone(model, "tensorwise")
+    converted = convert_backbone(model, T2I, "tensorwise")
     expected = {f"llm.model.layers.{i}.{p}" for i in range(layers) for p in ("self_attn.q_proj", "self_attn.k_proj")}
     expected |= {f"llm.model.layers.{i}.self_attn.{p}" for i in range(layers) for p in ("v_proj", "o_proj")}
     expected |= {f"llm.model.layers.{i}.mlp.{p}" for i in range(layers) for p in ("gate_proj", "up_proj", "down_proj")}
@@ -49,7 +52,7 @@ def test_t2i_conversion_touches_exactly_the_backbone_linears():
 
 def test_c2i_conversion_touches_exactly_the_backbone_linears():
     model = c2i_model()
-    converted = convert_backbone(model, "rowwise")
+    converted = convert_backbone(model, C2I, "rowwise")
     parts = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2")
     expected = {f"layers.{i}.{p}" for i in range(model.cfg.n_layer) for p in parts}
     assert len(converted) == 4 * model.cfg.n_layer and set(converted) == expected == float8_names(model)
@@ -61,15 +64,15 @@ def test_c2i_conversion_touches_exactly_the_backbone_linears():
 def test_unaligned_linears_stay_plain():
     model = nn.Module()
     model.layers = nn.ModuleList([nn.ModuleDict({"a": nn.Linear(32, 48), "b": nn.Linear(32, 40)})])
-    assert is_backbone_linear(model.layers[0]["a"], "layers.0.a")
-    assert not is_backbone_linear(model.layers[0]["b"], "layers.0.b")  # 40 is not a multiple of 16
-    assert convert_backbone(model) == ["layers.0.a"] and skipped_unaligned(model) == ["layers.0.b"]
+    assert is_backbone_linear(model.layers[0]["a"], "layers.0.a", C2I)
+    assert not is_backbone_linear(model.layers[0]["b"], "layers.0.b", C2I)  # 40 is not a multiple of 16
+    assert convert_backbone(model, C2I) == ["layers.0.a"] and skipped_unaligned(model, C2I) == ["layers.0.b"]
     assert type(model.layers[0]["b"]) is nn.Linear and isinstance(model.layers[0]["a"], Float8Linear)
 
 
 def test_converted_state_dict_keeps_plain_names_and_dtypes_and_forward_is_close():
     plain, fp8 = c2i_model(), c2i_model()
-    convert_backbone(fp8)
+    convert_backbone(fp8, C2I)
     a, b = plain.state_dict(), fp8.state_dict()
     assert list(a) == list(b) and all(a[k].dtype == b[k].dtype and type(b[k]) is torch.Tensor for k in a)
     for name in ("layers.0.attention.wqkv.weight", "layers.1.feed_forward.w2.weight"):
@@ -101,7 +104,7 @@ def test_config_errors(overrides, message):
 def test_missing_torchao_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.float8", None)  # import raises ImportError
     with pytest.raises(ImportError, match=r"pip install torchao==0\.18\.0"):
-        convert_backbone(c2i_model())
+        convert_backbone(c2i_model(), C2I)
 
 
 # ---- end to end through training.train (slow) --------------------------------------------------------------------

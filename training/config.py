@@ -17,19 +17,17 @@ from data_pipeline.loader import SubsetConfig
 from models.core.sampling import SamplingConfig
 from models.t2i.megatron.config import ParallelSettings
 
-MODEL_KINDS = ("t2i", "c2i", "tokenizer")
-ENGINE_KINDS = ("deepspeed", "megatron")
 PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "t2i"  # "t2i" (text-to-image), "c2i" (class-conditional ImageNet) or "tokenizer"
-    name: str = "tiny-4x"  # a named config: get_t2i_config / get_c2i_config / get_tokenizer_config
+    kind: str = "t2i"  # a model family of models.family.FAMILIES: t2i (text-to-image), c2i (ImageNet), tokenizer
+    name: str = "tiny-4x"  # a named config of the family (its `get_config`; P is the -<P>x suffix)
     init_from: str | None = None  # t2i: HF Qwen3 folder or official T2I folder; c2i: official checkpoint
     image_tokenizer: str | None = None  # ae weights, to decode periodic samples (and online encoding)
     text_tokenizer: str | None = None  # HF tokenizer folder, to tokenize the periodic sample prompts
-    attention: str = "auto"  # t2i attention backend: auto (flex on GPU, segments on CPU) | dense | segments | flex
+    attention: str = "auto"  # t2i attention backend (models.core.attention.resolve_attention): auto|dense|segments|flex
     activation_checkpointing: bool = False
     # tokenizer
     disc_start: int = 0  # step at which the PatchGAN discriminator joins (0 = never)
@@ -72,9 +70,10 @@ class ScheduleConfig:
 
 @dataclass
 class EngineConfig:
-    kind: str = "deepspeed"  # deepspeed | megatron (t2i only; reads the `parallel` section)
+    kind: str = "deepspeed"  # an engine of training.engines.ENGINES: deepspeed | megatron (t2i; the `parallel` section)
     zero_stage: int = 0  # 0-3 (deepspeed)
-    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp8 (deepspeed: torchao float8 backbone linears, bf16 elsewhere)
+    # auto (the engine's choice: bf16 on GPU when it can, fp32 on CPU) | fp32 | bf16 | fp8 (deepspeed: torchao float8
+    # backbone linears, bf16 elsewhere)
     precision: str = "auto"
     fp8_recipe: str = "tensorwise"  # engine.precision=fp8: tensorwise | rowwise (torchao float8 scaling)
 
@@ -130,18 +129,20 @@ class TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
+    """Every check that needs several fields, once: the model family and the engine are looked up in their registries
+    (an unknown name is a one-line error listing the known ones) and the engine adds its own checks."""
+    from models.core.attention import ATTENTION_BACKENDS
+    from models.family import FAMILIES
+    from training.engines import ENGINES
+
+    family, engine = FAMILIES.get(cfg.model.kind), ENGINES.get(cfg.engine.kind)
     checks = [
-        (cfg.model.kind in MODEL_KINDS, f"model.kind must be one of {MODEL_KINDS}, got {cfg.model.kind!r}"),
-        (0 <= cfg.engine.zero_stage <= 3, f"engine.zero_stage must be 0-3, got {cfg.engine.zero_stage}"),
-        (cfg.engine.kind in ENGINE_KINDS, f"engine.kind must be one of {ENGINE_KINDS}, got {cfg.engine.kind!r}"),
-        (cfg.engine.kind != "megatron" or cfg.model.kind == "t2i", "engine.kind=megatron trains model.kind=t2i only"),
         (
-            cfg.model.kind != "tokenizer" or cfg.engine.zero_stage <= 2,
-            "the tokenizer trains with engine.zero_stage 0-2 (its adaptive GAN weight needs whole parameters)",
+            engine.model_kinds is None or cfg.model.kind in engine.model_kinds,
+            f"engine.kind={cfg.engine.kind} trains model.kind={'|'.join(engine.model_kinds or ())} only",
         ),
-        (cfg.parallel.tp >= 1 and cfg.parallel.pp >= 1, "parallel.tp and parallel.pp must be >= 1"),
-        (cfg.engine.precision in PRECISIONS, "engine.precision must be auto, fp32, bf16 or fp8"),
-        *_fp8_checks(cfg),
+        (cfg.engine.precision in PRECISIONS, f"engine.precision must be {', '.join(PRECISIONS)}"),
+        *_fp8_checks(cfg, family.fp8_prefixes, engine.precisions),
         (cfg.schedule.decay in ("constant", "cosine"), "schedule.decay must be constant or cosine"),
         (cfg.schedule.total_steps > 0, "schedule.total_steps must be > 0"),
         (0 <= cfg.schedule.warmup_steps <= cfg.schedule.total_steps, "schedule.warmup_steps must be in [0, total]"),
@@ -149,34 +150,40 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (0.0 <= cfg.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
         (cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}"),
         (
-            not cfg.checkpoint.async_save or cfg.engine.kind == "megatron",
-            "checkpoint.async_save needs engine.kind=megatron (DeepSpeed checkpoints are written synchronously)",
+            not cfg.checkpoint.async_save or engine.supports_async_save,
+            f"checkpoint.async_save is not supported by engine.kind={cfg.engine.kind} (its checkpoints are written "
+            "synchronously); set checkpoint.async_save=false",
         ),
         *_range_checks(cfg),
         (cfg.logging.wandb in ("auto", "online", "offline", "disabled"), "logging.wandb: auto|online|offline|disabled"),
         (
-            cfg.model.attention in ("auto", "dense", "segments", "flex"),
-            "model.attention must be auto, dense, segments or flex",
+            cfg.model.attention in ATTENTION_BACKENDS,
+            f"model.attention must be one of {', '.join(ATTENTION_BACKENDS)}",
         ),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    for ok, message in engine.check(cfg):
+        if not ok:
+            raise ValueError(message)
     return cfg
 
 
-def _fp8_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
-    """engine.precision=fp8 is the DeepSpeed engine's torchao path; megatron keeps its Transformer Engine FP8."""
-    e, fp8 = cfg.engine, cfg.engine.precision == "fp8"
+def _fp8_checks(cfg: TrainConfig, prefixes: tuple[str, ...], precisions: tuple[str, ...]) -> list[tuple[bool, str]]:
+    """engine.precision=fp8: a recipe of training.fp8, a family with a backbone to convert, an engine that trains it."""
+    from models.family import FAMILIES
+    from training.fp8 import FP8_RECIPES
+
+    fp8 = cfg.engine.precision == "fp8"
+    with_backbone = "|".join(k for k, f in FAMILIES.items() if f.fp8_prefixes)
     return [
-        (e.fp8_recipe in ("tensorwise", "rowwise"), "engine.fp8_recipe must be tensorwise or rowwise"),
+        (cfg.engine.fp8_recipe in FP8_RECIPES, f"engine.fp8_recipe must be {' or '.join(FP8_RECIPES)}"),
+        (not fp8 or bool(prefixes), f"engine.precision=fp8 converts a backbone: model.kind {with_backbone}"),
         (
-            not fp8 or e.kind == "deepspeed",
-            "engine.precision=fp8 is torchao FP8 for engine.kind=deepspeed; megatron's FP8 is Transformer Engine: set "
-            "engine.precision=bf16 parallel.transformer_impl=te parallel.fp8=hybrid",
+            not fp8 or "fp8" in precisions,
+            f"engine.precision=fp8 is not trained by engine.kind={cfg.engine.kind}; use engine.precision=bf16",
         ),
-        (not fp8 or cfg.model.kind in ("t2i", "c2i"), "engine.precision=fp8 converts a backbone: model.kind t2i|c2i"),
-        (not fp8 or e.zero_stage >= 1, "engine.precision fp8 needs engine.zero_stage >= 1 (fp32 master weights)"),
     ]
 
 
@@ -207,20 +214,16 @@ def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
 
 
 def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
-    """World size / (tp * pp) under the megatron engine (which must divide exactly); the world size otherwise."""
-    if cfg.engine.kind != "megatron":
-        return world_size
-    model_parallel = cfg.parallel.tp * cfg.parallel.pp
-    if world_size % model_parallel:
-        raise ValueError(
-            f"world size {world_size} is not divisible by parallel.tp {cfg.parallel.tp} x parallel.pp "
-            f"{cfg.parallel.pp}; launch a multiple of {model_parallel} processes"
-        )
-    return world_size // model_parallel
+    """The data-parallel size of `world_size` processes under the run's engine (megatron: world / (tp * pp))."""
+    from training.engines import ENGINES
+
+    return ENGINES.get(cfg.engine.kind).data_parallel_size(cfg, world_size)
 
 
 def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
     """global_batch / (micro_batch * data-parallel size), which must divide exactly."""
+    from training.engines import ENGINES
+
     dp = data_parallel_size(cfg, world_size)
     per_step = cfg.data.micro_batch * dp
     if cfg.data.global_batch % per_step:
@@ -229,12 +232,7 @@ def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
             f"data-parallel size {dp}; change one of them"
         )
     accum = cfg.data.global_batch // per_step
-    p = cfg.parallel
-    if cfg.engine.kind == "megatron" and p.virtual_pp is not None and accum % p.pp:
-        raise ValueError(
-            f"the interleaved schedule (parallel.virtual_pp) needs micro-batches per step ({accum}) to be "
-            f"a multiple of parallel.pp {p.pp}; change data.global_batch"
-        )
+    ENGINES.get(cfg.engine.kind).check_accumulation(cfg, accum)
     return accum
 
 

@@ -1,9 +1,9 @@
 """`torchrun --nproc_per_node N -m training.train --config <yaml> [key=value ...]`: the training loop.
 
-One loop for every model kind and engine (DeepSpeed, or megatron-core with `engine.kind=megatron` and the `parallel`
-section): data loader -> one optimizer step through the engine over the step's micro-batches -> LR schedule -> EMA
--> logging, periodic samples and checkpoints. Non-finite steps are skipped and counted
-(K in a row stop the run); SIGTERM saves a checkpoint and exits 0; `checkpoint.resume=auto` continues from
+One loop for every model family and engine (`models.family.FAMILIES`, `training.engines.ENGINES`: DeepSpeed, or
+megatron-core with the `parallel` section): data loader -> one optimizer step through the engine over the step's
+micro-batches -> LR schedule -> EMA -> logging, periodic samples and checkpoints. Non-finite steps are skipped and
+counted (K in a row stop the run); SIGTERM saves a checkpoint and exits 0; `checkpoint.resume=auto` continues from
 `<run_dir>/checkpoints/latest` exactly where it stopped.
 """
 
@@ -24,7 +24,7 @@ from training.checkpoint import latest_checkpoint, load_checkpoint, resolve_resu
 from training.checkpoint_integrity import CheckpointError, verify_checkpoint
 from training.config import TrainConfig, grad_accumulation, load_config, to_dict
 from training.ema import EMA
-from training.engines import Engine, build_engine, init_distributed, shutdown_distributed
+from training.engines import Engine, build_engine, engine_class, init_distributed, shutdown_distributed
 from training.faults import maybe_kill, maybe_kill_rank, maybe_sigterm
 from training.flops import mfu
 from training.logger import RunLogger
@@ -113,7 +113,7 @@ def train(cfg: TrainConfig) -> TrainerState:
     """The run, with the run folder locked by rank 0 for its whole life (training.run_guard)."""
     if launched_by_torchrun():
         exit_with_parent()  # a SIGKILLed torchrun takes its workers with it
-    rank, world, device = init_distributed(cfg.engine.kind)
+    rank, world, device = init_distributed(engine_class(cfg))
     lock = lock_run_dir(cfg.run_dir, rank)
     try:
         resume = resolve_resume(cfg.run_dir, cfg.checkpoint.resume, cfg.checkpoint.overwrite, rank)
@@ -239,7 +239,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                 if exported is not None:
                     print(f"exported EMA weights to {exported}", flush=True)
             else:
-                how = EXPORT_HOW[engine.kind]
+                how = engine.export_how
                 print(f"the EMA is sharded over ranks; export it from the last checkpoint with {how}", flush=True)
         if dist.is_initialized():
             dist.barrier()  # every rank leaves together, after rank 0's export
@@ -256,13 +256,6 @@ def evaluate_model(task: Task, model, grid: bool) -> dict:
         if image is not None:
             out["grid"] = image
     return out
-
-
-EXPORT_HOW = {
-    "megatron": "`python -m training.checkpoint export --src <checkpoint> --dst <folder> --text-tokenizer ... "
-    "--image-tokenizer ...`",
-    "deepspeed": "DeepSpeed's zero_to_fp32 on the checkpoint's model (ZeRO-3)",
-}
 
 
 def main(argv: list[str] | None = None) -> None:

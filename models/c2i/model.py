@@ -9,7 +9,6 @@ Training: `forward(bits, labels)` returns the diffusion loss. Sampling: `models.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -20,6 +19,7 @@ from models.c2i.transformer import TransformerBlock
 from models.core.bits import flip_bits
 from models.core.diffusion_head import BinaryDiffusionHead, HeadConfig
 from models.core.kv_cache import KVCache
+from models.core.names import split_parallel_suffix
 from models.core.patch_order import block_causal_mask, patch_raster_index, patch_side, to_patch_raster
 from models.core.rope import rope_2d_angles
 
@@ -110,12 +110,15 @@ C2I_CONFIGS: dict[str, C2IConfig] = {
 
 def get_c2i_config(name: str, **overrides) -> C2IConfig:
     """Named config, e.g. "B", "L-4x", "H-16x", "tiny-16x" (the suffix sets parallel_num)."""
-    m = re.fullmatch(r"(\w+?)(?:-(\d+)x)?", name)
-    if m is None or m.group(1) not in C2I_CONFIGS:
+    try:
+        base, P = split_parallel_suffix(name)
+    except ValueError:
+        base, P = name, None
+    if base not in C2I_CONFIGS:
         raise ValueError(f"unknown model config {name!r}; known: {sorted(C2I_CONFIGS)} with optional -1x/-4x/-16x")
-    if m.group(2):
-        overrides.setdefault("parallel_num", int(m.group(2)))
-    return replace(C2I_CONFIGS[m.group(1)], **overrides)
+    if P is not None:
+        overrides.setdefault("parallel_num", P)
+    return replace(C2I_CONFIGS[base], **overrides)
 
 
 class SwiGLUConnector(nn.Module):

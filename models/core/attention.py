@@ -65,10 +65,18 @@ def segment_block_causal_mask(doc_ids: torch.Tensor, block_ids: torch.Tensor) ->
     return SegmentMask(tuple(rows))
 
 
-def build_mask(doc_ids: torch.Tensor, block_ids: torch.Tensor, backend: str) -> AttentionMask:
+def resolve_attention(backend: str, cuda: bool) -> str:
+    """The backend `backend` names on a CUDA (`cuda`) or CPU device: "auto" is flex on CUDA, segments elsewhere."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
-    if backend == "flex" or (backend == "auto" and doc_ids.is_cuda):
+    if backend == "auto":
+        return "flex" if cuda else "segments"
+    return backend
+
+
+def build_mask(doc_ids: torch.Tensor, block_ids: torch.Tensor, backend: str) -> AttentionMask:
+    backend = resolve_attention(backend, doc_ids.is_cuda)
+    if backend == "flex":
         return flex_block_causal_mask(doc_ids, block_ids)
     if backend == "dense":
         return dense_block_causal_mask(doc_ids, block_ids)

@@ -4,7 +4,7 @@ training sample grids, `eval.generate` and the demo."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 CFG_SCHEDULES = ("constant", "linear")
 
@@ -39,3 +39,20 @@ def cfg_at_step(cfg_scale: float, schedule: str, step: int, num_ar_steps: int) -
     if schedule == "linear":
         return 1.0 + (cfg_scale - 1.0) * step / num_ar_steps
     raise ValueError(f"unknown cfg_schedule {schedule!r}; choose one of {CFG_SCHEDULES}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The published sampling settings of one released model (`eval.generate --preset NAME`)."""
+
+    name: str
+    family: str  # the model.kind of the family it belongs to
+    release: str  # the released checkpoint the settings belong to
+    sampling: SamplingConfig
+    task_cfg_scale: dict[str, float] = field(default_factory=dict)  # guidance of a benchmark that differs
+
+    def sampling_for(self, benchmark: str, long_prompts: bool = False) -> SamplingConfig:
+        key = f"{benchmark}_long" if long_prompts else benchmark
+        if key in self.task_cfg_scale:
+            return replace(self.sampling, cfg_scale=self.task_cfg_scale[key])
+        return self.sampling

@@ -9,7 +9,6 @@ loss = 0.01 x text cross-entropy + 1.0 x vision diffusion loss, each a mean over
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 from models.core.attention import ATTENTION_BACKENDS, build_mask
 from models.core.bits import flip_bits
 from models.core.diffusion_head import BinaryDiffusionHead, HeadConfig
+from models.core.names import split_parallel_suffix
 from models.core.patch_order import patch_side
 from models.t2i.packing import IGNORE_INDEX, PackedT2IBatch
 from models.t2i.qwen3 import Qwen3Config, Qwen3ForCausalLM, get_qwen3_config
@@ -102,20 +102,25 @@ def t2i_head_config(width: int, latent_dim: int, parallel_num: int, **kw) -> Hea
     return HeadConfig(ch_target=latent_dim, ch_cond=width, ch_latent=width, parallel_num=parallel_num, **base)
 
 
+T2I_CONFIG_NAMES = ("14B", "tiny", "demo")  # each takes a -<P>x suffix
+
+
 def get_t2i_config(name: str, **overrides) -> T2IConfig:
     """ "14B-16x", "14B-64x" (official sizes), "tiny-<P>x" (CPU tests; 2x tokenizer, small sizes) or "demo-<P>x"
     (`make demo`: tiny with a head half as wide as its backbone)."""
-    m = re.fullmatch(r"(14B|tiny|demo)-(\d+)x", name)
-    if m is None:
+    try:
+        base_name, P = split_parallel_suffix(name)
+    except ValueError:
+        base_name, P = name, None
+    if base_name not in T2I_CONFIG_NAMES or P is None:
         raise ValueError(f"unknown T2I config {name!r}; known: 14B-16x, 14B-64x, tiny-<P>x, demo-<P>x")
-    P = int(m.group(2))
-    if m.group(1) == "14B":
+    if base_name == "14B":
         llm = get_qwen3_config("14B")
         base = T2IConfig(llm=llm, head=t2i_head_config(llm.hidden_size, 32, P))
     else:
         llm = get_qwen3_config("tiny")
         head = t2i_head_config(llm.hidden_size, 16, P, depth_latent=2, depth_adanln=1)
-        if m.group(1) == "demo":
+        if base_name == "demo":
             # The 14B head is as wide as its backbone, yet one image's AR step costs about the same for any P on a
             # GPU: it is bound by reading the weights. On a CPU a 128-wide head's per-token arithmetic makes the cost
             # grow with P and hides next-patch decoding's fewer steps; a 64-wide head brings back the 14B regime.

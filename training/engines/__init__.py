@@ -1,6 +1,9 @@
-"""Training engines: the interface every engine implements (`Engine`), what a step returns, process-group setup and
-`build_engine`. The DeepSpeed engine (ZeRO 0-3) and the megatron-core engine (TP/PP) live beside this file; the loop
-and the run-directory code (`training.checkpoint`) talk to them only through `Engine`."""
+"""Training engines: the interface every engine implements (`Engine`, with the config-time part in `EngineBase`), what
+a step returns, process-group setup, and the registry of engines by `engine.kind` (`ENGINES`). The DeepSpeed engine
+(ZeRO 0-3) and the megatron-core engine (TP/PP) live beside this file, each owning its setup and its config checks;
+the loop and the run-directory code (`training.checkpoint`) talk to them only through `Engine`. Adding an engine is
+one module here that subclasses `EngineBase` plus one `ENGINES.register` line below.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +20,13 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  (see below)
 from torch import nn
 
+from models.core.registry import Registry
+
 # Modules whose functions default to `group=GroupMember.WORLD` capture the world group when they are imported. Imported
 # after the group exists, they keep it alive past destroy_process_group; its gloo/TCPStore threads then run on into
 # interpreter finalization, where a finished run may abort ("terminate called without an active exception", SIGABRT).
 # So they are imported before init_distributed makes the group: torch.distributed.nn (which torch._dynamo imports) here,
-# DeepSpeed (deepspeed.comm.torch: `barrier(group=GroupMember.WORLD)`) at the top of init_distributed.
+# DeepSpeed (deepspeed.comm.torch: `barrier(group=GroupMember.WORLD)`) in DeepSpeedEngine.before_process_group.
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -96,12 +101,11 @@ class Engine(Protocol):
         (another data-parallel size: the data stream is resized from every previous rank's loader state)."""
 
 
-def init_distributed(engine_kind: str = "deepspeed") -> tuple[int, int, torch.device]:
-    """Process group from the torchrun launcher env (a single process when absent). The megatron engine needs no
-    DeepSpeed: its process group comes from torch.distributed directly."""
-    if engine_kind == "deepspeed":
-        import deepspeed  # before the process group exists (see the note at the imports)
-
+def init_distributed(engine: type[EngineBase] | str = "deepspeed") -> tuple[int, int, torch.device]:
+    """Process group from the torchrun launcher env (a single process when absent), with the hooks of `engine` (a class
+    or its `engine.kind` name) around it."""
+    engine = ENGINES.get(engine) if isinstance(engine, str) else engine
+    engine.before_process_group()
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -113,8 +117,7 @@ def init_distributed(engine_kind: str = "deepspeed") -> tuple[int, int, torch.de
     if not dist.is_initialized():
         # gloo next to NCCL on GPUs: the loop's small CPU collectives (metrics, flags) need it
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
-    if engine_kind == "deepspeed":
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # adopts the process group above
+    engine.after_process_group(cuda)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -135,34 +138,69 @@ def shutdown_distributed() -> None:
     gc.collect()  # groups held in reference cycles (a DeepSpeed engine's) are freed now, not during finalization
 
 
+class EngineBase:
+    """What an engine says about a run before any process starts (class methods: the config loader, the launcher-side
+    tools and the tasks call them), with the defaults of an engine that holds the task's whole model on every rank."""
+
+    kind: str
+    precisions: tuple[str, ...] = ("fp32", "bf16")  # engine.precision values it trains with (besides "auto")
+    model_kinds: tuple[str, ...] | None = None  # the model families it trains (None: every family)
+    shards_model = False  # builds its own sharded model from the task's config and `model.init_from`
+    supports_async_save = False  # checkpoint.async_save
+    export_how = "the run's export"  # how to get official-layout weights when the EMA is sharded over ranks
+
+    @classmethod
+    def check(cls, cfg: TrainConfig) -> list[tuple[bool, str]]:
+        """This engine's own config checks: (ok, one-line message naming the fix) pairs."""
+        return []
+
+    @classmethod
+    def before_process_group(cls) -> None:
+        """Imports that must happen before the process group exists (see the note at the imports)."""
+
+    @classmethod
+    def after_process_group(cls, cuda: bool) -> None:
+        """Setup that adopts the process group `init_distributed` made."""
+
+    @classmethod
+    def auto_precision(cls, cfg: TrainConfig, cuda: bool) -> str:
+        """What engine.precision=auto trains with: bf16 on GPUs, fp32 on CPU."""
+        return "bf16" if cuda else "fp32"
+
+    @classmethod
+    def data_parallel_size(cls, cfg: TrainConfig, world_size: int) -> int:
+        return world_size
+
+    @classmethod
+    def check_accumulation(cls, cfg: TrainConfig, micro_batches: int) -> None:
+        """Refuse (one line) a number of micro-batches per step this engine's schedule cannot run."""
+
+    @classmethod
+    def vocab_multiple(cls, cfg: TrainConfig) -> int:
+        """The text vocabulary (embedding rows) is padded to a multiple of this."""
+        return 1
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, task: Task, grad_accum: int) -> Engine:
+        raise NotImplementedError
+
+
+ENGINES: Registry[type[EngineBase]] = Registry("engine.kind")
+ENGINES.register("deepspeed", "training.engines.deepspeed:DeepSpeedEngine")
+ENGINES.register("megatron", "training.engines.megatron:MegatronEngine")
+
+
+def engine_class(cfg: TrainConfig) -> type[EngineBase]:
+    return ENGINES.get(cfg.engine.kind)
+
+
 def precision(cfg: TrainConfig) -> str:
+    """engine.precision with "auto" resolved by the engine for this machine."""
     if cfg.engine.precision != "auto":
         return cfg.engine.precision
-    return "bf16" if torch.cuda.is_available() else "fp32"
+    return engine_class(cfg).auto_precision(cfg, torch.cuda.is_available())
 
 
 def build_engine(cfg: TrainConfig, task: Task, grad_accum: int) -> Engine:
-    """The engine of `engine.kind`, holding the task's model (the megatron engine builds its own chunks from it)."""
-    if cfg.engine.kind == "megatron":
-        from training.engines.megatron import MegatronEngine
-
-        reference, task.model = task.model, None  # the engine takes the weights; its chunks replace the model
-        return MegatronEngine(cfg, task.model_cfg, reference, task.init_checkpoint, task.init_folder)
-    from training.engines.deepspeed import DeepSpeedEngine
-    from training.optim import build_optimizer
-
-    if precision(cfg) == "fp8":  # before the optimizer and the checkpoint wrappers (plain module names)
-        from training.fp8 import convert_backbone, skipped_unaligned
-
-        converted, skipped = convert_backbone(task.model, cfg.engine.fp8_recipe), skipped_unaligned(task.model)
-        if dist.get_rank() == 0:
-            print(
-                f"fp8 (torchao {cfg.engine.fp8_recipe}): {len(converted)} backbone linears converted, "
-                f"{len(skipped)} left in bf16 (dims not multiples of 16){': ' + ', '.join(skipped) if skipped else ''}",
-                flush=True,
-            )
-    if cfg.model.activation_checkpointing:
-        from training.activation_checkpointing import apply_activation_checkpointing
-
-        apply_activation_checkpointing(task.model)
-    return DeepSpeedEngine(task.model, build_optimizer(task.model, cfg.optim), cfg, grad_accum)
+    """The engine of `engine.kind`, holding the task's model (an engine that shards the model builds its own)."""
+    return engine_class(cfg).build(cfg, task, grad_accum)

@@ -1,6 +1,7 @@
-"""The DeepSpeed engine behind the training loop: ZeRO stage 0-3, bf16 (GPU) or fp32 (CPU) or fp8 (torchao float8
-backbone linears, converted by `build_engine`, bf16 for the rest), gloo on CPU and NCCL on GPU, gradient clipping,
-and steps skipped (not applied) when the gradients are not finite.
+"""The DeepSpeed engine behind the training loop (`engine.kind=deepspeed`): ZeRO stage 0-3, bf16 (GPU) or fp32 (CPU)
+or fp8 (torchao float8 backbone linears, bf16 for the rest), gloo on CPU and NCCL on GPU, gradient clipping, and steps
+skipped (not applied) when the gradients are not finite. It owns its setup (FP8 conversion, activation checkpointing,
+the optimizer; `DeepSpeedEngine.build`) and its config checks (`DeepSpeedEngine.check`).
 
 The loop sees only `train_step`, `set_lr`, `module` and the checkpoint hooks, so other engines
 (training/engines/megatron.py) stand behind the same calls.
@@ -15,14 +16,74 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.family import FAMILIES
 from training.config import TrainConfig
 from training.ema import EMA
-from training.engines import Resume, StepResult, StepStats, precision
+from training.engines import EngineBase, Resume, StepResult, StepStats, precision
 from training.optim import set_lr
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(EngineBase):
     kind = "deepspeed"
+    precisions = ("fp32", "bf16", "fp8")
+    export_how = "DeepSpeed's zero_to_fp32 on the checkpoint's model (ZeRO-3)"
+
+    @classmethod
+    def check(cls, cfg: TrainConfig) -> list[tuple[bool, str]]:
+        e, resolved = cfg.engine, precision(cfg)
+        whole = getattr(FAMILIES.get(cfg.model.kind).task_class(), "whole_parameters", False)
+        return [
+            (0 <= e.zero_stage <= 3, f"engine.zero_stage must be 0-3, got {e.zero_stage}"),
+            (
+                resolved == "fp32" or e.zero_stage >= 1,
+                f"engine.precision {resolved} needs engine.zero_stage >= 1 (fp32 master weights live there)",
+            ),
+            (
+                not whole or e.zero_stage <= 2,
+                f"model.kind={cfg.model.kind} trains with engine.zero_stage 0-2 (it needs whole parameters on every "
+                "rank)",
+            ),
+        ]
+
+    @classmethod
+    def auto_precision(cls, cfg: TrainConfig, cuda: bool) -> str:
+        """bf16 on GPUs when ZeRO holds fp32 master weights (stage >= 1), else fp32."""
+        return "bf16" if cuda and cfg.engine.zero_stage >= 1 else "fp32"
+
+    @classmethod
+    def before_process_group(cls) -> None:
+        import deepspeed  # noqa: F401  (before the process group exists: see training/engines/__init__.py)
+
+    @classmethod
+    def after_process_group(cls, cuda: bool) -> None:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # adopts the process group
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, task, grad_accum: int) -> DeepSpeedEngine:
+        """FP8 conversion (before the optimizer and the checkpoint wrappers: plain module names), activation
+        checkpointing, the optimizer, then the engine around the task's model."""
+        from training.optim import build_optimizer
+
+        if precision(cfg) == "fp8":
+            from training.fp8 import convert_backbone, skipped_unaligned
+
+            prefixes = FAMILIES.get(cfg.model.kind).fp8_prefixes
+            converted = convert_backbone(task.model, prefixes, cfg.engine.fp8_recipe)
+            skipped = skipped_unaligned(task.model, prefixes)
+            if dist.get_rank() == 0:
+                print(
+                    f"fp8 (torchao {cfg.engine.fp8_recipe}): {len(converted)} backbone linears converted, "
+                    f"{len(skipped)} left in bf16 (dims not multiples of 16)"
+                    f"{': ' + ', '.join(skipped) if skipped else ''}",
+                    flush=True,
+                )
+        if cfg.model.activation_checkpointing:
+            from training.activation_checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing(task.model)
+        return cls(task.model, build_optimizer(task.model, cfg.optim), cfg, grad_accum)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, grad_accum: int):
         import deepspeed
@@ -30,10 +91,6 @@ class DeepSpeedEngine:
         self.zero_stage = cfg.engine.zero_stage
         self.precision = precision(cfg)
         bf16 = self.precision in ("bf16", "fp8")  # fp8: float8 matmuls in the converted linears, bf16 elsewhere
-        if bf16 and self.zero_stage == 0:
-            raise ValueError(
-                f"engine.precision {self.precision} needs engine.zero_stage >= 1 (fp32 master weights live there)"
-            )
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
             "gradient_accumulation_steps": grad_accum,

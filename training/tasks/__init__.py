@@ -1,4 +1,5 @@
-"""What is being trained: the `Task` interface the loop talks to, and the registry of tasks by `model.kind`.
+"""What is being trained: the `Task` interface the loop talks to, and `build_task`, which takes the task of the run's
+model family from the family registry (`models.family.FAMILIES`).
 
 A task builds its model and data loader, turns a batch into a loss (`step`), counts samples, tokens and model FLOPs,
 and optionally evaluates (tokenizer reconstruction), draws sample grids and exports the official layout. Models stay
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from models.family import FAMILIES
 from training.config import TrainConfig
 
 
@@ -36,6 +38,7 @@ class Task:
     init_folder: Path | None = None  # an official / Qwen3 folder the megatron engine reads per rank (t2i)
     current_step: int = 0  # the optimizer step being computed (set by the loop)
     evaluates_at_ends: bool = False  # also evaluate before the first step and after the last
+    whole_parameters: bool = False  # needs every parameter whole on every rank (engines that shard them refuse it)
 
     def loader(self, rank: int, world: int): ...
 
@@ -62,14 +65,5 @@ def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
 
 
 def build_task(cfg: TrainConfig, device: torch.device) -> Task:
-    if cfg.model.kind == "t2i":
-        from training.tasks.t2i import T2ITask
-
-        return T2ITask(cfg, device)
-    if cfg.model.kind == "c2i":
-        from training.tasks.c2i import C2ITask
-
-        return C2ITask(cfg, device)
-    from training.tasks.tokenizer import TokenizerTask
-
-    return TokenizerTask(cfg, device)
+    """The task of the run's model family (`models.family.FAMILIES[model.kind].task`)."""
+    return FAMILIES.get(cfg.model.kind).task_class()(cfg, device)

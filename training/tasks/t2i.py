@@ -1,5 +1,6 @@
-"""The text-to-image task: `TextToImageBitDance` (or, under the megatron engine, the config and initial weights the
-engine shards), packed binary-token rows from the loader, sample grids from prompts, and the official folder export."""
+"""The text-to-image task: `TextToImageBitDance` (or, under an engine that shards the model, the config and initial
+weights the engine shards), packed binary-token rows from the loader, sample grids from prompts, and the official
+folder export."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from PIL import Image
 
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
 from data_pipeline.shard_format import load_manifest
-from models.t2i.megatron.batch import FLEX_BLOCK, fixed_length, pad_to_length
+from models.core.attention import resolve_attention
+from models.t2i.megatron.batch import FLEX_BLOCK, fixed_length, pad_to_length, row_length
 from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config
 from models.t2i.packing import PackedT2IBatch
 from models.t2i.repatch import QueryRows, query_rows, repatch_, with_parallel_num
 from models.tokenizer.model import tensor_to_images
 from training.config import TrainConfig
+from training.engines import engine_class
 from training.flops import t2i_batch_flops
 from training.tasks import StepOutput, Task, image_grid
 
@@ -43,26 +46,26 @@ class T2ITask(Task):
         mcfg = replace(mcfg, llm=replace(mcfg.llm, vocab_size=self.vocab(mcfg.llm.vocab_size)))
         self.init_checkpoint: Path | None = None
         self.init_folder: Path | None = None
-        if cfg.engine.kind == "megatron":
-            self.model, mcfg = self._init_megatron(mcfg)
+        if engine_class(cfg).shards_model:
+            self.model, mcfg = self._init_sharded(mcfg)
         else:
             self.model = self._init_model(mcfg)
         self.model_cfg = self.model.cfg if self.model is not None else mcfg
         # compiled FlexAttention recompiles for every new row length: give it one (the megatron engine pads itself)
-        flex = cfg.model.attention == "flex" or (cfg.model.attention == "auto" and device.type == "cuda")
-        self.row_length = fixed_length(cfg.data.token_budget, FLEX_BLOCK) if flex else None
+        flex = resolve_attention(cfg.model.attention, device.type == "cuda") == "flex"
+        self.row_length = row_length(cfg.data.token_budget, flex=True) if flex else None
 
     def vocab(self, model_vocab: int) -> int:
         """Text vocabulary to train with: the model's or the data's, whichever is larger, padded to a multiple of the
-        tensor-parallel size under the megatron engine (padding rows are never used)."""
+        multiple the engine needs (the tensor-parallel size under megatron; padding rows are never used)."""
         n = max(model_vocab, self.manifest["text_tokens"]["vocab_size"])
-        tp = self.cfg.parallel.tp if self.cfg.engine.kind == "megatron" else 1
-        return -(-n // tp) * tp
+        multiple = engine_class(self.cfg).vocab_multiple(self.cfg)
+        return -(-n // multiple) * multiple
 
-    def _init_megatron(self, mcfg) -> tuple[TextToImageBitDance | None, T2IConfig]:
-        """The megatron engine builds its own model chunks and loads `model.init_from` itself, sharded: a megatron
-        checkpoint (`init_checkpoint`, which supplies the model config) or an official / Hugging Face Qwen3 folder
-        (`init_folder`). Returns (None, the model config)."""
+    def _init_sharded(self, mcfg) -> tuple[TextToImageBitDance | None, T2IConfig]:
+        """An engine that shards the model (megatron) builds its own chunks and loads `model.init_from` itself: a
+        megatron checkpoint (`init_checkpoint`, which supplies the model config) or an official / Hugging Face Qwen3
+        folder (`init_folder`). Returns (None, the model config)."""
         from training.engines.megatron_checkpoint import is_megatron_checkpoint, model_config_of
 
         src = self.cfg.model.init_from

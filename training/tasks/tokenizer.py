@@ -60,6 +60,7 @@ def adaptive_weight(rec_loss, adv_loss, last: nn.Parameter) -> torch.Tensor:
 class TokenizerTask(Task):
     kind = "tokenizer"
     evaluates_at_ends = True  # held-out PSNR/SSIM before the first step and after the last
+    whole_parameters = True  # the adaptive GAN weight needs whole parameters on every rank (no ZeRO-3)
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
         self.cfg, self.device = cfg, device
