@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--vocab-size", type=int, default=None, help="resize the text vocabulary (new rows: mean)")
     i.add_argument("--seed", type=int, default=0, help="initialisation of the new head and projector")
     args = p.parse_args(argv)
-    from training.engines import megatron_checkpoint as mc
+    from training.engines import checkpoint_tools as mc
 
     dst = Path(args.dst)
     try:

@@ -1,5 +1,5 @@
-"""`Registry`: the one way the code base maps a setting's value (`model.kind`, `engine.kind`, `--source`, `--task`) to
-what implements it, so that adding a model family, an engine, a data source or a benchmark is one module plus one
+"""`Registry`: the one way the code base maps a setting's value (the model family, the engine, `--source`, `--task`)
+to what implements it, so that adding a model family, an engine, a data source or a benchmark is one module plus one
 registration, and no caller switches on the string.
 
 Entries may be given lazily as "package.module:attribute" (imported on first use, so registering the megatron engine
