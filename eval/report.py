@@ -1,5 +1,7 @@
 """`python -m eval.report <out>`: report.md for a generation folder: score tables, a captioned sample grid,
-and the run metadata (model, sampler settings, seeds) recorded by `eval.generate`."""
+and the run metadata (model, sampler settings, seeds) recorded by `eval.generate`. The tables, the sample layout and
+the scorer to run are the benchmark's (`eval.benchmarks`), found by the task in run.json and the names in summary.json.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +12,26 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from eval.benchmarks import BENCHMARKS, Benchmark, get_benchmark
+from eval.benchmarks.base import metric_table
+
 CELL = 160
 
 
+def benchmarks_of(out: Path) -> list[Benchmark]:
+    """The benchmark that wrote `out` (run.json's task), or every registered one when that is unknown."""
+    run = out / "run.json"
+    task = json.loads(run.read_text()).get("task") if run.is_file() else None
+    return [get_benchmark(task)] if task in BENCHMARKS else [get_benchmark(name) for name in BENCHMARKS]
+
+
 def sample_cells(out: Path, limit: int) -> list[tuple[Path, str]]:
-    cells = []
-    for meta in sorted(out.glob("*/metadata.jsonl"))[:limit]:  # GenEval / shapes layout
-        prompt = json.loads(meta.read_text().splitlines()[0])["prompt"]
-        cells.append((meta.parent / "samples" / "0000.png", prompt))
-    if not cells:  # DPG-Bench grids or ImageNet images
-        cells = [(p, p.stem) for p in sorted(out.glob("*.png"))[:limit]]
-        cells = cells or [(p, p.stem) for p in sorted((out / "images").glob("*.png"))[:limit]]
-    return cells
+    """The first benchmark layout in `out` that has images: (image, caption) pairs."""
+    for bench in benchmarks_of(out):
+        cells = bench.sample_cells(out, limit)
+        if cells:
+            return cells
+    return []
 
 
 def captioned_grid(cells: list[tuple[Path, str]], columns: int = 4) -> Image.Image:
@@ -39,18 +49,8 @@ def captioned_grid(cells: list[tuple[Path, str]], columns: int = 4) -> Image.Ima
 def score_tables(summary: dict) -> list[str]:
     lines = []
     for name, result in summary.items():
-        lines += [f"### {name}", ""]
-        if isinstance(result, dict) and "per_tag" in result:
-            lines += ["| tag | accuracy |", "| --- | --- |"]
-            lines += [f"| {tag} | {acc:.3f} |" for tag, acc in result["per_tag"].items()]
-            lines.append(f"| **overall (mean of tags)** | **{result.get('overall', float('nan')):.3f}** |")
-            chance = result.get("chance")
-            if isinstance(chance, dict) and "overall" in chance:
-                lines.append(f"| chance (mean of tags) | {chance['overall']:.3f} |")
-        elif isinstance(result, dict):
-            lines += ["| metric | value |", "| --- | --- |"]
-            lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result.items()]
-        lines.append("")
+        table = get_benchmark(name).score_table(result) if name in BENCHMARKS else metric_table(result)
+        lines += [f"### {name}", "", *table, ""]
     return lines
 
 
@@ -63,7 +63,8 @@ def write_report(out: str | Path, limit: int = 16) -> Path:
     if summary_path.is_file():
         lines += ["## Scores", "", *score_tables(json.loads(summary_path.read_text()))]
     else:
-        lines += ["No scores yet: run `python -m eval.shapes_bench`, `eval.scorers` or `eval.imagenet_metrics`.", ""]
+        scorers = [f"`{bench.scorer.format(out=out)}`" for bench in benchmarks_of(out) if bench.scorer]
+        lines += [f"No scores yet: run {' or '.join(scorers)}.", ""] if scorers else []
     cells = sample_cells(out, limit)
     if cells:
         captioned_grid(cells).save(out / "report_samples.png")

@@ -273,25 +273,39 @@ def write_summary(out_dir: str | Path, name: str, result: dict) -> None:
         os.replace(tmp, target)
 
 
+def _geneval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--geneval-repo")
+    p.add_argument("--detector-weights", help=f"{GENEVAL_DETECTOR}.pth or its folder")
+    p.add_argument("--detector-config", help="the mmdet 2.x Mask2Former config (default: mmdet's tree)")
+
+
+def _dpg_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dpg-repo", help="the ELLA checkout")
+    p.add_argument("--mplug-weights", help="local mPLUG VQA model folder")
+    p.add_argument("--resolution", type=int, help="one tile's side (default: half the grid width)")
+
+
+# benchmark -> (its flags, the scorer run on the parsed flags)
+SCORERS = {
+    "geneval": (
+        _geneval_arguments,
+        lambda a: run_geneval_scorer(a.out, a.geneval_repo, a.detector_weights, a.python, a.detector_config),
+    ),
+    "dpg": (_dpg_arguments, lambda a: run_dpg_scorer(a.out, a.dpg_repo, a.mplug_weights, a.python, a.resolution)),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m eval.scorers", description="Run an official scorer on a folder.")
-    p.add_argument("task", choices=("geneval", "dpg"))
-    p.add_argument("out", help="the folder eval.generate wrote")
-    p.add_argument("--python", default=sys.executable, help="the interpreter that has the scorer's packages")
-    p.add_argument("--geneval-repo")
-    p.add_argument("--detector-weights", help=f"GenEval: {GENEVAL_DETECTOR}.pth or its folder")
-    p.add_argument("--detector-config", help="GenEval: the mmdet 2.x Mask2Former config (default: mmdet's tree)")
-    p.add_argument("--dpg-repo", help="DPG-Bench: the ELLA checkout")
-    p.add_argument("--mplug-weights", help="DPG-Bench: local mPLUG VQA model folder")
-    p.add_argument("--resolution", type=int, help="DPG-Bench: one tile's side (default: half the grid width)")
+    sub = p.add_subparsers(dest="task", required=True)
+    for name, (add_arguments, _) in SCORERS.items():
+        q = sub.add_parser(name, help=f"the official {name} scorer")
+        q.add_argument("out", help="the folder eval.generate wrote")
+        q.add_argument("--python", default=sys.executable, help="the interpreter that has the scorer's packages")
+        add_arguments(q)
     args = p.parse_args(argv)
     try:
-        if args.task == "geneval":
-            result = run_geneval_scorer(
-                args.out, args.geneval_repo, args.detector_weights, args.python, args.detector_config
-            )
-        else:
-            result = run_dpg_scorer(args.out, args.dpg_repo, args.mplug_weights, args.python, args.resolution)
+        result = SCORERS[args.task][1](args)
     except MissingScorerError as e:
         raise SystemExit(f"error: {e}") from None
     write_summary(args.out, args.task, result)

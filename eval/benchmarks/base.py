@@ -1,0 +1,105 @@
+"""`Benchmark`, what every `--task` of `eval.generate` is, the `Job`s it turns into files, and the layout most share:
+`<out>/<idx:05d>/samples/<k:04d>.png` + `metadata.jsonl` (GenEval's, the one its scorer reads), written atomically,
+the metadata last, so a prompt is finished when its `metadata.jsonl` is in place."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from models.core.sampling import Preset, SamplingConfig
+
+SHARED_PROMPTS = Path(__file__).resolve().parents[3] / "shared" / "eval_prompts"
+
+
+@dataclass
+class Job:
+    """One prompt (or class) and the files it produces."""
+
+    index: int  # its place in the benchmark: seeds its images
+    name: str  # folder / file stem
+    condition: str | int  # what the family's generator samples: a prompt (t2i) or a class id (c2i)
+    meta: dict
+
+
+def save_png_atomic(img: np.ndarray | Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    (img if isinstance(img, Image.Image) else Image.fromarray(img)).save(tmp)
+    os.replace(tmp, path)
+
+
+def per_tag_table(result: dict) -> list[str]:
+    """The report table of a GenEval-style result: accuracy per tag, the overall score and the chance level."""
+    lines = ["| tag | accuracy |", "| --- | --- |"]
+    lines += [f"| {tag} | {acc:.3f} |" for tag, acc in result["per_tag"].items()]
+    lines.append(f"| **overall (mean of tags)** | **{result.get('overall', float('nan')):.3f}** |")
+    chance = result.get("chance")
+    if isinstance(chance, dict) and "overall" in chance:
+        lines.append(f"| chance (mean of tags) | {chance['overall']:.3f} |")
+    return lines
+
+
+class Benchmark:
+    """One `--task`: a subclass sets `family` and defines `load_jobs`; the rest defaults to the folder layout, no
+    flags of its own, no finishing step and a metric | value report table."""
+
+    family: str  # the models.family.FAMILIES entry whose generator samples it: "t2i" (prompts), "c2i" (class ids)
+    scorer: str | None = None  # the command that scores a generated folder `{out}` (eval.report shows it)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def add_arguments(self, flags) -> None:
+        """Adds its own flags to `flags` (an argument group); given with another --task they are an error."""
+
+    def check(self, p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+        """Checks its flags (`p.error`), once the model flags and the sampler settings are resolved."""
+
+    def sampling(self, preset: Preset, args: argparse.Namespace) -> SamplingConfig:
+        """The published settings of `preset` for this benchmark."""
+        return preset.sampling_for(self.name)
+
+    def load_jobs(self, args: argparse.Namespace) -> list[Job]:
+        """Every job of the benchmark, in order (`--limit` keeps the first ones)."""
+        raise NotImplementedError(f"{type(self).__name__} must define load_jobs(args) -> list[Job]")
+
+    def is_done(self, job: Job, out: Path) -> bool:
+        return (out / job.name / "metadata.jsonl").is_file()  # written after all samples
+
+    def write_job(self, job: Job, images: list[np.ndarray], out: Path) -> None:
+        folder = out / job.name
+        for k, img in enumerate(images):
+            save_png_atomic(img, folder / "samples" / f"{k:04d}.png")
+        tmp = folder / ".metadata.jsonl.tmp"
+        tmp.write_text(json.dumps(job.meta) + "\n")
+        os.replace(tmp, folder / "metadata.jsonl")
+
+    def finish(self, jobs: list[Job], out: Path) -> None:
+        """Runs on rank 0 once every rank has written its jobs: files made from all of them (none by default)."""
+
+    def sample_cells(self, out: Path, limit: int) -> list[tuple[Path, str]]:
+        """(image, caption) pairs for the report's sample grid."""
+        cells = []
+        for meta in sorted(out.glob("*/metadata.jsonl"))[:limit]:
+            prompt = json.loads(meta.read_text().splitlines()[0])["prompt"]
+            cells.append((meta.parent / "samples" / "0000.png", prompt))
+        return cells
+
+    def score_table(self, result: dict) -> list[str]:
+        """The report's table of its entry in summary.json."""
+        return metric_table(result)
+
+
+def metric_table(result: dict) -> list[str]:
+    """One row per metric of a result."""
+    if not isinstance(result, dict):
+        return []
+    lines = ["| metric | value |", "| --- | --- |"]
+    return lines + [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result.items()]

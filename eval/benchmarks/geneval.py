@@ -1,0 +1,33 @@
+"""GenEval (`--task geneval`): its 553 prompts (or the rewritten long ones) in the folder layout its official scorer
+reads, scored by `eval.scorers geneval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from eval.benchmarks.base import SHARED_PROMPTS, Benchmark, Job, per_tag_table
+from models.core.sampling import Preset, SamplingConfig
+
+
+class GenEval(Benchmark):
+    family = "t2i"
+    scorer = "python -m eval.scorers geneval {out} --geneval-repo GENEVAL_REPO --detector-weights WEIGHTS_DIR"
+
+    def add_arguments(self, flags) -> None:
+        flags.add_argument("--long-prompts", action="store_true", help="the rewritten long prompts")
+
+    def sampling(self, preset: Preset, args: argparse.Namespace) -> SamplingConfig:
+        return preset.sampling_for(self.name, args.long_prompts)
+
+    def load_jobs(self, args: argparse.Namespace) -> list[Job]:
+        name = "evaluation_metadata_long.jsonl" if args.long_prompts else "evaluation_metadata.jsonl"
+        path = Path(args.prompts_file) if args.prompts_file else SHARED_PROMPTS / name
+        if not path.is_file():
+            raise SystemExit(f"GenEval prompts not found at {path}; pass --prompts-file")
+        metas = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [Job(i, f"{i:05d}", m["prompt"], m) for i, m in enumerate(metas)]
+
+    def score_table(self, result: dict) -> list[str]:
+        return per_tag_table(result)

@@ -1,0 +1,25 @@
+"""The shapes benchmark (`--task shapes`): GenEval's tags over the built-in shapes domain (`eval.shapes_bench`), in
+GenEval's folder layout, scored on the CPU by `eval.shapes_bench`."""
+
+from __future__ import annotations
+
+import argparse
+
+from eval.benchmarks.base import Benchmark, Job, per_tag_table
+
+
+class Shapes(Benchmark):
+    family = "t2i"
+    scorer = "python -m eval.shapes_bench {out}"
+
+    def add_arguments(self, flags) -> None:
+        flags.add_argument("--per-tag", type=int, default=12, help="prompts per tag")
+
+    def load_jobs(self, args: argparse.Namespace) -> list[Job]:
+        from eval.shapes_bench import shapes_prompts
+
+        metas = shapes_prompts(args.seed, args.per_tag)
+        return [Job(i, f"{i:05d}", m["prompt"], m) for i, m in enumerate(metas)]
+
+    def score_table(self, result: dict) -> list[str]:
+        return per_tag_table(result)
