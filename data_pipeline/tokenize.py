@@ -28,6 +28,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -53,7 +54,7 @@ from data_pipeline.shard_format import (
 )
 from data_pipeline.sources import (
     DEFAULT_MAX_MEMBER_BYTES,
-    SOURCE_KINDS,
+    SOURCES,
     InputShard,
     SourceConfig,
     iter_samples,
@@ -69,7 +70,7 @@ CHUNK_BYTES = 128 * 2**20  # decoded pixels per chunk handed from stage 1 to sta
 
 @dataclass
 class TokenizeConfig:
-    source: str
+    source: str  # a name registered in data_pipeline.sources.SOURCES (or a "package.module:Class" plugin)
     input: str
     output: str
     tokenizer: str  # image tokenizer weights (ae_*.safetensors / .pt) or a folder holding them
@@ -95,6 +96,7 @@ class TokenizeConfig:
     fault_kill_after: int | None = None  # testing: an encoder actor dies once after this many chunks
 
     def __post_init__(self) -> None:
+        SOURCES.get(self.source)
         if self.mode not in ("t2i", "imagenet"):
             raise ValueError(f"--mode must be t2i or imagenet, got {self.mode!r}")
         if self.mode == "t2i" and not self.text_tokenizer:
@@ -387,9 +389,10 @@ def write_manifest(out: Path, cfg: TokenizeConfig, shards: list[InputShard], ide
 def check_paths(cfg: TokenizeConfig) -> list[InputShard]:
     """The input shards, or a one-line SystemExit for inputs, outputs and tokenizers that cannot work, before
     anything is created."""
-    inp, out = Path(cfg.input).resolve(), Path(cfg.output).resolve()
-    if not inp.exists():
+    fs, root = fsspec.core.url_to_fs(cfg.input)
+    if not fs.exists(root):
         raise SystemExit(f"--input {cfg.input} does not exist")
+    inp, out = Path(cfg.input).resolve(), Path(cfg.output).resolve()  # (a URL is never a local folder: no overlap)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"--output {cfg.output} is a file; give a folder (new or holding earlier shards)")
     if inp.is_dir() and (out == inp or inp in out.parents):
@@ -403,8 +406,8 @@ def check_paths(cfg: TokenizeConfig) -> list[InputShard]:
     try:
         return list_shards(cfg.source_config())
     except (ValueError, FileNotFoundError) as e:
-        kind = {"wds": ".tar files", "parquet": ".parquet files"}.get(cfg.source, "images")
-        raise SystemExit(f"{str(e).splitlines()[0]} (looked for {kind}; check --input and --source)") from None
+        looks_for = SOURCES.get(cfg.source).looks_for
+        raise SystemExit(f"{str(e).splitlines()[0]} (looked for {looks_for}; check --input and --source)") from None
 
 
 def run_tokenize(cfg: TokenizeConfig, local: bool = False) -> dict:
@@ -482,7 +485,7 @@ def _size(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
     p = argparse.ArgumentParser(prog="python -m data_pipeline.tokenize", description=__doc__.splitlines()[0])
-    p.add_argument("--source", choices=SOURCE_KINDS, required=True)
+    p.add_argument("--source", choices=SOURCES.names(), required=True)
     p.add_argument("--input", required=True, help="tar/parquet file or folder")
     p.add_argument("--output", required=True)
     p.add_argument("--tokenizer", required=True, help="image tokenizer: ae_*.safetensors (+ config json) or .pt")

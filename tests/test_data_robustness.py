@@ -131,7 +131,7 @@ def test_the_loader_refuses_a_shard_shorter_than_its_manifest(tokenizers, tmp_pa
     assert manifest["shards"] == [{"name": "part.tar", "samples": 24, "tokens": 24 * 16 * 16}]
     shard = tmp_path / "out" / "part.tar"
     cut_after(shard, 24)  # 12 of 24 samples (two members each), cut at a member boundary
-    loader = BinaryTokenLoader(LoaderConfig(tmp_path / "out", parallel_num=4, num_workers=0, shuffle_buffer=0), 0, 1)
+    loader = BinaryTokenLoader(LoaderConfig(tmp_path / "out", num_workers=0, shuffle_buffer=0), 0, 1)
     with pytest.raises(ShardMismatch, match="holds 12 samples but .* lists 24") as err:
         for _ in itertools.islice(loader, 200):
             pass
@@ -310,7 +310,7 @@ def run_py(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedP
 ITERATE = """
 import itertools, sys
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig, LoaderError
-cfg = LoaderConfig(sys.argv[1], parallel_num=4, num_workers=0, token_budget=int(sys.argv[2]), caption_dropout=0.0)
+cfg = LoaderConfig(sys.argv[1], num_workers=0, token_budget=int(sys.argv[2]), caption_dropout=0.0)
 try:
     for _ in itertools.islice(BinaryTokenLoader(cfg, 0, 1), 3):
         pass

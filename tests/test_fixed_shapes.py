@@ -29,7 +29,7 @@ def demo_batches(tmp_path_factory):
     from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
 
     tokens = make_t2i_data(tmp_path_factory.mktemp("fixed_shapes"))["tokens"]
-    cfg = LoaderConfig(tokens, kind="t2i", token_budget=BUDGET, parallel_num=4, num_workers=0, caption_dropout=0.1)
+    cfg = LoaderConfig(tokens, kind="t2i", token_budget=BUDGET, num_workers=0, caption_dropout=0.1)
     return list(itertools.islice(iter(BinaryTokenLoader(cfg, rank=0, world_size=1)), MICRO_BATCHES))
 
 

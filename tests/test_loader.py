@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.loader import BinaryTokenLoader, LoaderConfig, ManifestTokenIds, greedy_rows
+from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
+from data_pipeline.loader.packing import best_subset, greedy_rows
+from data_pipeline.loader.token_ids import ManifestTokenIds
 from data_pipeline.shard_format import FORMAT, MANIFEST, TokenRecord, write_shard_atomic
 from models.t2i.packing import PackedT2IBatch
 
@@ -80,7 +82,6 @@ def t2i_config(data_dir: Path, **kw) -> LoaderConfig:
         seed=3,
         shuffle_buffer=8,
         token_budget=256,
-        parallel_num=P,
         caption_dropout=0.3,
         num_workers=0,
         lookahead=16,
@@ -190,9 +191,9 @@ def test_t2i_batch_runs_through_the_tiny_model(t2i_dir):
     assert torch.isfinite(loss.loss) and loss.vision_tokens > 0
 
 
-def test_parallel_num_must_match_manifest(t2i_dir):
-    with pytest.raises(ValueError, match="P=4 .*parallel_num=16"):
-        BinaryTokenLoader(t2i_config(t2i_dir, parallel_num=16), 0, 1)
+def test_rows_are_packed_for_the_p_of_the_datasets_query_tokens(t2i_dir):
+    batch = next(iter(BinaryTokenLoader(t2i_config(t2i_dir), 0, 1)))
+    assert batch.parallel_num == P
 
 
 def test_manifest_token_ids():
@@ -206,8 +207,6 @@ def test_manifest_token_ids():
 def test_best_subset_is_optimal():
     from itertools import combinations
 
-    from data_pipeline.loader import best_subset
-
     rng = torch.Generator().manual_seed(0)
     for _ in range(50):
         sizes = torch.randint(1, 40, (9,), generator=rng).tolist()
@@ -215,3 +214,10 @@ def test_best_subset_is_optimal():
         best = max(sum(c) for r in range(len(sizes) + 1) for c in combinations(sizes, r) if sum(c) <= room)
         picks = best_subset(sizes, room)
         assert sum(sizes[i] for i in picks) == best and picks == sorted(set(picks))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 1.0])
+def test_caption_dropout_swaps_in_the_unconditional_prompt(t2i_dir, dropout):
+    batch = next(iter(BinaryTokenLoader(t2i_config(t2i_dir, caption_dropout=dropout), 0, 1)))
+    unconditional = int((batch.input_ids == TEXT_TOKENS["uncond_ids"][0]).sum())
+    assert unconditional == (batch.num_samples if dropout == 1.0 else 0), (unconditional, batch.num_samples)

@@ -82,3 +82,34 @@ def test_registries_refuse_unknown_names_in_one_line():
 def test_engine_checks_run_at_config_time(toy_family_and_engine):
     with pytest.raises(ValueError, match="engine.kind=plain trains in fp32 only"):
         load_config(None, ["model.kind=toy", "model.name=toy-8", "engine.kind=plain", "engine.precision=bf16"])
+
+
+@pytest.fixture
+def tiny_c2i_checkpoint(tmp_path) -> Path:
+    import torch
+
+    from models.c2i.io import save_c2i_checkpoint
+    from models.c2i.model import ClassConditionalBitDance, get_c2i_config
+    from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
+
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pt"
+    save_c2i_checkpoint(
+        path, ClassConditionalBitDance(get_c2i_config("tiny-16x")), BinaryAutoencoder(get_tokenizer_config("tiny"))
+    )
+    return path
+
+
+def test_toy_benchmark_generates_through_eval_generate(tmp_path, tiny_c2i_checkpoint):
+    from eval.benchmarks import BENCHMARKS
+    from eval.generate import main
+
+    BENCHMARKS.register("toy", "helpers.toys.toy_benchmark:EvenClasses")  # the benchmark's one registry line
+    try:
+        out = tmp_path / "toy"
+        args = ["--task", "toy", "--model", str(tiny_c2i_checkpoint), "--model-config", "tiny-16x", "--out", str(out)]
+        main([*args, "--steps", "2", "--toy-classes", "5", "--images-per-prompt", "1"])
+    finally:
+        BENCHMARKS.unregister("toy")
+    assert sorted(p.name for p in out.glob("*.png")) == ["class_0.png", "class_2.png", "class_4.png"]
+    assert json.loads((out / "run.json").read_text())["task"] == "toy"

@@ -57,7 +57,7 @@ def test_folder_source_with_sidecar_captions(tmp_path):
 
 
 def test_unknown_source_and_empty_input(tmp_path):
-    with pytest.raises(ValueError, match="unknown source kind 'csv'"):
+    with pytest.raises(ValueError, match="unknown --source 'csv'"):
         SourceConfig("csv", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         SourceConfig("wds", str(tmp_path / "nope"))

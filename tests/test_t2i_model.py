@@ -191,22 +191,6 @@ def test_bad_configs_and_batches(tok_dir):
         model(batch)
 
 
-def test_caption_dropout_swaps_in_the_unconditional_prompt(tok_dir):
-    from models.t2i.packing import caption_sample
-
-    tok = T2ITextTokenizer.from_folder(tok_dir, 4)
-    bits = torch.ones(16, 8, 8)
-    kept = caption_sample(tok, CAPTIONS[0], bits, 0.0)
-    dropped = caption_sample(tok, CAPTIONS[0], bits, 1.0)
-    assert kept.text_ids == tok.prompt_ids(CAPTIONS[0]) and kept.text_loss
-    assert dropped.text_ids == tok.uncond_ids() and not dropped.text_loss
-    g = torch.Generator().manual_seed(0)
-    rate = sum(not caption_sample(tok, "x", bits, 0.1, g).text_loss for _ in range(4000)) / 4000
-    assert rate == pytest.approx(0.1, abs=0.02)
-    with pytest.raises(ValueError, match="caption_dropout"):
-        caption_sample(tok, "x", bits, 1.5)
-
-
 def test_resize_vocab_appends_rows_at_the_mean(tok_dir):
     _, model = make(tok_dir, 4)
     old = model.llm.model.embed_tokens.weight.detach().clone()

@@ -357,3 +357,17 @@ def test_flex_attention_rows_are_padded_to_one_length_without_changing_the_loss(
         assert abs(padded.loss.item() - plain.loss.item()) <= 1e-5 * abs(plain.loss.item())
         assert padded.tokens == int((batch.doc_ids >= 0).sum())
     assert set(seen) == {384}, seen  # 300 rounded up to the 128-position block, for every row length
+
+
+def test_a_model_of_another_p_than_the_data_is_refused_once_before_it_is_built(data):
+    """P has one source, the model config; the T2I task checks it against the dataset's query tokens (the manifest)
+    before building anything, and the loader packs for the dataset's P."""
+    from training.config import load_config
+    from training.tasks.t2i import T2ITask
+
+    config = REPO / "training" / "configs" / "tiny_t2i.yaml"
+    cfg = load_config(config, [f"data.data_dir={data['tokens']}", "model.name=tiny-16x"])
+    with pytest.raises(ValueError, match=r"predicts P=16 tokens but the data was tokenized for P=4"):
+        T2ITask(cfg, torch.device("cpu"))
+    task = T2ITask(load_config(config, [f"data.data_dir={data['tokens']}"]), torch.device("cpu"))
+    assert next(iter(task.loader(0, 1))).parallel_num == task.model_cfg.parallel_num == 4

@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.loader import SubsetConfig
+from data_pipeline.loader import LoaderSettings
 from models.core.sampling import SamplingConfig
 from models.t2i.megatron.config import ParallelSettings
 
@@ -38,17 +38,15 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(LoaderSettings):
+    """The loader's settings (token_budget, num_workers, shuffle_buffer, caption_dropout, subset: declared once, in
+    `LoaderSettings`) and the run's data and batch shape."""
+
     data_dir: str = "data/tokens"  # tokenized shards (t2i, c2i) or raw webdataset tars (tokenizer)
     global_batch: int = 8  # optimizer batch: packed rows (t2i) or samples (c2i, tokenizer) over all ranks
     micro_batch: int = 1  # per rank and forward pass
-    token_budget: int = 4096  # t2i: tokens per packed row
-    num_workers: int = 1
-    shuffle_buffer: int = 256
-    caption_dropout: float = 0.1
     image_size: int = 64  # tokenizer: crop size
     holdout: int = 16  # tokenizer: held-out images for PSNR/SSIM
-    subset: SubsetConfig = field(default_factory=SubsetConfig)  # t2i / c2i: train on a curated subset only
 
 
 @dataclass
@@ -203,14 +201,11 @@ def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
         ("logging.every", c.logging.every, c.logging.every >= 1, ">= 1"),
         ("logging.peak_tflops", c.logging.peak_tflops, c.logging.peak_tflops >= 0, ">= 0"),
         ("eval.every", c.eval.every, c.eval.every >= 0, ">= 0 (0: off)"),
-        ("data.token_budget", c.data.token_budget, c.data.token_budget >= 1, ">= 1"),
-        ("data.num_workers", c.data.num_workers, c.data.num_workers >= 0, ">= 0"),
-        ("data.shuffle_buffer", c.data.shuffle_buffer, c.data.shuffle_buffer >= 0, ">= 0"),
-        ("data.caption_dropout", c.data.caption_dropout, 0 <= c.data.caption_dropout <= 1, "in [0, 1]"),
         ("data.image_size", c.data.image_size, c.data.image_size >= 1, ">= 1"),
         ("data.holdout", c.data.holdout, c.data.holdout >= 0, ">= 0"),
     ]
-    return [(ok, f"{name} must be {rule}, got {value}") for name, value, ok, rule in fields]
+    checks = [(ok, f"{name} must be {rule}, got {value}") for name, value, ok, rule in fields]
+    return checks + c.data.range_checks("data.")
 
 
 def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:

@@ -53,7 +53,6 @@ class T2IConfig:
     downsample: int = 16  # tokenizer down factor: <|res_k|> is k tokens per side
     image_sizes: tuple[tuple[int, int], ...] = OFFICIAL_IMAGE_SIZES
     flip_p_max: float = 0.1
-    caption_dropout: float = 0.1
     text_loss_weight: float = 0.01
     vision_loss_weight: float = 1.0
     attention: str = "auto"  # dense / segments (exact SDPA, whole row / per document), flex; auto: flex on GPU

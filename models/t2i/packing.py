@@ -55,22 +55,6 @@ class T2ISample:
         return self.bits.shape[1], self.bits.shape[2]
 
 
-def caption_sample(
-    tokens: ImageTokenIds,
-    caption: str,
-    bits: torch.Tensor,
-    caption_dropout: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> T2ISample:
-    """A training sample; with probability `caption_dropout` the caption becomes the unconditional prompt
-    (and its text is then not a cross-entropy target)."""
-    if not 0.0 <= caption_dropout <= 1.0:
-        raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
-    if caption_dropout > 0 and torch.rand((), generator=generator).item() < caption_dropout:
-        return T2ISample(tokens.uncond_ids(), bits, text_loss=False)
-    return T2ISample(tokens.prompt_ids(caption), bits, text_loss=True)
-
-
 def sample_length(text_len: int, grid_h: int, grid_w: int) -> int:
     """Sequence positions one sample takes: text + vision_start + res_h + res_w + (P-1) queries + (h*w - P)."""
     return text_len + 2 + grid_h * grid_w

@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers.data import make_t2i_data  # noqa: E402
 
-from data_pipeline.loader import BinaryTokenLoader, LoaderConfig, greedy_rows  # noqa: E402
+from data_pipeline.loader import BinaryTokenLoader, LoaderConfig  # noqa: E402
+from data_pipeline.loader.packing import greedy_rows  # noqa: E402
 from models.t2i.megatron.batch import fixed_length, sequence_multiple  # noqa: E402
 from models.t2i.model import OFFICIAL_IMAGE_SIZES  # noqa: E402
 from models.t2i.packing import sample_length  # noqa: E402
@@ -51,7 +52,7 @@ def demo(rows_per_budget: int) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         tokens = make_t2i_data(Path(tmp))["tokens"]
         for budget in (600, 1000, 1024, 2048, 4096):
-            cfg = LoaderConfig(tokens, kind="t2i", token_budget=budget, parallel_num=4, num_workers=0)
+            cfg = LoaderConfig(tokens, kind="t2i", token_budget=budget, num_workers=0)
             batches = itertools.islice(iter(BinaryTokenLoader(cfg, rank=0, world_size=1)), rows_per_budget)
             rows = [int((b.doc_ids >= 0).sum()) for b in batches]
             for label, multiple in (

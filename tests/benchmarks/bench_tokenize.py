@@ -92,7 +92,7 @@ def main() -> None:
         vocab = load_manifest(root / "ray")["text_tokens"]["vocab_size"]
         model = TextToImageBitDance(replace(tiny, llm=replace(tiny.llm, vocab_size=vocab))).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        loader_cfg = LoaderConfig(root / "ray", kind="t2i", parallel_num=4, token_budget=8192, num_workers=1)
+        loader_cfg = LoaderConfig(root / "ray", kind="t2i", token_budget=8192, num_workers=1)
         batches = []
         loader = BinaryTokenLoader(loader_cfg, rank=0, world_size=1)
         start = time.perf_counter()

@@ -49,7 +49,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = TextToImageBitDance(cfg).train()
         loader = BinaryTokenLoader(
-            LoaderConfig(data["tokens"], parallel_num=4, token_budget=2048, num_workers=0), rank=0, world_size=1
+            LoaderConfig(data["tokens"], token_budget=2048, num_workers=0), rank=0, world_size=1
         )
         batches = [b for _, b in zip(range(args.steps + 1), loader, strict=False)]
         ae = load_tokenizer(data["ae"])

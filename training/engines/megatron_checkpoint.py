@@ -110,6 +110,7 @@ def t2i_config_to_dict(cfg: T2IConfig) -> dict:
 
 def t2i_config_from_dict(d: dict) -> T2IConfig:
     d = dict(d)
+    d.pop("caption_dropout", None)  # written by checkpoints before it became a data setting only (data.caption_dropout)
     llm, head = Qwen3Config(**d.pop("llm")), HeadConfig(**d.pop("head"))
     return T2IConfig(llm=llm, head=head, image_sizes=tuple(tuple(s) for s in d.pop("image_sizes")), **d)
 

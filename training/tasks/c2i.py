@@ -42,15 +42,7 @@ class C2ITask(Task):
 
     def loader(self, rank: int, world: int) -> BinaryTokenLoader:
         d = self.cfg.data
-        lc = LoaderConfig(
-            d.data_dir,
-            kind="imagenet",
-            seed=self.cfg.seed,
-            shuffle_buffer=d.shuffle_buffer,
-            batch_size=d.micro_batch,
-            num_workers=d.num_workers,
-            subset=d.subset,
-        )
+        lc = LoaderConfig.from_settings(d, d.data_dir, kind="imagenet", seed=self.cfg.seed, batch_size=d.micro_batch)
         return BinaryTokenLoader(lc, rank=rank, world_size=world)
 
     def step(self, forward, batch) -> StepOutput:

@@ -142,17 +142,12 @@ class T2ITask(Task):
 
     def loader(self, rank: int, world: int) -> BinaryTokenLoader:
         d = self.cfg.data
-        lc = LoaderConfig(
+        lc = LoaderConfig.from_settings(
+            d,
             d.data_dir,
             kind="t2i",
             seed=self.cfg.seed,
-            shuffle_buffer=d.shuffle_buffer,
-            token_budget=d.token_budget,
             rows_per_batch=d.micro_batch,
-            parallel_num=self.model_cfg.parallel_num,
-            caption_dropout=d.caption_dropout,
-            num_workers=d.num_workers,
-            subset=d.subset,
         )
         return BinaryTokenLoader(lc, rank=rank, world_size=world)
 
