@@ -5,9 +5,14 @@ import hashlib
 import json
 
 import pytest
+import torch
 from PIL import Image
 
-from cluster.demo import STAGES, load_demo_config, run_demo
+from cluster.demo.config import load_demo_config
+from cluster.demo.launch import Launch, plan_launch
+from cluster.demo.runner import run_demo
+from cluster.demo.stages import STAGES, t2i_overrides, tokenizer_overrides
+from training.config import grad_accumulation, load_config
 
 SHORT = [
     "samples=64",
@@ -111,3 +116,33 @@ def test_bad_demo_settings_are_one_line_errors(tmp_path):
         load_demo_config([f"t2i_config={tmp_path / 'missing.yaml'}"])
     with pytest.raises(ValueError, match=">= 1"):
         load_demo_config(["nproc=0"])
+
+
+@pytest.mark.parametrize("gpus", [1, 8])
+def test_one_process_per_gpu_each_training_in_bf16_under_zero1(monkeypatch, tmp_path, gpus):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    cfg = load_demo_config([f"out={tmp_path}"])
+    assert plan_launch() == Launch(gpus, "nccl") and cfg.nproc == gpus
+    for config, overrides in (
+        (cfg.tokenizer_config, tokenizer_overrides(cfg, tmp_path)),
+        (cfg.t2i_config, t2i_overrides(cfg, tmp_path)),
+    ):
+        train = load_config(config, overrides)
+        assert (train.engine.precision, train.engine.zero_stage) == ("bf16", 1)
+        assert grad_accumulation(train, gpus) >= 1  # the global batch divides over the processes
+    with pytest.raises(ValueError, match=f"has {gpus} GPU"):
+        load_demo_config([f"nproc={gpus + 1}"])
+
+
+def test_without_a_gpu_two_cpu_processes_train_the_yamls_as_written(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_demo_config([f"out={tmp_path}"])
+    assert plan_launch() == Launch(2, "gloo") and cfg.nproc == 2
+    for config, overrides in (
+        (cfg.tokenizer_config, tokenizer_overrides(cfg, tmp_path)),
+        (cfg.t2i_config, t2i_overrides(cfg, tmp_path)),
+    ):
+        assert not any(o.startswith(("engine.", "data.global_batch")) for o in overrides)
+        train = load_config(config, overrides)
+        assert (train.engine.precision, train.engine.zero_stage) == ("fp32", 0)

@@ -136,7 +136,7 @@ def test_p16_run_started_from_a_p4_folder_trains_and_samples_at_p16(data, tmp_pa
 
 
 def _loader(tokens: Path, subset: SubsetConfig) -> BinaryTokenLoader:
-    cfg = LoaderConfig(tokens, parallel_num=16, num_workers=0, token_budget=600, subset=subset, debug_keys=True)
+    cfg = LoaderConfig(tokens, num_workers=0, token_budget=600, subset=subset, debug_keys=True)
     return BinaryTokenLoader(cfg, rank=0, world_size=1)
 
 

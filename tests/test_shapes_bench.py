@@ -293,3 +293,24 @@ def test_ceiling_is_one_for_perfect_reconstructions_and_falls_with_blur():
 
     blurred = ceiling_level(blur, prompts, renders=2, size=32)
     assert set(blurred) == set(TAGS) and np.mean(list(blurred.values())) < 0.9
+
+
+def test_scores_over_seeds_are_their_mean_and_spread_and_make_the_report_table(tmp_path, capsys):
+    from eval.shapes_seeds import benchmark_section, score_seeds
+    from models.core.sampling import SamplingConfig
+
+    first = {tag: next(p["index"] for p in PROMPTS if p["tag"] == tag) for tag in ("single_object", "counting")}
+    _write_layout(tmp_path / "seed_0", {first["single_object"]: [True, True], first["counting"]: [True, False]})
+    _write_layout(tmp_path / "seed_1", {first["single_object"]: [True, False], first["counting"]: [False, False]})
+    result = score_seeds(tmp_path, seeds=2, chance_samples=20, size=64)
+    assert result["per_tag"] == {"single_object": 0.75, "counting": 0.25}
+    assert result["sd"] == {"single_object": 0.25, "counting": 0.25}
+    assert result["per_seed"] == [0.75, 0.25] and result["overall"] == 0.5 and result["overall_sd"] == 0.25
+    assert result["images"] == 8 and result["counts"] == {"single_object": 4, "counting": 4}
+    assert json.loads((tmp_path / "seed_1" / "summary.json").read_text())["shapes"]["overall"] == 0.25
+    assert "seed_0:" in capsys.readouterr().out
+
+    result["ceiling"] = {"per_tag": {"single_object": 1.0, "counting": 0.5}, "overall": 0.75}
+    table = "\n".join(benchmark_section(result, 2, SamplingConfig(steps=20, cfg_scale=2.0)))
+    assert "**0.500 ± 0.250**" in table and "2 per prompt per seed, 20 head steps, CFG 2.0" in table
+    assert "| single_object | 0.750 ± 0.250 |" in table and "| 0.750 | >= 0.375 | yes | 8 |" in table

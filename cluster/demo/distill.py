@@ -16,10 +16,13 @@ compute-bound at that batch, and the head does the same work per token for any P
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
-from cluster.demo import DemoConfig, Stage, _parallel_num, _pick, run_sample, run_tokenize, run_train, score_seeds
+from cluster.demo.config import DemoConfig
+from cluster.demo.stage import Stage, pick
+from cluster.demo.stages import run_sample, run_tokenize, run_train, score_samples, t2i_parallel_num
 
 TOKENS = "tokens_student"  # <out>/data/tokens_student: the raw data tokenized for the student's P
 
@@ -66,14 +69,12 @@ def time_per_image(folder: Path, prompts: list[str], cfg: DemoConfig) -> dict[st
 
 
 def run_distill_eval(cfg: DemoConfig, out: Path) -> dict:
-    import json
-
     import torch
 
     from eval.shapes_bench import shapes_prompts
 
     sampled = run_sample(cfg, out, model="distill", dest="distill_samples")
-    student = score_seeds(cfg, out / "distill_samples")
+    student = score_samples(cfg, out / "distill_samples")
     teacher = json.loads((out / "stages" / "score.json").read_text())["result"]
     prompts = [p["prompt"] for p in shapes_prompts(cfg.seed, cfg.prompts_per_tag)]
     prompts = (prompts * (cfg.speed_images // len(prompts) + 1))[: cfg.speed_images]
@@ -91,7 +92,7 @@ def run_distill_eval(cfg: DemoConfig, out: Path) -> dict:
             "sd": scores["overall_sd"],
         }
         for name, p, run, scores in (
-            ("teacher", _parallel_num(cfg), "t2i", teacher),
+            ("teacher", t2i_parallel_num(cfg), "t2i", teacher),
             ("student", cfg.distill_parallel_num, "distill", student),
         )
     }
@@ -111,24 +112,26 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "tokenize_student",
         "Ray tokenization for the student's P",
-        _pick("distill_parallel_num"),
+        pick("distill_parallel_num"),
         ("tokenizer", "text"),
         run_tokenize_student,
+        owns=(f"data/{TOKENS}",),
     ),
     Stage(
         "distill",
         "distillation: the P'-token student from the P=4 model (torchrun, DeepSpeed)",
-        _pick("distill_steps", "distill_min_object_area", "nproc"),
+        pick("distill_steps", "distill_min_object_area", "nproc"),
         ("train", "tokenize_student"),
         run_distill,
-        ("distill_steps",),
+        owns=("distill",),
+        resumable=("distill_steps",),
     ),
     Stage(
         "distill_eval",
         "student sampling and scoring; teacher vs student time per image",
-        _pick("prompts_per_tag", "images_per_prompt", "seeds", "sampling", "speed_images", "chance_samples"),
+        pick("prompts_per_tag", "images_per_prompt", "seeds", "sampling", "speed_images", "chance_samples"),
         ("distill", "score"),
         run_distill_eval,
+        owns=("distill_samples",),
     ),
 )
-STAGE_DIRS = {"tokenize_student": (f"data/{TOKENS}",), "distill": ("distill",), "distill_eval": ("distill_samples",)}

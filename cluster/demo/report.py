@@ -4,15 +4,11 @@ curves, the tokenizer's reconstruction quality, throughput, stage timings and wh
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from eval.plots import line_plot, read_metrics
 from eval.report import captioned_grid
-
-
-def _fmt(v, spec: str = ".3f") -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+from eval.shapes_seeds import benchmark_section, fmt, mean_sd
 
 
 def graded_cells(samples: Path, limit: int) -> list[tuple[Path, str]]:
@@ -33,47 +29,6 @@ def graded_cells(samples: Path, limit: int) -> list[tuple[Path, str]]:
         cells += [v[k] for v in by_tag.values() if k < len(v)]
         k += 1
     return cells[:limit]
-
-
-def _pm(mean: float, sd: float) -> str:
-    return f"{_fmt(mean)} ± {_fmt(sd)}"
-
-
-def score_section(cfg, score: dict) -> list[str]:
-    """The benchmark table: per tag the mean and spread over the seeds, chance, the tokenizer's ceiling and the
-    demo's target (2x chance where chance is below 0.3; the mean at least half the ceiling)."""
-    chance, achieved = score["chance"], score["overall"]
-    ceiling = score.get("ceiling", {"per_tag": {}, "overall": float("nan")})
-    seeds = ", ".join(_fmt(v) for v in score["per_seed"])
-    lines = [
-        "## Shapes benchmark",
-        "",
-        f"Mean accuracy over the tags: **{_pm(achieved, score['overall_sd'])}** (mean ± standard deviation over "
-        f"{len(score['per_seed'])} benchmark seeds, each its own prompt draw and noise: {seeds}); chance (a random "
-        f"training image per prompt): **{_fmt(chance['overall'])}**; ceiling (the scorer on the image tokenizer's "
-        f"reconstructions of correct renders, what a perfect model could reach through it): "
-        f"**{_fmt(ceiling['overall'])}**. {score['images']} images, {cfg.images_per_prompt} per prompt per seed, "
-        f"{cfg.sampling.steps} head steps, CFG {cfg.sampling.cfg_scale}.",
-        "",
-        "| tag | accuracy (mean ± sd) | chance | ceiling | target | met | images |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for tag, acc in score["per_tag"].items():
-        c = chance["per_tag"].get(tag)
-        target = 2 * c if c is not None and c < 0.3 else None
-        met = "" if target is None else ("yes" if acc >= target else "no")
-        lines.append(
-            f"| {tag} | {_pm(acc, score['sd'][tag])} | {_fmt(c)} | {_fmt(ceiling['per_tag'].get(tag))} | "
-            f"{'>= ' + _fmt(target) if target is not None else '-'} | {met} | {score['counts'][tag]} |"
-        )
-    half = ceiling["overall"] / 2
-    met = "yes" if achieved >= half else "no"
-    lines += [
-        f"| **mean** | **{_pm(achieved, score['overall_sd'])}** | {_fmt(chance['overall'])} | "
-        f"{_fmt(ceiling['overall'])} | >= {_fmt(half)} | {met} | {score['images']} |",
-        "",
-    ]
-    return lines
 
 
 def distill_section(cfg, ev: dict, done: dict) -> list[str]:
@@ -100,7 +55,7 @@ def distill_section(cfg, ev: dict, done: dict) -> list[str]:
         lines.append(
             f"| {name} | {r['P']} | {r['ar_steps']} | {r['s_per_image']:.4f} | "
             f"{teacher['s_per_image'] / r['s_per_image']:.2f}x | {r['s_per_image_batched']:.4f} | "
-            f"{teacher['s_per_image_batched'] / r['s_per_image_batched']:.2f}x | {_pm(r['score'], r['sd'])} | "
+            f"{teacher['s_per_image_batched'] / r['s_per_image_batched']:.2f}x | {mean_sd(r['score'], r['sd'])} | "
             f"{ratio:.0%} |"
         )
     lines += [
@@ -130,7 +85,7 @@ def write_demo_report(cfg, out: Path, done: dict[str, dict]) -> Path:
         "Re-create with `make demo` (finished stages are reused).",
         "",
     ]
-    lines += score_section(cfg, score)
+    lines += benchmark_section(score, cfg.images_per_prompt, cfg.sampling)
     cells = graded_cells(out / "samples" / "seed_0", cfg.grid_images)
     if cells:
         captioned_grid(cells, columns=6).save(out / "samples_grid.png")
@@ -156,13 +111,13 @@ def write_demo_report(cfg, out: Path, done: dict[str, dict]) -> Path:
         "",
         "![loss curve](loss_curve.png)",
         "",
-        f"Final loss {_fmt(train['final_loss'], '.4f')} after {train['steps']} steps on {cfg.nproc} processes.",
+        f"Final loss {fmt(train['final_loss'], '.4f')} after {train['steps']} steps on {cfg.nproc} processes.",
         "",
         "![tokenizer curve](tokenizer_curve.png)",
         "",
         f"Binary tokenizer ({tok['steps']} steps): held-out reconstruction "
-        f"**PSNR {_fmt(tok['psnr'], '.2f')} dB**, "
-        f"SSIM {_fmt(tok['ssim'], '.4f')}.",
+        f"**PSNR {fmt(tok['psnr'], '.2f')} dB**, "
+        f"SSIM {fmt(tok['ssim'], '.4f')}.",
         "",
     ]
     tk, sm = done["tokenize"], done["sample"]
@@ -171,13 +126,13 @@ def write_demo_report(cfg, out: Path, done: dict[str, dict]) -> Path:
         "",
         "| stage | figure |",
         "| --- | --- |",
-        f"| text-to-image training | {_fmt(train['tokens_per_s'], '.0f')} tokens/s, "
-        f"{_fmt(train['samples_per_s'], '.1f')} images/s ({cfg.nproc} processes) |",
-        f"| Ray tokenization | {_fmt(res['tokenize']['samples'] / tk['seconds'], '.1f')} images/s "
+        f"| text-to-image training | {fmt(train['tokens_per_s'], '.0f')} tokens/s, "
+        f"{fmt(train['samples_per_s'], '.1f')} images/s ({cfg.nproc} processes) |",
+        f"| Ray tokenization | {fmt(res['tokenize']['samples'] / tk['seconds'], '.1f')} images/s "
         f"(whole stage, Ray start included) |",
-        f"| tokenizer training | {_fmt(tok['steps'] / done['tokenizer']['seconds'], '.2f')} steps/s (whole stage) |",
-        f"| sampling (P=4, {cfg.sampling.steps} head steps, CFG) | {_fmt(res['sample']['images_per_s'], '.2f')} "
-        f"images/s over {cfg.nproc} processes; {_fmt(sm['seconds'], '.1f')} s |",
+        f"| tokenizer training | {fmt(tok['steps'] / done['tokenizer']['seconds'], '.2f')} steps/s (whole stage) |",
+        f"| sampling (P=4, {cfg.sampling.steps} head steps, CFG) | {fmt(res['sample']['images_per_s'], '.2f')} "
+        f"images/s over {cfg.nproc} processes; {fmt(sm['seconds'], '.1f')} s |",
         "",
     ]
     if "distill_eval" in res:
