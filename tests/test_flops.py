@@ -3,7 +3,7 @@ brute-force count of the dense mask (padding excluded), and one batch's FLOPs by
 
 import torch
 
-from cluster.gpu_check import synthetic_batch
+from cluster.gpu_check.common import synthetic_batch
 from models.core.attention import dense_block_causal_mask
 from models.t2i.model import TextToImageBitDance, get_t2i_config
 from models.t2i.packing import SyntheticPrefixIds, T2ISample, pack_rows

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from models.c2i.model import ClassConditionalBitDance, get_c2i_config, to_patch_raster
+from models.family import FAMILIES
 from models.t2i.model import TextToImageBitDance, get_t2i_config
 from training.config import load_config
-from models.family import FAMILIES
 from training.fp8 import convert_backbone, is_backbone_linear, skipped_unaligned
 
 T2I, C2I = FAMILIES.get("t2i").fp8_prefixes, FAMILIES.get("c2i").fp8_prefixes

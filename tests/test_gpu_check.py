@@ -1,6 +1,7 @@
-"""CPU parts of cluster/gpu_check.py: the ~1B config, the synthetic packed batches, the CLI (--help; a one-line error
-without a GPU), and, under the CPU megatron harness, the `schedule` and `train` sections driving the product's
-MegatronEngine (the train section's MFU is `training.flops.mfu` of the steps' FLOPs)."""
+"""CPU parts of the GPU checks (cluster/gpu_check/): the ~1B config, the synthetic packed batches, the CLI (--help; a
+one-line error without a GPU), and, under the CPU megatron harness, the `schedule` and `train` sections driving the
+product's MegatronEngine (the train section's MFU is `training.flops.mfu` of the steps' FLOPs); the torchao FP8 check's
+CPU smoke run."""
 
 import json
 import subprocess
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster import gpu_check
-from cluster.gpu_check import check_config, synthetic_batch
+from cluster.gpu_check import fp8, megatron
+from cluster.gpu_check.common import check_config, synthetic_batch
 from models.t2i.model import get_t2i_config
 from training.flops import mfu, t2i_linear_params
 from training.tasks.t2i import T2ITask
@@ -35,7 +36,7 @@ def test_check_config_is_about_one_billion():
     assert lp["backbone"] == 16 * (2 * 2048 * 2048 + 2 * 2048 * 1024 + 3 * 2048 * 6144)
     total = lp["backbone"] + 2 * lp["lm_head"] + lp["projector"] + lp["head_token"] + lp["head_patch"]
     assert 0.95e9 < total < 1.1e9
-    assert check_config(quick=True).llm.num_hidden_layers == 4
+    assert check_config(4).llm.num_hidden_layers == 4
 
 
 def test_synthetic_batch_packs_several_samples_per_row():
@@ -56,11 +57,11 @@ def test_synthetic_batch_packs_several_samples_per_row():
 
 def test_help_and_no_gpu_error(capsys, monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as exit_:
-        gpu_check.main(["--help"])
+        megatron.main(["--help"])
     assert exit_.value.code == 0 and "--out" in capsys.readouterr().out
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-        gpu_check.main(["--out", str(tmp_path)])
+        megatron.main(["--out", str(tmp_path)])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
@@ -87,7 +88,7 @@ def megatron_on_cpu():
 
 def test_schedule_section_through_the_engine():
     with megatron_on_cpu():
-        res = gpu_check.schedule_section(micro=3)
+        res = megatron.schedule_section(micro=3)
     assert res["ok"], res
     assert res["schedule"] == "forward_backward_no_pipelining" and res["params_with_grad"] == res["params"]
 
@@ -96,7 +97,7 @@ def test_train_section_mfu_is_the_shared_formula(capsys):
     cfg = replace(get_t2i_config("tiny-16x"), attention="dense")
     seq, micro, peak = 512, 2, 0.5
     with megatron_on_cpu():
-        res = gpu_check.train_section(cfg, seq, 3, micro, peak, "engine.precision=fp32")
+        res = megatron.train_section(cfg, seq, 3, micro, peak, "engine.precision=fp32")
     assert "step 2:" in capsys.readouterr().out
     batches = [synthetic_batch(cfg, seq, rows=1, seed=i) for i in range(micro)]
     step_flops = sum(T2ITask.counts(cfg, b)[2] for b in batches)
@@ -113,11 +114,11 @@ def test_train_section_mfu_is_the_shared_formula(capsys):
 
 
 def test_gpu_check_fp8_cpu_smoke_runs_end_to_end(tmp_path):
-    """cluster/gpu_check_fp8.py --device cpu --quick: the tiny model through bf16, fp8 tensorwise and fp8 rowwise,
-    with the profiler summary and the table (the figures mean nothing on CPU)."""
+    """python -m cluster.gpu_check.fp8 --device cpu --quick: the tiny model through bf16, fp8 tensorwise and fp8
+    rowwise, with the profiler summary and the table (the figures mean nothing on CPU)."""
     pytest.importorskip("torchao.float8")
     out = tmp_path / "fp8.json"
-    cmd = [sys.executable, "-m", "cluster.gpu_check_fp8", "--device", "cpu", "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "cluster.gpu_check.fp8", "--device", "cpu", "--quick", "--out", str(out)]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "profiler by op" in run.stdout and "aten::mm" in run.stdout
@@ -132,8 +133,6 @@ def test_gpu_check_fp8_cpu_smoke_runs_end_to_end(tmp_path):
 
 
 def test_gpu_check_fp8_without_gpu_says_so():
-    from cluster import gpu_check_fp8
-
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert gpu_check_fp8.main([]) == 2
+    assert fp8.main([]) == 2

@@ -1,6 +1,7 @@
 """The layout planner (`cluster.plan`): its memory formula against the measured peak of real megatron training steps
-on CPU (tiny model, 4 layers, a ~2.5k-position micro-batch: tp=1 and tp=2 with sequence parallelism, pp=2 1F1B,
-no / full recompute, fp32 and bf16) within 15%; exact parameter and buffer counts; the model's layout rules; the CLI.
+on CPU (tiny model, 4 layers, a ~2.5k-position micro-batch: tp=1 and tp=2 with sequence parallelism, pp=2 1F1B with
+an even and an uneven split, no / full recompute, fp32 and bf16) within 15%; exact parameter and buffer counts; the
+model's layout rules (every layout it sizes passes `validate_parallel`); uneven `pp_layers` splits; the CLI.
 
 Peaks are measured with `helpers.memory.AllocationTrace` (every CPU allocation and free of a step, from the
 allocator) over the third step of `MegatronEngine.train_step` plus the EMA update, after two steps that create the
@@ -9,7 +10,8 @@ optimizer state; the planner is given the micro-batch as the model received it a
 import gc
 import itertools
 import math
-from dataclasses import replace
+import shlex
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -20,7 +22,9 @@ from helpers.megatron_case import PrefixIds, task, train_config  # noqa: E402
 from helpers.megatron_cpu import megatron_in_process, save_result, spawn  # noqa: E402
 from helpers.memory import AllocationTrace  # noqa: E402
 
-from cluster import plan  # noqa: E402
+from cluster.plan import memory, search  # noqa: E402
+from cluster.plan.__main__ import main  # noqa: E402
+from models.t2i.megatron.config import MegatronParallelConfig, ParallelSettings, validate_parallel  # noqa: E402
 from models.t2i.model import TextToImageBitDance, get_t2i_config  # noqa: E402
 from models.t2i.packing import T2ISample, pack_rows  # noqa: E402
 
@@ -48,7 +52,9 @@ def micro_batch():
     return pack_rows([row], PrefixIds(), P)
 
 
-def measure(tp: int, pp: int, precision: str, recompute: str | None, micro_batches: int) -> dict:
+def measure(
+    tp: int, pp: int, precision: str, recompute: str | None, micro_batches: int, pp_layers: list[int] | None = None
+) -> dict:
     """Build the engine and its EMA under an allocation trace, run three steps, and return this rank's measured
     peak of the third, the planner's prediction for its stage, and the real parameter / buffer sizes."""
     from training.engines.megatron import MegatronEngine
@@ -59,10 +65,12 @@ def measure(tp: int, pp: int, precision: str, recompute: str | None, micro_batch
     overrides = [f"engine.precision={precision}", f"data.token_budget={BUDGET}"]
     overrides += [f"parallel.sequence_parallel={str(tp > 1).lower()}"]
     overrides += [f"parallel.recompute={recompute}"] if recompute else []
+    run = train_config(tp, pp, *overrides)  # pp_layers set after: the config check counts the named model's layers
+    run = replace(run, parallel=replace(run.parallel, pp_layers=pp_layers))
     seen = []
     gc.collect()
     with AllocationTrace() as trace:
-        engine = MegatronEngine(train_config(tp, pp, *overrides), cfg, reference)
+        engine = MegatronEngine(run, cfg, reference)
         del reference
         ema = engine.new_ema(0.999)
         (chunk,) = engine.chunks
@@ -73,18 +81,18 @@ def measure(tp: int, pp: int, precision: str, recompute: str | None, micro_batch
                 assert engine.train_step(itertools.repeat(batch), task(cfg), micro_batches).result.applied
                 ema.update()
     measured = trace.memory("step2")
-    lay = plan.Layout(tp, pp, None, recompute, sp=tp > 1)
-    how = plan.Behaviour(attention="segments", param_bytes=4 if precision == "fp32" else 2)
-    work = plan.Workload.of_batch(cfg, seen[0])  # as the model received it (padded to the budget)
+    par = ParallelSettings(tp=tp, pp=pp, pp_layers=pp_layers, sequence_parallel=tp > 1, recompute=recompute)
+    how = memory.Behaviour(attention="segments", param_bytes=4 if precision == "fp32" else 2)
+    work = memory.Workload.of_batch(cfg, seen[0])  # as the model received it (padded to the budget)
     stage = engine.ps.get_pipeline_model_parallel_rank()
-    predicted = plan.stage_memory(cfg, lay, engine.dp_size, work, micro_batches, how, overhead=0)[stage]
+    predicted = memory.stage_memory(cfg, par, engine.dp_size, work, micro_batches, how, overhead=0)[stage]
     (ddp,) = engine.ddp
     result = dict(
         peak=measured.peak,
         static=measured.start,
         predicted=predicted,
         params=sum(p.numel() for p in chunk.parameters()),
-        planned_params=sum(map(sum, plan.stage_params(plan.param_numels(cfg), LAYERS, lay)[stage])),
+        planned_params=sum(map(sum, memory.stage_params(memory.param_numels(cfg), LAYERS, par)[stage])),
         param_buffer=sum(b.param_data.numel() * b.param_data.element_size() for b in ddp.buffers),
         grad_buffer=sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.buffers),
     )
@@ -112,8 +120,8 @@ def test_peak_memory_tp1(precision, recompute):
         check(measure(1, 1, precision, recompute, 1), f"tp=1 {precision} recompute={recompute}")
 
 
-def _worker(rank, out_dir, tp, pp, micro_batches, cases):
-    save_result(out_dir, rank, [measure(tp, pp, prec, rec, micro_batches) for prec, rec in cases])
+def _worker(rank, out_dir, tp, pp, micro_batches, cases, pp_layers=None):
+    save_result(out_dir, rank, [measure(tp, pp, prec, rec, micro_batches, pp_layers) for prec, rec in cases])
 
 
 CASES = [("fp32", None), ("bf16", "full")]
@@ -134,61 +142,105 @@ def test_peak_memory_pp2_1f1b(tmp_path):
             check(result, f"pp=2 stage {rank} {prec} recompute={rec}")
 
 
+@pytest.mark.slow
+def test_peak_memory_pp2_uneven_split(tmp_path):
+    """pp_layers=[3, 1]: the first stage three layers (two micro-batches in flight), the last one layer and the
+    heads; each stage's prediction follows its own layers."""
+    for rank, results in enumerate(spawn(_worker, 2, 0, 0, tmp_path, 1, 2, 4, CASES, [3, 1])):
+        for (prec, rec), result in zip(CASES, results, strict=True):
+            check(result, f"pp=2 [3,1] stage {rank} {prec} recompute={rec}")
+
+
 # ---- counting, layout rules, CLI ----------------------------------------------------------------------------------
 
 
 def test_14b_parameters_are_counted_exactly():
     """Qwen3-14B has 14,768,307,200 parameters (untied LM head); the 16x model adds the projector and the head."""
     cfg = get_t2i_config("14B-16x")
-    numels = dict(plan.param_numels(cfg))
+    numels = dict(memory.param_numels(cfg))
     backbone = sum(n for k, n in numels.items() if not k.startswith(("projector.", "vision_head.")))
     assert backbone == 14_768_307_200
     with torch.device("meta"):
         head = sum(p.numel() for p in TextToImageBitDance(cfg).vision_head.parameters())
     assert sum(numels.values()) - backbone - head == 32 * 5120 + 5120 + 5120 * 5120 + 5120  # projector
-    tp8 = plan.stage_params(list(numels.items()), 40, plan.Layout(8, 4))
+    tp8 = memory.stage_params(list(numels.items()), 40, ParallelSettings(tp=8, pp=4))
     assert sum(tp8[3][0]) > sum(tp8[1][0]) + head  # the head is replicated on the last stage
-    assert plan.buffer_numel([1, 1], dp=3) == math.lcm(3, 128)  # 64-aligned parameters, padded to lcm(dp, 128)
+    layer = sum(tp8[1][0]) // 10  # a middle stage holds 10 layers and nothing else
+    uneven = memory.stage_params(list(numels.items()), 40, ParallelSettings(tp=8, pp=4, pp_layers=[11, 10, 10, 9]))
+    assert [sum(u[0]) - sum(e[0]) for u, e in zip(uneven, tp8, strict=True)] == [layer, 0, 0, -layer]
+    assert memory.buffer_numel([1, 1], dp=3) == math.lcm(3, 128)  # 64-aligned parameters, padded to lcm(dp, 128)
 
 
 def test_in_flight_micro_batches():
-    one_f_one_b = plan.Layout(1, 4)
-    assert [plan.in_flight(one_f_one_b, r, 8) for r in range(4)] == [4, 3, 2, 1]
-    assert plan.in_flight(one_f_one_b, 0, 2) == 2
-    interleaved = plan.Layout(1, 4, vpp=2)
-    assert [plan.in_flight(interleaved, r, 8) for r in range(4)] == [11, 9, 7, 5]
+    one_f_one_b = ParallelSettings(pp=4)
+    assert [memory.in_flight(one_f_one_b, r, 8) for r in range(4)] == [4, 3, 2, 1]
+    assert memory.in_flight(one_f_one_b, 0, 2) == 2
+    interleaved = ParallelSettings(pp=4, virtual_pp=2)
+    assert [memory.in_flight(interleaved, r, 8) for r in range(4)] == [11, 9, 7, 5]
 
 
-def test_layouts_follow_the_model_and_cluster_rules():
-    _, train = plan._train_config("14B-16x", None, None)
-    plans, work = plan.plan_all("14B-16x", plan.Cluster(64, 141.0), train)
+def test_pp_splits_lighten_the_last_stage():
+    assert [11, 10, 10, 9] in search.pp_splits(40, 4)
+    for pp in (2, 3, 4, 8):
+        for split in search.pp_splits(40, pp):
+            assert len(split) == pp and sum(split) == 40 and split[-1] < min(split[:-1])
+            middle = split[1:-1] or split[:1]
+            assert len(set(middle)) == 1 and split[0] - middle[0] in (0, 1)
+
+
+def test_every_sized_layout_passes_the_megatron_config_validation():
+    _, train = search.train_config("14B-16x", None, None)
+    plans, work = search.plan_all("14B-16x", search.Cluster(64, 141.0), train)
     assert work.length == 37376 and work.targets > 0.9 * work.length
     sized = [p for p in plans if not p.error]
-    assert sized and {p.layout.tp for p in sized} == {1, 2, 4, 8}
+    assert sized and {p.par.tp for p in sized} == {1, 2, 4, 8}
+    assert {tuple(p.par.pp_layers) for p in sized if p.par.pp_layers} >= {(22, 18), (11, 10, 10, 9)}
+    cfg = get_t2i_config("14B-16x")
     for p in sized:
-        lay = p.layout
-        assert 40 % lay.tp == 0 and 8 % lay.tp == 0 and 17408 % lay.tp == 0 and 40 % lay.pp == 0
-        assert lay.vpp is None or (lay.pp >= 2 and 40 % (lay.pp * lay.vpp) == 0)
-        assert p.dp * lay.tp * lay.pp == 64 and p.micro_batches * p.dp == 64  # data.global_batch: 64 rows
-        assert lay.sp == (lay.tp > 1)
-    wide = plan.plan_all("14B-16x", plan.Cluster(64, 141.0, gpus_per_node=16), train)[0]
-    refused = {p.layout.tp: p.error for p in wide if p.error and p.layout.pp == 1}
+        par = p.par
+        padded = replace(cfg, llm=replace(cfg.llm, vocab_size=-(-cfg.llm.vocab_size // par.tp) * par.tp))
+        validate_parallel(padded, MegatronParallelConfig(**asdict(par)))  # the engine's own check
+        assert 8 % par.tp == 0 and (par.pp_layers is None or par.virtual_pp is None)
+        assert p.dp * par.tp * par.pp == 64 and p.micro_batches * p.dp == 64  # data.global_batch: 64 rows
+        assert par.sequence_parallel == (par.tp > 1)
+        assert len(p.stages) == par.pp
+    wide = search.plan_all("14B-16x", search.Cluster(64, 141.0, gpus_per_node=16), train)[0]
+    refused = {p.par.tp: p.error for p in wide if p.error and p.par.pp == 1}
     assert "tp=16 does not divide the 40 attention heads" in refused[16]
 
 
-def test_cli_prints_a_layout_that_fits_and_its_torchrun_command(capsys):
+def torchrun_overrides(out: str) -> tuple[list[str], list[str]]:
+    """The printed torchrun command as the shell splits it, and its key=value overrides."""
+    command = shlex.split(out[out.index("torchrun") :].replace("\\\n", " "))
+    return command, [c for c in command if "=" in c]
+
+
+def test_cli_prints_an_uneven_split_when_it_is_fastest(capsys):
+    """16 x H100: tp2 pp2 with 22 + 18 layers beats every even split and interleaving (the last stage runs the
+    LM head and the diffusion head); the command carries the split and loads as a valid config."""
     from training.config import grad_accumulation, load_config
 
-    assert plan.main(["--model", "14B-64x", "--gpus", "16", "--gpu-mem", "80", "--top", "3"]) == 0
+    assert main(["--model", "14B-64x", "--gpus", "16", "--gpu-mem", "80", "--top", "3"]) == 0
     out = capsys.readouterr().out
-    assert "14B-64x on 16 GPUs (2 node(s) x 8) of 80 GiB" in out and "Best: " in out
-    command = out[out.index("torchrun") :].replace("\\\n", " ").split()
+    assert "14B-64x on 16 GPUs (2 node(s) x 8) of 80 GiB" in out and "Best: tp2 sp pp2 [22,18] full" in out
+    command, overrides = torchrun_overrides(out)
     assert command[:5] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "8"]
+    assert "parallel.pp_layers=[22,18]" in overrides
     yaml = command[command.index("--config") + 1]
-    overrides = [c for c in command if "=" in c]
-    cfg = load_config(str(plan.REPO / yaml), overrides)
-    assert cfg.engine.kind == "megatron" and grad_accumulation(cfg, 16) >= 1
-    assert plan.main(["--model", "14B-16x", "--gpus", "8", "--gpu-mem", "8"]) == 0
+    cfg = load_config(str(search.REPO / yaml), overrides)
+    assert cfg.engine.kind == "megatron" and cfg.parallel.pp_layers == [22, 18] and grad_accumulation(cfg, 16) == 16
+    _, train = search.train_config("14B-64x", None, None)
+    plans, _ = search.plan_all("14B-64x", search.Cluster(16, 80.0), train)
+    fitting = [p for p in plans if p.fits(80.0)]
+    even = next(p for p in fitting if p.par.pp_layers is None)
+    assert fitting[0].par.pp_layers == [22, 18] and fitting[0].step_s < even.step_s
+
+
+def test_cli_without_split_and_errors(capsys):
+    assert main(["--model", "14B-16x", "--gpus", "32", "--gpu-mem", "80", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "Best: tp4 sp pp1 full" in out and not any("pp_layers" in o for o in torchrun_overrides(out)[1])
+    assert main(["--model", "14B-16x", "--gpus", "8", "--gpu-mem", "8"]) == 0
     assert "No layout fits" in capsys.readouterr().out
-    assert plan.main(["--model", "tiny-4x"]) == 2
+    assert main(["--model", "tiny-4x"]) == 2
     assert "no training config known for 'tiny-4x'; pass --config" in capsys.readouterr().err

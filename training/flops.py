@@ -89,6 +89,9 @@ def t2i_batch_flops(cfg: T2IConfig, batch: PackedT2IBatch, pairs: int | None = N
     return dict(dense=dense, attention=attention, total=dense + attention, pairs=pairs, **n)
 
 
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense BF16 tensor-core peak per GPU (SXM, no sparsity)
+
+
 def mfu(flops: float, seconds: float, peak_tflops: float, devices: int) -> float:
     """Model FLOPs utilisation: achieved FLOP/s over `devices` x the per-device peak."""
     return flops / seconds / (peak_tflops * 1e12 * devices)

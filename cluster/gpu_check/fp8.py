@@ -3,8 +3,8 @@ DeepSpeed engine trains it with `engine.precision=fp8`: the same `training.fp8.c
 FLOPs/MFU from `training.flops`. Needs only torch, torchao and this repo's models/ and training/ (no DeepSpeed,
 megatron or ray), so it runs on a bare GPU host; see cluster/GPU_CHECK.md.
 
-    python -m cluster.gpu_check_fp8 [--shape 14b-slice|1b] [--quick] [--steps N] [--peak-tflops T] [--out FILE]
-    python -m cluster.gpu_check_fp8 --device cpu --quick      # CPU smoke run (tiny shapes; the figures mean nothing)
+    python -m cluster.gpu_check.fp8 [--shape 14b-slice|1b] [--quick] [--steps N] [--peak-tflops T] [--out FILE]
+    python -m cluster.gpu_check.fp8 --device cpu --quick      # CPU smoke run (tiny shapes; the figures mean nothing)
 
 Prints per mode: tokens/s, step time, MFU against --peak-tflops, the FP8/BF16 speed ratio, peak memory
 (torch.cuda.max_memory_allocated), the diffusion head's share of the step time, and a profiler summary by op for
@@ -14,7 +14,6 @@ the BF16 step.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import sys
@@ -24,55 +23,25 @@ from pathlib import Path
 
 import torch
 
-from models.t2i.megatron.batch import pad_packed_batch
-from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config, t2i_head_config, vision_loss_sum
-from models.t2i.packing import PackedT2IBatch, SyntheticPrefixIds, T2ISample, pack_rows, sample_length
-from models.t2i.qwen3 import get_qwen3_config
+from cluster.gpu_check.common import add_peak_argument, check_config, release, sync, synthetic_batch
+from models.family import FAMILIES
+from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config, vision_loss_sum
 from training.flops import t2i_batch_flops
 from training.fp8 import convert_backbone
 
 MODES = ("bf16", "fp8-tensorwise", "fp8-rowwise")
-FIRST_TEXT_ID = 100  # synthetic text ids come from [FIRST_TEXT_ID, vocab); special ids sit below
 
 
 def model_config(shape: str, layers: int, device: str) -> T2IConfig:
     """`14b-slice`: the 14B T2I shapes (hidden 5120, SwiGLU 17408, 40/8 heads, the 5120-wide 6-block head, P=16)
-    with `layers` backbone layers and a 32768-token vocabulary; `1b`: gpu_check's ~1B config; CPU: tiny-4x."""
+    with `layers` backbone layers and a 32768-token vocabulary; `1b`: the ~1B check model (`common.check_config`);
+    CPU: tiny-4x."""
     if device == "cpu":
         return get_t2i_config("tiny-4x", attention="dense")
     if shape == "14b-slice":
         cfg = get_t2i_config("14B-16x", attention="flex")
         return replace(cfg, llm=replace(cfg.llm, num_hidden_layers=layers, vocab_size=32768))
-    shape = dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16, num_key_value_heads=8, head_dim=128)
-    llm = get_qwen3_config("14B", vocab_size=32768, num_hidden_layers=layers, **shape)
-    return T2IConfig(llm=llm, head=replace(t2i_head_config(2048, 32, 16), ch_latent=1024), attention="flex")
-
-
-def synthetic_batch(cfg: T2IConfig, seq_len: int, seed: int = 0) -> PackedT2IBatch:
-    """One row of `seq_len` positions packed with random captions (16-128 ids) and random ±1 images."""
-    g = torch.Generator().manual_seed(seed)
-    grids = sorted({cfg.grid(h, w) for h, w in cfg.image_sizes}, key=lambda s: s[0] * s[1])
-    grids = [s for s in grids if s[0] * s[1] <= seq_len // 3] or grids[:1]
-    row, used = [], 0
-    while True:
-        n_text = int(torch.randint(16, 129, (), generator=g))
-        fits = [s for s in grids if used + sample_length(n_text, *s) <= seq_len]
-        if not fits:
-            break
-        h, w = fits[int(torch.randint(0, len(fits), (), generator=g))]
-        ids = torch.randint(FIRST_TEXT_ID, cfg.llm.vocab_size, (n_text,), generator=g).tolist()
-        bits = torch.randint(0, 2, (cfg.latent_dim, h, w), generator=g).float() * 2 - 1
-        row.append(T2ISample(ids, bits, text_loss=True))
-        used += sample_length(n_text, h, w)
-    if not row:
-        raise ValueError(f"seq_len {seq_len} holds no sample of the smallest image size {grids[0]}")
-    tokens = SyntheticPrefixIds(cfg.parallel_num)
-    return pad_packed_batch(pack_rows([row], tokens, cfg.parallel_num), 128, tokens.pad_id)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return replace(check_config(layers), attention="flex")
 
 
 def build(cfg: T2IConfig, mode: str, device: torch.device, compile_blocks: bool):
@@ -80,7 +49,7 @@ def build(cfg: T2IConfig, mode: str, device: torch.device, compile_blocks: bool)
     torch.manual_seed(0)
     model = TextToImageBitDance(cfg).to(device)
     if mode != "bf16":
-        convert_backbone(model, mode.removeprefix("fp8-"))
+        convert_backbone(model, FAMILIES.get("t2i").fp8_prefixes, mode.removeprefix("fp8-"))
     model.to(torch.bfloat16).train()
     if compile_blocks:
         for block in [*model.llm.model.layers, *model.vision_head.net.res_blocks]:
@@ -98,18 +67,18 @@ def train_step(model, opt, batch) -> float:
     return loss.detach()
 
 
-def timed(fn, device: torch.device, iters: int) -> float:
+def timed(fn, iters: int) -> float:
     """Seconds per call of `fn` over `iters` calls (after one untimed call)."""
     fn()
-    sync(device)
+    sync()
     start = time.perf_counter()
     for _ in range(iters):
         fn()
-    sync(device)
+    sync()
     return (time.perf_counter() - start) / iters
 
 
-def head_seconds(model, batch, cfg: T2IConfig, device: torch.device, iters: int) -> float:
+def head_seconds(model, batch, cfg: T2IConfig, iters: int) -> float:
     """The diffusion head's forward+backward alone, on this batch's conditions (detached), per step."""
     with torch.no_grad():
         _, cond = model.head_conditions(batch, perturb=False)
@@ -118,7 +87,7 @@ def head_seconds(model, batch, cfg: T2IConfig, device: torch.device, iters: int)
     def run():
         vision_loss_sum(model.vision_head, cond, batch, cfg).backward()
 
-    seconds = timed(run, device, iters)
+    seconds = timed(run, iters)
     model.zero_grad(set_to_none=True)
     return seconds
 
@@ -131,7 +100,7 @@ def profile_summary(model, opt, batch, device: torch.device, rows: int = 15) -> 
         key = "self_device_time_total"
     with torch.profiler.profile(activities=acts) as prof:
         train_step(model, opt, batch)
-        sync(device)
+        sync()
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
@@ -141,7 +110,7 @@ def measure(cfg, batch, mode: str, args, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     model, opt = build(cfg, mode, device, args.compile)
     losses = [float(train_step(model, opt, batch)) for _ in range(args.warmup)]  # compile and autotune here
-    seconds = timed(lambda: losses.append(float(train_step(model, opt, batch))), device, args.steps)
+    seconds = timed(lambda: losses.append(float(train_step(model, opt, batch))), args.steps)
     flops = t2i_batch_flops(cfg, batch)
     out = dict(
         mode=mode,
@@ -153,13 +122,11 @@ def measure(cfg, batch, mode: str, args, device: torch.device) -> dict:
         finite=all(math.isfinite(x) for x in losses),
         peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     )
-    out["head_share"] = head_seconds(model, batch, cfg, device, args.steps) / seconds
+    out["head_share"] = head_seconds(model, batch, cfg, args.steps) / seconds
     if mode == "bf16":
         out["profile"] = profile_summary(model, opt, batch, device)
     model = opt = None  # free this mode's weights before the next
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release()
     return out
 
 
@@ -183,14 +150,14 @@ def table(results: list[dict], peak: float) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cluster.gpu_check_fp8", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cluster.gpu_check.fp8", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--shape", choices=("14b-slice", "1b"), default="14b-slice", help="model shape on the GPU")
     p.add_argument("--layers", type=int, default=None, help="backbone layers (default 14b-slice 2, 1b 16; quick 4)")
     p.add_argument("--seq-len", type=int, default=None, help="positions per packed row (default 37376; quick 8192)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 5; quick 2)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode (compilation)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense BF16 peak for MFU (H200 SXM: 989)")
+    add_peak_argument(p)
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager blocks (default: compiled)")
     p.add_argument("--quick", action="store_true", help="1b shape, 4 layers, 8192 positions, 2 steps")
@@ -218,7 +185,7 @@ def main(argv=None) -> int:
         return 2
     device = torch.device(args.device)
     cfg = model_config(args.shape, args.layers, args.device)
-    batch = synthetic_batch(cfg, args.seq_len).to(device)
+    batch = synthetic_batch(cfg, args.seq_len).to(device)  # one row, padded to seq_len
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     shape = args.shape if device.type == "cuda" else "tiny"
     print(

@@ -1,5 +1,5 @@
-"""One-GPU check of the megatron T2I training path; it drives the product's `MegatronEngine` (the code users train with)
-and takes FLOPs and MFU from `training.flops` (the formula the training loop logs).
+"""The one-GPU check of the megatron T2I training path; it drives the product's `MegatronEngine` (the code users train
+with) and takes FLOPs and MFU from `training.flops` (the formula the training loop logs).
 
     python -m cluster.gpu_check --out DIR [--steps N] [--quick]
 
@@ -11,13 +11,12 @@ the model's attention shape: fwd and fwd+bwd time, speedup, output and input-gra
 at a smaller size), `train` (BF16 `MegatronEngine.train_step` over synthetic packed micro-batches with the T2I task's
 hooks: tokens/s, MFU, peak memory) and `fp8` (the same on Transformer Engine layers, BF16 and FP8 hybrid tensorwise;
 skipped when Transformer Engine does not import). FP8 of the DeepSpeed path (torchao, `engine.precision=fp8`) vs BF16:
-`python -m cluster.gpu_check_fp8` (cluster/GPU_CHECK.md).
+`python -m cluster.gpu_check.fp8` (cluster/GPU_CHECK.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.metadata
 import json
 import math
@@ -31,79 +30,25 @@ from types import SimpleNamespace
 
 import torch
 
-from models.t2i.megatron.batch import pad_packed_batch
-from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config, t2i_head_config
-from models.t2i.packing import PackedT2IBatch, SyntheticPrefixIds, T2ISample, pack_rows, sample_length
-from models.t2i.qwen3 import get_qwen3_config
+from cluster.gpu_check.common import add_peak_argument, check_config, gib, release, sync, synthetic_batch
+from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config
 from training.config import load_config
 from training.flops import mask_pairs, mfu, t2i_batch_flops, t2i_linear_params
 from training.tasks.t2i import T2ITask
 
-H200_BF16_PEAK_TFLOPS = 989.0  # dense BF16 tensor-core peak of an H100/H200 SXM (no sparsity)
-FIRST_TEXT_ID = 100  # synthetic text ids are drawn from [FIRST_TEXT_ID, vocab); special ids sit below
+ENGINE_SETTINGS = Path(__file__).with_name("megatron_engine.yaml")
 TENSORS = ("out", "dq", "dk", "dv")  # what the attention checks compare
-
-
-def check_config(quick: bool = False) -> T2IConfig:
-    """~1.0B T2I model: Qwen3-style backbone (2048 wide, 16 layers, 16 heads / 8 KV groups of 128, SwiGLU 6144,
-    vocab 32768), a 1024-wide 6-block diffusion head, P=16, 32-bit tokens, official image sizes at 16x down."""
-    llm = get_qwen3_config(
-        "14B",
-        vocab_size=32768,
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=4 if quick else 16,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-    )
-    head = replace(t2i_head_config(llm.hidden_size, 32, 16), ch_latent=1024)
-    return T2IConfig(llm=llm, head=head)
-
-
-def synthetic_batch(cfg: T2IConfig, seq_len: int, rows: int = 1, seed: int = 0) -> PackedT2IBatch:
-    """`rows` rows of exactly `seq_len` positions, each packed with random captions (16-128 ids, 10% without text
-    loss) and random ±1 images of the config's sizes up to seq_len / 3 tokens, built by `pack_rows`."""
-    g = torch.Generator().manual_seed(seed)
-    grids = sorted({cfg.grid(h, w) for h, w in cfg.image_sizes}, key=lambda s: s[0] * s[1])
-    grids = [s for s in grids if s[0] * s[1] <= seq_len // 3] or grids[:1]
-
-    def randint(lo: int, hi: int) -> int:
-        return int(torch.randint(lo, hi, (), generator=g))
-
-    packed = []
-    for _ in range(rows):
-        row, used = [], 0
-        while True:
-            n_text = randint(16, 129)
-            fits = [s for s in grids if used + sample_length(n_text, *s) <= seq_len]
-            if not fits:  # shorten the caption to fit the smallest image into what is left, if that can be done
-                n_text = min(n_text, seq_len - used - sample_length(0, *grids[0]))
-                fits = grids[:1] if n_text >= 16 else []
-            if not fits:
-                break
-            h, w = fits[randint(0, len(fits))]
-            ids = torch.randint(FIRST_TEXT_ID, cfg.llm.vocab_size, (n_text,), generator=g).tolist()
-            bits = torch.randint(0, 2, (cfg.latent_dim, h, w), generator=g).float() * 2 - 1
-            row.append(T2ISample(ids, bits, text_loss=randint(0, 10) > 0))
-            used += sample_length(n_text, h, w)
-        if not row:
-            raise ValueError(f"seq_len {seq_len} holds no sample of the smallest image size {grids[0]}")
-        packed.append(row)
-    tokens = SyntheticPrefixIds(cfg.parallel_num)
-    return pad_packed_batch(pack_rows(packed, tokens, cfg.parallel_num), seq_len, tokens.pad_id)
 
 
 # ------------------------------------------------------------------------------------------- engine and helpers
 
 
 def megatron_engine(model_cfg: T2IConfig, *overrides: str, reference: TextToImageBitDance | None = None):
-    """The product's `MegatronEngine` for a one-rank run: BF16, Adam lr 1e-4, weight decay 0.1, clipping at 1, then
-    `overrides` (dotted `TrainConfig` keys, e.g. `parallel.fp8=hybrid`)."""
+    """The product's `MegatronEngine` for a one-rank run with the settings of `megatron_engine.yaml` (BF16, Adam lr
+    1e-4, weight decay 0.1, clipping at 1), then `overrides` (dotted `TrainConfig` keys, e.g. `parallel.fp8=hybrid`)."""
     from training.engines.megatron import MegatronEngine
 
-    base = ["engine.kind=megatron", "engine.precision=bf16", "optim.lr=1e-4", "optim.weight_decay=0.1"]
-    return MegatronEngine(load_config(None, [*base, *overrides]), model_cfg, reference)
+    return MegatronEngine(load_config(ENGINE_SETTINGS, list(overrides)), model_cfg, reference)
 
 
 def t2i_hooks(model_cfg: T2IConfig) -> SimpleNamespace:
@@ -122,22 +67,6 @@ def reseed(seed: int = 1) -> None:
         from megatron.core import tensor_parallel
 
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def gib(nbytes: int) -> float:
-    return round(nbytes / 2**30, 2)
-
-
-def release() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -522,12 +451,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="4 layers, 4096-position rows, 2 micro-batches")
     p.add_argument("--seq-len", type=int, default=None, help="positions per packed row (default 8192; quick 4096)")
     p.add_argument("--micro-batches", type=int, default=None, help="micro-batches per step (default 4; quick 2)")
-    p.add_argument(
-        "--peak-tflops",
-        type=float,
-        default=H200_BF16_PEAK_TFLOPS,
-        help=f"dense BF16 peak for MFU (default {H200_BF16_PEAK_TFLOPS}, H100/H200 SXM)",
-    )
+    add_peak_argument(p)
     return p.parse_args(argv)
 
 
@@ -560,7 +484,7 @@ def main(argv=None) -> int:
     steps = args.steps or (3 if args.quick else 5)
     report = dict(args=dict(steps=steps, quick=args.quick, seq_len=seq, micro_batches=micro), sections={})
     path = args.out / "gpu_check.json"
-    cfg = check_config(args.quick)
+    cfg = check_config(4 if args.quick else 16)
 
     def run(name: str, fn) -> None:
         print(f"== {name}", flush=True)

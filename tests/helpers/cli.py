@@ -24,6 +24,8 @@ def check_arguments(module: str, args: list[str], monkeypatch) -> argparse.Names
         raise _Parsed
 
     mod = importlib.import_module(module)
+    if mod.__spec__.submodule_search_locations is not None:  # a package: `python -m` runs its __main__
+        mod = importlib.import_module(f"{module}.__main__")
     with monkeypatch.context() as m:
         m.setattr(argparse.ArgumentParser, "parse_args", parse_only)
         with pytest.raises(_Parsed):

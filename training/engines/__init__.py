@@ -194,11 +194,11 @@ def engine_class(cfg: TrainConfig) -> type[EngineBase]:
     return ENGINES.get(cfg.engine.kind)
 
 
-def precision(cfg: TrainConfig) -> str:
-    """engine.precision with "auto" resolved by the engine for this machine."""
+def precision(cfg: TrainConfig, cuda: bool | None = None) -> str:
+    """engine.precision with "auto" resolved by the engine, for this machine or (`cuda`) for a GPU / CPU machine."""
     if cfg.engine.precision != "auto":
         return cfg.engine.precision
-    return engine_class(cfg).auto_precision(cfg, torch.cuda.is_available())
+    return engine_class(cfg).auto_precision(cfg, torch.cuda.is_available() if cuda is None else cuda)
 
 
 def build_engine(cfg: TrainConfig, task: Task, grad_accum: int) -> Engine:

@@ -40,22 +40,26 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.t2i.megatron.batch import fixed_length, pad_to_length, sequence_multiple
+from models.core.attention import resolve_attention
+from models.t2i.megatron.batch import fixed_length, pad_to_length, row_length, sequence_multiple
 from models.t2i.megatron.config import MegatronParallelConfig, validate_parallel
 from models.t2i.megatron.mapping import chunk_state, load_model_state, reference_to_megatron, split_tp
-from models.t2i.megatron.model import MegatronT2IBitDance
-from models.t2i.model import T2IConfig, TextToImageBitDance
+from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config
 from training.checkpoint_integrity import verify_checkpoint
 from training.config import TrainConfig
 from training.ema import ShardedEMA
-from training.engines import Resume, StepResult, StepStats, precision
+from training.engines import EngineBase, Resume, StepResult, StepStats, precision
 from training.engines.megatron_checkpoint import DIST, dist_path, megatron_section, model_key, save_dist
 from training.optim import NO_DECAY_NAMES
+
+if TYPE_CHECKING:
+    from models.t2i.megatron.model import MegatronT2IBitDance
 
 PAD_ID = 0  # fixed-length padding: any in-vocabulary id (padded positions are their own document, unlabelled)
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
@@ -79,9 +83,78 @@ def no_decay(param: torch.Tensor, name: str) -> bool:
     return param.ndim < 2 or any(k in name for k in NO_DECAY_NAMES)
 
 
-class MegatronEngine:
+class MegatronEngine(EngineBase):
     kind = "megatron"
+    model_kinds = ("t2i",)
+    shards_model = True
+    supports_async_save = True
+    export_how = (
+        "`python -m training.checkpoint export --src <checkpoint> --dst <folder> --text-tokenizer ... "
+        "--image-tokenizer ...`"
+    )
     full_model_on_rank0 = False  # each rank holds its TP shard of its pipeline stage
+
+    @classmethod
+    def check(cls, cfg: TrainConfig) -> list[tuple[bool, str]]:
+        p = cfg.parallel
+        checks = [
+            (p.tp >= 1 and p.pp >= 1, "parallel.tp and parallel.pp must be >= 1"),
+            (
+                cfg.engine.precision != "fp8",
+                "engine.precision=fp8 is torchao FP8 for engine.kind=deepspeed; megatron's FP8 is Transformer Engine: "
+                "set engine.precision=bf16 parallel.transformer_impl=te parallel.fp8=hybrid",
+            ),
+        ]
+        if all(ok for ok, _ in checks):
+            checks.append(cls._layout_check(cfg))
+        return checks
+
+    @classmethod
+    def _layout_check(cls, cfg: TrainConfig) -> tuple[bool, str]:
+        """The `parallel` layout against the named model (heads, KV heads, MLP width and layers it must divide), before
+        any process starts; a model read from a megatron checkpoint (`model.init_from`) is checked when it is read."""
+        from training.engines.megatron_checkpoint import is_megatron_checkpoint
+
+        if cfg.model.init_from and is_megatron_checkpoint(cfg.model.init_from):
+            return True, ""
+        model_cfg = get_t2i_config(cfg.model.name)
+        vocab = -(-model_cfg.llm.vocab_size // cls.vocab_multiple(cfg)) * cls.vocab_multiple(cfg)
+        model_cfg = replace(model_cfg, llm=replace(model_cfg.llm, vocab_size=vocab))
+        try:
+            validate_parallel(model_cfg, parallel_config(cfg))
+        except ValueError as err:
+            return False, f"parallel: {err} (model {cfg.model.name})"
+        return True, ""
+
+    @classmethod
+    def data_parallel_size(cls, cfg: TrainConfig, world_size: int) -> int:
+        """World size / (tp * pp), which must divide exactly."""
+        model_parallel = cfg.parallel.tp * cfg.parallel.pp
+        if world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} is not divisible by parallel.tp {cfg.parallel.tp} x parallel.pp "
+                f"{cfg.parallel.pp}; launch a multiple of {model_parallel} processes"
+            )
+        return world_size // model_parallel
+
+    @classmethod
+    def check_accumulation(cls, cfg: TrainConfig, micro_batches: int) -> None:
+        p = cfg.parallel
+        if p.virtual_pp is not None and micro_batches % p.pp:
+            raise ValueError(
+                f"the interleaved schedule (parallel.virtual_pp) needs micro-batches per step ({micro_batches}) to be "
+                f"a multiple of parallel.pp {p.pp}; change data.global_batch"
+            )
+
+    @classmethod
+    def vocab_multiple(cls, cfg: TrainConfig) -> int:
+        return cfg.parallel.tp  # vocab-parallel embedding and LM head
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, task, grad_accum: int) -> MegatronEngine:
+        """The engine takes the task's weights (when it has a full model): its chunks replace the model."""
+        reference, task.model = task.model, None
+        return cls(cfg, task.model_cfg, reference, task.init_checkpoint, task.init_folder)
 
     def __init__(
         self,
@@ -118,9 +191,9 @@ class MegatronEngine:
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.precision = "bf16" if self.par.params_dtype == torch.bfloat16 else "fp32"
-        flex = model_cfg.attention == "flex" or (model_cfg.attention == "auto" and cuda)
+        flex = resolve_attention(model_cfg.attention, cuda) == "flex"
         self.multiple = sequence_multiple(p.tp, p.sequence_parallel, p.fp8 is not None, flex)
-        self.seq_length = fixed_length(cfg.data.token_budget, self.multiple)  # every micro-batch's row length
+        self.seq_length = row_length(cfg.data.token_budget, p.tp, p.sequence_parallel, p.fp8 is not None, flex)
         torch.manual_seed(cfg.seed)
         if cuda:
             tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
@@ -145,6 +218,8 @@ class MegatronEngine:
     # ---- construction ---------------------------------------------------------------------------------------------
 
     def _build_chunk(self, v: int) -> MegatronT2IBitDance:
+        from models.t2i.megatron.model import MegatronT2IBitDance  # megatron-core: imported when a model is built
+
         vp = v if self.par.virtual_pp is not None else None
         first = self.ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp)
         last = self.ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)

@@ -1,11 +1,11 @@
 """Padding packed T2I batches to one fixed sequence length: even TP splits, aligned FP8 GEMMs and FlexAttention blocks.
 
-The megatron engine pads every micro-batch to `fixed_length(data.token_budget, sequence_multiple(...))`, so compiled
-attention kernels see one shape (FlexAttention under `torch.compile(dynamic=False)` recompiles per new length) and
-pipeline stages exchange activations of one shape without sending shapes first. Padding positions form document -1:
-they are unlabelled, have no image targets and are masked from and to every real token, so the loss is unchanged.
-The T2I task pads the same way for the DeepSpeed engine whenever the attention backend is flex (to the token budget
-rounded to the FlexAttention block), so compiled flex compiles once there too.
+The megatron engine pads every micro-batch to `row_length(data.token_budget, tp, ...)`, so compiled attention kernels
+see one shape (FlexAttention under `torch.compile(dynamic=False)` recompiles per new length) and pipeline stages
+exchange activations of one shape without sending shapes first. Padding positions form document -1: they are
+unlabelled, have no image targets and are masked from and to every real token, so the loss is unchanged. The T2I task
+pads the same way for the DeepSpeed engine whenever the attention backend is flex (`row_length(budget, flex=True)`),
+so compiled flex compiles once there too; `cluster.plan` sizes its layouts with the same `row_length`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ def sequence_multiple(tp: int = 1, sequence_parallel: bool = False, fp8: bool = 
 def fixed_length(token_budget: int, multiple: int) -> int:
     """The padded row length: the loader's token budget rounded up to `multiple`."""
     return -(-token_budget // multiple) * multiple
+
+
+def row_length(
+    token_budget: int, tp: int = 1, sequence_parallel: bool = False, fp8: bool = False, flex: bool = False
+) -> int:
+    """The fixed length every packed row is padded to: the token budget rounded up to `sequence_multiple`."""
+    return fixed_length(token_budget, sequence_multiple(tp, sequence_parallel, fp8, flex))
 
 
 def _remap(flat: torch.Tensor, length: int, new_length: int) -> torch.Tensor:
