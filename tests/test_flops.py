@@ -1,13 +1,14 @@
-"""`training.flops`: the matmul weights per component against the reference modules, the block-causal pairs against a
+"""`models.t2i.flops`: the matmul weights per component against the reference modules, the block-causal pairs against a
 brute-force count of the dense mask (padding excluded), and one batch's FLOPs by hand."""
 
 import torch
 
 from cluster.gpu_check.common import synthetic_batch
 from models.core.attention import dense_block_causal_mask
+from models.t2i.flops import mask_pairs, t2i_batch_flops, t2i_linear_params
 from models.t2i.model import TextToImageBitDance, get_t2i_config
 from models.t2i.packing import SyntheticPrefixIds, T2ISample, pack_rows
-from training.flops import mask_pairs, mfu, t2i_batch_flops, t2i_linear_params
+from training.flops import mfu
 
 
 def linear_weights(module: torch.nn.Module) -> int:

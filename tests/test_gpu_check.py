@@ -14,8 +14,9 @@ import torch
 
 from cluster.gpu_check import fp8, megatron
 from cluster.gpu_check.common import check_config, synthetic_batch
+from models.t2i.flops import t2i_linear_params
 from models.t2i.model import get_t2i_config
-from training.flops import mfu, t2i_linear_params
+from training.flops import mfu
 from training.tasks.t2i import T2ITask
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """BF16 vs FP8 (torchao float8, tensorwise and rowwise) on one GPU for the plain PyTorch T2I model, the way the
 DeepSpeed engine trains it with `engine.precision=fp8`: the same `training.fp8.convert_backbone`, bf16 weights, and
-FLOPs/MFU from `training.flops`. Needs only torch, torchao and this repo's models/ and training/ (no DeepSpeed,
-megatron or ray), so it runs on a bare GPU host; see cluster/GPU_CHECK.md.
+FLOPs from `models.t2i.flops`, MFU from `training.flops`. Needs only torch, torchao and this repo's models/ and
+training/ (no DeepSpeed, megatron or ray), so it runs on a bare GPU host; see cluster/GPU_CHECK.md.
 
     python -m cluster.gpu_check.fp8 [--shape 14b-slice|1b] [--quick] [--steps N] [--peak-tflops T] [--out FILE]
     python -m cluster.gpu_check.fp8 --device cpu --quick      # CPU smoke run (tiny shapes; the figures mean nothing)
@@ -25,8 +25,8 @@ import torch
 
 from cluster.gpu_check.common import add_peak_argument, check_config, release, sync, synthetic_batch
 from models.family import FAMILIES
+from models.t2i.flops import t2i_batch_flops
 from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config, vision_loss_sum
-from training.flops import t2i_batch_flops
 from training.fp8 import convert_backbone
 
 MODES = ("bf16", "fp8-tensorwise", "fp8-rowwise")
@@ -145,7 +145,7 @@ def table(results: list[dict], peak: float) -> str:
             f"{r['mode']:<16}{r['tokens_per_s']:>12.0f}{r['step_ms']:>10.1f}{r['tflops']:>9.1f}{r['mfu']:>8.1%}"
             f"{ratio:>8.2f}{r['head_share']:>7.0%}{mem:>10}"
         )
-    lines.append(f"MFU: model FLOPs (training.flops) / step time / {peak:g} TFLOP/s; head: its fwd+bwd / step time")
+    lines.append(f"MFU: model FLOPs (models.t2i.flops) / step time / {peak:g} TFLOP/s; head: its fwd+bwd / step time")
     return "\n".join(lines)
 
 

@@ -1,5 +1,5 @@
 """The one-GPU check of the megatron T2I training path; it drives the product's `MegatronEngine` (the code users train
-with) and takes FLOPs and MFU from `training.flops` (the formula the training loop logs).
+with) and takes FLOPs from `models.t2i.flops` and MFU from `training.flops` (the formula the training loop logs).
 
     python -m cluster.gpu_check --out DIR [--steps N] [--quick]
 
@@ -31,9 +31,10 @@ from types import SimpleNamespace
 import torch
 
 from cluster.gpu_check.common import add_peak_argument, check_config, gib, release, sync, synthetic_batch
+from models.t2i.flops import mask_pairs, t2i_batch_flops, t2i_linear_params
 from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config
 from training.config import load_config
-from training.flops import mask_pairs, mfu, t2i_batch_flops, t2i_linear_params
+from training.flops import mfu
 from training.tasks.t2i import T2ITask
 
 ENGINE_SETTINGS = Path(__file__).with_name("megatron_engine.yaml")

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
+from models.t2i.flops import t2i_batch_flops, t2i_linear_params
 from models.t2i.megatron.batch import pad_to_length
 from models.t2i.megatron.config import ParallelSettings, stage_layer_counts
 from models.t2i.megatron.mapping import reference_to_megatron, tp_split
 from models.t2i.model import T2IConfig, TextToImageBitDance
 from models.t2i.packing import PackedT2IBatch, T2ISample, pack_rows, sample_length
-from training.flops import t2i_batch_flops, t2i_linear_params
 
 GiB = 1024**3
 FIXED_OVERHEAD_GIB = 8.0  # CUDA context (~0.6), NCCL communicators and NVLS buffers, cuBLAS, fragmentation
@@ -78,7 +78,7 @@ class Workload:
     image_in: int  # image input tokens (projector)
     targets: int  # diffusion targets (head tokens, P per patch)
     segment_sq: int  # sum over runs of one document id (padding included) of run length^2: segments-backend masks
-    flops: int  # model FLOPs of forward + backward (training.flops)
+    flops: int  # model FLOPs of forward + backward (models.t2i.flops)
     backbone_flops: int  # of which the backbone layers (dense + attention)
     attention_flops: int  # of which the backbone's attention (query-key pairs)
 

@@ -8,7 +8,7 @@ lighter last stage (`pp_splits`); sequence parallelism whenever tp > 1; recomput
 checked by the model's own `validate_parallel` (heads, KV heads, MLP width, vocabulary padded to tp, the split) and
 the loop's `grad_accumulation` (data.global_batch over dp = gpus / (tp * pp), the interleaved schedule's rule).
 
-Step time: model FLOPs of `training.flops` (`t2i_batch_flops`: backbone, attention pairs, LM head, diffusion head)
+Step time: model FLOPs of `models.t2i.flops` (`t2i_batch_flops`: backbone, attention pairs, LM head, diffusion head)
 at `ASSUMED_MFU`, recompute's extra forward, tensor-parallel collectives over NVLink, pipeline sends, the
 data-parallel gradient reduce-scatter and weight all-gather (not overlapped by the engine), on the slowest stage (its
 layers; the heads on the last), stretched by the pipeline bubble (pp - 1) / (vpp * m) for m micro-batches per step.

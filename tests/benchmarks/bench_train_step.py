@@ -48,9 +48,7 @@ def main() -> None:
         cfg = replace(cfg, llm=replace(cfg.llm, vocab_size=manifest["text_tokens"]["vocab_size"]))
         torch.manual_seed(0)
         model = TextToImageBitDance(cfg).train()
-        loader = BinaryTokenLoader(
-            LoaderConfig(data["tokens"], token_budget=2048, num_workers=0), rank=0, world_size=1
-        )
+        loader = BinaryTokenLoader(LoaderConfig(data["tokens"], token_budget=2048, num_workers=0), rank=0, world_size=1)
         batches = [b for _, b in zip(range(args.steps + 1), loader, strict=False)]
         ae = load_tokenizer(data["ae"])
         shapes = [torch.rand(3, 32, 32) * 2 - 1, torch.rand(3, 32, 64) * 2 - 1]  # the dataset's two image sizes

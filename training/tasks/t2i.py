@@ -14,6 +14,7 @@ from PIL import Image
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
 from data_pipeline.shard_format import load_manifest
 from models.core.attention import resolve_attention
+from models.t2i.flops import t2i_batch_flops
 from models.t2i.megatron.batch import FLEX_BLOCK, fixed_length, pad_to_length, row_length
 from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config
 from models.t2i.packing import PackedT2IBatch
@@ -21,7 +22,6 @@ from models.t2i.repatch import QueryRows, query_rows, repatch_, with_parallel_nu
 from models.tokenizer.model import tensor_to_images
 from training.config import TrainConfig
 from training.engines import engine_class
-from training.flops import t2i_batch_flops
 from training.tasks import StepOutput, Task, image_grid
 
 
