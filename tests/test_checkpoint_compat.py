@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.data import make_t2i_data
+from helpers.data import make_c2i_data, make_t2i_data
 from safetensors.torch import load_file
 
 from models.t2i.io import load_t2i_folder
@@ -37,15 +37,17 @@ def old_tree(dst: Path, commit: str = PINNED) -> Path:
     return dst
 
 
-def train(code: Path, run_dir: Path, data: dict, steps: int, *extra: str) -> subprocess.CompletedProcess:
+def train(
+    code: Path, run_dir: Path, data: dict, steps: int, *extra: str, kind: str = "t2i"
+) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
         "training.train",
         "--config",
-        str(REPO / "training" / "configs" / "tiny_t2i.yaml"),
+        str(REPO / "training" / "configs" / f"tiny_{kind}.yaml"),
         f"run_dir={run_dir}",
-        f"data.data_dir={data['tokens']}",
+        f"data.data_dir={data['tokens'] if kind == 't2i' else data[kind]}",
         f"schedule.total_steps={steps}",
         "schedule.warmup_steps=1",
         "checkpoint.every=2",
@@ -114,3 +116,8 @@ def test_training_and_sampling_reproduce_main_before_the_registries_bit_for_bit(
     old_images = generate(old, tmp_path / "old_run" / "export", tmp_path / "old_samples")
     new_images = generate(REPO, tmp_path / "old_run" / "export", tmp_path / "new_samples")
     assert len(new_images) == 4 and new_images == old_images
+    # the class-conditional family through the other loader kind: the same losses
+    data["c2i"] = make_c2i_data(tmp_path / "c2i", data["ae"])
+    for code, name in ((old, "old_c2i"), (REPO, "new_c2i")):
+        train(code, tmp_path / name, data, 3, "checkpoint.export_official=false", kind="c2i")
+    assert losses(tmp_path / "new_c2i") == losses(tmp_path / "old_c2i")
