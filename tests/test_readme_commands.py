@@ -35,7 +35,7 @@ MEGATRON_TRAIN = REPO / "tests" / "helpers" / "megatron_train_cpu.py"  # trainin
 
 # README commands that cannot run here: (reason, a regex of the one line they must fail with instead, or None: not run)
 UNAVAILABLE = {
-    "make demo": ("installs, then runs every stage for minutes; tests/test_demo.py runs a shortened demo", None),
+    "make demo": ("installs, then runs every stage for minutes; tests/cluster/test_demo.py runs a shortened demo", None),
     "make test": ("the test suite itself", None),
     "eval.scorers geneval": (
         "needs the official GenEval repository and its detector weights (/opt/geneval, /models/mask2former)",
@@ -71,7 +71,7 @@ T2I_GENERATE_SHRINK = {"--image-size": "32x32", "--height": "32", "--width": "32
 def entry(argv: list[str]) -> tuple[str, list[str], list[str]]:
     """(module, its arguments, torchrun's flags, [] when not launched by torchrun) of a README command."""
     if argv[0] == "ray":
-        return entry(argv[argv.index("--") + 1 :])  # `ray job submit`: tests/test_ray_job_submit.py submits jobs
+        return entry(argv[argv.index("--") + 1 :])  # `ray job submit`: tests/data_pipeline/test_ray_job_submit.py submits jobs
     if argv[0] == "torchrun":
         m = argv.index("-m")
         return argv[m + 1], argv[m + 2 :], argv[1:m]
@@ -217,7 +217,7 @@ def stand_in(readme: str) -> StandIn:
         if flag_value(a, "--vocab-size") is not None:  # rows for the tiny data's vocabulary
             a = set_flag(a, "--vocab-size", str(DATA_VOCAB_ROWS))
     elif module == "eval.generate":
-        s.nproc = 1  # the images do not depend on the number of ranks (tests/test_eval_generate.py)
+        s.nproc = 1  # the images do not depend on the number of ranks (tests/eval/test_eval_generate.py)
         shrink = dict(GENERATE_SHRINK)
         if flag_value(a, "--task") == "imagenet":
             shrink["--per-class"] = "1"

@@ -19,7 +19,7 @@
 
 A layout is a `models.t2i.megatron.config.ParallelSettings` (tp, pp, pp_layers, virtual_pp, sequence_parallel,
 recompute), the engine's own. The formulas are one set of functions for the tiny CPU model and the 14B one;
-tests/test_plan.py checks their total against the measured peak of real megatron steps on CPU (tp=1, tp=2 with
+tests/cluster/test_plan.py checks their total against the measured peak of real megatron steps on CPU (tp=1, tp=2 with
 sequence parallelism, pp=2 1F1B; no / full recompute; fp32 and bf16): within 15% (measured errors -12% .. +12%, most
 under 4%). GPU kernels may save less (fused RMSNorm), which only makes the plan conservative.
 """

@@ -21,7 +21,7 @@ from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config  # no
 from training.checkpoint import save_checkpoint  # noqa: E402
 from training.ema import EMA  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VOCAB = 544  # the test tokenizer's 542 tokens, padded to a multiple of TP=2
 
 

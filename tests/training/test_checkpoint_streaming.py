@@ -40,7 +40,7 @@ from training.engines.megatron_checkpoint import (  # noqa: E402
     tensor_meta,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VOCAB = 544  # the test tokenizer's 542 tokens, padded to a multiple of 4
 LAYERS = 8
 KINDS = ("model.", "ema.", "optimizer.state.param.model.", "optimizer.state.exp_avg.model.")

@@ -16,7 +16,7 @@ from models.t2i.model import TextToImageBitDance, get_t2i_config
 from models.t2i.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer
 from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 

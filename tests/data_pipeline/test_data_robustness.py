@@ -29,7 +29,7 @@ from models.tokenizer.io import save_tokenizer
 from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 
 CAPTIONS = ["a red square", "a blue square"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def png(h: int = 32, w: int = 32, color=(200, 30, 30), mode: str = "RGB") -> bytes:

@@ -13,7 +13,7 @@ import torch
 from data_pipeline.shapes import write_shapes_dataset
 from training.perceptual import LPIPS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 

@@ -1,6 +1,6 @@
 """Elastic resume under DeepSpeed: a run saved on 2 ranks resumes on 1, and one saved on 1 resumes on 2. The ZeRO
 optimizer partitions are re-cut for the new world size (checked against the partitions of the saving run), the
-data stream is resized (every sample of the epoch seen exactly once: tests/test_loader_resize.py at loader level,
+data stream is resized (every sample of the epoch seen exactly once: tests/data_pipeline/test_loader_resize.py at loader level,
 here through the training loop's own checkpoints), and training goes on."""
 
 import json
@@ -14,7 +14,7 @@ import torch
 from helpers.data import make_c2i_data, make_t2i_data
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CONFIG = REPO / "training" / "configs" / "tiny_c2i.yaml"
 

@@ -27,7 +27,7 @@ from models.t2i.megatron.mapping import megatron_to_reference  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 
 STEPS = 4
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 from helpers.data import make_c2i_data, make_t2i_data
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 CONFIG = REPO / "training" / "configs" / "tiny_c2i.yaml"
 

@@ -16,7 +16,7 @@ import pytest
 
 from cluster import preflight
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 HOST = re.escape(socket.gethostname())
 

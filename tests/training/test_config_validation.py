@@ -18,7 +18,7 @@ from models.tokenizer.io import save_tokenizer
 from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 from training.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---- training config --------------------------------------------------------------------------------------------

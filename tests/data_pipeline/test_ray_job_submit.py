@@ -20,7 +20,7 @@ from models.tokenizer.io import save_tokenizer
 from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 

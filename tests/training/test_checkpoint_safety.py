@@ -21,7 +21,7 @@ from training.checkpoint_integrity import MANIFEST, CheckpointError
 from training.config import load_config
 from training.run_guard import RunDirError, RunLock
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 

@@ -22,7 +22,7 @@ from helpers.cli import check_arguments
 from cluster import k8s, ray_cluster, slurm
 from cluster.launch import Shell, joined_lines, read_env_file, shell_line
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = "training/configs/imagenet_B_16x.yaml"
 TOKENIZE = [
     "--source",

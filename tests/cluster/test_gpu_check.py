@@ -19,7 +19,7 @@ from models.t2i.model import get_t2i_config
 from training.flops import mfu
 from training.tasks.t2i import T2ITask
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_check_config_is_about_one_billion():

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from models.t2i.io import load_t2i_folder
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PINNED = "4571667"  # main before the refactor: training/tokenizer_trainer.py, models/*.py flat
 
 

@@ -20,7 +20,7 @@ from models.t2i.repatch import QueryRows, query_rows, repatch_
 from models.t2i.text_tokenizer import T2ITextTokenizer
 from models.tokenizer.io import load_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZES = ((32, 32), (32, 64))
 
 

@@ -15,7 +15,7 @@ from models.c2i.io import save_c2i_checkpoint
 from models.c2i.model import ClassConditionalBitDance, get_c2i_config
 from models.core.sampling import SamplingConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # From the official imagenet_gen/README.md sampling commands (--cfg-scale), sample_ddp*.py (--sample-steps 100,
 # cfg_schedule "linear"), t2i_pipeline.py (50 steps, 7.5) and the paper (GenEval long prompts 13.0).

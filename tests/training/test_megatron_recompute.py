@@ -17,7 +17,7 @@ from helpers.megatron_cpu import megatron_in_process, save_result, spawn  # noqa
 
 from models.t2i.megatron.config import MegatronParallelConfig, transformer_config, validate_parallel  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
 RUNS = {  # (layout, recompute) -> overrides
     ("tp2_sp", "off"): ["parallel.tp=2", "parallel.sequence_parallel=true"],

@@ -15,7 +15,7 @@ from helpers.data import make_c2i_data, make_t2i_data
 from helpers.megatron_cpu import free_port
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 

@@ -35,7 +35,7 @@ from training.checkpoint import load_checkpoint, main, save_checkpoint  # noqa: 
 from training.ema import ShardedEMA  # noqa: E402
 from training.engines.megatron_checkpoint import DIST, load_full, single_process, tensor_meta  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEED_STEP1, SEED_STEP2 = 11, 22
 VOCAB = 544  # the test tokenizer's 542 tokens, padded to a multiple of TP=2
 

@@ -13,7 +13,7 @@ import torch
 from training.config import grad_accumulation, load_config
 from training.engines import engine_class, precision
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "training" / "configs").glob("*.yaml"))
 RUNS_ON_ONE_NODE = {"t2i_14b_16x.yaml", "t2i_14b_64x.yaml"} | {p.name for p in CONFIGS if p.name.startswith("imagenet")}
 
