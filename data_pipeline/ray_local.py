@@ -6,9 +6,9 @@ machine's routable one (`services.resolve_ip_for_localhost`, unless its "cluster
 the node address (GCS, raylet, object manager, workers, agents) or the wildcard. So while the local Ray starts, its
 cluster mode is switched off (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the switch Ray reads to keep a Windows/macOS
 node local; every process Ray starts inherits it), then the driver's setting is restored. The node address is then
-127.0.0.1 and every listening socket of the processes Ray starts is on 127.0.0.1 (tests/data_pipeline/test_data_robustness.py
-checks them). The dashboard is off; its head still runs on 127.0.0.1. What Ray cannot restrict is in README.md
-(Ray on loopback).
+127.0.0.1 and every listening socket of the processes Ray starts is on 127.0.0.1
+(tests/data_pipeline/test_data_robustness.py checks them). The dashboard is off; its head still runs on 127.0.0.1.
+What Ray cannot restrict is in README.md (Ray on loopback).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 real module, passes that module's own argument parser, and (for training) its config and overrides load.
 
 Commands that need a cluster, GPUs or released weights cannot run here; `make demo` and the other tests run the
-same entry points for real on small data (tests/cluster/test_demo.py, tests/data_pipeline/test_ray_job_submit.py, ...)."""
+same entry points for real on small data (tests/cluster/test_demo.py, tests/data_pipeline/test_ray_job_submit.py,
+...)."""
 
 import re
 import shlex

@@ -35,7 +35,7 @@ MEGATRON_TRAIN = REPO / "tests" / "helpers" / "megatron_train_cpu.py"  # trainin
 
 # README commands that cannot run here: (reason, a regex of the one line they must fail with instead, or None: not run)
 UNAVAILABLE = {
-    "make demo": ("installs, then runs every stage for minutes; tests/cluster/test_demo.py runs a shortened demo", None),
+    "make demo": ("installs, then runs every stage for minutes; tests/cluster/test_demo.py runs a short demo", None),
     "make test": ("the test suite itself", None),
     "eval.scorers geneval": (
         "needs the official GenEval repository and its detector weights (/opt/geneval, /models/mask2former)",
@@ -71,7 +71,8 @@ T2I_GENERATE_SHRINK = {"--image-size": "32x32", "--height": "32", "--width": "32
 def entry(argv: list[str]) -> tuple[str, list[str], list[str]]:
     """(module, its arguments, torchrun's flags, [] when not launched by torchrun) of a README command."""
     if argv[0] == "ray":
-        return entry(argv[argv.index("--") + 1 :])  # `ray job submit`: tests/data_pipeline/test_ray_job_submit.py submits jobs
+        # `ray job submit`: tests/data_pipeline/test_ray_job_submit.py submits jobs
+        return entry(argv[argv.index("--") + 1 :])
     if argv[0] == "torchrun":
         m = argv.index("-m")
         return argv[m + 1], argv[m + 2 :], argv[1:m]

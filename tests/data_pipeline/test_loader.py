@@ -111,7 +111,7 @@ def test_resume_replays_exactly(t2i_dir, num_workers):
 
 def test_resume_rejects_incompatible_state(t2i_dir):
     state = BinaryTokenLoader(t2i_config(t2i_dir), 0, 1).state_dict()
-    # another layout resizes the stream, which needs every previous rank's state (tests/data_pipeline/test_loader_resize.py)
+    # another layout resizes the stream, which needs every previous rank's state (test_loader_resize.py)
     for change, match in (
         ({"num_workers": 2}, "needs the loader states of all 1"),
         ({"token_budget": 512}, "settings"),

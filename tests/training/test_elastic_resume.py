@@ -1,7 +1,7 @@
 """Elastic resume under DeepSpeed: a run saved on 2 ranks resumes on 1, and one saved on 1 resumes on 2. The ZeRO
 optimizer partitions are re-cut for the new world size (checked against the partitions of the saving run), the
-data stream is resized (every sample of the epoch seen exactly once: tests/data_pipeline/test_loader_resize.py at loader level,
-here through the training loop's own checkpoints), and training goes on."""
+data stream is resized (every sample of the epoch seen exactly once: tests/data_pipeline/test_loader_resize.py at
+loader level, here through the training loop's own checkpoints), and training goes on."""
 
 import json
 import os
