@@ -113,3 +113,36 @@ def test_toy_benchmark_generates_through_eval_generate(tmp_path, tiny_c2i_checkp
         BENCHMARKS.unregister("toy")
     assert sorted(p.name for p in out.glob("*.png")) == ["class_0.png", "class_2.png", "class_4.png"]
     assert json.loads((out / "run.json").read_text())["task"] == "toy"
+
+
+def test_toy_source_tokenizes_through_data_pipeline_tokenize(tmp_path):
+    from helpers.data import make_tokenizers
+    from PIL import Image
+
+    from data_pipeline.sources import SOURCES
+    from data_pipeline.tokenize import TokenizeConfig, run_tokenize
+
+    text, ae = make_tokenizers(tmp_path / "tok")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    captions = ["a red circle", "two blue squares", "a red circle", "two blue squares", "a red circle"]
+    for i in range(len(captions)):
+        Image.new("RGB", (32, 32), (40 * i, 200 - 30 * i, 90)).save(raw / f"{i}.png")
+    (raw / "part_a.tsv").write_text("".join(f"{i}.png\t{c}\n" for i, c in enumerate(captions[:3])))
+    (raw / "part_b.tsv").write_text("".join(f"{i}.png\t{c}\n" for i, c in enumerate(captions) if i >= 3))
+    SOURCES.register("toy", "helpers.toys.toy_source:CaptionListSource")  # the source's one registry line
+    try:
+        cfg = TokenizeConfig(
+            source="toy",
+            input=str(raw),
+            output=str(tmp_path / "tokens"),
+            tokenizer=str(ae),
+            text_tokenizer=str(text),
+            parallel_num=4,
+            sizes=[(32, 32)],
+        )
+        manifest = run_tokenize(cfg, local=True)
+    finally:
+        SOURCES.unregister("toy")
+    assert manifest["samples"] == 5 and manifest["skipped"] == {}
+    assert {s["name"]: s["samples"] for s in manifest["shards"]} == {"part_a.tar": 3, "part_b.tar": 2}
