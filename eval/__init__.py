@@ -1,1 +1,2 @@
-"""Evaluation: GenEval, DPG-Bench and ImageNet FID harnesses."""
+"""Evaluation: image generation for the registered benchmarks (`benchmarks/`: GenEval, DPG-Bench, ImageNet, the shapes
+benchmark, free prompts), their scorers and reports."""

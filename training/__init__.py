@@ -1,1 +1,2 @@
-"""Training: the loop, engines (DeepSpeed, megatron-core), checkpoints and logging."""
+"""Training: the one config tree, the loop, tasks (one per model family), engines (DeepSpeed, megatron-core: a
+registry), checkpoints and logging."""
