@@ -134,12 +134,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     from training.engines import ENGINES
 
     family, engine = FAMILIES.get(cfg.model.kind), ENGINES.get(cfg.engine.kind)
+    background = "|".join(k for k, e in ENGINES.items() if e.supports_async_save)
     checks = [
         (
             engine.model_kinds is None or cfg.model.kind in engine.model_kinds,
             f"engine.kind={cfg.engine.kind} trains model.kind={'|'.join(engine.model_kinds or ())} only",
         ),
         (cfg.engine.precision in PRECISIONS, f"engine.precision must be {', '.join(PRECISIONS)}"),
+        *engine.check(cfg),  # the engine's own, before the general ones: its messages name its fixes
         *_fp8_checks(cfg, family.fp8_prefixes, engine.precisions),
         (cfg.schedule.decay in ("constant", "cosine"), "schedule.decay must be constant or cosine"),
         (cfg.schedule.total_steps > 0, "schedule.total_steps must be > 0"),
@@ -149,8 +151,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}"),
         (
             not cfg.checkpoint.async_save or engine.supports_async_save,
-            f"checkpoint.async_save is not supported by engine.kind={cfg.engine.kind} (its checkpoints are written "
-            "synchronously); set checkpoint.async_save=false",
+            f"checkpoint.async_save needs engine.kind={background} (engine.kind={cfg.engine.kind} writes its "
+            "checkpoints synchronously)",
         ),
         *_range_checks(cfg),
         (cfg.logging.wandb in ("auto", "online", "offline", "disabled"), "logging.wandb: auto|online|offline|disabled"),
@@ -160,9 +162,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         ),
     ]
     for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-    for ok, message in engine.check(cfg):
         if not ok:
             raise ValueError(message)
     return cfg

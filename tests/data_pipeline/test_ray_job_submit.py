@@ -150,7 +150,7 @@ def test_ray_job_submit_tokenizes(head, tmp_path):
     assert set(manifest["size_histogram"]) == {"64x64", "32x32", "32x64", "64x32", "48x48"}
 
     # the packing loader fills its token budget on this mixed-size shapes data
-    loader = BinaryTokenLoader(LoaderConfig(tmp_path / "tokens", parallel_num=4, token_budget=8192, num_workers=0))
+    loader = BinaryTokenLoader(LoaderConfig(tmp_path / "tokens", token_budget=8192, num_workers=0))
     for i, _ in enumerate(loader):
         if i == 20:
             break

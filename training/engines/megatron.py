@@ -50,7 +50,7 @@ from models.core.attention import resolve_attention
 from models.t2i.megatron.batch import fixed_length, pad_to_length, row_length, sequence_multiple
 from models.t2i.megatron.config import MegatronParallelConfig, validate_parallel
 from models.t2i.megatron.mapping import chunk_state, load_model_state, reference_to_megatron, split_tp
-from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config
+from models.t2i.model import T2IConfig, TextToImageBitDance
 from training.checkpoint_integrity import verify_checkpoint
 from training.config import TrainConfig
 from training.ema import ShardedEMA
@@ -97,7 +97,7 @@ class MegatronEngine(EngineBase):
     @classmethod
     def check(cls, cfg: TrainConfig) -> list[tuple[bool, str]]:
         p = cfg.parallel
-        checks = [
+        return [
             (p.tp >= 1 and p.pp >= 1, "parallel.tp and parallel.pp must be >= 1"),
             (
                 cfg.engine.precision != "fp8",
@@ -105,26 +105,6 @@ class MegatronEngine(EngineBase):
                 "set engine.precision=bf16 parallel.transformer_impl=te parallel.fp8=hybrid",
             ),
         ]
-        if all(ok for ok, _ in checks):
-            checks.append(cls._layout_check(cfg))
-        return checks
-
-    @classmethod
-    def _layout_check(cls, cfg: TrainConfig) -> tuple[bool, str]:
-        """The `parallel` layout against the named model (heads, KV heads, MLP width and layers it must divide), before
-        any process starts; a model read from a megatron checkpoint (`model.init_from`) is checked when it is read."""
-        from training.engines.megatron_checkpoint import is_megatron_checkpoint
-
-        if cfg.model.init_from and is_megatron_checkpoint(cfg.model.init_from):
-            return True, ""
-        model_cfg = get_t2i_config(cfg.model.name)
-        vocab = -(-model_cfg.llm.vocab_size // cls.vocab_multiple(cfg)) * cls.vocab_multiple(cfg)
-        model_cfg = replace(model_cfg, llm=replace(model_cfg.llm, vocab_size=vocab))
-        try:
-            validate_parallel(model_cfg, parallel_config(cfg))
-        except ValueError as err:
-            return False, f"parallel: {err} (model {cfg.model.name})"
-        return True, ""
 
     @classmethod
     def data_parallel_size(cls, cfg: TrainConfig, world_size: int) -> int:
