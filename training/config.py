@@ -108,6 +108,16 @@ class EvalConfig:
 
 
 @dataclass
+class ProfileConfig:
+    steps: list[int] = field(default_factory=list)  # [first, last]: torch profiler trace of these steps per rank
+
+
+@dataclass
+class MemoryConfig:
+    snapshot_step: int = 0  # CUDA allocator snapshot after this step (0: off)
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -123,6 +133,8 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     fault_nan_at_step: int = -1  # testing: make the loss NaN at this step
 
 
@@ -135,6 +147,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     family, engine = FAMILIES.get(cfg.model.kind), ENGINES.get(cfg.engine.kind)
     background = "|".join(k for k, e in ENGINES.items() if e.supports_async_save)
+    steps = cfg.profile.steps
     checks = [
         (
             engine.model_kinds is None or cfg.model.kind in engine.model_kinds,
@@ -155,6 +168,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "checkpoints synchronously)",
         ),
         *_range_checks(cfg),
+        (
+            not steps or (len(steps) == 2 and 1 <= steps[0] <= steps[1]),
+            f"profile.steps must be [first, last] with 1 <= first <= last, got {steps}",
+        ),
+        (cfg.memory.snapshot_step >= 0, f"memory.snapshot_step must be >= 0 (0: off), got {cfg.memory.snapshot_step}"),
         (cfg.logging.wandb in ("auto", "online", "offline", "disabled"), "logging.wandb: auto|online|offline|disabled"),
         (
             cfg.model.attention in ATTENTION_BACKENDS,

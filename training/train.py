@@ -2,8 +2,9 @@
 
 One loop for every model family and engine (`models.family.FAMILIES`, `training.engines.ENGINES`: DeepSpeed, or
 megatron-core with the `parallel` section): data loader -> one optimizer step through the engine over the step's
-micro-batches -> LR schedule -> EMA -> logging, periodic samples and checkpoints. Non-finite steps are skipped and
-counted (K in a row stop the run); SIGTERM saves a checkpoint and exits 0; `checkpoint.resume=auto` continues from
+micro-batches -> LR schedule -> EMA -> logging (with where the step's time went and the peak memory per rank; a
+profiler trace of `profile.steps`), periodic samples and checkpoints. Non-finite steps are skipped and counted (K in a
+row stop the run); SIGTERM saves a checkpoint and exits 0; `checkpoint.resume=auto` continues from
 `<run_dir>/checkpoints/latest` exactly where it stopped.
 """
 
@@ -30,6 +31,7 @@ from training.flops import mfu
 from training.logger import RunLogger
 from training.optim import lr_at
 from training.run_guard import RunDirError, RunLock, exit_with_parent, launched_by_torchrun
+from training.step_monitor import MemorySnapshot, ProfileWindow, TimedBatches, peak_memory_gib
 from training.tasks import Task, build_task
 
 
@@ -69,6 +71,30 @@ def mean_over_ranks(values: list[float]) -> list[float]:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t.tolist()
+
+
+def step_costs(seconds: float, data_s: float, optimizer_s: float, since_log: dict, device: torch.device) -> dict:
+    """Where the step's time went and the peak memory, over the ranks: the slowest rank's seconds waiting for data, in
+    forward+backward, in the optimizer and (since the last logged step) writing checkpoints; the peak memory of the
+    fullest rank (and which rank that is) and of the emptiest. Every rank calls this at every step."""
+    since_log["peak_gib"] = max(since_log["peak_gib"], peak_memory_gib(device))
+    mine = [data_s, seconds - data_s - optimizer_s, optimizer_s, since_log["checkpoint_s"], since_log["peak_gib"]]
+    t = torch.tensor(mine, dtype=torch.float64)
+    if dist.is_initialized():
+        rows = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, t)
+        t = torch.stack(rows)
+    t = t.reshape(-1, len(mine))
+    slowest, peak = t.max(dim=0).values.tolist(), t[:, 4]
+    return {
+        "time/data_s": slowest[0],
+        "time/forward_backward_s": slowest[1],
+        "time/optimizer_s": slowest[2],
+        "time/checkpoint_s": slowest[3],
+        "memory/peak_gib": slowest[4],
+        "memory/peak_rank": int(peak.argmax()),
+        "memory/peak_gib_min": float(peak.min()),
+    }
 
 
 def sum_over_ranks(values: list[int]) -> list[int]:
@@ -144,11 +170,17 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
             print(f"resumed from {resume} at step {state.step}", flush=True)
     log = RunLogger(cfg, rank, state.step)
     preempt = Preemption()
+    cuda = device.type == "cuda"
+    window = ProfileWindow(cfg.profile.steps, cfg.run_dir, rank, cuda)
+    snapshot = MemorySnapshot(cfg.memory.snapshot_step, cfg.run_dir, rank, cuda)
+    since_log = {"checkpoint_s": 0.0, "peak_gib": 0.0}  # this rank's, since the last logged step
 
     def checkpoint() -> None:
+        start = time.perf_counter()
         trainer = {**vars(state), "config": to_dict(cfg)}
         keep, checksums = cfg.checkpoint.keep_last, cfg.checkpoint.checksums
         save_checkpoint(cfg.run_dir, state.step, engine, ema, loader.state_dict(), trainer, keep, checksums)
+        since_log["checkpoint_s"] += time.perf_counter() - start
 
     def evaluate(step: int, grid: bool) -> dict[str, float]:
         """EMA-weight metrics and sample grid on rank 0, where the loop logs ({} elsewhere): the EMA swapped into the
@@ -170,12 +202,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
 
     if task.evaluates_at_ends and state.step == 0:
         log.log(0, evaluate(0, grid=False))
-    batches = iter(loader)
+    batches = TimedBatches(iter(loader))
     try:
         while state.step < cfg.schedule.total_steps:
             lr = lr_at(state.step, cfg.optim.lr, cfg.schedule)
             engine.set_lr(lr)
             task.current_step = state.step
+            window.before(state.step + 1)
             start = time.perf_counter()
             stats = engine.train_step(batches, task, grad_accum, poison=state.step == cfg.fault_nan_at_step)
             result, metrics = stats.result, stats.metrics
@@ -200,6 +233,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                 "skipped_steps": state.skipped_steps,
                 "tokens_per_s": tokens / seconds,
                 "samples_per_s": samples / seconds,
+                **step_costs(seconds, batches.take(), stats.optimizer_s, since_log, device),
             }
             if cfg.logging.peak_tflops > 0 and means[1] > 0:
                 values["mfu"] = mfu(means[1] * world, seconds, cfg.logging.peak_tflops, world)
@@ -208,7 +242,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                 values |= evaluate(state.step, grid=bool(cfg.eval.every) and state.step % cfg.eval.every == 0)
             if state.step % cfg.logging.every == 0 or state.step == 1 or final_step or not result.applied:
                 log.log(state.step, values)
+                since_log.update(checkpoint_s=0.0, peak_gib=0.0)
             log.advance()
+            window.after(state.step)
+            snapshot.after(state.step)
             engine.poll_saves()  # finish a background checkpoint write that is done
             maybe_kill("step", state.step)
             maybe_kill_rank(state.step, resumed=resume is not None)

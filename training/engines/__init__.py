@@ -54,6 +54,7 @@ class StepStats:
     tokens: int
     flops: float
     result: StepResult
+    optimizer_s: float = 0.0  # seconds in the optimizer step (DeepSpeed: with its gradient reduction at the boundary)
 
 
 class Engine(Protocol):

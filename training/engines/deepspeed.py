@@ -9,6 +9,7 @@ The loop sees only `train_step`, `set_lr`, `module` and the checkpoint hooks, so
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -129,19 +130,21 @@ class DeepSpeedEngine(EngineBase):
     def train_step(self, batches, task, grad_accum: int, poison: bool = False) -> StepStats:
         """Forward/backward over `grad_accum` micro-batches from `batches`, the update applied at the last one.
         `poison` makes the loss NaN (fault injection: the step must be skipped)."""
-        losses, metrics, samples, tokens, flops = [], {}, 0, 0, 0.0
+        losses, metrics, samples, tokens, flops, optimizer_s = [], {}, 0, 0, 0.0, 0.0
         for _ in range(grad_accum):
             out = task.step(self, next(batches))
             loss = out.loss * float("nan") if poison else out.loss
             self.backward(loss)
+            start = time.perf_counter()
             result = self.step()
+            optimizer_s += time.perf_counter() - start
             losses.append(loss.item())
             for k, v in out.metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + v / grad_accum
             samples += out.samples
             tokens += out.tokens
             flops += out.flops
-        return StepStats(sum(losses) / len(losses), metrics, samples, tokens, flops, result)
+        return StepStats(sum(losses) / len(losses), metrics, samples, tokens, flops, result, optimizer_s)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -37,6 +37,7 @@ Runs on GPUs (NCCL). megatron-core has no CPU path: on CPU this engine runs only
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -361,11 +362,13 @@ class MegatronEngine(EngineBase):
             micro_batch_size=micro[0].input_ids.shape[0],
             forward_only=False,
         )
+        start = time.perf_counter()
         applied, grad_norm, _ = self.optimizer.step()
+        optimizer_s = time.perf_counter() - start
         values = self._from_last_stage(store, ["loss", *task.metric_names], grad_accum)
         result = StepResult(bool(applied), True, float(grad_norm) if applied else float("nan"))
         samples, tokens, flops = (sum(c[i] for c in counts) for i in (0, 1, 2))
-        return StepStats(values.pop("loss"), values, samples, tokens, flops, result)
+        return StepStats(values.pop("loss"), values, samples, tokens, flops, result, optimizer_s)
 
     def _from_last_stage(self, store: list[dict], keys: list[str], n: int) -> dict[str, float]:
         """Means over the micro-batches of the values the last pipeline stage collected, on every rank of the pipeline
