@@ -118,6 +118,13 @@ class MemoryConfig:
 
 
 @dataclass
+class FaultConfig:
+    # a rank that completes no step for this long dumps its stacks to <run_dir>/hangs/ and the job exits (torchrun
+    # restarts it and the run resumes); 0: off
+    hang_seconds: float = 0.0
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -135,6 +142,7 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
     fault_nan_at_step: int = -1  # testing: make the loss NaN at this step
 
 
@@ -172,6 +180,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             not steps or (len(steps) == 2 and 1 <= steps[0] <= steps[1]),
             f"profile.steps must be [first, last] with 1 <= first <= last, got {steps}",
         ),
+        (cfg.fault.hang_seconds >= 0, f"fault.hang_seconds must be >= 0 (0: off), got {cfg.fault.hang_seconds}"),
         (cfg.memory.snapshot_step >= 0, f"memory.snapshot_step must be >= 0 (0: off), got {cfg.memory.snapshot_step}"),
         (cfg.logging.wandb in ("auto", "online", "offline", "disabled"), "logging.wandb: auto|online|offline|disabled"),
         (

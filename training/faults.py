@@ -1,16 +1,19 @@
 """Fault injection for the robustness tests: BITDANCE_FAULT_KILL=<point>:<step> SIGKILLs rank 0 there;
 BITDANCE_FAULT_SIGTERM=<rank>:<step> sends SIGTERM to that rank alone after that step (a preemption notice that
 reaches one rank only); BITDANCE_FAULT_KILL_RANK=<rank>:<step> SIGKILLs that rank after that step in a run that started
-from scratch only, so a job that torchrun restarts (and that resumes from a checkpoint) does not die there again.
+from scratch only, so a job that torchrun restarts (and that resumes from a checkpoint) does not die there again;
+BITDANCE_FAULT_HANG=<rank>:<step> stops that rank forever before it starts that step (outside any collective), in the
+first attempt of a torchrun job only.
 
 Kill points: `step` (after an optimizer step is logged), `after_model` and `before_latest` (inside a checkpoint
-write). Unset in normal runs, where both functions do nothing.
+write). Unset in normal runs, where every function here does nothing.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch.distributed as dist
 
@@ -32,3 +35,11 @@ def maybe_kill_rank(step: int, resumed: bool) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     if not resumed and os.environ.get("BITDANCE_FAULT_KILL_RANK") == f"{rank}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_hang(step: int) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if first_attempt and os.environ.get("BITDANCE_FAULT_HANG") == f"{rank}:{step}":
+        while True:
+            time.sleep(1)

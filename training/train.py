@@ -26,8 +26,9 @@ from training.checkpoint_integrity import CheckpointError, verify_checkpoint
 from training.config import TrainConfig, grad_accumulation, load_config, to_dict
 from training.ema import EMA
 from training.engines import Engine, build_engine, engine_class, init_distributed, shutdown_distributed
-from training.faults import maybe_kill, maybe_kill_rank, maybe_sigterm
+from training.faults import maybe_hang, maybe_kill, maybe_kill_rank, maybe_sigterm
 from training.flops import mfu
+from training.hang_watch import HangWatchdog
 from training.logger import RunLogger
 from training.optim import lr_at
 from training.run_guard import RunDirError, RunLock, exit_with_parent, launched_by_torchrun
@@ -174,6 +175,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     window = ProfileWindow(cfg.profile.steps, cfg.run_dir, rank, cuda)
     snapshot = MemorySnapshot(cfg.memory.snapshot_step, cfg.run_dir, rank, cuda)
     since_log = {"checkpoint_s": 0.0, "peak_gib": 0.0}  # this rank's, since the last logged step
+    store = dist.distributed_c10d._get_default_store() if dist.is_initialized() and world > 1 else None
+    watchdog = HangWatchdog(cfg.fault.hang_seconds, cfg.run_dir, rank, world, store)
 
     def checkpoint() -> None:
         start = time.perf_counter()
@@ -208,6 +211,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
             lr = lr_at(state.step, cfg.optim.lr, cfg.schedule)
             engine.set_lr(lr)
             task.current_step = state.step
+            maybe_hang(state.step + 1)
+            watchdog.enter(state.step + 1)
             window.before(state.step + 1)
             start = time.perf_counter()
             stats = engine.train_step(batches, task, grad_accum, poison=state.step == cfg.fault_nan_at_step)
@@ -244,6 +249,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                 log.log(state.step, values)
                 since_log.update(checkpoint_s=0.0, peak_gib=0.0)
             log.advance()
+            watchdog.completed()
             window.after(state.step)
             snapshot.after(state.step)
             engine.poll_saves()  # finish a background checkpoint write that is done
@@ -264,6 +270,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                 return state
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
                 checkpoint()
+        watchdog.close()  # the final checkpoint and export may take longer than a step
         engine.wait_saves()
         last = latest_checkpoint(cfg.run_dir, quiet=True)
         if last is None or last.name != f"step_{state.step:08d}":
@@ -282,6 +289,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
             dist.barrier()  # every rank leaves together, after rank 0's export
         return state
     finally:
+        watchdog.close()
         log.close()
 
 

@@ -455,6 +455,8 @@ def test_nccl_env_file_holds_real_variable_names_and_sources_like_it_reads():
     assert active == {
         "NCCL_DEBUG": "WARN",
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # the flight recorder
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",  # read by torch's elastic rendezvous (a Python module)
     }
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous
