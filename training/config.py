@@ -47,6 +47,7 @@ class DataConfig(LoaderSettings):
     micro_batch: int = 1  # per rank and forward pass
     image_size: int = 64  # tokenizer: crop size
     holdout: int = 16  # tokenizer: held-out images for PSNR/SSIM
+    val_dir: str | None = None  # t2i, c2i: tokenized validation set (default: <data_dir>/val, when tokenized)
 
 
 @dataclass
@@ -98,9 +99,11 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    """Periodic evaluation with the EMA weights: sample grids (t2i, c2i) and held-out reconstruction (tokenizer)."""
+    """Periodic evaluation: the validation loss of the trained weights (t2i, c2i: `training.validation`), and with the
+    EMA weights sample grids (t2i, c2i) and held-out reconstruction (tokenizer)."""
 
     every: int = 0  # steps between evaluations (0 = only the tokenizer's at the start and the end)
+    val_samples: int = 256  # validation samples read (the first ones of the set; 0: all)
     prompts: list[str] = field(default_factory=list)
     classes: list[int] = field(default_factory=list)
     height: int = 64
@@ -180,6 +183,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             not steps or (len(steps) == 2 and 1 <= steps[0] <= steps[1]),
             f"profile.steps must be [first, last] with 1 <= first <= last, got {steps}",
         ),
+        (cfg.eval.val_samples >= 0, f"eval.val_samples must be >= 0 (0: all), got {cfg.eval.val_samples}"),
         (cfg.fault.hang_seconds >= 0, f"fault.hang_seconds must be >= 0 (0: off), got {cfg.fault.hang_seconds}"),
         (cfg.memory.snapshot_step >= 0, f"memory.snapshot_step must be >= 0 (0: off), got {cfg.memory.snapshot_step}"),
         (cfg.logging.wandb in ("auto", "online", "offline", "disabled"), "logging.wandb: auto|online|offline|disabled"),

@@ -3,7 +3,8 @@
 One loop for every model family and engine (`models.family.FAMILIES`, `training.engines.ENGINES`: DeepSpeed, or
 megatron-core with the `parallel` section): data loader -> one optimizer step through the engine over the step's
 micro-batches -> LR schedule -> EMA -> logging (with where the step's time went and the peak memory per rank; a
-profiler trace of `profile.steps`), periodic samples and checkpoints. Non-finite steps are skipped and counted (K in a
+profiler trace of `profile.steps`), the held-out validation loss (`training.validation`), periodic samples and
+checkpoints. Non-finite steps are skipped and counted (K in a
 row stop the run); SIGTERM saves a checkpoint and exits 0; `checkpoint.resume=auto` continues from
 `<run_dir>/checkpoints/latest` exactly where it stopped.
 """
@@ -34,6 +35,9 @@ from training.optim import lr_at
 from training.run_guard import RunDirError, RunLock, exit_with_parent, launched_by_torchrun
 from training.step_monitor import MemorySnapshot, ProfileWindow, TimedBatches, peak_memory_gib
 from training.tasks import Task, build_task
+from training.validation import held_out
+
+NO_VALIDATION = "validation: none (set data.val_dir, or tokenize with --val-fraction to write <data_dir>/val)"
 
 
 class StopTraining(RuntimeError):
@@ -175,6 +179,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     window = ProfileWindow(cfg.profile.steps, cfg.run_dir, rank, cuda)
     snapshot = MemorySnapshot(cfg.memory.snapshot_step, cfg.run_dir, rank, cuda)
     since_log = {"checkpoint_s": 0.0, "peak_gib": 0.0}  # this rank's, since the last logged step
+    validation = held_out(cfg, task, engine.dp_rank, engine.dp_size)
+    if rank == 0 and cfg.eval.every and task.validation_kind is not None:
+        print(validation.describe() if validation else NO_VALIDATION, flush=True)
+
+    def validate() -> dict[str, float]:
+        start = time.perf_counter()
+        values = validation.loss(engine, device)
+        return {**values, "time/validation_s": time.perf_counter() - start}
+
     store = dist.distributed_c10d._get_default_store() if dist.is_initialized() and world > 1 else None
     watchdog = HangWatchdog(cfg.fault.hang_seconds, cfg.run_dir, rank, world, store)
 
@@ -205,6 +218,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
 
     if task.evaluates_at_ends and state.step == 0:
         log.log(0, evaluate(0, grid=False))
+    if validation is not None and state.step == 0:  # where the curve starts (e.g. a released model's loss)
+        log.log(0, validate())
     batches = TimedBatches(iter(loader))
     try:
         while state.step < cfg.schedule.total_steps:
@@ -243,6 +258,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
             if cfg.logging.peak_tflops > 0 and means[1] > 0:
                 values["mfu"] = mfu(means[1] * world, seconds, cfg.logging.peak_tflops, world)
             final_step = state.step == cfg.schedule.total_steps
+            if validation is not None and (state.step % cfg.eval.every == 0 or final_step):
+                values |= validate()
             if (cfg.eval.every and state.step % cfg.eval.every == 0) or (final_step and task.evaluates_at_ends):
                 values |= evaluate(state.step, grid=bool(cfg.eval.every) and state.step % cfg.eval.every == 0)
             if state.step % cfg.logging.every == 0 or state.step == 1 or final_step or not result.applied:

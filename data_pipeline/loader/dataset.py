@@ -142,6 +142,12 @@ class BinaryTokenDataset(IterableDataset):
                     "loosen it"
                 )
 
+    def held_out_plans(self, limit: int, counters: Counters) -> list[Plan]:
+        """Every sample once, in manifest order, unshuffled (the first `limit` the subset keeps; 0: all), planned into
+        batches by the kind's batching: the fixed set a validation reads (`training.validation`)."""
+        items = self._selected(self._read(self.shards, False, 0, 0), counters)
+        return list(self.batching.plans(itertools.islice(items, limit or None), 0, counters))
+
     # ---- batches ----
 
     def plans(self, slot: int, counters: Counters) -> Iterator[Plan]:

@@ -214,8 +214,15 @@ class ClassConditionalBitDance(nn.Module):
         hidden = self.run_backbone(x)[:, self.cfg.cls_token_num - 1 :]
         return hidden + self.pos_for_diff.weight
 
-    def forward(self, bits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Diffusion loss for a batch of ±1 latent grids [B, C, h, w] and class ids [B]."""
+    def forward(
+        self,
+        bits: torch.Tensor,
+        labels: torch.Tensor,
+        head_t: torch.Tensor | None = None,
+        head_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Diffusion loss for a batch of ±1 latent grids [B, C, h, w] and class ids [B]; `head_t` / `head_noise` fix
+        the head's draws (`models.core.diffusion_head.fixed_draws`)."""
         c = self.cfg
         if bits.dim() != 4 or bits.shape[1] != c.latent_dim or bits.shape[2:] != (c.grid, c.grid):
             raise ValueError(
@@ -226,4 +233,4 @@ class ClassConditionalBitDance(nn.Module):
         inputs = flip_bits(target, c.flip_p_max) if self.training and c.flip_p_max > 0 else target
         cond = self.head_conditions(inputs, self.drop_labels(labels))
         P = c.parallel_num
-        return self.head.loss(target.reshape(-1, P, c.latent_dim), cond.reshape(-1, P, c.dim))
+        return self.head.loss(target.reshape(-1, P, c.latent_dim), cond.reshape(-1, P, c.dim), head_t, head_noise)

@@ -64,6 +64,24 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     return (1.0 / shift) / ((1.0 / shift) + (1.0 / t - 1.0))
 
 
+def sample_time(cfg: HeadConfig, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n training times: logit-normal (P_mean, P_std) or uniform, then shifted (`shift_time`)."""
+    if cfg.time_schedule == "logit_normal":
+        t = (torch.randn(n, device=device, generator=generator) * cfg.P_std + cfg.P_mean).sigmoid()
+    else:
+        t = torch.rand(n, device=device, generator=generator)
+    return shift_time(t, cfg.time_shift)
+
+
+def fixed_draws(cfg: HeadConfig, patches: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The times [k * patches] and noises [k * patches, P, C] `BinaryDiffusionHead.loss` draws for `patches` patches
+    (k = diff_batch_mul), taken from `generator` instead: passed explicitly, they make a loss reproducible on any
+    device and layout (held-out validation)."""
+    rows = cfg.diff_batch_mul * patches
+    t = sample_time(cfg, rows, "cpu", generator)
+    return t, torch.randn(rows, cfg.parallel_num, cfg.ch_target, generator=generator)
+
+
 def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features of 1000*t: [cos(1000 t f_i), sin(1000 t f_i)], f_i = exp(-ln(max_period) i / (dim/2))."""
     half = dim // 2
@@ -212,11 +230,7 @@ class BinaryDiffusionHead(nn.Module):
         self.net = HeadNet(cfg)
 
     def sample_time(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.cfg.time_schedule == "logit_normal":
-            t = (torch.randn(n, device=device, generator=generator) * self.cfg.P_std + self.cfg.P_mean).sigmoid()
-        else:
-            t = torch.rand(n, device=device, generator=generator)
-        return shift_time(t, self.cfg.time_shift)
+        return sample_time(self.cfg, n, device, generator)
 
     def loss(
         self,

@@ -82,6 +82,11 @@ class Engine(Protocol):
         """Forward/backward over `grad_accum` micro-batches from `batches` and one optimizer step; `poison` makes the
         loss NaN (fault injection: the step must be skipped)."""
 
+    def validation_sums(self, batches: list[tuple[tuple, bool]], task: Task) -> torch.Tensor:
+        """Forward only, in eval mode, over this replica's held-out batches ((model inputs, whether its sums count)
+        pairs, as many on every replica): the sum of `task.validation_sums` over the counted ones and over the
+        data-parallel replicas, the same on every rank (every rank calls this; `training.validation`)."""
+
     def save_state(self, directory: Path, ema: EMA) -> tuple[dict, dict]:
         """Write model, EMA and optimizer state into the checkpoint `directory` (every rank calls this). Returns
         (this rank's extra tensors for its `rank_*.pt`, fields for `trainer.json`)."""

@@ -146,6 +146,22 @@ class DeepSpeedEngine(EngineBase):
             flops += out.flops
         return StepStats(sum(losses) / len(losses), metrics, samples, tokens, flops, result, optimizer_s)
 
+    @torch.no_grad()
+    def validation_sums(self, batches: list[tuple[tuple, bool]], task) -> torch.Tensor:
+        total = torch.zeros(4, dtype=torch.float64)
+        device = next(self.module.parameters()).device
+        self.engine.eval()
+        try:
+            for inputs, keep in batches:
+                inputs = tuple(x.to(device) for x in inputs)
+                out = self.engine(*inputs)  # through the engine: ZeRO-3 gathers the parameters
+                if keep:
+                    total += task.validation_sums(out, inputs)
+        finally:
+            self.engine.train()
+        dist.all_reduce(total)
+        return total
+
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from models.core.attention import resolve_attention
-from models.t2i.megatron.batch import fixed_length, pad_to_length, row_length, sequence_multiple
+from models.t2i.megatron.batch import fixed_length, pad_to_length, pad_to_rows, row_length, sequence_multiple
 from models.t2i.megatron.config import MegatronParallelConfig, validate_parallel
 from models.t2i.megatron.mapping import chunk_state, load_model_state, reference_to_megatron, split_tp
 from models.t2i.model import T2IConfig, TextToImageBitDance
@@ -369,6 +369,52 @@ class MegatronEngine(EngineBase):
         result = StepResult(bool(applied), True, float(grad_norm) if applied else float("nan"))
         samples, tokens, flops = (sum(c[i] for c in counts) for i in (0, 1, 2))
         return StepStats(values.pop("loss"), values, samples, tokens, flops, result, optimizer_s)
+
+    @torch.no_grad()
+    def validation_sums(self, batches: list[tuple[tuple, bool]], task) -> torch.Tensor:
+        """The held-out batches through the schedule forward only, padded to the training shape ([micro_batch,
+        seq_length]: one compiled shape, fixed pipeline messages); the sums come from the last stage."""
+        if not batches:
+            return torch.zeros(4, dtype=torch.float64)
+        rows = max(self.cfg.data.micro_batch, *(inputs[0].input_ids.shape[0] for inputs, _ in batches))
+        length = max(self.seq_length, *(fixed_length(i[0].input_ids.shape[1], self.multiple) for i, _ in batches))
+        micro = [
+            ((pad_to_rows(pad_to_length(inputs[0], length, PAD_ID), rows, PAD_ID), *inputs[1:]), keep)
+            for inputs, keep in batches
+        ]
+        if self.par.virtual_pp is not None and len(micro) % self.par.pp:  # see check_accumulation: fillers, not counted
+            micro += [(micro[0][0], False)] * (self.par.pp - len(micro) % self.par.pp)
+
+        def forward_step(data_iterator, model):
+            inputs, keep = next(data_iterator)
+            inputs = tuple(x.to(self.device) for x in inputs)
+
+            def loss_func(out):
+                sums = task.validation_sums(out, inputs) if keep else torch.zeros(4, dtype=torch.float64)
+                return out.loss, {"sums": sums}
+
+            return model(*inputs), loss_func
+
+        for m in self.ddp:
+            m.eval()
+        try:
+            store = self.forward_backward(
+                forward_step_func=forward_step,
+                data_iterator=[iter(micro) for _ in self.chunks],
+                model=self.ddp,
+                num_microbatches=len(micro),
+                seq_length=length,
+                micro_batch_size=rows,
+                forward_only=True,
+            )
+        finally:
+            for m in self.ddp:
+                m.train()
+        total = sum((s["sums"] for s in store), torch.zeros(4, dtype=torch.float64))
+        if self.par.pp > 1:  # only the last stage holds sums
+            dist.all_reduce(total, group=self.ps.get_pipeline_model_parallel_group())
+        dist.all_reduce(total, group=self.ps.get_data_parallel_group())
+        return total
 
     def _from_last_stage(self, store: list[dict], keys: list[str], n: int) -> dict[str, float]:
         """Means over the micro-batches of the values the last pipeline stage collected, on every rank of the pipeline

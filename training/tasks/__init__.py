@@ -39,6 +39,7 @@ class Task:
     current_step: int = 0  # the optimizer step being computed (set by the loop)
     evaluates_at_ends: bool = False  # also evaluate before the first step and after the last
     whole_parameters: bool = False  # needs every parameter whole on every rank (engines that shard them refuse it)
+    validation_kind: str | None = None  # loader kind of its held-out set (`training.validation`); None: none
 
     def loader(self, rank: int, world: int): ...
 
@@ -47,6 +48,20 @@ class Task:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Metrics of the EMA weights, logged at `eval.every` (and by the tokenizer at the start and the end)."""
         return {}
+
+    def validation_inputs(self, batch, index: int) -> tuple:
+        """The model's positional arguments for held-out batch `index` (on the CPU; engines move them): the batch and
+        the diffusion head's draws, fixed by (seed, index) so that every engine and layout computes the same loss."""
+        raise NotImplementedError
+
+    def validation_sums(self, out, inputs: tuple) -> torch.Tensor:
+        """float64 [text CE sum, text tokens, vision loss sum, vision tokens] of the held-out forward `out` of the
+        model on `inputs` (what `validation_inputs` returned)."""
+        raise NotImplementedError
+
+    def validation_metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        """`val/*` metrics from the sums over the whole held-out set: token-weighted means, and the loss they make."""
+        raise NotImplementedError
 
     def sample_grid(self, model: nn.Module) -> Image.Image | None:
         return None

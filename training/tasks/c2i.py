@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
+from data_pipeline.loader.packing import seed_of
 from data_pipeline.shard_format import load_manifest
 from models.c2i.model import ClassConditionalBitDance, get_c2i_config
+from models.core.diffusion_head import fixed_draws
 from models.tokenizer.model import tensor_to_images
 from training.config import TrainConfig
 from training.flops import dense_params
@@ -50,6 +52,25 @@ class C2ITask(Task):
         loss = forward(bits, labels)
         tokens = labels.numel() * bits.shape[2] * bits.shape[3]
         return StepOutput(loss, {"loss/vision": loss.item()}, labels.numel(), tokens, self.flops_per_token * tokens)
+
+    validation_kind = "imagenet"
+
+    def validation_inputs(self, batch, index: int) -> tuple:
+        bits, labels = batch
+        c = self.model.cfg
+        patches = labels.numel() * c.grid * c.grid // c.parallel_num
+        gen = torch.Generator().manual_seed(seed_of("validation", self.cfg.seed, index))
+        return (bits, labels, *fixed_draws(self.model.head.cfg, patches, gen))
+
+    def validation_sums(self, out, inputs: tuple) -> torch.Tensor:
+        """The loss is a mean over the batch's target tokens, all weighted alike: its sum is the mean x tokens."""
+        bits = inputs[0]
+        tokens = bits.shape[0] * bits.shape[2] * bits.shape[3]
+        return torch.tensor([0.0, 0.0, out.detach().double().item() * tokens, tokens], dtype=torch.float64)
+
+    def validation_metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        vision, tokens = sums[2].item() / max(sums[3].item(), 1.0), sums[3].item()
+        return {"val/loss": vision, "val/vision": vision, "val/tokens": tokens}
 
     @functools.cached_property
     def flops_per_token(self) -> float:

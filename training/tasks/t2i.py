@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
+from data_pipeline.loader.packing import seed_of
 from data_pipeline.shard_format import load_manifest
 from models.core.attention import resolve_attention
+from models.core.diffusion_head import fixed_draws
 from models.t2i.flops import t2i_batch_flops
 from models.t2i.megatron.batch import FLEX_BLOCK, fixed_length, pad_to_length, row_length
 from models.t2i.model import T2IConfig, TextToImageBitDance, get_t2i_config
@@ -174,6 +176,26 @@ class T2ITask(Task):
         out = forward(batch)
         metrics = {k: v.item() for k, v in self.loss_metrics(out).items()}
         return StepOutput(out.loss, metrics, *self.batch_counts(batch))
+
+    validation_kind = "t2i"
+
+    def validation_inputs(self, batch: PackedT2IBatch, index: int) -> tuple:
+        if self.row_length is not None:
+            batch = pad_to_length(batch, max(self.row_length, fixed_length(batch.input_ids.shape[1], FLEX_BLOCK)), 0)
+        patches = batch.target_bits.shape[0] // self.model_cfg.parallel_num
+        gen = torch.Generator().manual_seed(seed_of("validation", self.cfg.seed, index))
+        return (batch, *fixed_draws(self.model_cfg.head, patches, gen))
+
+    def validation_sums(self, out, inputs: tuple) -> torch.Tensor:
+        values = (out.text_ce_sum.detach(), out.text_tokens, out.vision_loss_sum.detach(), out.vision_tokens)
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in values])
+
+    def validation_metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        text_sum, n_text, vision_sum, n_vis = sums.tolist()
+        text, vision = text_sum / max(n_text, 1.0), vision_sum / max(n_vis, 1.0)
+        m = self.model_cfg
+        loss = m.text_loss_weight * text + m.vision_loss_weight * vision
+        return {"val/loss": loss, "val/text_ce": text, "val/vision": vision, "val/tokens": n_text + n_vis}
 
     def sample_grid(self, model: TextToImageBitDance) -> Image.Image | None:
         ev, mc = self.cfg.eval, self.cfg.model

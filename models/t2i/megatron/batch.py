@@ -77,3 +77,34 @@ def pad_to_length(batch: PackedT2IBatch, new_length: int, pad_id: int) -> Packed
 def pad_packed_batch(batch: PackedT2IBatch, multiple: int, pad_id: int) -> PackedT2IBatch:
     """`batch` with rows right-padded to the next multiple of `multiple` positions (see `pad_to_length`)."""
     return pad_to_length(batch, fixed_length(batch.input_ids.shape[1], multiple), pad_id)
+
+
+def pad_to_rows(batch: PackedT2IBatch, rows: int, pad_id: int) -> PackedT2IBatch:
+    """`batch` with rows of padding (document -1, a causal block per position, no labels, no targets) appended up to
+    `rows` rows, so that every micro-batch of a schedule has one shape; flat indices are unchanged and so is the loss.
+    Returns `batch` itself when it already has that many rows."""
+    b, length = batch.input_ids.shape
+    extra = rows - b
+    if extra < 0:
+        raise ValueError(f"cannot pad a batch of {b} rows to {rows}")
+    if extra == 0:
+        return batch
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.cat([t, t.new_full((extra, length), value)])
+
+    blocks = torch.arange(length, device=batch.block_ids.device).expand(extra, length)
+    return PackedT2IBatch(
+        input_ids=pad(batch.input_ids, pad_id),
+        position_ids=pad(batch.position_ids, 0),
+        doc_ids=pad(batch.doc_ids, -1),
+        block_ids=torch.cat([batch.block_ids, blocks]),
+        text_labels=pad(batch.text_labels, IGNORE_INDEX),
+        image_in_index=batch.image_in_index,
+        image_in_bits=batch.image_in_bits,
+        image_in_coords=batch.image_in_coords,
+        target_index=batch.target_index,
+        target_bits=batch.target_bits,
+        target_coords=batch.target_coords,
+        parallel_num=batch.parallel_num,
+    )
