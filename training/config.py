@@ -125,6 +125,8 @@ class FaultConfig:
     # a rank that completes no step for this long dumps its stacks to <run_dir>/hangs/ and the job exits (torchrun
     # restarts it and the run resumes); 0: off
     hang_seconds: float = 0.0
+    # rank 0 names a rank whose forwards took more than this fraction longer than the median rank's; 0: off
+    straggler_fraction: float = 0.2
 
 
 @dataclass
@@ -182,6 +184,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (
             not steps or (len(steps) == 2 and 1 <= steps[0] <= steps[1]),
             f"profile.steps must be [first, last] with 1 <= first <= last, got {steps}",
+        ),
+        (
+            cfg.fault.straggler_fraction >= 0,
+            f"fault.straggler_fraction must be >= 0 (0: off), got {cfg.fault.straggler_fraction}",
         ),
         (cfg.eval.val_samples >= 0, f"eval.val_samples must be >= 0 (0: all), got {cfg.eval.val_samples}"),
         (cfg.fault.hang_seconds >= 0, f"fault.hang_seconds must be >= 0 (0: off), got {cfg.fault.hang_seconds}"),

@@ -3,7 +3,8 @@ BITDANCE_FAULT_SIGTERM=<rank>:<step> sends SIGTERM to that rank alone after that
 reaches one rank only); BITDANCE_FAULT_KILL_RANK=<rank>:<step> SIGKILLs that rank after that step in a run that started
 from scratch only, so a job that torchrun restarts (and that resumes from a checkpoint) does not die there again;
 BITDANCE_FAULT_HANG=<rank>:<step> stops that rank forever before it starts that step (outside any collective), in the
-first attempt of a torchrun job only.
+first attempt of a torchrun job only; BITDANCE_FAULT_SLOW=<rank>:<factor> makes that rank's forwards take `factor`
+times as long (a slow GPU: `training.step_monitor.ForwardClock` calls `maybe_slow_down`).
 
 Kill points: `step` (after an optimizer step is logged), `after_model` and `before_latest` (inside a checkpoint
 write). Unset in normal runs, where every function here does nothing.
@@ -43,3 +44,16 @@ def maybe_hang(step: int) -> None:
     if first_attempt and os.environ.get("BITDANCE_FAULT_HANG") == f"{rank}:{step}":
         while True:
             time.sleep(1)
+
+
+def maybe_slow_down(elapsed: float) -> float:
+    """Under BITDANCE_FAULT_SLOW=<rank>:<factor>, on that rank: sleep (factor - 1) x `elapsed`; the seconds slept."""
+    fault = os.environ.get("BITDANCE_FAULT_SLOW")
+    if not fault:
+        return 0.0
+    rank, factor = fault.split(":")
+    if int(rank) != (dist.get_rank() if dist.is_initialized() else 0):
+        return 0.0
+    extra = (float(factor) - 1) * elapsed
+    time.sleep(extra)
+    return extra

@@ -1,6 +1,9 @@
-"""What a training step costs, as the loop logs it: the time spent waiting for data (`TimedBatches`), the peak memory
-of this rank (`peak_memory_gib`), a torch profiler trace over a window of steps (`ProfileWindow`, `profile.steps`)
-and a CUDA allocator snapshot at one step (`memory.snapshot_step`). Nothing here changes what is computed."""
+"""What a training step costs, as the loop logs it: the time spent waiting for data (`TimedBatches`), the time this
+rank spent computing forwards (`ForwardClock`, which the engines hold: under synchronizing collectives every rank's
+step takes as long as the slowest one's, so only its own compute time shows which rank is slow; `straggler` compares
+them), the peak memory of this rank (`peak_memory_gib`), a torch profiler trace over a window of steps
+(`ProfileWindow`, `profile.steps`) and a CUDA allocator snapshot at one step (`memory.snapshot_step`). Nothing here
+changes what is computed."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from training.faults import maybe_slow_down
 
 GiB = 2**30
 
@@ -34,6 +39,53 @@ class TimedBatches:
     def take(self) -> float:
         waited, self.waited = self.waited, 0.0
         return waited
+
+
+class ForwardClock:
+    """Adds up the seconds of this rank's forward computations (`with clock:` around each; `take` reads and resets):
+    wall time on the CPU, CUDA events on a GPU (read at `take`, after the step synchronized), so that it measures the
+    kernels, not their launch."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.seconds = cuda, 0.0
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def __enter__(self) -> ForwardClock:
+        if self.cuda:
+            self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.events[-1][0].record()
+        else:
+            self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.events[-1][1].record()
+        else:
+            elapsed = time.perf_counter() - self.started
+            self.seconds += elapsed + maybe_slow_down(elapsed)
+
+    def take(self) -> float:
+        if self.events:
+            self.events[-1][1].synchronize()
+            self.seconds += sum(a.elapsed_time(b) for a, b in self.events) / 1000
+            self.events = []
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def straggler(forward_s: list[float], fraction: float) -> tuple[int, float, float] | None:
+    """(rank, its forward seconds, the median over ranks) when the slowest rank's forward time is more than `fraction`
+    above the median of all ranks' (None otherwise, or with fewer than 2 ranks)."""
+    if len(forward_s) < 2:
+        return None
+    ordered = sorted(forward_s)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    slowest = max(range(len(forward_s)), key=forward_s.__getitem__)
+    if forward_s[slowest] > (1 + fraction) * median:
+        return slowest, forward_s[slowest], median
+    return None
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -26,14 +26,21 @@ from training.checkpoint import latest_checkpoint, load_checkpoint, resolve_resu
 from training.checkpoint_integrity import CheckpointError, verify_checkpoint
 from training.config import TrainConfig, grad_accumulation, load_config, to_dict
 from training.ema import EMA
-from training.engines import Engine, build_engine, engine_class, init_distributed, shutdown_distributed
+from training.engines import (
+    Engine,
+    StepStats,
+    build_engine,
+    engine_class,
+    init_distributed,
+    shutdown_distributed,
+)
 from training.faults import maybe_hang, maybe_kill, maybe_kill_rank, maybe_sigterm
 from training.flops import mfu
 from training.hang_watch import HangWatchdog
 from training.logger import RunLogger
 from training.optim import lr_at
 from training.run_guard import RunDirError, RunLock, exit_with_parent, launched_by_torchrun
-from training.step_monitor import MemorySnapshot, ProfileWindow, TimedBatches, peak_memory_gib
+from training.step_monitor import MemorySnapshot, ProfileWindow, TimedBatches, peak_memory_gib, straggler
 from training.tasks import Task, build_task
 from training.validation import held_out
 
@@ -78,20 +85,22 @@ def mean_over_ranks(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def step_costs(seconds: float, data_s: float, optimizer_s: float, since_log: dict, device: torch.device) -> dict:
+def step_costs(stats: StepStats, seconds: float, data_s: float, since_log: dict, device) -> tuple[dict, list[float]]:
     """Where the step's time went and the peak memory, over the ranks: the slowest rank's seconds waiting for data, in
     forward+backward, in the optimizer and (since the last logged step) writing checkpoints; the peak memory of the
-    fullest rank (and which rank that is) and of the emptiest. Every rank calls this at every step."""
+    fullest rank (and which rank that is) and of the emptiest. Also every rank's seconds computing forwards (for
+    `straggler`). Every rank calls this at every step (one all_gather of a few numbers)."""
     since_log["peak_gib"] = max(since_log["peak_gib"], peak_memory_gib(device))
+    optimizer_s = stats.optimizer_s
     mine = [data_s, seconds - data_s - optimizer_s, optimizer_s, since_log["checkpoint_s"], since_log["peak_gib"]]
-    t = torch.tensor(mine, dtype=torch.float64)
+    t = torch.tensor([*mine, stats.forward_s], dtype=torch.float64)
     if dist.is_initialized():
         rows = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
         dist.all_gather(rows, t)
         t = torch.stack(rows)
-    t = t.reshape(-1, len(mine))
+    t = t.reshape(-1, len(mine) + 1)
     slowest, peak = t.max(dim=0).values.tolist(), t[:, 4]
-    return {
+    costs = {
         "time/data_s": slowest[0],
         "time/forward_backward_s": slowest[1],
         "time/optimizer_s": slowest[2],
@@ -100,6 +109,7 @@ def step_costs(seconds: float, data_s: float, optimizer_s: float, since_log: dic
         "memory/peak_rank": int(peak.argmax()),
         "memory/peak_gib_min": float(peak.min()),
     }
+    return costs, t[:, 5].tolist()
 
 
 def sum_over_ranks(values: list[int]) -> list[int]:
@@ -179,6 +189,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     window = ProfileWindow(cfg.profile.steps, cfg.run_dir, rank, cuda)
     snapshot = MemorySnapshot(cfg.memory.snapshot_step, cfg.run_dir, rank, cuda)
     since_log = {"checkpoint_s": 0.0, "peak_gib": 0.0}  # this rank's, since the last logged step
+    stragglers: dict = {}  # the slow rank last named
     validation = held_out(cfg, task, engine.dp_rank, engine.dp_size)
     if rank == 0 and cfg.eval.every and task.validation_kind is not None:
         print(validation.describe() if validation else NO_VALIDATION, flush=True)
@@ -253,8 +264,19 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                 "skipped_steps": state.skipped_steps,
                 "tokens_per_s": tokens / seconds,
                 "samples_per_s": samples / seconds,
-                **step_costs(seconds, batches.take(), stats.optimizer_s, since_log, device),
             }
+            costs, forward_s = step_costs(stats, seconds, batches.take(), since_log, device)
+            values |= costs
+            slow = straggler(forward_s, cfg.fault.straggler_fraction) if cfg.fault.straggler_fraction else None
+            if slow is not None:
+                values |= {"time/straggler_rank": slow[0], "time/straggler_forward_s": slow[1]}
+                if rank == 0 and slow[0] != stragglers.get("rank"):  # once per slow rank in a row
+                    print(
+                        f"straggler at step {state.step}: rank {slow[0]} computed its forwards in {slow[1]:.3f} s, "
+                        f"{slow[1] / max(slow[2], 1e-9):.1f}x the median {slow[2]:.3f} s of {len(forward_s)} ranks",
+                        flush=True,
+                    )
+            stragglers["rank"] = slow[0] if slow is not None else None
             if cfg.logging.peak_tflops > 0 and means[1] > 0:
                 values["mfu"] = mfu(means[1] * world, seconds, cfg.logging.peak_tflops, world)
             final_step = state.step == cfg.schedule.total_steps

@@ -1,7 +1,9 @@
 """Hang detection: rank 1 stops forever before a step (outside any collective); both ranks' watchdogs write their
 stacks to <run_dir>/hangs/, one line names rank 1 as behind, the job exits, and torchrun's restart resumes it from the
-last checkpoint to the losses of an uninterrupted run."""
+last checkpoint to the losses of an uninterrupted run. Stragglers: a rank whose forwards are slowed 3x is the one rank 0
+names."""
 
+import json
 import os
 import subprocess
 import sys
@@ -59,3 +61,31 @@ def test_a_rank_stuck_outside_a_collective_is_named_and_the_restart_resumes_exac
     assert "resumed from" in out
     assert losses(tmp_path / "hung") == losses(tmp_path / "plain")
     assert time.monotonic() - start < 600
+
+
+@pytest.mark.slow
+def test_a_rank_three_times_slower_is_named_as_the_straggler(tmp_path):
+    data = make_t2i_data(tmp_path / "data")
+    proc = run(
+        tmp_path / "slow",
+        data,
+        "schedule.total_steps=6",
+        "schedule.warmup_steps=1",
+        "checkpoint.every=0",
+        env={"BITDANCE_FAULT_SLOW": "1:3"},  # rank 1's forwards take 3x as long (a slow GPU)
+    )
+    out = proc.stdout + proc.stderr
+    assert "rank 1 computed its forwards in" in out, out[-4000:]
+    assert "rank 0 computed its forwards in" not in out, out[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "slow" / "metrics.jsonl").read_text().splitlines()]
+    named = [r.get("time/straggler_rank") for r in rows]
+    assert named.count(1) >= 5 and 0 not in named, named  # every step but perhaps the first, rank 1 only
+
+
+def test_the_median_rule_names_only_a_rank_well_behind():
+    from training.step_monitor import straggler
+
+    assert straggler([0.1, 0.3], 0.2) == (1, 0.3, pytest.approx(0.2))
+    assert straggler([0.1, 0.11, 0.1, 0.1], 0.2) is None
+    assert straggler([0.1, 0.1, 0.5, 0.1], 0.2) == (2, 0.5, 0.1)
+    assert straggler([0.4], 0.2) is None

@@ -55,6 +55,7 @@ class StepStats:
     flops: float
     result: StepResult
     optimizer_s: float = 0.0  # seconds in the optimizer step (DeepSpeed: with its gradient reduction at the boundary)
+    forward_s: float = 0.0  # seconds this rank computed forwards (`training.step_monitor.ForwardClock`: stragglers)
 
 
 class Engine(Protocol):
@@ -189,6 +190,14 @@ class EngineBase:
     @classmethod
     def build(cls, cfg: TrainConfig, task: Task, grad_accum: int) -> Engine:
         raise NotImplementedError
+
+    @classmethod
+    def export_checkpoint(cls, checkpoint: Path, dst: Path, text_tokenizer: Path, image_tokenizer: Path) -> Path:
+        """Write the EMA weights of a checkpoint this engine saved as an official-layout T2I folder `dst`, on CPU in
+        this process without a process group (eval.watch; implementations: training/engines/export.py)."""
+        raise NotImplementedError(
+            f"engine.kind={cls.kind} cannot export its checkpoints to an official folder; add export_checkpoint to it"
+        )
 
 
 ENGINES: Registry[type[EngineBase]] = Registry("engine.kind")

@@ -22,12 +22,19 @@ from training.config import TrainConfig
 from training.ema import EMA
 from training.engines import EngineBase, Resume, StepResult, StepStats, precision
 from training.optim import set_lr
+from training.step_monitor import ForwardClock
 
 
 class DeepSpeedEngine(EngineBase):
     kind = "deepspeed"
     precisions = ("fp32", "bf16", "fp8")
     export_how = "DeepSpeed's zero_to_fp32 on the checkpoint's model (ZeRO-3)"
+
+    @classmethod
+    def export_checkpoint(cls, checkpoint: Path, dst: Path, text_tokenizer: Path, image_tokenizer: Path) -> Path:
+        from training.engines.export import export_deepspeed
+
+        return export_deepspeed(checkpoint, dst, text_tokenizer, image_tokenizer)
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> list[tuple[bool, str]]:
@@ -105,6 +112,7 @@ class DeepSpeedEngine(EngineBase):
         self.base_optimizer = optimizer
         self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
         self.full_model_on_rank0 = self.zero_stage < 3
+        self.clock = ForwardClock(torch.cuda.is_available())
 
     @property
     def module(self) -> nn.Module:
@@ -132,7 +140,9 @@ class DeepSpeedEngine(EngineBase):
         `poison` makes the loss NaN (fault injection: the step must be skipped)."""
         losses, metrics, samples, tokens, flops, optimizer_s = [], {}, 0, 0, 0.0, 0.0
         for _ in range(grad_accum):
-            out = task.step(self, next(batches))
+            batch = next(batches)
+            with self.clock:
+                out = task.step(self, batch)
             loss = out.loss * float("nan") if poison else out.loss
             self.backward(loss)
             start = time.perf_counter()
@@ -144,7 +154,8 @@ class DeepSpeedEngine(EngineBase):
             samples += out.samples
             tokens += out.tokens
             flops += out.flops
-        return StepStats(sum(losses) / len(losses), metrics, samples, tokens, flops, result, optimizer_s)
+        loss = sum(losses) / len(losses)
+        return StepStats(loss, metrics, samples, tokens, flops, result, optimizer_s, self.clock.take())
 
     @torch.no_grad()
     def validation_sums(self, batches: list[tuple[tuple, bool]], task) -> torch.Tensor:

@@ -58,6 +58,7 @@ from training.ema import ShardedEMA
 from training.engines import EngineBase, Resume, StepResult, StepStats, precision
 from training.engines.megatron_checkpoint import DIST, dist_path, megatron_section, model_key, save_dist
 from training.optim import NO_DECAY_NAMES
+from training.step_monitor import ForwardClock
 
 if TYPE_CHECKING:
     from models.t2i.megatron.model import MegatronT2IBitDance
@@ -93,6 +94,13 @@ class MegatronEngine(EngineBase):
         "`python -m training.checkpoint export --src <checkpoint> --dst <folder> --text-tokenizer ... "
         "--image-tokenizer ...`"
     )
+
+    @classmethod
+    def export_checkpoint(cls, checkpoint: Path, dst: Path, text_tokenizer: Path, image_tokenizer: Path) -> Path:
+        from training.engines.export import export_megatron
+
+        return export_megatron(checkpoint, dst, text_tokenizer, image_tokenizer)
+
     full_model_on_rank0 = False  # each rank holds its TP shard of its pipeline stage
 
     @classmethod
@@ -171,6 +179,7 @@ class MegatronEngine(EngineBase):
         self.dp_size = parallel_state.get_data_parallel_world_size()
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.clock = ForwardClock(cuda)
         self.precision = "bf16" if self.par.params_dtype == torch.bfloat16 else "fp32"
         flex = resolve_attention(model_cfg.attention, cuda) == "flex"
         self.multiple = sequence_multiple(p.tp, p.sequence_parallel, p.fp8 is not None, flex)
@@ -351,7 +360,9 @@ class MegatronEngine(EngineBase):
             return loss, {"loss": loss.detach().clone(), **task.loss_metrics(out)}
 
         def forward_step(data_iterator, model):
-            return model(next(data_iterator).to(self.device)), loss_func
+            batch = next(data_iterator).to(self.device)
+            with self.clock:
+                return model(batch), loss_func
 
         store = self.forward_backward(
             forward_step_func=forward_step,
@@ -368,7 +379,8 @@ class MegatronEngine(EngineBase):
         values = self._from_last_stage(store, ["loss", *task.metric_names], grad_accum)
         result = StepResult(bool(applied), True, float(grad_norm) if applied else float("nan"))
         samples, tokens, flops = (sum(c[i] for c in counts) for i in (0, 1, 2))
-        return StepStats(values.pop("loss"), values, samples, tokens, flops, result, optimizer_s)
+        loss = values.pop("loss")
+        return StepStats(loss, values, samples, tokens, flops, result, optimizer_s, self.clock.take())
 
     @torch.no_grad()
     def validation_sums(self, batches: list[tuple[tuple, bool]], task) -> torch.Tensor:
