@@ -6,6 +6,7 @@ One output shard per input shard, named `<input shard stem>.tar`. Each sample ha
                 (scores: numbers carried from the source, e.g. an aesthetic score, for curated subsets)
 The key is `<shard stem>-<index in the input shard:06d>`, so it is deterministic and unique in the dataset.
 Beside the shards: `<stem>.stats.json` per shard, `manifest.json` and `errors.jsonl` per dataset.
+A dataset tokenized with `--val-fraction` holds its held-out samples in `val/`: a complete dataset of this format.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from models.core.bits import pack_bits, unpack_bits
 FORMAT = "bitdance-binary-tokens/v1"
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
+VAL_DIR = "val"  # the held-out validation dataset inside a training dataset's folder (tokenize --val-fraction)
 
 
 @dataclass

@@ -6,6 +6,10 @@ crop (ImageNet), tokenizes the caption, and emits the shard as chunks. Stage 2 (
 actor when the cluster has GPUs) encodes the chunks in batches with the binary tokenizer. The driver writes
 one output shard per input shard, atomically, with its stats and errors, then `manifest.json` and
 `errors.jsonl`. Finished shards are skipped on re-runs; a different tokenizer or resolution config is refused.
+With `--val-fraction F` the samples whose source key hashes below F (`split_point`) are held out: each input shard's
+go to the shard of the same name in `<output>/val/`, a complete dataset of the same format with its own manifest.
+The hash sees only the source's own key, so re-runs, other shard layouts and other actor counts hold out the same
+samples; the fraction is part of the dataset identity.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m data_pipeline.tokenize \
         --source wds --input /data/tars --output /data/tokens --mode t2i --tokenizer ae_d16c32.safetensors \
@@ -47,6 +51,7 @@ from data_pipeline.shard_format import (
     ERRORS,
     FORMAT,
     MANIFEST,
+    VAL_DIR,
     ShardStats,
     TokenRecord,
     write_json_atomic,
@@ -85,6 +90,7 @@ class TokenizeConfig:
     address: str | None = None
     num_cpus: int | None = None  # local Ray only
     max_pixels: int = DEFAULT_MAX_PIXELS
+    val_fraction: float = 0.0  # share of samples held out to <output>/val/ (by `split_point` of the source key)
     # limits for pathological samples (skipped and counted; not part of the dataset identity)
     max_aspect: float = DEFAULT_MAX_ASPECT
     max_member_mb: int = DEFAULT_MAX_MEMBER_BYTES >> 20
@@ -123,6 +129,8 @@ class TokenizeConfig:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
         if not self.max_aspect >= 1.0:
             raise ValueError(f"--max-aspect must be >= 1, got {self.max_aspect}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
 
     def source_config(self) -> SourceConfig:
         return SourceConfig(
@@ -171,6 +179,8 @@ def dataset_identity(cfg: TokenizeConfig) -> dict:
         ident["text_tokenizer"] = _text_tokenizer(cfg.text_tokenizer, cfg.parallel_num).fingerprint()
     else:
         ident["image_size"] = cfg.image_size
+    if cfg.val_fraction > 0:  # (absent at 0, so datasets without a split keep their identity)
+        ident["val_fraction"] = cfg.val_fraction
     return ident
 
 
@@ -183,7 +193,8 @@ def check_or_claim_output(out: Path, ident: dict) -> None:
     digest = identity_hash(ident)
     if path.is_file():
         old = json.loads(path.read_text())
-        if old["hash"] != digest and any(out.glob("*.stats.json")):
+        finished = any(out.glob("*.stats.json")) or any((out / VAL_DIR).glob("*.stats.json"))
+        if old["hash"] != digest and finished:
             changed = sorted(k for k in set(old["identity"]) | set(ident) if old["identity"].get(k) != ident.get(k))
             raise SystemExit(
                 f"{out} holds shards tokenized with another config (differs in: {', '.join(changed)}); "
@@ -193,6 +204,19 @@ def check_or_claim_output(out: Path, ident: dict) -> None:
             return
         print(f"{out} was claimed by another config but holds no finished shard: claiming it for this one")
     write_json_atomic(path, {"hash": digest, "identity": ident})
+
+
+# ---------------------------------------------------------------- held-out validation split
+def split_point(source_key: str) -> float:
+    """A sample's stable position in [0, 1): the first 53 bits of sha256 of its source key (folder / imagenet: the
+    path below the input root; wds: the member key; parquet: `<file stem>/<row>`), independent of the shard layout."""
+    digest = hashlib.sha256(source_key.encode("utf-8", "surrogatepass")).digest()
+    return (int.from_bytes(digest[:8], "big") >> 11) / 2**53
+
+
+def in_val(source_key: str, val_fraction: float) -> bool:
+    """Whether a sample (kept or skipped) belongs to the held-out validation dataset."""
+    return val_fraction > 0 and split_point(source_key) < val_fraction
 
 
 # ---------------------------------------------------------------- stage 1: read + decode (Ray tasks)
@@ -222,7 +246,7 @@ def _error(shard: InputShard, key: str, raw, reason: str, detail: str) -> dict:
 def decode_shard(shard: InputShard, cfg: TokenizeConfig) -> list[dict]:
     """Chunks of one input shard: decoded samples (keyed by their index in the shard) plus skipped ones."""
     start = time.perf_counter()
-    samples, errors, notes, n = [], [], Counter(), 0
+    samples, errors, notes, val_notes, n = [], [], Counter(), Counter(), 0
     for n, raw in enumerate(iter_samples(shard, cfg.source_config(), need_caption=cfg.mode == "t2i"), start=1):
         key = f"{shard.name}-{n - 1:06d}"
         try:
@@ -231,6 +255,8 @@ def decode_shard(shard: InputShard, cfg: TokenizeConfig) -> list[dict]:
             samples.append({"key": key, **_prepare(raw, cfg)})
             if raw.note:
                 notes[raw.note] += 1
+                if in_val(raw.key, cfg.val_fraction):
+                    val_notes[raw.note] += 1
         except SkipSample as e:
             errors.append(_error(shard, key, raw, e.reason, e.detail))
         except MemoryError:  # one sample never fails its shard
@@ -245,7 +271,8 @@ def decode_shard(shard: InputShard, cfg: TokenizeConfig) -> list[dict]:
         cur.append(s)
         size += s["pixels"].nbytes
     chunks.append(cur)
-    head = {"inputs": n, "errors": errors, "notes": dict(notes), "decode_seconds": time.perf_counter() - start}
+    head = {"inputs": n, "errors": errors, "notes": dict(notes), "val_notes": dict(val_notes)}
+    head["decode_seconds"] = time.perf_counter() - start
     return [{"samples": c, **(head if i == 0 else {})} for i, c in enumerate(chunks)]
 
 
@@ -321,31 +348,59 @@ class ChunkEncoder:
 
 
 # ---------------------------------------------------------------- driver
-def _shard_done(out: Path, name: str) -> bool:
-    return (out / f"{name}.tar").is_file() and (out / f"{name}.stats.json").is_file()
+def _shard_done(out: Path, name: str, val_fraction: float = 0.0) -> bool:
+    """Whether the output shard of an input shard (and, with a split, its val shard) is finished."""
+    dirs = [out / VAL_DIR, out] if val_fraction > 0 else [out]
+    return all((d / f"{name}.tar").is_file() and (d / f"{name}.stats.json").is_file() for d in dirs)
 
 
-def _finish_shard(out: Path, name: str, chunks: dict[int, dict]) -> None:
-    parts = [chunks[i] for i in sorted(chunks)]
-    head = parts[0]
-    records = [r for p in parts for r in p["records"]]
-    stats = ShardStats(name=f"{name}.tar", inputs=head["inputs"], ok=len(records))
-    for e in head["errors"]:
+def _write_shard(
+    out: Path, name: str, records: list[TokenRecord], errors: list[dict], notes: dict, seconds: float
+) -> None:
+    """One output shard, its errors, then its stats (written last: they mark the shard as finished)."""
+    stats = ShardStats(name=f"{name}.tar", inputs=len(records) + len(errors), ok=len(records))
+    for e in errors:
         stats.skip(e["reason"])
-    stats.notes = dict(sorted(head["notes"].items()))
-    stats.seconds = round(head["decode_seconds"] + sum(p["encode_seconds"] for p in parts), 3)
+    stats.notes = dict(sorted(notes.items()))
+    stats.seconds = seconds
     stats.tokens = sum(r.h * r.w for r in records)
     stats.sizes = dict(Counter(f"{r.image_hw[0]}x{r.image_hw[1]}" for r in records))
     write_shard_atomic(out / f"{name}.tar", records)
-    errors = "".join(json.dumps(e, sort_keys=True) + "\n" for e in head["errors"])
     tmp = out / f".{name}.errors.jsonl.tmp"
-    tmp.write_text(errors)
+    tmp.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in errors))
     os.replace(tmp, out / f"{name}.errors.jsonl")
-    write_json_atomic(out / f"{name}.stats.json", asdict(stats))  # written last: marks the shard as finished
+    write_json_atomic(out / f"{name}.stats.json", asdict(stats))
 
 
-def write_manifest(out: Path, cfg: TokenizeConfig, shards: list[InputShard], ident: dict) -> dict:
+def _finish_shard(out: Path, name: str, chunks: dict[int, dict], val_fraction: float = 0.0) -> None:
+    """Write the output shard of one input shard. With a split its held-out samples (and skipped ones) go to the val
+    shard of the same name, written first, so the train shard's stats mark the whole input shard as finished; both
+    sides record the time of the whole input shard."""
+    parts = [chunks[i] for i in sorted(chunks)]
+    head = parts[0]
+    records, errors, notes = [r for p in parts for r in p["records"]], head["errors"], Counter(head["notes"])
+    if len(records) + len(errors) != head["inputs"]:
+        got = len(records) + len(errors)
+        raise RuntimeError(f"input shard {name}: {head['inputs']} samples read, {got} came back; rerun to redo it")
+    seconds = round(head["decode_seconds"] + sum(p["encode_seconds"] for p in parts), 3)
+    if val_fraction > 0:
+        val = [r for r in records if in_val(r.source_key, val_fraction)]
+        val_errors = [e for e in errors if in_val(e["source_key"], val_fraction)]
+        _write_shard(out / VAL_DIR, name, val, val_errors, head["val_notes"], seconds)
+        records = [r for r in records if not in_val(r.source_key, val_fraction)]
+        errors = [e for e in errors if not in_val(e["source_key"], val_fraction)]
+        notes -= Counter(head["val_notes"])
+    _write_shard(out, name, records, errors, notes, seconds)
+
+
+def write_manifest(
+    out: Path, cfg: TokenizeConfig, shards: list[InputShard], ident: dict, split: str | None = None
+) -> dict:
+    """The manifest (and errors.jsonl) of the finished shards in `out`. With a split (`"train"` / `"val"`) it records
+    the side and `val_fraction`; a val manifest lists only the val shards holding samples (with a small fraction most
+    are empty, and the loader gives each slot whole shards), while its counts cover every input shard."""
     stats = [json.loads((out / f"{s.name}.stats.json").read_text()) for s in shards]
+    listed = [st for st in stats if st["ok"]] if split == "val" else stats
     skipped: Counter = Counter()
     notes: Counter = Counter()
     sizes: Counter = Counter()
@@ -361,13 +416,15 @@ def write_manifest(out: Path, cfg: TokenizeConfig, shards: list[InputShard], ide
         "identity": ident,
         "bits_per_token": dd["z_channels"],
         "downsample": 2 ** (len(dd["ch_mult"]) - 1),
-        "shards": [{"name": st["name"], "samples": st["ok"], "tokens": st["tokens"]} for st in stats],
+        "shards": [{"name": st["name"], "samples": st["ok"], "tokens": st["tokens"]} for st in listed],
         "samples": sum(st["ok"] for st in stats),
         "inputs": sum(st["inputs"] for st in stats),
         "skipped": dict(sorted(skipped.items())),
         "notes": dict(sorted(notes.items())),  # kept samples counted under a reason (empty_caption)
         "size_histogram": dict(sorted(sizes.items())),
     }
+    if split is not None:
+        manifest.update(split=split, val_fraction=cfg.val_fraction)
     if cfg.mode == "t2i":
         tok = _text_tokenizer(cfg.text_tokenizer, cfg.parallel_num)
         manifest["text_tokens"] = {
@@ -418,15 +475,27 @@ def run_tokenize(cfg: TokenizeConfig, local: bool = False) -> dict:
     ident = dataset_identity(cfg)
     out.mkdir(parents=True, exist_ok=True)
     check_or_claim_output(out, ident)
+    if cfg.val_fraction > 0:
+        (out / VAL_DIR).mkdir(exist_ok=True)
     dupes = [n for n, c in Counter(s.name for s in shards).items() if c > 1]
     if dupes:
         raise SystemExit(f"input shards map to the same output names: {dupes[:5]}")
-    todo = [s for s in shards if not _shard_done(out, s.name)]
+    todo = [s for s in shards if not _shard_done(out, s.name, cfg.val_fraction)]
     print(f"{len(shards)} input shards, {len(shards) - len(todo)} already done, {len(todo)} to tokenize")
     if todo:
         (_run_local if local else _run_ray)(cfg, todo, out)
-    manifest = write_manifest(out, cfg, shards, ident)
-    print(f"{manifest['samples']} samples in {len(shards)} shards, skipped {manifest['skipped'] or 'none'} -> {out}")
+    if not cfg.val_fraction:
+        manifest = write_manifest(out, cfg, shards, ident)
+        skipped = manifest["skipped"] or "none"
+        print(f"{manifest['samples']} samples in {len(shards)} shards, skipped {skipped} -> {out}")
+        return manifest
+    val = write_manifest(out / VAL_DIR, cfg, shards, ident, split="val")  # first: training looks for it beside
+    manifest = write_manifest(out, cfg, shards, ident, split="train")
+    skipped = dict(sorted((Counter(manifest["skipped"]) + Counter(val["skipped"])).items()))
+    print(
+        f"{manifest['samples']} train samples -> {out}, {val['samples']} val samples -> {out / VAL_DIR} "
+        f"(--val-fraction {cfg.val_fraction}) from {len(shards)} shards, skipped {skipped or 'none'}"
+    )
     return manifest
 
 
@@ -439,7 +508,7 @@ def _run_local(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
             chunk["records"] = encoder.encode(chunk.pop("samples"))
             chunk["encode_seconds"] = time.perf_counter() - start
             chunks[i] = chunk
-        _finish_shard(out, shard.name, chunks)
+        _finish_shard(out, shard.name, chunks, cfg.val_fraction)
 
 
 def _run_ray(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
@@ -470,7 +539,7 @@ def _run_ray(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
             chunks = pending.setdefault(row["shard"], {})
             chunks[int(row["chunk"])] = pickle.loads(row["payload"])  # a retried chunk replaces its duplicate
             if len(chunks) == int(row["n_chunks"]):
-                _finish_shard(out, row["shard"], pending.pop(row["shard"]))
+                _finish_shard(out, row["shard"], pending.pop(row["shard"]), cfg.val_fraction)
                 bar.update(1)
     if pending:
         raise RuntimeError(f"shards left incomplete by the Ray job: {sorted(pending)[:5]}")
@@ -510,6 +579,12 @@ def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
     )
     p.add_argument("--class-index", help="ImageNet class index (json or one wnid per line)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="share of the samples held out (by a hash of each source key) as a validation dataset in <output>/val/",
+    )
     p.add_argument("--max-aspect", type=float, default=DEFAULT_MAX_ASPECT, help="long side / short side at most")
     p.add_argument("--max-member-mb", type=int, default=DEFAULT_MAX_MEMBER_BYTES >> 20, help="largest image file read")
     p.add_argument("--fault-kill-after", type=int, help=argparse.SUPPRESS)

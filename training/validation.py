@@ -22,7 +22,7 @@ from data_pipeline.loader import LoaderConfig
 from data_pipeline.loader.batching import Counters, Plan
 from data_pipeline.loader.dataset import BinaryTokenDataset
 from data_pipeline.loader.settings import LoaderError
-from data_pipeline.shard_format import MANIFEST
+from data_pipeline.shard_format import MANIFEST, VAL_DIR, load_manifest
 from training.config import TrainConfig
 
 
@@ -36,7 +36,7 @@ def validation_dir(cfg: TrainConfig) -> Path | None:
                 "--val-fraction and leave it unset)"
             )
         return path
-    split = Path(cfg.data.data_dir) / "val"
+    split = Path(cfg.data.data_dir) / VAL_DIR
     return split if (split / MANIFEST).is_file() else None
 
 
@@ -45,6 +45,10 @@ class HeldOut:
 
     def __init__(self, cfg: TrainConfig, task, path: Path, dp_rank: int, dp_size: int):
         self.task, self.path = task, path
+        if not sum(int(s["samples"]) for s in load_manifest(path)["shards"]):
+            raise LoaderError(
+                f"the validation set {path} holds no sample; tokenize with a larger --val-fraction or set data.val_dir"
+            )
         settings = LoaderConfig.from_settings(cfg.data, path, kind=task.validation_kind, seed=cfg.seed)
         settings.caption_dropout, settings.shuffle_buffer = 0.0, 0
         settings.rows_per_batch = settings.batch_size = cfg.data.micro_batch
