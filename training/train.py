@@ -262,6 +262,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                 "lr": lr,
                 "grad_norm": result.grad_norm,
                 "skipped_steps": state.skipped_steps,
+                "time/step_s": seconds,
                 "tokens_per_s": tokens / seconds,
                 "samples_per_s": samples / seconds,
             }
