@@ -469,8 +469,8 @@ class MegatronEngine(EngineBase):
     def ema_model(self, ema: ShardedEMA) -> TextToImageBitDance | None:
         """The whole reference model with the EMA weights on global rank 0, None elsewhere (every rank calls this):
         the EMA shards are gathered over data-parallel ranks, then every chunk's tensor-parallel piece into rank 0, for
-        sample grids. Models over `GATHER_MAX_PARAMS` return None with a note (export the checkpoint and run
-        `eval.generate` instead)."""
+        sample grids. Models over `GATHER_MAX_PARAMS` return None with a note, once: their samples and scores come from
+        the checkpoint watcher beside the run (`python -m eval.watch`), off the training GPUs."""
         from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
         from models.t2i.megatron.mapping import merge_tp, model_state, reference_model_from_megatron
@@ -478,12 +478,14 @@ class MegatronEngine(EngineBase):
         with torch.device("meta"):
             size = sum(p.numel() for p in TextToImageBitDance(self.model_cfg).parameters())
         if size > self.GATHER_MAX_PARAMS:
-            if dist.get_rank() == 0:
+            if dist.get_rank() == 0 and not getattr(self, "_grid_note", False):
                 print(
-                    f"sample grids skipped: gathering {size / 1e9:.1f}B parameters into one process does not fit; "
-                    "export the checkpoint and run eval.generate",
+                    f"sample grids skipped in the loop: gathering {size / 1e9:.1f}B parameters into one process does "
+                    f"not fit; run `python -m eval.watch --run-dir {self.cfg.run_dir}` beside the run for the samples "
+                    "and scores of every checkpoint",
                     flush=True,
                 )
+                self._grid_note = True
             return None
         self._sync_params()
         full = ema.full()
