@@ -24,6 +24,7 @@ class DemoConfig:
     samples: int = 4000
     image_size: int = 32
     samples_per_shard: int = 500
+    val_fraction: float = 0.05  # held out at tokenization (by sample key) for the validation curve
     # binary tokenizer
     tokenizer_config: str = str(CONFIGS / "demo_tokenizer.yaml")
     tokenizer_steps: int = 500
@@ -60,6 +61,8 @@ def load_demo_config(overrides: list[str]) -> DemoConfig:
     cfg.nproc = plan_launch(cfg.nproc).nproc
     if min(cfg.nproc, cfg.t2i_steps, cfg.tokenizer_steps, cfg.seeds, cfg.distill_steps, cfg.speed_images) < 1:
         raise ValueError("nproc, t2i_steps, tokenizer_steps, seeds, distill_steps and speed_images must be >= 1")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.samples < 16:
         raise ValueError(f"samples must be >= 16, got {cfg.samples}")
     return cfg

@@ -97,11 +97,11 @@ def write_demo_report(cfg, out: Path, done: dict[str, dict]) -> Path:
             "![samples](samples_grid.png)",
             "",
         ]
-    curves = read_metrics(out / "t2i" / "metrics.jsonl", ("loss", "loss/vision", "loss/text_ce"))
+    curves = read_metrics(out / "t2i" / "metrics.jsonl", ("loss", "loss/vision", "loss/text_ce", "val/loss"))
     line_plot(
         curves,
         out / "loss_curve.png",
-        title="text-to-image training loss (0.01 x text CE + vision), log scale",
+        title="text-to-image loss (0.01 x text CE + vision; val/loss: held-out set), log scale",
         log_y=True,
     )
     tok_curves = read_metrics(out / "tokenizer" / "metrics.jsonl", ("loss/rec",))
@@ -111,7 +111,9 @@ def write_demo_report(cfg, out: Path, done: dict[str, dict]) -> Path:
         "",
         "![loss curve](loss_curve.png)",
         "",
-        f"Final loss {fmt(train['final_loss'], '.4f')} after {train['steps']} steps on {cfg.nproc} processes.",
+        f"Final loss {fmt(train['final_loss'], '.4f')} after {train['steps']} steps on {cfg.nproc} processes; "
+        f"held-out validation loss {fmt(train.get('val_loss'), '.4f')} ({res['tokenize'].get('val_samples', 0)} "
+        f"samples held out at tokenization, evaluated {train.get('val_steps', 0)} times).",
         "",
         "![tokenizer curve](tokenizer_curve.png)",
         "",

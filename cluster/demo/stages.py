@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from cluster.demo.config import DemoConfig
 from cluster.demo.launch import plan_launch
 from cluster.demo.stage import Stage, file_digest, pick, sh, torchrun
+from data_pipeline.shard_format import VAL_DIR
 from eval.shapes_seeds import score_seeds, seed_dirs, tokenizer_ceiling
 
 
@@ -131,6 +132,8 @@ def run_tokenize(cfg: DemoConfig, out: Path, parallel_num: int | None = None, de
             size,
             "--num-cpus",
             str(max(2, cfg.nproc)),
+            "--val-fraction",
+            str(cfg.val_fraction),
         ],
         out / "logs" / f"{dest}.log",
     )
@@ -140,7 +143,13 @@ def run_tokenize(cfg: DemoConfig, out: Path, parallel_num: int | None = None, de
         "samples": manifest.get("samples"),
         "skipped": manifest.get("skipped"),
         "bits_per_token": manifest.get("bits_per_token"),
+        "val_samples": _val_samples(tokens),
     }
+
+
+def _val_samples(tokens: Path) -> int:
+    val = tokens / VAL_DIR / "manifest.json"
+    return int(json.loads(val.read_text()).get("samples", 0)) if val.is_file() else 0
 
 
 def t2i_overrides(
@@ -172,6 +181,8 @@ def run_train(
         "export": str(run_dir / "export"),
         "steps": steps,
         "final_loss": _last(rows, "loss"),
+        "val_loss": _last(rows, "val/loss"),
+        "val_steps": sum(1 for r in rows if "val/loss" in r),
         "tokens_per_s": _mean(rows, "tokens_per_s"),
         "samples_per_s": _mean(rows, "samples_per_s"),
     }
