@@ -1,15 +1,18 @@
 """Safe image decoding and the two resize policies: nearest aspect bucket (T2I) and ADM centre crop (ImageNet).
 
 Decoding never raises anything but `SkipSample`, whose reason is one of: decode_error, truncated, too_large,
-extreme_aspect, unsupported_mode. Size and aspect ratio are checked from the header, before the pixels are decoded:
-at most `max_pixels`, and at most `max_aspect` between the long and the short side (an 8000x1 image would otherwise
-be scaled to cover a bucket through a 524-megapixel intermediate). Palette, grey, CMYK and alpha images are
+extreme_aspect, too_small, too_few_pixels, unsupported_mode. Size and aspect ratio are checked from the header, before
+the pixels are decoded, in this order: at most `max_pixels`, at most `max_aspect` between the long and the short side
+(an 8000x1 image would otherwise be scaled to cover a bucket through a 524-megapixel intermediate), then the
+tokenize filters: a short side of at least `min_side` and at least `min_pixels` pixels (0: off). `pixel_digest` is the
+content hash of a decoded image that `--dedup` compares. Palette, grey, CMYK and alpha images are
 converted to RGB (alpha over white) and kept; 16-bit grey maps 0..65535 to 0..255 (value / 257), so a dark 16-bit
 image stays dark.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import warnings
@@ -31,7 +34,11 @@ class SkipSample(Exception):
 
 
 def decode_image(
-    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float = DEFAULT_MAX_ASPECT
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+    min_side: int = 0,
+    min_pixels: int = 0,
 ) -> Image.Image:
     """Bytes -> fully loaded RGB PIL image, or SkipSample."""
     try:
@@ -43,6 +50,10 @@ def decode_image(
                 raise SkipSample("too_large", f"{w}x{h} exceeds {max_pixels} pixels")
             if max(w, h) > max_aspect * max(1, min(w, h)):
                 raise SkipSample("extreme_aspect", f"{w}x{h}: sides differ by more than {max_aspect}x")
+            if min(w, h) < min_side:
+                raise SkipSample("too_small", f"{w}x{h}: the short side is below --min-side {min_side}")
+            if w * h < min_pixels:
+                raise SkipSample("too_few_pixels", f"{w}x{h}: fewer than --min-pixels {min_pixels}")
             img.load()
     except SkipSample:
         raise
@@ -54,6 +65,15 @@ def decode_image(
     except Exception as e:  # noqa: BLE001 - any decoder failure is a per-sample skip, never a crash
         raise SkipSample("decode_error", f"{type(e).__name__}: {e}") from None
     return to_rgb(img)
+
+
+def pixel_digest(img: Image.Image) -> str:
+    """sha256 (hex) of a decoded RGB image's shape and pixel bytes: equal for exact duplicates, whatever the file
+    format or its compression."""
+    arr = np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+    h = hashlib.sha256("x".join(map(str, arr.shape)).encode() + b":")
+    h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -5,7 +5,10 @@ One output shard per input shard, named `<input shard stem>.tar`. Each sample ha
   `<key>.json`  {"h", "w", "bits_per_token", "text_ids", "caption", "source_key", "label", "image_hw", "scores"}
                 (scores: numbers carried from the source, e.g. an aesthetic score, for curated subsets)
 The key is `<shard stem>-<index in the input shard:06d>`, so it is deterministic and unique in the dataset.
-Beside the shards: `<stem>.stats.json` per shard, `manifest.json` and `errors.jsonl` per dataset.
+Beside the shards: `<stem>.stats.json` per shard (written last: it marks the shard finished), `<stem>.errors.jsonl`,
+with `--dedup` `<stem>.hashes.json` (the pixel digest of each kept sample, by key), and `manifest.json` and
+`errors.jsonl` per dataset. Every file is written atomically, in a local folder or an object store
+(`data_pipeline/storage.py`).
 A dataset tokenized with `--val-fraction` holds its held-out samples in `val/`: a complete dataset of this format.
 """
 
@@ -13,14 +16,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
+from data_pipeline.storage import Output
 from models.core.bits import pack_bits, unpack_bits
 
 FORMAT = "bitdance-binary-tokens/v1"
@@ -73,23 +77,21 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
+def write_tar(f: BinaryIO, records: list[TokenRecord]) -> None:
+    """The shard tar of `records`, written to the file object `f` (deterministic bytes for identical records)."""
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for r in records:
+            _add(tar, f"{r.key}.bits", np.ascontiguousarray(r.bits, dtype=np.uint8).tobytes())
+            _add(tar, f"{r.key}.json", json.dumps(r.meta(), sort_keys=True).encode())
+
+
 def write_shard_atomic(path: Path, records: list[TokenRecord]) -> None:
     """Write the tar to a temporary name in the same directory, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for r in records:
-                _add(tar, f"{r.key}.bits", np.ascontiguousarray(r.bits, dtype=np.uint8).tobytes())
-                _add(tar, f"{r.key}.json", json.dumps(r.meta(), sort_keys=True).encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    Output(Path(path).parent).write(Path(path).name, lambda f: write_tar(f, records))
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    Output(Path(path).parent).write_json(Path(path).name, obj)
 
 
 def record_from_members(key: str, bits: bytes, meta: bytes | dict) -> TokenRecord:
@@ -110,11 +112,12 @@ def record_from_members(key: str, bits: bytes, meta: bytes | dict) -> TokenRecor
     )
 
 
-def read_shard(path: Path) -> list[TokenRecord]:
-    """All records of one shard, in order (plain tarfile; the training loader streams with webdataset)."""
+def read_shard(path: Path | str | BinaryIO) -> list[TokenRecord]:
+    """All records of one shard (a local path or an open binary file), in order (plain tarfile; the training loader
+    streams with webdataset)."""
     members: dict[str, dict[str, bytes]] = {}
     order: list[str] = []
-    with tarfile.open(path) as tar:
+    with tarfile.open(fileobj=path) if hasattr(path, "read") else tarfile.open(path) as tar:
         for info in tar:
             key, _, ext = info.name.partition(".")
             if key not in members:

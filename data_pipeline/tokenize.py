@@ -5,15 +5,36 @@ and skipped with a reason, never crash the job), resizes to the nearest aspect b
 crop (ImageNet), tokenizes the caption, and emits the shard as chunks. Stage 2 (an actor pool, one GPU per
 actor when the cluster has GPUs) encodes the chunks in batches with the binary tokenizer. The driver writes
 one output shard per input shard, atomically, with its stats and errors, then `manifest.json` and
-`errors.jsonl`. Finished shards are skipped on re-runs; a different tokenizer or resolution config is refused.
+`errors.jsonl`. Finished shards are skipped on re-runs; a different tokenizer, resolution or filter config is refused.
 With `--val-fraction F` the samples whose source key hashes below F (`split_point`) are held out: each input shard's
 go to the shard of the same name in `<output>/val/`, a complete dataset of the same format with its own manifest.
 The hash sees only the source's own key, so re-runs, other shard layouts and other actor counts hold out the same
 samples; the fraction is part of the dataset identity.
 
+Inputs and outputs are local paths or URLs of any filesystem fsspec knows (`--input s3://bucket/raw --output
+s3://bucket/tokens`), with that filesystem's own credentials and endpoint (S3: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID /
+AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance roles; Ray workers need them in their environment too). Every output file
+is written atomically, and a shard's stats are its last object (data_pipeline/storage.py), so finished-shard detection
+and resumption are the same on an object store. The tokenizers (--tokenizer, --text-tokenizer) stay local paths.
+
+Filters, each dropping a sample under its own reason in `skipped` (and errors.jsonl), checked in this order: the
+source's own errors, `--min-score COLUMN=VALUE` (low_score:COLUMN, or missing_score:COLUMN for a sample without that
+score), from the image header `--max-pixels` (too_large), `--max-aspect` (extreme_aspect), `--min-side` (too_small),
+`--min-pixels` (too_few_pixels), then decoding, and `--dedup` (duplicate_image): of the samples whose decoded pixels are
+equal (`pixel_digest`), the one in the earliest input shard, lowest index in it, is kept: the driver writes shards in
+input order (Ray Data with `preserve_order`; a shard done early waits), dropping copies of the digests it has kept. A
+resumed job first loads the digests of the finished shards (`<name>.hashes.json`), so a copy in a shard an earlier run
+finished is the one kept. The driver holds every kept digest (about 250 bytes a sample). Filter settings are part of
+the dataset identity.
+
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m data_pipeline.tokenize \
         --source wds --input /data/tars --output /data/tokens --mode t2i --tokenizer ae_d16c32.safetensors \
         --text-tokenizer /models/Qwen3-14B --parallel-num 16
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \
+        --runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": "https://s3.example.internal"}}' -- \
+        python -m data_pipeline.tokenize --source wds --input s3://bucket/raw --output s3://bucket/tokens ...
+(`env_vars` reach the job's driver and every task and actor; credentials are better an instance role, or exported
+on each node before `ray start`, than in the job's runtime env, which the dashboard shows.)
 Without --address (and no RAY_ADDRESS, as `ray job submit` sets), a local Ray listening on 127.0.0.1 only is started
 (data_pipeline/ray_local.py).
 """
@@ -35,6 +56,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
 from data_pipeline.image_ops import (
@@ -44,6 +66,7 @@ from data_pipeline.image_ops import (
     adm_center_crop,
     decode_image,
     nearest_bucket,
+    pixel_digest,
     resize_cover_crop,
 )
 from data_pipeline.ray_local import connect_ray
@@ -54,8 +77,7 @@ from data_pipeline.shard_format import (
     VAL_DIR,
     ShardStats,
     TokenRecord,
-    write_json_atomic,
-    write_shard_atomic,
+    write_tar,
 )
 from data_pipeline.sources import (
     DEFAULT_MAX_MEMBER_BYTES,
@@ -65,12 +87,15 @@ from data_pipeline.sources import (
     iter_samples,
     list_shards,
 )
+from data_pipeline.storage import Output
 from models.t2i.model import OFFICIAL_IMAGE_SIZES
 from models.tokenizer.io import load_tokenizer
 from models.tokenizer.model import images_to_tensor
 
 CONFIG_FILE = "tokenize_config.json"
 CHUNK_BYTES = 128 * 2**20  # decoded pixels per chunk handed from stage 1 to stage 2
+HASHES = ".hashes.json"  # --dedup: beside each output shard, {key: pixel digest} of its samples
+FAULT_MARKER = ".fault-injected"
 
 
 @dataclass
@@ -91,15 +116,20 @@ class TokenizeConfig:
     num_cpus: int | None = None  # local Ray only
     max_pixels: int = DEFAULT_MAX_PIXELS
     val_fraction: float = 0.0  # share of samples held out to <output>/val/ (by `split_point` of the source key)
-    # limits for pathological samples (skipped and counted; not part of the dataset identity)
-    max_aspect: float = DEFAULT_MAX_ASPECT
+    # filters: each skips and counts under its own reason; part of the dataset identity when set (`filters`)
+    min_side: int = 0  # the decoded image's short side at least this many pixels (too_small); 0: off
+    min_pixels: int = 0  # width * height at least this (too_few_pixels); 0: off
+    max_aspect: float = DEFAULT_MAX_ASPECT  # long side / short side at most (extreme_aspect)
+    min_score: dict[str, float] = field(default_factory=dict)  # score column -> lowest kept value (low_score:COLUMN)
+    dedup: bool = False  # one copy of equal decoded pixels (duplicate_image)
+    # a limit for pathological samples (skipped and counted; not part of the dataset identity)
     max_member_mb: int = DEFAULT_MAX_MEMBER_BYTES >> 20
     samples_per_shard: int = 1000
     image_column: str = "image"
     caption_column: str = "caption"
     score_columns: tuple[str, ...] = ()  # parquet: numeric columns kept as sample scores (json: every number)
     class_index: str | None = None
-    fault_kill_after: int | None = None  # testing: an encoder actor dies once after this many chunks
+    fault_kill_after: int | None = None  # testing: the encoder (a Ray actor; local: the job) dies once after N chunks
 
     def __post_init__(self) -> None:
         SOURCES.get(self.source)
@@ -131,6 +161,32 @@ class TokenizeConfig:
             raise ValueError(f"--max-aspect must be >= 1, got {self.max_aspect}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        for flag, value in (("--min-side", self.min_side), ("--min-pixels", self.min_pixels)):
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0 (0: off), got {value}")
+        self.min_score = {str(c): float(v) for c, v in sorted(self.min_score.items())}
+        for column, value in self.min_score.items():
+            if not column or not math.isfinite(value):
+                raise ValueError(f"--min-score needs COLUMN=VALUE with a finite VALUE, got {column}={value}")
+        missing = sorted(set(self.min_score) - set(self.score_columns))
+        if self.source == "parquet" and missing:
+            column = missing[0]
+            raise ValueError(f"--min-score {column} needs {column} in --score-columns (parquet carries only those)")
+
+    def filters(self) -> dict:
+        """The filters that are on, as the dataset identity records them (none: today's identity)."""
+        on: dict = {}
+        if self.min_side:
+            on["min_side"] = self.min_side
+        if self.min_pixels:
+            on["min_pixels"] = self.min_pixels
+        if self.max_aspect != DEFAULT_MAX_ASPECT:
+            on["max_aspect"] = self.max_aspect
+        if self.min_score:
+            on["min_score"] = dict(self.min_score)
+        if self.dedup:
+            on["dedup"] = True
+        return on
 
     def source_config(self) -> SourceConfig:
         return SourceConfig(
@@ -181,6 +237,7 @@ def dataset_identity(cfg: TokenizeConfig) -> dict:
         ident["image_size"] = cfg.image_size
     if cfg.val_fraction > 0:  # (absent at 0, so datasets without a split keep their identity)
         ident["val_fraction"] = cfg.val_fraction
+    ident.update(cfg.filters())  # (likewise: only the filters that are on)
     return ident
 
 
@@ -188,12 +245,11 @@ def identity_hash(ident: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_or_claim_output(out: Path, ident: dict) -> None:
-    path = out / CONFIG_FILE
+def check_or_claim_output(out: Output, ident: dict) -> None:
     digest = identity_hash(ident)
-    if path.is_file():
-        old = json.loads(path.read_text())
-        finished = any(out.glob("*.stats.json")) or any((out / VAL_DIR).glob("*.stats.json"))
+    if out.exists(CONFIG_FILE):
+        old = json.loads(out.read_bytes(CONFIG_FILE))
+        finished = any(n.endswith(".stats.json") for n in out.names() | out.sub(VAL_DIR).names())
         if old["hash"] != digest and finished:
             changed = sorted(k for k in set(old["identity"]) | set(ident) if old["identity"].get(k) != ident.get(k))
             raise SystemExit(
@@ -203,7 +259,7 @@ def check_or_claim_output(out: Path, ident: dict) -> None:
         if old["hash"] == digest:
             return
         print(f"{out} was claimed by another config but holds no finished shard: claiming it for this one")
-    write_json_atomic(path, {"hash": digest, "identity": ident})
+    out.write_json(CONFIG_FILE, {"hash": digest, "identity": ident})
 
 
 # ---------------------------------------------------------------- held-out validation split
@@ -220,8 +276,20 @@ def in_val(source_key: str, val_fraction: float) -> bool:
 
 
 # ---------------------------------------------------------------- stage 1: read + decode (Ray tasks)
+def check_scores(scores: dict[str, float], min_score: dict[str, float]) -> None:
+    """SkipSample unless every `--min-score` column is among the sample's scores and at least its value."""
+    for column, lowest in min_score.items():
+        value = scores.get(column)
+        if value is None:
+            raise SkipSample(f"missing_score:{column}", f"no {column} score (has {sorted(scores)})")
+        if value < lowest:
+            raise SkipSample(f"low_score:{column}", f"{column} {value} < --min-score {lowest}")
+
+
 def _prepare(raw, cfg: TokenizeConfig) -> dict:
-    img = decode_image(raw.image, cfg.max_pixels, cfg.max_aspect)
+    check_scores(raw.scores, cfg.min_score)
+    img = decode_image(raw.image, cfg.max_pixels, cfg.max_aspect, cfg.min_side, cfg.min_pixels)
+    digest = pixel_digest(img) if cfg.dedup else None
     if cfg.mode == "t2i":
         height, width = nearest_bucket(img.height, img.width, cfg.sizes)
         pixels = resize_cover_crop(img, height, width)
@@ -236,6 +304,8 @@ def _prepare(raw, cfg: TokenizeConfig) -> dict:
         "text_ids": text_ids,
         "source_key": raw.key,
         "scores": raw.scores,
+        "note": raw.note,
+        "digest": digest,
     }
 
 
@@ -300,6 +370,18 @@ class ChunkEncoder:
         self.ae = load_tokenizer(self.cfg.tokenizer, device=self.device)
         self.done = 0
 
+    def encode_chunk(self, chunk: dict) -> dict:
+        """A decoded chunk with its samples replaced by their records (with --dedup: each one's (digest, note))."""
+        samples = chunk.pop("samples")
+        start = time.perf_counter()
+        chunk["records"] = self.encode(samples)
+        chunk["encode_seconds"] = time.perf_counter() - start
+        if self.cfg.dedup:
+            chunk["dedup"] = [(s["digest"], s["note"]) for s in samples]
+        self.done += 1
+        self._maybe_die()
+        return chunk
+
     @torch.no_grad()
     def encode(self, samples: list[dict]) -> list[TokenRecord]:
         records: dict[str, TokenRecord] = {}
@@ -329,77 +411,146 @@ class ChunkEncoder:
         limit = self.cfg.fault_kill_after
         if limit is None or self.done < limit:
             return
-        marker = Path(self.cfg.output) / ".fault-injected"
-        if not marker.exists():
-            marker.write_text("killed once\n")
+        out = Output(self.cfg.output)
+        if not out.exists(FAULT_MARKER):
+            out.write_bytes(FAULT_MARKER, b"killed once\n")
             os._exit(1)  # simulate a crashed worker / preempted node before the result is returned
 
     def __call__(self, batch: dict) -> dict:
-        payloads = []
-        for blob in batch["payload"]:
-            chunk = pickle.loads(blob)
-            start = time.perf_counter()
-            chunk["records"] = self.encode(chunk.pop("samples"))
-            chunk["encode_seconds"] = time.perf_counter() - start
-            self.done += 1
-            self._maybe_die()
-            payloads.append(pickle.dumps(chunk, protocol=5))
+        payloads = [pickle.dumps(self.encode_chunk(pickle.loads(blob)), protocol=5) for blob in batch["payload"]]
         return {"shard": batch["shard"], "chunk": batch["chunk"], "n_chunks": batch["n_chunks"], "payload": payloads}
 
 
 # ---------------------------------------------------------------- driver
-def _shard_done(out: Path, name: str, val_fraction: float = 0.0) -> bool:
-    """Whether the output shard of an input shard (and, with a split, its val shard) is finished."""
-    dirs = [out / VAL_DIR, out] if val_fraction > 0 else [out]
-    return all((d / f"{name}.tar").is_file() and (d / f"{name}.stats.json").is_file() for d in dirs)
+def finished_shards(out: Output, val_fraction: float = 0.0) -> set[str]:
+    """The input shards whose output shard (and, with a split, val shard) is finished: its tar and its stats, the last
+    object written for it. One listing per folder, also on an object store."""
+
+    def done(folder: Output) -> set[str]:
+        names = folder.names()
+        stems = {n.removesuffix(".stats.json") for n in names if n.endswith(".stats.json")}
+        return {stem for stem in stems if f"{stem}.tar" in names}
+
+    sides = [out, out.sub(VAL_DIR)] if val_fraction > 0 else [out]
+    return set.intersection(*(done(side) for side in sides))
+
+
+class Dedup:
+    """`--dedup`: the pixel digest of every sample kept so far in the job, with its key. Fed shards in input order, it
+    keeps the copy in the earliest input shard (lowest index in it); a resumed job first loads the digests of the
+    shards an earlier run finished, whose copies are then the ones kept."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, str] = {}  # digest -> key of the sample kept
+
+    def load(self, out: Output, names: list[str], val_fraction: float) -> None:
+        for side in [out, out.sub(VAL_DIR)] if val_fraction > 0 else [out]:
+            for blob in side.read_many([f"{n}{HASHES}" for n in names]):
+                for key, digest in json.loads(blob).items():
+                    self.kept.setdefault(digest, key)
+
+    def claim(self, shard: str, records: list[TokenRecord], info: list[tuple[str, str | None]]):
+        """(records kept, their digests by key, [(duplicate_image error, its note)] of the records dropped)."""
+        kept, digests, dropped = [], {}, []
+        for r, (digest, note) in zip(records, info, strict=True):
+            first = self.kept.setdefault(digest, r.key)
+            if first == r.key:
+                kept.append(r)
+                digests[r.key] = digest
+                continue
+            detail = f"the same pixels as {first}, kept (sha256 {digest[:16]})"
+            error = {"shard": shard, "key": r.key, "source_key": r.source_key, "reason": "duplicate_image"}
+            dropped.append(({**error, "detail": detail}, note))
+        return kept, digests, dropped
 
 
 def _write_shard(
-    out: Path, name: str, records: list[TokenRecord], errors: list[dict], notes: dict, seconds: float
+    out: Output,
+    name: str,
+    records: list[TokenRecord],
+    errors: list[dict],
+    notes: dict,
+    seconds: float,
+    digests: dict[str, str] | None = None,
 ) -> None:
-    """One output shard, its errors, then its stats (written last: they mark the shard as finished)."""
+    """One output shard, its errors (and digests), then its stats (written last: they mark the shard as finished)."""
     stats = ShardStats(name=f"{name}.tar", inputs=len(records) + len(errors), ok=len(records))
     for e in errors:
         stats.skip(e["reason"])
-    stats.notes = dict(sorted(notes.items()))
+    stats.notes = dict(sorted((+Counter(notes)).items()))
     stats.seconds = seconds
     stats.tokens = sum(r.h * r.w for r in records)
     stats.sizes = dict(Counter(f"{r.image_hw[0]}x{r.image_hw[1]}" for r in records))
-    write_shard_atomic(out / f"{name}.tar", records)
-    tmp = out / f".{name}.errors.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in errors))
-    os.replace(tmp, out / f"{name}.errors.jsonl")
-    write_json_atomic(out / f"{name}.stats.json", asdict(stats))
+    out.write(f"{name}.tar", lambda f: write_tar(f, records))
+    out.write_bytes(f"{name}.errors.jsonl", "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
+    if digests is not None:
+        out.write_json(f"{name}{HASHES}", {r.key: digests[r.key] for r in records})
+    out.write_json(f"{name}.stats.json", asdict(stats))
 
 
-def _finish_shard(out: Path, name: str, chunks: dict[int, dict], val_fraction: float = 0.0) -> None:
-    """Write the output shard of one input shard. With a split its held-out samples (and skipped ones) go to the val
-    shard of the same name, written first, so the train shard's stats mark the whole input shard as finished; both
-    sides record the time of the whole input shard."""
+def _finish_shard(
+    out: Output, name: str, chunks: dict[int, dict], val_fraction: float = 0.0, dedup: Dedup | None = None
+) -> None:
+    """Write the output shard of one input shard. With --dedup, duplicates of samples kept before are dropped first.
+    With a split its held-out samples (and skipped ones) go to the val shard of the same name, written first, so the
+    train shard's stats mark the whole input shard as finished; both sides record the time of the whole input shard."""
     parts = [chunks[i] for i in sorted(chunks)]
     head = parts[0]
-    records, errors, notes = [r for p in parts for r in p["records"]], head["errors"], Counter(head["notes"])
+    records, errors = [r for p in parts for r in p["records"]], list(head["errors"])
+    notes, val_notes = Counter(head["notes"]), Counter(head["val_notes"])
     if len(records) + len(errors) != head["inputs"]:
         got = len(records) + len(errors)
         raise RuntimeError(f"input shard {name}: {head['inputs']} samples read, {got} came back; rerun to redo it")
     seconds = round(head["decode_seconds"] + sum(p["encode_seconds"] for p in parts), 3)
+    digests = None
+    if dedup is not None:
+        records, digests, dropped = dedup.claim(name, records, [x for p in parts for x in p["dedup"]])
+        for error, note in dropped:
+            if note:  # a note counts kept samples only
+                notes[note] -= 1
+                val_notes[note] -= in_val(error["source_key"], val_fraction)
+        errors = sorted(errors + [e for e, _ in dropped], key=lambda e: e["key"])  # in the order of the input
     if val_fraction > 0:
         val = [r for r in records if in_val(r.source_key, val_fraction)]
         val_errors = [e for e in errors if in_val(e["source_key"], val_fraction)]
-        _write_shard(out / VAL_DIR, name, val, val_errors, head["val_notes"], seconds)
+        _write_shard(out.sub(VAL_DIR), name, val, val_errors, val_notes, seconds, digests)
         records = [r for r in records if not in_val(r.source_key, val_fraction)]
         errors = [e for e in errors if not in_val(e["source_key"], val_fraction)]
-        notes -= Counter(head["val_notes"])
-    _write_shard(out, name, records, errors, notes, seconds)
+        notes -= val_notes
+    _write_shard(out, name, records, errors, notes, seconds, digests)
+
+
+class OutputWriter:
+    """Writes the output shards of the input shards in `todo` as their chunks come back: at once, or with --dedup
+    strictly in the order of `todo` (a shard waits for the earlier ones), so which copy of a duplicate is kept does not
+    depend on which task finished first."""
+
+    def __init__(self, out: Output, cfg: TokenizeConfig, todo: list[InputShard], dedup: Dedup | None):
+        self.out, self.cfg, self.dedup = out, cfg, dedup
+        self.order, self.next = [s.name for s in todo], 0
+        self.waiting: dict[str, dict[int, dict]] = {}
+
+    def add(self, name: str, chunks: dict[int, dict]) -> int:
+        """Hand over the complete chunks of one input shard; returns how many shards were written."""
+        if self.dedup is None:
+            _finish_shard(self.out, name, chunks, self.cfg.val_fraction)
+            return 1
+        self.waiting[name] = chunks
+        written = 0
+        while self.next < len(self.order) and self.order[self.next] in self.waiting:
+            first = self.order[self.next]
+            _finish_shard(self.out, first, self.waiting.pop(first), self.cfg.val_fraction, self.dedup)
+            self.next, written = self.next + 1, written + 1
+        return written
 
 
 def write_manifest(
-    out: Path, cfg: TokenizeConfig, shards: list[InputShard], ident: dict, split: str | None = None
+    out: Output, cfg: TokenizeConfig, shards: list[InputShard], ident: dict, split: str | None = None
 ) -> dict:
     """The manifest (and errors.jsonl) of the finished shards in `out`. With a split (`"train"` / `"val"`) it records
     the side and `val_fraction`; a val manifest lists only the val shards holding samples (with a small fraction most
     are empty, and the loader gives each slot whole shards), while its counts cover every input shard."""
-    stats = [json.loads((out / f"{s.name}.stats.json").read_text()) for s in shards]
+    stats = [json.loads(blob) for blob in out.read_many([f"{s.name}.stats.json" for s in shards])]
     listed = [st for st in stats if st["ok"]] if split == "val" else stats
     skipped: Counter = Counter()
     notes: Counter = Counter()
@@ -436,23 +587,35 @@ def write_manifest(
             "parallel_num": cfg.parallel_num,
             "vocab_size": len(tok),
         }
-    errors = "".join((out / f"{s.name}.errors.jsonl").read_text() for s in shards)
-    (out / f".{ERRORS}.tmp").write_text(errors)
-    os.replace(out / f".{ERRORS}.tmp", out / ERRORS)
-    write_json_atomic(out / MANIFEST, manifest)
+    out.write_bytes(ERRORS, b"".join(out.read_many([f"{s.name}.errors.jsonl" for s in shards])))
+    out.write_json(MANIFEST, manifest)
     return manifest
+
+
+def _output_inside_input(inp: str, out: str) -> bool:
+    """Whether the output folder is the input folder or inside it (the next run would read its shards as input)."""
+    (in_fs, in_root), (out_fs, out_root) = fsspec.core.url_to_fs(inp), fsspec.core.url_to_fs(out)
+    if isinstance(in_fs, LocalFileSystem) and isinstance(out_fs, LocalFileSystem):
+        i, o = Path(in_root).resolve(), Path(out_root).resolve()
+        return i.is_dir() and (o == i or i in o.parents)
+    if in_fs.protocol != out_fs.protocol:
+        return False
+    i, o = in_root.rstrip("/"), out_root.rstrip("/")
+    return o == i or o.startswith(f"{i}/")
 
 
 def check_paths(cfg: TokenizeConfig) -> list[InputShard]:
     """The input shards, or a one-line SystemExit for inputs, outputs and tokenizers that cannot work, before
     anything is created."""
     fs, root = fsspec.core.url_to_fs(cfg.input)
+    fs.invalidate_cache()  # listings cached by an earlier job in this process may be stale
     if not fs.exists(root):
         raise SystemExit(f"--input {cfg.input} does not exist")
-    inp, out = Path(cfg.input).resolve(), Path(cfg.output).resolve()  # (a URL is never a local folder: no overlap)
-    if out.exists() and not out.is_dir():
+    out = Output(cfg.output)
+    out.refresh()
+    if out.is_file():
         raise SystemExit(f"--output {cfg.output} is a file; give a folder (new or holding earlier shards)")
-    if inp.is_dir() and (out == inp or inp in out.parents):
+    if _output_inside_input(cfg.input, cfg.output):
         raise SystemExit(
             f"--output {cfg.output} is inside --input {cfg.input}: the next run would read its shards back as input; "
             "choose an output folder outside the input"
@@ -467,54 +630,68 @@ def check_paths(cfg: TokenizeConfig) -> list[InputShard]:
         raise SystemExit(f"{str(e).splitlines()[0]} (looked for {looks_for}; check --input and --source)") from None
 
 
+def _claim(out: Output, ident: dict) -> None:
+    """`check_or_claim_output`, its first write turned into a one-line error where the output cannot be written."""
+    try:
+        check_or_claim_output(out, ident)
+    except (FileNotFoundError, PermissionError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SystemExit(
+            f"--output {out} cannot be written ({first}); check that the folder or bucket exists and that the "
+            "credentials may write there"
+        ) from None
+
+
 def run_tokenize(cfg: TokenizeConfig, local: bool = False) -> dict:
     """Tokenize every unfinished input shard and (re)write the manifest; returns the manifest.
     `local=True` does the same work in this process without Ray (small data, tests, baselines)."""
     shards = check_paths(cfg)
-    out = Path(cfg.output)
+    out = Output(cfg.output)
     ident = dataset_identity(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    check_or_claim_output(out, ident)
+    out.make()
+    _claim(out, ident)
     if cfg.val_fraction > 0:
-        (out / VAL_DIR).mkdir(exist_ok=True)
+        out.sub(VAL_DIR).make()
     dupes = [n for n, c in Counter(s.name for s in shards).items() if c > 1]
     if dupes:
         raise SystemExit(f"input shards map to the same output names: {dupes[:5]}")
-    todo = [s for s in shards if not _shard_done(out, s.name, cfg.val_fraction)]
+    finished = finished_shards(out, cfg.val_fraction)
+    todo = [s for s in shards if s.name not in finished]
     print(f"{len(shards)} input shards, {len(shards) - len(todo)} already done, {len(todo)} to tokenize")
     if todo:
-        (_run_local if local else _run_ray)(cfg, todo, out)
+        dedup = None
+        if cfg.dedup:
+            dedup = Dedup()
+            dedup.load(out, [s.name for s in shards if s.name in finished], cfg.val_fraction)
+        (_run_local if local else _run_ray)(cfg, todo, OutputWriter(out, cfg, todo, dedup))
     if not cfg.val_fraction:
         manifest = write_manifest(out, cfg, shards, ident)
         skipped = manifest["skipped"] or "none"
         print(f"{manifest['samples']} samples in {len(shards)} shards, skipped {skipped} -> {out}")
         return manifest
-    val = write_manifest(out / VAL_DIR, cfg, shards, ident, split="val")  # first: training looks for it beside
+    val_out = out.sub(VAL_DIR)
+    val = write_manifest(val_out, cfg, shards, ident, split="val")  # first: training looks for it beside
     manifest = write_manifest(out, cfg, shards, ident, split="train")
     skipped = dict(sorted((Counter(manifest["skipped"]) + Counter(val["skipped"])).items()))
     print(
-        f"{manifest['samples']} train samples -> {out}, {val['samples']} val samples -> {out / VAL_DIR} "
+        f"{manifest['samples']} train samples -> {out}, {val['samples']} val samples -> {val_out} "
         f"(--val-fraction {cfg.val_fraction}) from {len(shards)} shards, skipped {skipped or 'none'}"
     )
     return manifest
 
 
-def _run_local(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
+def _run_local(cfg: TokenizeConfig, todo: list[InputShard], writer: OutputWriter) -> None:
     encoder = ChunkEncoder(json.dumps(asdict(cfg)))
     for shard in tqdm(todo, desc="tokenizing (local)", unit="shard"):
-        chunks = {}
-        for i, chunk in enumerate(decode_shard(shard, cfg)):
-            start = time.perf_counter()
-            chunk["records"] = encoder.encode(chunk.pop("samples"))
-            chunk["encode_seconds"] = time.perf_counter() - start
-            chunks[i] = chunk
-        _finish_shard(out, shard.name, chunks, cfg.val_fraction)
+        chunks = {i: encoder.encode_chunk(chunk) for i, chunk in enumerate(decode_shard(shard, cfg))}
+        writer.add(shard.name, chunks)
 
 
-def _run_ray(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
+def _run_ray(cfg: TokenizeConfig, todo: list[InputShard], writer: OutputWriter) -> None:
     ray = connect_ray(cfg.address, cfg.num_cpus)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = cfg.dedup  # shards are written in input order: Ray holds what comes early
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = cfg.num_actors or (gpus if gpus else max(1, cpus // 2))
@@ -539,10 +716,10 @@ def _run_ray(cfg: TokenizeConfig, todo: list[InputShard], out: Path) -> None:
             chunks = pending.setdefault(row["shard"], {})
             chunks[int(row["chunk"])] = pickle.loads(row["payload"])  # a retried chunk replaces its duplicate
             if len(chunks) == int(row["n_chunks"]):
-                _finish_shard(out, row["shard"], pending.pop(row["shard"]), cfg.val_fraction)
-                bar.update(1)
-    if pending:
-        raise RuntimeError(f"shards left incomplete by the Ray job: {sorted(pending)[:5]}")
+                bar.update(writer.add(row["shard"], pending.pop(row["shard"])))
+    left = sorted(pending) + sorted(writer.waiting)
+    if left:
+        raise RuntimeError(f"shards left incomplete by the Ray job: {left[:5]}")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -552,11 +729,22 @@ def _size(text: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def _min_score(text: str) -> tuple[str, float]:
+    column, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not sep or not column.strip() or not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must look like COLUMN=VALUE (e.g. aesthetic=5.5), got {text!r}")
+    return column.strip(), number
+
+
 def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
     p = argparse.ArgumentParser(prog="python -m data_pipeline.tokenize", description=__doc__.splitlines()[0])
     p.add_argument("--source", choices=SOURCES.names(), required=True)
-    p.add_argument("--input", required=True, help="tar/parquet file or folder")
-    p.add_argument("--output", required=True)
+    p.add_argument("--input", required=True, help="tar/parquet file or folder: a local path or a URL (s3://...)")
+    p.add_argument("--output", required=True, help="a local folder or a URL (s3://bucket/prefix)")
     p.add_argument("--tokenizer", required=True, help="image tokenizer: ae_*.safetensors (+ config json) or .pt")
     p.add_argument("--mode", choices=("t2i", "imagenet"), default="t2i")
     p.add_argument("--text-tokenizer", help="local Hugging Face tokenizer folder (t2i)")
@@ -585,12 +773,35 @@ def parse_args(argv: list[str] | None = None) -> TokenizeConfig:
         default=0.0,
         help="share of the samples held out (by a hash of each source key) as a validation dataset in <output>/val/",
     )
-    p.add_argument("--max-aspect", type=float, default=DEFAULT_MAX_ASPECT, help="long side / short side at most")
+    p.add_argument(
+        "--max-aspect", type=float, default=DEFAULT_MAX_ASPECT, help="long side / short side at most (extreme_aspect)"
+    )
+    p.add_argument("--min-side", type=int, default=0, help="skip images whose short side is below this (too_small)")
+    p.add_argument("--min-pixels", type=int, default=0, help="skip images of fewer pixels, w x h (too_few_pixels)")
+    p.add_argument(
+        "--min-score",
+        type=_min_score,
+        action="append",
+        default=[],
+        metavar="COLUMN=VALUE",
+        help="skip samples whose score COLUMN is below VALUE (low_score:COLUMN) or absent (missing_score:COLUMN); "
+        "repeatable. Parquet: COLUMN must be among --score-columns",
+    )
+    p.add_argument(
+        "--dedup",
+        action="store_true",
+        help="keep one copy of images whose decoded pixels are equal (the earliest; the others: duplicate_image)",
+    )
     p.add_argument("--max-member-mb", type=int, default=DEFAULT_MAX_MEMBER_BYTES >> 20, help="largest image file read")
     p.add_argument("--fault-kill-after", type=int, help=argparse.SUPPRESS)
     a = vars(p.parse_args(argv))
     if a["sizes"] is None:
         a.pop("sizes")
+    columns = [c for c, _ in a["min_score"]]
+    twice = next((c for c in columns if columns.count(c) > 1), None)
+    if twice:
+        p.exit(2, f"error: --min-score {twice} is given twice; give each column once\n")
+    a["min_score"] = dict(a["min_score"])
     try:
         return TokenizeConfig(**a)
     except (ValueError, FileNotFoundError) as e:
