@@ -169,9 +169,9 @@ class TokenizeConfig:
             if not column or not math.isfinite(value):
                 raise ValueError(f"--min-score needs COLUMN=VALUE with a finite VALUE, got {column}={value}")
         missing = sorted(set(self.min_score) - set(self.score_columns))
-        if self.source == "parquet" and missing:
+        if SOURCES.get(self.source).scores_need_columns and missing:
             column = missing[0]
-            raise ValueError(f"--min-score {column} needs {column} in --score-columns (parquet carries only those)")
+            raise ValueError(f"--min-score {column} needs {column} in --score-columns (the source reads only those)")
 
     def filters(self) -> dict:
         """The filters that are on, as the dataset identity records them (none: today's identity)."""

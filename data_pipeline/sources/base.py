@@ -58,6 +58,7 @@ class Source(ABC):
     through `self.fs`, the fsspec filesystem of the configured path (local, or any URL fsspec knows)."""
 
     looks_for = "input files"  # what `list_shards` looks for (named when it finds none)
+    scores_need_columns = False  # carries only the scores named in --score-columns (json sources: every number)
 
     def __init__(self, cfg: SourceConfig):
         self.cfg = cfg

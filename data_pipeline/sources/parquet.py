@@ -11,6 +11,7 @@ from data_pipeline.sources.samples import captioned
 
 class ParquetSource(Source):
     looks_for = ".parquet files"
+    scores_need_columns = True
 
     def list_shards(self) -> list[InputShard]:
         return self.shard_per_file(".parquet")
