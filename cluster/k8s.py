@@ -1,10 +1,13 @@
-"""Kubernetes launchers: a KubeRay `RayJob` (a Ray cluster that runs `data_pipeline.tokenize` and shuts down) and a
-Kubeflow `PyTorchJob` (one pod per node, each running torchrun of `training.train`), rendered as YAML.
+"""Kubernetes launchers: a KubeRay `RayJob` (a Ray cluster that runs `data_pipeline.tokenize` and shuts down), a
+Kubeflow `PyTorchJob` (one pod per node, each running torchrun of `training.train`) and a batch `Job` (one pod running
+torchrun of `eval.watch` beside a run), rendered as YAML.
 
     python -m cluster.k8s tokenize --image REGISTRY/bitdance:TAG --workers 4 --gpus-per-worker 1 \\
         --pvc bitdance-data:/data [--dry-run] -- --source wds --input /data/tars --output /data/tokens ...
     python -m cluster.k8s train --image REGISTRY/bitdance:TAG --nodes 2 --gpus-per-node 8 \\
         --config training/configs/imagenet_B_16x.yaml --pvc bitdance-data:/data [--dry-run] -- overrides...
+    python -m cluster.k8s watch --image REGISTRY/bitdance:TAG --gpus 1 --pvc bitdance-data:/data [--dry-run] \\
+        -- --run-dir /data/runs/x --task shapes ...
 
 The image holds the repository at --workdir (on PYTHONPATH in every container). Paths in the job's arguments are
 paths inside the pods: put data, tokens and run dirs on the mounted PVCs. Without --dry-run the manifest is written
@@ -35,6 +38,7 @@ from cluster.launch import (
     tokenize_command,
     torchrun,
     training_args,
+    watch_args,
 )
 
 
@@ -152,6 +156,31 @@ def render_tokenize(a: argparse.Namespace):
     return header + to_yaml(doc), ["kubectl", "apply", "-f", out_path(a)]
 
 
+def render_watch(a: argparse.Namespace):
+    """A batch/v1 Job: one pod running torchrun of eval.watch on its GPUs, restarted on failure (it resumes)."""
+    args = watch_args(a.watch_args)
+    env = read_env_file(a.env_file)
+    vols, mounts = volumes(a)
+    g = a.gpus
+    cmd = torchrun(1, g, "127.0.0.1:29500", a.job_name, a.max_restarts, "eval.watch", args)
+    pod = {
+        "restartPolicy": "OnFailure",
+        "containers": [container(a, "watch", mounts, limits(a.cpus, a.memory, g), cmd, env)],
+        "volumes": vols,
+    }
+    doc = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata(a),
+        "spec": {"backoffLimit": a.max_restarts, "template": {"spec": pod}},
+    }
+    header = (
+        f"# BitDance checkpoint watcher, 1 pod x {g} GPU(s); rendered by `{a.rendered_by}`\n"
+        "# It reads the run folder on the mounted PVCs only; apply it once the run has saved its first checkpoint.\n"
+    )
+    return header + to_yaml(doc), ["kubectl", "apply", "-f", out_path(a)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m cluster.k8s", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -184,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("tokenize_args", nargs="*", help="after --: the data_pipeline.tokenize arguments")
     add_delivery_flags(k, "bitdance-tokenize", ".yaml")
     k.set_defaults(render=render_tokenize)
+
+    w = sub.add_parser("watch", parents=[pod], help="a Job running eval.watch beside a training run")
+    w.add_argument("--gpus", type=positive_int, default=1, help="GPUs of the pod (generation is split over them)")
+    w.add_argument("--cpus", type=positive_int, help="CPU limit of the pod")
+    w.add_argument("--memory", help="memory limit of the pod (a DeepSpeed export holds the fp32 model)")
+    w.add_argument("--max-restarts", type=non_negative_int, default=3, help="torchrun restarts, then the Job's retries")
+    w.add_argument("--env-file", default=DEFAULT_ENV_FILE, help="NCCL / torch.distributed settings (container env)")
+    w.add_argument("watch_args", nargs="*", help="after --: the eval.watch arguments (paths inside the pod)")
+    add_delivery_flags(w, "bitdance-watch", ".yaml")
+    w.set_defaults(render=render_watch)
     return p
 
 

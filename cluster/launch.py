@@ -1,5 +1,5 @@
 """What the cluster launchers (`cluster.slurm`, `cluster.k8s`, `cluster.ray_cluster`) share: one-line argument errors,
-shell rendering of command lines, the command lines they all launch (torchrun of `training.train` or
+shell rendering of command lines, the command lines they all launch (torchrun of `training.train`, `eval.watch` or
 `cluster.preflight`, `python -m data_pipeline.tokenize`, `ray job submit`), each checked by its entry point's own
 parser or config loader before anything is written, and `--dry-run` (print the file and the command) or write and
 submit."""
@@ -164,9 +164,21 @@ def tokenize_command(args: list[str]) -> list[str]:
     return ["python", "-m", "data_pipeline.tokenize", *args]
 
 
-def ray_job_submit(address, entrypoint: list) -> list:
-    """`ray job submit` of `entrypoint` from the repository root (its code travels as the job's working dir)."""
-    return ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--", *entrypoint]
+def watch_args(args: list[str]) -> list[str]:
+    """`eval.watch` arguments, checked by its own parser on the flags alone (the run folder and the scorer are checked
+    where the job runs)."""
+    from eval.watch.cli import parse_flags
+
+    if not args:
+        raise LaunchError("no eval.watch arguments; pass them after `--`, e.g. -- --run-dir /ckpt/run --task shapes")
+    checked_by(parse_flags, args, "eval.watch")
+    return list(args)
+
+
+def ray_job_submit(address, entrypoint: list, options: tuple = ()) -> list:
+    """`ray job submit [options]` of `entrypoint` from the repository root (its code travels as the job's working
+    dir)."""
+    return ["ray", "job", "submit", "--address", address, "--working-dir", ".", *options, "--", *entrypoint]
 
 
 def read_env_file(path: str | Path) -> dict[str, str]:

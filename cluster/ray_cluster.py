@@ -1,11 +1,15 @@
 """Ray cluster launcher YAML (`ray up`) for tokenization on cloud VMs, AWS or GCP: a CPU head node and a fixed number
-of GPU workers that install this repository; the YAML's header says how to submit the tokenize job and tear down.
+of GPU workers that install this repository; the YAML's header says how to submit the tokenize job and tear down. And
+(`watch`) a script that submits the checkpoint watcher `eval.watch` to a Ray cluster as a job.
 
     python -m cluster.ray_cluster --provider aws --region us-west-2 --workers 4 [--dry-run] \\
         [-- --source wds --input s3://... --output ... (data_pipeline.tokenize arguments, for the submit line)]
     python -m cluster.ray_cluster --provider gcp --project-id my-project --image projects/.../family/... --workers 4
+    python -m cluster.ray_cluster watch --address http://HEAD:8265 --gpus 1 [--dry-run] -- --run-dir /shared/runs/x \\
+        --task shapes ...
 
-Without --dry-run the YAML is written (runs/launch/<cluster-name>.yaml unless --out) and `ray up -y` starts it.
+Without --dry-run the YAML is written (runs/launch/<cluster-name>.yaml unless --out) and `ray up -y` starts it; the
+watch script is written (runs/launch/<job-name>.sh) and run, which submits the job (from the repository root).
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from cluster.launch import (
     positive_int,
     ray_job_submit,
     run_main,
+    shell_line,
     to_yaml,
     tokenize_command,
+    watch_args,
 )
 
 DEFAULTS = {  # provider: region, head instance, worker instance (one GPU each)
@@ -131,6 +137,36 @@ def render(a: argparse.Namespace):
     return "\n".join(header) + "\n" + to_yaml(doc), ["ray", "up", "-y", path]
 
 
+def render_watch(a: argparse.Namespace):
+    """A script holding the `ray job submit` of eval.watch (torchrun over the job's GPUs when it has several)."""
+    args = watch_args(a.watch_args)
+    if a.gpus > 1:
+        entry = ["torchrun", "--standalone", "--nproc-per-node", a.gpus, "-m", "eval.watch", *args]
+    else:
+        entry = ["python", "-m", "eval.watch", *args]
+    options = ("--entrypoint-num-gpus", a.gpus, "--entrypoint-num-cpus", a.cpus, "--no-wait")
+    submit = shell_line(ray_job_submit(a.address, entry, options))
+    lines = [
+        "#!/bin/bash",
+        f"# BitDance checkpoint watcher as a Ray job ({a.gpus} GPU(s)); rendered by `{a.rendered_by}`",
+        "# The run folder must be on a filesystem the Ray node that runs the job mounts at the same path. Follow it",
+        "# with `ray job logs -f <submission id>`; stop it with `ray job stop <submission id>`.",
+        "set -euo pipefail",
+        submit,
+    ]
+    return "\n".join(lines) + "\n", ["bash", out_path(a)]
+
+
+def build_watch_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m cluster.ray_cluster watch", description=render_watch.__doc__)
+    p.add_argument("--address", default=f"http://127.0.0.1:{RAY_DASHBOARD_PORT}", help="the Ray dashboard (job API)")
+    p.add_argument("--gpus", type=non_negative_int, default=1, help="GPUs of the job (generation is split over them)")
+    p.add_argument("--cpus", type=positive_int, default=8, help="CPUs of the job (export, scoring)")
+    p.add_argument("watch_args", nargs="*", help="after --: the eval.watch arguments (--run-dir, --task, ...)")
+    add_delivery_flags(p, "bitdance-watch", ".sh")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m cluster.ray_cluster", description=__doc__.splitlines()[0])
     p.add_argument("--provider", choices=sorted(DEFAULTS), required=True)
@@ -154,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["watch"]:  # the watcher's submit script; everything else is the `ray up` YAML
+        return run_main(build_watch_parser(), argv[1:], render_watch)
     return run_main(build_parser(), argv, render)
 
 

@@ -1,9 +1,11 @@
-"""SLURM launchers: sbatch scripts for multi-node training (one torchrun per node, preflight first) and for Ray
-tokenization (a Ray cluster started inside the allocation, one `ray job submit`, the cluster stopped at the end).
+"""SLURM launchers: sbatch scripts for multi-node training (one torchrun per node, preflight first), for Ray
+tokenization (a Ray cluster started inside the allocation, one `ray job submit`, the cluster stopped at the end) and
+for the checkpoint watcher (torchrun of `eval.watch` on nodes of its own).
 
     python -m cluster.slurm train --nodes 4 --gpus-per-node 8 --config training/configs/imagenet_B_16x.yaml \\
         --partition gpu --time 48:00:00 [--max-restarts 3 --env-file cluster/nccl.env] [--dry-run] -- overrides...
     python -m cluster.slurm tokenize --nodes 8 --gpus-per-node 8 [--dry-run] -- --source wds --input /data/tars ...
+    python -m cluster.slurm watch --nodes 1 --gpus-per-node 8 [--dry-run] -- --run-dir runs/x --task geneval ...
 
 Without --dry-run the script is written (runs/launch/<job-name>.sbatch unless --out) and `sbatch` submits it; submit
 from the repository root (the job runs there). `wait-ray` is the tokenize script's own wait for its Ray nodes.
@@ -35,6 +37,7 @@ from cluster.launch import (
     tokenize_command,
     torchrun,
     training_args,
+    watch_args,
 )
 
 # head closes the pipe early: scontrol's SIGPIPE must not fail the script under pipefail
@@ -162,6 +165,28 @@ def render_tokenize(a: argparse.Namespace):
     return "\n".join(lines) + "\n", ["sbatch", out_path(a)]
 
 
+def render_watch(a: argparse.Namespace):
+    args = watch_args(a.watch_args)
+    read_env_file(a.env_file)
+    g = a.gpus_per_node
+    rdzv = Shell(f"$HEAD:{a.port}")
+    watcher = torchrun(Shell("$SLURM_NNODES"), g, rdzv, Shell("$SLURM_JOB_ID"), a.max_restarts, "eval.watch", args)
+    lines = [
+        *sbatch_header(a, f"BitDance checkpoint watcher, {a.nodes} node(s) x {g} GPU(s)"),
+        "#",
+        "# Samples and scores every new checkpoint of the run on nodes of its own: it needs only the shared",
+        "# filesystem that holds the run folder. Submit it once the run has saved its first checkpoint; a restart",
+        "# (torchrun's, or a resubmitted job) goes on where it stopped and evaluates no checkpoint twice.",
+        *prologue(a),
+        f"set -a; source {quote(a.env_file)}; set +a  # NCCL and torch.distributed settings",
+        'echo "watcher on $SLURM_NNODES node(s), rendezvous on $HEAD"',
+        "",
+        "# export on the first rank, generation over every rank, scores and logging on the first",
+        shell_line([*srun(a, "--ntasks-per-node=1"), *watcher]),
+    ]
+    return "\n".join(lines) + "\n", ["sbatch", out_path(a)]
+
+
 def wait_ray(a: argparse.Namespace, alive=None, clock=time.monotonic, sleep=time.sleep, poll_s: float = 5.0):
     """Wait until `--nodes` Ray nodes are alive at `--address`, polling until `--timeout` seconds have passed."""
     if alive is None:
@@ -217,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("tokenize_args", nargs="*", help="after --: the data_pipeline.tokenize arguments")
     add_delivery_flags(k, "bitdance-tokenize", ".sbatch")
     k.set_defaults(render=render_tokenize)
+
+    v = sub.add_parser("watch", parents=[shape], help="eval.watch under torchrun on nodes of its own")
+    v.add_argument("--gpus-per-node", type=positive_int, default=1, help="GPUs per node for generation")
+    v.add_argument("--cpus-per-task", type=positive_int, default=16, help="CPUs per node (export, scoring)")
+    v.add_argument("--max-restarts", type=non_negative_int, default=3, help="torchrun restarts (the watcher resumes)")
+    v.add_argument("--env-file", default=DEFAULT_ENV_FILE, help="NCCL / torch.distributed settings, sourced")
+    v.add_argument("--port", type=positive_int, default=29500, help="rendezvous port")
+    v.add_argument("watch_args", nargs="*", help="after --: the eval.watch arguments (--run-dir, --task, ...)")
+    add_delivery_flags(v, "bitdance-watch", ".sbatch")
+    v.set_defaults(render=render_watch)
 
     w = sub.add_parser("wait-ray", help="(used by the tokenize script) wait for the Ray nodes to join")
     w.add_argument("--address", required=True, help="GCS address, HOST:6379")

@@ -112,11 +112,10 @@ def resolve_sampling(p: argparse.ArgumentParser, args: argparse.Namespace, bench
             setattr(args, flag, value)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> list[FlagGroup]:
+    """Every generation flag but --model and --out (`eval.watch` supplies those per checkpoint): --task, the sampler,
+    and each model family's and benchmark's own flags in groups that remember their --task."""
     p.add_argument("--task", choices=BENCHMARKS.names(), required=True)
-    p.add_argument("--model", required=True, help="official-layout T2I folder, or a class-conditional checkpoint")
-    p.add_argument("--out", required=True)
     p.add_argument(
         "--prompts-file", help="prompts task: a text file, one prompt a line; other tasks: override their prompt file"
     )
@@ -141,10 +140,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, bench in benches.items():
         groups.append(FlagGroup(p, [name], f"--task {name}"))
         bench.add_arguments(groups[-1])
-    args = p.parse_args(argv)
+    return groups
+
+
+def resolve_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, groups: list[FlagGroup]) -> None:
+    """Checks the parsed flags against their --task and the model (`args.model`), and fills the sampler settings
+    left unset (`resolve_sampling`); errors go through `p.error`."""
     for group in groups:
         group.check(p, args)
-    bench = benches[args.task]
+    bench = get_benchmark(args.task)
     resolve_sampling(p, args, bench)
     try:
         sampling_config(args)
@@ -153,6 +157,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.batch_size < 1 or args.images_per_prompt < 1:
         p.error("--batch-size and --images-per-prompt must be >= 1")
     bench.check(p, args)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="official-layout T2I folder, or a class-conditional checkpoint")
+    p.add_argument("--out", required=True)
+    groups = add_arguments(p)
+    args = p.parse_args(argv)
+    resolve_arguments(p, args, groups)
     return args
 
 
@@ -166,10 +179,10 @@ def init_ranks() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def generate(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> Path:
+    """The images of parsed `args` in `args.out`: this rank's unfinished jobs, then (rank 0) the benchmark's finishing
+    step; every rank of the process group (if any) calls it."""
     bench = get_benchmark(args.task)
-    rank, world, device = init_ranks()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = bench.load_jobs(args)[: args.limit]
@@ -198,6 +211,13 @@ def main(argv: list[str] | None = None) -> None:
         dist.barrier()
     if rank == 0:
         bench.finish(jobs, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rank, world, device = init_ranks()
+    generate(args, rank, world, device)
     if dist.is_initialized():
         dist.destroy_process_group()
 

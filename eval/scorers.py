@@ -2,7 +2,8 @@
 
 Nothing is downloaded or installed here: each adapter checks the local installation first (the scorer's repo,
 its weights, the packages its Python imports) and raises `MissingScorerError` with one line saying what to
-install or pass, then runs the official scripts as subprocesses and parses what they print.
+install or pass, then runs the official scripts as subprocesses and parses what they print. `geneval_ready` and
+`dpg_ready` make those checks alone (`eval.watch` makes them before its first checkpoint).
 
 `python -m eval.scorers geneval|dpg <out> --geneval-repo ... | --dpg-repo ...` scores a generated folder and
 merges the result into `<out>/summary.json` and `<out>/summary.md`.
@@ -93,6 +94,16 @@ def _geneval_checks(geneval_repo, detector_weights, detector_config) -> tuple[Pa
     return repo, weights, detector_config
 
 
+def geneval_ready(geneval_repo, detector_weights, detector_config, python: str) -> tuple[Path, Path, str]:
+    """(repo, detector weights file, detector config or None) when GenEval's scorer can run here: its checkout and
+    weights, a GPU, its packages importable by `python`; a MissingScorerError (one line) else."""
+    repo, weights, config = _geneval_checks(geneval_repo, detector_weights, detector_config)
+    if not _cuda_available():
+        raise MissingScorerError("GenEval's scorer asserts CUDA (evaluate_images.py): run it on a machine with a GPU")
+    _probe_modules(python, GENEVAL_MODULES, "GenEval's scorer (mmdet 2.x, open_clip, clip_benchmark)")
+    return repo, weights, config
+
+
 def run_geneval_scorer(
     out_dir: str | Path,
     geneval_repo: str | None,
@@ -108,10 +119,7 @@ def run_geneval_scorer(
     results and the official printout are kept as `<out_dir>/geneval_results.jsonl` and `geneval_summary.txt`.
     """
     out = Path(out_dir).resolve()
-    repo, weights, config = _geneval_checks(geneval_repo, detector_weights, detector_config)
-    if not _cuda_available():
-        raise MissingScorerError("GenEval's scorer asserts CUDA (evaluate_images.py): run it on a machine with a GPU")
-    _probe_modules(python, GENEVAL_MODULES, "GenEval's scorer (mmdet 2.x, open_clip, clip_benchmark)")
+    repo, weights, config = geneval_ready(geneval_repo, detector_weights, detector_config, python)
     if config is None:
         code = "import mmdet, os; print(os.path.dirname(mmdet.__file__))"
         mmdet_dir = _run([python, "-c", code], capture=True).strip()
@@ -166,22 +174,9 @@ def _find_dpg_script(repo: Path) -> Path | None:
     return None
 
 
-def run_dpg_scorer(
-    out_dir: str | Path,
-    dpg_repo: str | None,
-    mplug_weights: str | None,
-    python: str = sys.executable,
-    resolution: int | None = None,
-) -> dict:
-    """Score the 2x2 grids `<out_dir>/<id>.png` with DPG-Bench's compute_dpg_bench.py (ELLA repo), single process.
-
-    `mplug_weights` is a local copy of the ModelScope model `damo/mplug_visual-question-answering_coco_large_en`
-    (the official script names the hub id; a small bootstrap points it at the folder). `resolution` is one tile's
-    side (default: half the first grid's width). Returns {"score": DPG-Bench score (x100), "per_category": {L1
-    category: score}, "failed_images": grids the script skipped}; the official result files are
-    `<out_dir>/dpg_results.txt` and `dpg_results_detail.txt`, its printout `dpg_summary.txt`.
-    """
-    out = Path(out_dir).resolve()
+def dpg_checks(dpg_repo: str | None, mplug_weights: str | None) -> tuple[Path, Path]:
+    """(compute_dpg_bench.py, dpg_bench.csv) of a local DPG-Bench checkout with its mPLUG folder; MissingScorerError
+    else."""
     hint = "clone the DPG-Bench repository (TencentQQGYLab/ELLA) and pass --dpg-repo /path/to/ELLA"
     if not dpg_repo:
         raise MissingScorerError(f"DPG-Bench needs its official scorer (dpg_bench/compute_dpg_bench.py): {hint}")
@@ -198,6 +193,33 @@ def run_dpg_scorer(
         raise MissingScorerError(
             f"mPLUG model folder incomplete: {Path(mplug_weights) / 'configuration.json'} not found; {fetch}"
         )
+    return script, csv
+
+
+def dpg_ready(dpg_repo: str | None, mplug_weights: str | None, python: str) -> None:
+    """Nothing when DPG-Bench's scorer can run here (`dpg_checks`, its packages importable by `python`); a
+    MissingScorerError (one line) else."""
+    dpg_checks(dpg_repo, mplug_weights)
+    _probe_modules(python, DPG_MODULES, "DPG-Bench's scorer (modelscope, accelerate)")
+
+
+def run_dpg_scorer(
+    out_dir: str | Path,
+    dpg_repo: str | None,
+    mplug_weights: str | None,
+    python: str = sys.executable,
+    resolution: int | None = None,
+) -> dict:
+    """Score the 2x2 grids `<out_dir>/<id>.png` with DPG-Bench's compute_dpg_bench.py (ELLA repo), single process.
+
+    `mplug_weights` is a local copy of the ModelScope model `damo/mplug_visual-question-answering_coco_large_en`
+    (the official script names the hub id; a small bootstrap points it at the folder). `resolution` is one tile's
+    side (default: half the first grid's width). Returns {"score": DPG-Bench score (x100), "per_category": {L1
+    category: score}, "failed_images": grids the script skipped}; the official result files are
+    `<out_dir>/dpg_results.txt` and `dpg_results_detail.txt`, its printout `dpg_summary.txt`.
+    """
+    out = Path(out_dir).resolve()
+    script, csv = dpg_checks(dpg_repo, mplug_weights)
     grids = sorted(out.glob("*.png"))
     if not grids:
         raise FileNotFoundError(f"no DPG-Bench grids (<id>.png) in {out}")
@@ -273,13 +295,15 @@ def write_summary(out_dir: str | Path, name: str, result: dict) -> None:
         os.replace(tmp, target)
 
 
-def _geneval_arguments(p: argparse.ArgumentParser) -> None:
+def geneval_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of GenEval's scorer (`eval.scorers geneval`, and `eval.watch --task geneval`)."""
     p.add_argument("--geneval-repo")
     p.add_argument("--detector-weights", help=f"{GENEVAL_DETECTOR}.pth or its folder")
     p.add_argument("--detector-config", help="the mmdet 2.x Mask2Former config (default: mmdet's tree)")
 
 
-def _dpg_arguments(p: argparse.ArgumentParser) -> None:
+def dpg_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of DPG-Bench's scorer (`eval.scorers dpg`, and `eval.watch --task dpg`)."""
     p.add_argument("--dpg-repo", help="the ELLA checkout")
     p.add_argument("--mplug-weights", help="local mPLUG VQA model folder")
     p.add_argument("--resolution", type=int, help="one tile's side (default: half the grid width)")
@@ -288,10 +312,10 @@ def _dpg_arguments(p: argparse.ArgumentParser) -> None:
 # benchmark -> (its flags, the scorer run on the parsed flags)
 SCORERS = {
     "geneval": (
-        _geneval_arguments,
+        geneval_arguments,
         lambda a: run_geneval_scorer(a.out, a.geneval_repo, a.detector_weights, a.python, a.detector_config),
     ),
-    "dpg": (_dpg_arguments, lambda a: run_dpg_scorer(a.out, a.dpg_repo, a.mplug_weights, a.python, a.resolution)),
+    "dpg": (dpg_arguments, lambda a: run_dpg_scorer(a.out, a.dpg_repo, a.mplug_weights, a.python, a.resolution)),
 }
 
 

@@ -13,9 +13,10 @@ the megatron engine writes `dist/` (model, EMA and optimizer state through megat
 any TP/PP layout) instead, see training/engines/megatron_checkpoint.py. This module adds RNG and loader state to each
 `rank_*.pt`, and `trainer.json`. Everything is written into `.step_XXXXXXXX.tmp/`, renamed when all ranks are done,
 and only then is `latest` replaced, so a crash at any point leaves the previous checkpoint as `latest`.
-Keep-last-N deletes by step number and never the checkpoint `latest` names. Resuming (`resolve_resume`) takes
-`latest`, else the newest complete checkpoint (said in the log); a run that would start behind checkpoints already in
-its run folder is refused unless `checkpoint.overwrite=true`. Loading verifies the manifest first and uses
+Keep-last-N deletes by step number, never the checkpoint `latest` names, and none that a live checkpoint reader
+(eval.watch) has not read yet (training.checkpoint_readers). Resuming (`resolve_resume`) takes `latest`, else the
+newest complete checkpoint (said in the log); a run that would start behind checkpoints already in its run folder
+is refused unless `checkpoint.overwrite=true`. Loading verifies the manifest first and uses
 safetensors and `torch.load(weights_only=True)` only (megatron's pickled DCP metadata passes a restricted unpickler).
 
     python -m training.checkpoint reshard --src <ckpt> --dst <ckpt> --tp N --pp M [--virtual-pp V] [--no-checksums]
@@ -41,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from training.checkpoint_integrity import verify_checkpoint, write_manifest
+from training.checkpoint_readers import delete_checkpoint, interrupted_deletions, keep_for_readers
 from training.faults import maybe_kill
 from training.run_guard import RunDirError
 
@@ -145,11 +147,14 @@ def resolve_resume(run_dir: str | Path, resume: str, overwrite: bool, rank: int 
 
 
 def retention(root: Path, keep_last: int) -> list[Path]:
-    """The checkpoints keep-last-N deletes: all but the newest `keep_last` by step, never the one `latest` names."""
+    """The checkpoints keep-last-N deletes: all but the newest `keep_last` by step, never the one `latest` names, none
+    that a live checkpoint reader (eval.watch) has not read yet (training.checkpoint_readers, which says what it
+    keeps), and the leftovers of a deletion the trainer did not finish."""
     marker = root / LATEST
     keep = marker.read_text().strip() if marker.is_file() else None
     done = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=_step_of)
-    return [p for p in done[: max(0, len(done) - keep_last)] if p.name != keep]
+    old = [p for p in done[: max(0, len(done) - keep_last)] if p.name != keep]
+    return keep_for_readers(root.parent, old) + interrupted_deletions(root)
 
 
 def save_checkpoint(
@@ -189,7 +194,7 @@ def save_checkpoint(
             marker_tmp.write_text(name + "\n")
             os.replace(marker_tmp, root / LATEST)
             for old in retention(root, keep_last):
-                shutil.rmtree(old, ignore_errors=True)
+                delete_checkpoint(old)  # race-free with a checkpoint reader that is just starting on it
         _barrier()
 
     engine.when_saved(finalize)  # at once, or when a background write (checkpoint.async_save) completes

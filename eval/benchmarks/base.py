@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from eval.scorers import MissingScorerError
 from models.core.sampling import Preset, SamplingConfig
 
 SHARED_PROMPTS = Path(__file__).resolve().parents[3] / "shared" / "eval_prompts"
@@ -48,10 +49,11 @@ def per_tag_table(result: dict) -> list[str]:
 
 class Benchmark:
     """One `--task`: a subclass sets `family` and defines `load_jobs`; the rest defaults to the folder layout, no
-    flags of its own, no finishing step and a metric | value report table."""
+    flags of its own, no finishing step, no in-process scorer and a metric | value report table."""
 
     family: str  # the models.family.FAMILIES entry whose generator samples it: "t2i" (prompts), "c2i" (class ids)
     scorer: str | None = None  # the command that scores a generated folder `{out}` (eval.report shows it)
+    score_key = "overall"  # the headline number of `score`'s result (eval.watch logs it as watch/score)
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -95,6 +97,18 @@ class Benchmark:
     def score_table(self, result: dict) -> list[str]:
         """The report's table of its entry in summary.json."""
         return metric_table(result)
+
+    def add_scorer_arguments(self, flags) -> None:
+        """Adds the flags `score` reads to `flags` (an argument group of eval.watch; given with another --task they
+        are an error)."""
+
+    def scorer_problem(self, args: argparse.Namespace) -> str | None:
+        """None when `score` can run here with `args`, else one line naming what to install or pass."""
+        return f"--task {self.name} has no scorer; pick a task that has one"
+
+    def score(self, out: Path, args: argparse.Namespace) -> dict:
+        """The scores of a folder it generated, computed in this process (eval.watch), `score_key` among them."""
+        raise MissingScorerError(self.scorer_problem(args) or f"--task {self.name} defines no score(out, args)")
 
 
 def metric_table(result: dict) -> list[str]:

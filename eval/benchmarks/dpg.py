@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from eval.benchmarks.base import SHARED_PROMPTS, Benchmark, Job, save_png_atomic
+from eval.scorers import MissingScorerError, dpg_arguments, dpg_ready, run_dpg_scorer
 
 
 class DPGBench(Benchmark):
     family = "t2i"
+    score_key = "score"
     scorer = "python -m eval.scorers dpg {out} --dpg-repo ELLA_REPO --mplug-weights MPLUG_DIR"
 
     def check(self, p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -39,3 +42,17 @@ class DPGBench(Benchmark):
 
     def sample_cells(self, out: Path, limit: int) -> list[tuple[Path, str]]:
         return [(p, p.stem) for p in sorted(out.glob("*.png"))[:limit]]
+
+    def add_scorer_arguments(self, flags) -> None:
+        dpg_arguments(flags)
+        flags.add_argument("--dpg-python", default=sys.executable, help="the interpreter with its packages")
+
+    def scorer_problem(self, args: argparse.Namespace) -> str | None:
+        try:
+            dpg_ready(args.dpg_repo, args.mplug_weights, args.dpg_python)
+        except MissingScorerError as err:
+            return str(err)
+        return None
+
+    def score(self, out: Path, args: argparse.Namespace) -> dict:
+        return run_dpg_scorer(out, args.dpg_repo, args.mplug_weights, args.dpg_python, args.resolution)

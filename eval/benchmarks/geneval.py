@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from eval.benchmarks.base import SHARED_PROMPTS, Benchmark, Job, per_tag_table
+from eval.scorers import MissingScorerError, geneval_arguments, geneval_ready, run_geneval_scorer
 from models.core.sampling import Preset, SamplingConfig
 
 
@@ -31,3 +33,18 @@ class GenEval(Benchmark):
 
     def score_table(self, result: dict) -> list[str]:
         return per_tag_table(result)
+
+    def add_scorer_arguments(self, flags) -> None:
+        geneval_arguments(flags)
+        flags.add_argument("--geneval-python", default=sys.executable, help="the interpreter with its packages")
+
+    def scorer_problem(self, args: argparse.Namespace) -> str | None:
+        try:
+            geneval_ready(args.geneval_repo, args.detector_weights, args.detector_config, args.geneval_python)
+        except MissingScorerError as err:
+            return str(err)
+        return None
+
+    def score(self, out: Path, args: argparse.Namespace) -> dict:
+        a = args
+        return run_geneval_scorer(out, a.geneval_repo, a.detector_weights, a.geneval_python, a.detector_config)

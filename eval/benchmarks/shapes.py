@@ -4,6 +4,7 @@ GenEval's folder layout, scored on the CPU by `eval.shapes_bench`."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from eval.benchmarks.base import Benchmark, Job, per_tag_table
 
@@ -23,3 +24,14 @@ class Shapes(Benchmark):
 
     def score_table(self, result: dict) -> list[str]:
         return per_tag_table(result)
+
+    def add_scorer_arguments(self, flags) -> None:
+        flags.add_argument("--chance-samples", type=int, default=500, help="random renders per tag: chance level")
+
+    def scorer_problem(self, args: argparse.Namespace) -> str | None:
+        return None  # the scorer is this repository's own, on the CPU
+
+    def score(self, out: Path, args: argparse.Namespace) -> dict:
+        from eval.shapes_bench import score_folder
+
+        return score_folder(out, args.chance_samples)

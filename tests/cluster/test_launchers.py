@@ -463,3 +463,101 @@ def test_nccl_env_file_holds_real_variable_names_and_sources_like_it_reads():
 
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" in Path(dynamic_rendezvous.__file__).read_text()
     assert {k: sourced.get(k) for k in names} == {k: active.get(k) for k in names}
+
+
+# ---------------------------------------------------------------- the checkpoint watcher (eval.watch)
+
+WATCH = ["--run-dir", "/ckpt/runs/b16 x", "--task", "shapes", "--per-tag", "2", "--interval", "30"]
+
+
+def watch_config(args: list[str], monkeypatch):
+    ns = check_arguments("eval.watch", args, monkeypatch)  # eval.watch's own parser
+    assert (ns.run_dir, ns.task, ns.per_tag, ns.interval) == ("/ckpt/runs/b16 x", "shapes", 2, 30.0), ns
+    return ns
+
+
+def test_slurm_watch_script_runs_torchrun_of_eval_watch_on_nodes_of_its_own(capsys, monkeypatch, tmp_path):
+    argv = ["watch", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--max-restarts", "5"]
+    text = dry_run(slurm, [*argv, "--", *WATCH], capsys)
+    script = tmp_path / "watch.sbatch"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    sbatch = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+    assert sbatch[:5] == [
+        "#SBATCH --job-name=bitdance-watch",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --cpus-per-task=16",
+    ]
+    assert "#SBATCH --partition=gpu" in sbatch and "set -a; source cluster/nccl.env; set +a" in text
+    words = expand(the_line(text, "-m eval.watch"), SLURM_ENV)
+    assert words[: words.index("torchrun")] == [
+        "srun",
+        "--cpus-per-task=16",
+        "--kill-on-bad-exit=1",
+        "--ntasks-per-node=1",
+    ]
+    run = torchrun_args(words)
+    assert (run.nnodes, run.nproc_per_node, run.rdzv_endpoint, run.max_restarts) == ("4", "4", "gpu-01:29500", 5)
+    assert run.module and run.training_script == "eval.watch"
+    watch_config(run.training_script_args, monkeypatch)
+    assert text.splitlines()[-1] == "# then: sbatch runs/launch/bitdance-watch.sbatch"
+
+
+def test_k8s_watch_is_a_job_running_torchrun_of_eval_watch_in_one_pod(capsys, monkeypatch):
+    argv = ["watch", "--image", "reg.io/bitdance:1", "--gpus", "2", "--memory", "200Gi", "--pvc", "bd-ckpt:/ckpt"]
+    doc = yaml.safe_load(dry_run(k8s, [*argv, "--namespace", "ml", "--", *WATCH], capsys))
+    assert (doc["apiVersion"], doc["kind"], doc["metadata"]["name"]) == ("batch/v1", "Job", "bitdance-watch")
+    assert doc["metadata"]["namespace"] == "ml" and doc["spec"]["backoffLimit"] == 3
+    pod = doc["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "OnFailure"
+    (c,) = pod["containers"]
+    assert c["image"] == "reg.io/bitdance:1" and c["workingDir"] == "/workspace/bitdance"
+    assert c["resources"]["limits"] == {"memory": "200Gi", "nvidia.com/gpu": 2}
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/dev/shm", "/ckpt"}
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+    }
+    assert {m["mountPath"]: claims.get(m["name"]) for m in c["volumeMounts"]}["/ckpt"] == "bd-ckpt"
+    assert read_env_file("cluster/nccl.env").items() <= {e["name"]: e["value"] for e in c["env"]}.items()
+    run = torchrun_args(c["command"])
+    assert (run.nnodes, run.nproc_per_node, run.training_script) == ("1", "2", "eval.watch")
+    watch_config(run.training_script_args, monkeypatch)
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_ray_watch_script_submits_eval_watch_as_a_ray_job(gpus, capsys, monkeypatch, tmp_path):
+    argv = ["watch", "--address", "http://head:8265", "--gpus", str(gpus), "--", *WATCH]
+    text = dry_run(ray_cluster, argv, capsys)
+    script = tmp_path / "watch.sh"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    job = ray_submit(expand(the_line(text, "ray job submit"), {}))
+    assert job["address"] == "http://head:8265" and job["working_dir"] == "." and job["no_wait"]
+    assert (job["entrypoint_num_gpus"], job["entrypoint_num_cpus"]) == (gpus, 8)
+    entry = list(job["entrypoint"])
+    if gpus == 1:
+        assert entry[:3] == ["python", "-m", "eval.watch"]
+        watch_config(entry[3:], monkeypatch)
+    else:
+        run = torchrun_args(entry)
+        assert run.standalone and run.nproc_per_node == "2" and run.training_script == "eval.watch"
+        watch_config(run.training_script_args, monkeypatch)
+    assert text.splitlines()[-1] == "# then: bash runs/launch/bitdance-watch.sh"
+
+
+BAD_WATCH = [
+    (slurm, ["watch", "--nodes", "1"], "no eval.watch arguments; pass them after `--`"),
+    (slurm, ["watch", "--nodes", "1", "--gpus-per-node", "0", "--", *WATCH], "--gpus-per-node: must be >= 1, got 0"),
+    (k8s, ["watch", "--image", "i", "--", "--run-dir", "r", "--task", "nope"], "argument --task: invalid choice"),
+    (k8s, ["watch", "--image", "i", "--job-name", "Watch", "--", *WATCH], "must be lower-case letters"),
+    (ray_cluster, ["watch", "--", "--run-dir", "r", "--task", "prompts"], "--task prompts has no scorer"),
+    (ray_cluster, ["watch", "--", *WATCH, "--geneval-repo", "/g"], "--geneval-repo goes with --task geneval"),
+    (slurm, ["watch", "--nodes", "1", "--", "--task", "shapes"], "the following arguments are required: --run-dir"),
+]
+
+
+@pytest.mark.parametrize("module,argv,message", BAD_WATCH, ids=[" ".join(b[1][:4]) for b in BAD_WATCH])
+def test_bad_watch_input_is_one_line_naming_the_problem(module, argv, message, capsys):
+    test_bad_input_is_one_line_naming_the_problem(module, argv, message, capsys)
