@@ -40,6 +40,7 @@ class DemoConfig:
     chance_samples: int = 300
     ceiling_renders: int = 4  # correct renders per prompt through the image tokenizer (the ceiling column)
     grid_images: int = 24
+    watch_per_tag: int = 2  # prompts per tag the checkpoint watcher (eval.watch) scores at every checkpoint
     # optional stages: distil the P=4 model into a P'-token student (cluster/demo/distill.py)
     distill: bool = False
     distill_parallel_num: int = 16
@@ -59,8 +60,11 @@ def load_demo_config(overrides: list[str]) -> DemoConfig:
         if not Path(getattr(cfg, name)).is_file():
             raise ValueError(f"{name}={getattr(cfg, name)} does not exist; pass a YAML under training/configs/")
     cfg.nproc = plan_launch(cfg.nproc).nproc
-    if min(cfg.nproc, cfg.t2i_steps, cfg.tokenizer_steps, cfg.seeds, cfg.distill_steps, cfg.speed_images) < 1:
-        raise ValueError("nproc, t2i_steps, tokenizer_steps, seeds, distill_steps and speed_images must be >= 1")
+    counts = (cfg.nproc, cfg.t2i_steps, cfg.tokenizer_steps, cfg.seeds, cfg.distill_steps, cfg.speed_images)
+    if min(*counts, cfg.watch_per_tag) < 1:
+        raise ValueError(
+            "nproc, t2i_steps, tokenizer_steps, seeds, distill_steps, speed_images and watch_per_tag must be >= 1"
+        )
     if not 0 <= cfg.val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.samples < 16:

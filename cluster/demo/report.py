@@ -69,6 +69,23 @@ def distill_section(cfg, ev: dict, done: dict) -> list[str]:
     return lines
 
 
+def watch_section(rows: list[dict], cfg) -> list[str]:
+    """The checkpoint watcher's score of every checkpoint (`python -m eval.watch` beside the training run)."""
+    if not rows:
+        return []
+    lines = [
+        f"Checkpoint watcher (`python -m eval.watch`, beside the training run): the shapes benchmark on "
+        f"{cfg.watch_per_tag} prompts per tag, one image each, at every checkpoint (grids: `t2i/samples/watch_*.png`; "
+        "scores in metrics.jsonl and the wandb run):",
+        "",
+        "| step | " + " | ".join(str(r["step"]) for r in rows) + " |",
+        "| --- | " + " | ".join("---" for _ in rows) + " |",
+        "| score | " + " | ".join(fmt(r["score"], ".3f") for r in rows) + " |",
+        "",
+    ]
+    return lines
+
+
 def _wandb_run(run_dir: Path) -> str:
     runs = sorted((run_dir / "wandb").glob("offline-run-*")) + sorted((run_dir / "wandb").glob("run-*"))
     return str(runs[-1]) if runs else "none (logging.wandb disabled)"
@@ -115,6 +132,7 @@ def write_demo_report(cfg, out: Path, done: dict[str, dict]) -> Path:
         f"held-out validation loss {fmt(train.get('val_loss'), '.4f')} ({res['tokenize'].get('val_samples', 0)} "
         f"samples held out at tokenization, evaluated {train.get('val_steps', 0)} times).",
         "",
+        *watch_section(train.get("watch", []), cfg),
         "![tokenizer curve](tokenizer_curve.png)",
         "",
         f"Binary tokenizer ({tok['steps']} steps): held-out reconstruction "

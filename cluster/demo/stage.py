@@ -1,8 +1,10 @@
 """A demo stage (what it runs, what its output depends on, the folders it owns) and how a stage runs a command: a
-subprocess from the repository root, its output teed to a log, torchrun with the demo's process count."""
+subprocess from the repository root, its output teed to a log (`sh`), or a second one beside it (`beside`), torchrun
+with the demo's process count."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -53,3 +55,26 @@ def sh(cmd: list[str], log: Path) -> None:
         rc = proc.wait()
     if rc:
         raise SystemExit(f"demo stage command failed (exit {rc}): {' '.join(cmd)}; see {log}")
+
+
+@contextlib.contextmanager
+def beside(cmd: list[str], log: Path, timeout_s: float = 900.0):
+    """Run `cmd` in the background (at a lower CPU priority, its output to `log`) while the block runs, then wait for
+    it to finish on its own; a failure names the command and the log."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("WANDB_SILENT", "true")
+    print("$ " + " ".join(cmd) + " &", flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10)
+        )
+        try:
+            yield proc
+            rc = proc.wait(timeout=timeout_s)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if rc:
+        raise SystemExit(f"demo background command failed (exit {rc}): {' '.join(cmd)}; see {log}")

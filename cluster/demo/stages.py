@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from cluster.demo.config import DemoConfig
 from cluster.demo.launch import plan_launch
-from cluster.demo.stage import Stage, file_digest, pick, sh, torchrun
+from cluster.demo.stage import Stage, beside, file_digest, pick, sh, torchrun
 from data_pipeline.shard_format import VAL_DIR
 from eval.shapes_seeds import score_seeds, seed_dirs, tokenizer_ceiling
 
@@ -188,6 +189,55 @@ def run_train(
     }
 
 
+def watch_command(cfg: DemoConfig, run_dir: Path, steps: int) -> list[str]:
+    """The checkpoint watcher beside the training run: the shapes benchmark on `watch_per_tag` prompts per tag, one
+    image each, at every checkpoint up to `steps`."""
+    size = str(cfg.image_size)
+    return [
+        sys.executable,
+        "-m",
+        "eval.watch",
+        "--run-dir",
+        str(run_dir),
+        "--task",
+        "shapes",
+        "--per-tag",
+        str(cfg.watch_per_tag),
+        "--images-per-prompt",
+        "1",
+        "--image-size",
+        f"{size}x{size}",
+        "--height",
+        size,
+        "--width",
+        size,
+        "--steps",
+        str(cfg.sampling.steps),
+        "--cfg-scale",
+        str(cfg.sampling.cfg_scale),
+        "--cfg-schedule",
+        cfg.sampling.cfg_schedule,
+        "--seed",
+        str(cfg.seed),
+        "--interval",
+        "2",
+        "--until-step",
+        str(steps),
+    ]
+
+
+def run_train_watched(cfg: DemoConfig, out: Path) -> dict:
+    """`run_train` with the checkpoint watcher (`python -m eval.watch`) beside it, registered before the first
+    checkpoint, so that keep-last-N keeps every checkpoint until it is scored; the scores per checkpoint."""
+    run_dir = out / "t2i"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with beside(watch_command(cfg, run_dir, cfg.t2i_steps), out / "logs" / "watch.log"):
+        result = run_train(cfg, out)
+    rows = [r for r in _metrics(run_dir) if "watch/score" in r]
+    result["watch"] = [{"step": r["step"], "score": r["watch/score"]} for r in sorted(rows, key=lambda r: r["step"])]
+    return result
+
+
 def run_sample(cfg: DemoConfig, out: Path, model: str = "t2i", dest: str = "samples") -> dict:
     """The shapes-benchmark prompts of every seed, sampled with torchrun from <out>/<model>/export."""
     start, images = time.perf_counter(), 0
@@ -285,10 +335,13 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "train",
-        "text-to-image training (torchrun, DeepSpeed)",
-        lambda c: {"config": file_digest(c.t2i_config), "steps": c.t2i_steps, "nproc": c.nproc},
+        "text-to-image training (torchrun, DeepSpeed) with the checkpoint watcher beside it",
+        lambda c: (
+            {"config": file_digest(c.t2i_config), "steps": c.t2i_steps, "nproc": c.nproc, "watch": c.watch_per_tag}
+            | {"sampling": asdict(c.sampling)}
+        ),
         ("tokenize",),
-        run_train,
+        run_train_watched,
         owns=("t2i",),
         resumable=("steps",),
     ),

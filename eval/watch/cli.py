@@ -65,12 +65,14 @@ def parse_flags(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser,
 
 
 def check_run(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Where the watcher runs: the run folder and its checkpoints folder exist, and the task's scorer can run here."""
+    """Where the watcher runs: the run folder exists (its first checkpoint may not: the watcher, registered from the
+    start, waits for it and so keeps every checkpoint from keep-last-N until it is evaluated), and the task's scorer
+    can run here."""
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        p.error(f"--run-dir {run_dir} does not exist; pass the training run's run_dir")
+        p.error(f"--run-dir {run_dir} does not exist; pass the training run's run_dir (or create it before the run)")
     if not checkpoint_root(run_dir).is_dir():
-        p.error(f"{checkpoint_root(run_dir)} does not exist; start the watcher once the run has saved a checkpoint")
+        print(f"eval.watch: waiting for the first checkpoint in {checkpoint_root(run_dir)}", flush=True)
     problem = get_benchmark(args.task).scorer_problem(args)
     if problem:
         p.error(problem)

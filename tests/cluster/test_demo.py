@@ -81,8 +81,13 @@ def test_short_demo_runs_end_to_end_and_reuses_stages(short_demo, capsys):
     score = markers["score"]["result"]
     assert score["images"] == 12 and len(score["per_seed"]) == 2  # 6 prompts x 1 image x 2 seeds
     assert set(score["per_tag"]) == set(score["chance"]["per_tag"]) == set(score["ceiling"]["per_tag"])
-    assert markers["tokenize"]["result"]["samples"] == 64
-    assert json.loads((out / "t2i" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    tokenized = markers["tokenize"]["result"]
+    assert tokenized["samples"] + tokenized["val_samples"] == 64 and tokenized["val_samples"] >= 1  # 5% held out
+    rows = [json.loads(line) for line in (out / "t2i" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val/loss" in r] == [0, 2]  # before training and at the last step
+    assert [w["step"] for w in markers["train"]["result"]["watch"]] == [2]  # the watcher scored the checkpoint
+    assert "Checkpoint watcher" in text and "held-out validation loss" in text
+    assert rows[-1]["step"] == 2
     assert list((out / "t2i" / "wandb").glob("offline-run-*")), "the training run logs to wandb offline"
     capsys.readouterr()
 
@@ -94,7 +99,9 @@ def test_short_demo_runs_end_to_end_and_reuses_stages(short_demo, capsys):
     printed = capsys.readouterr().out
     assert all(f"== {s}: reused" in printed for s in ("data", "tokenizer", "text", "tokenize")), printed
     assert "resumed from" in printed and "== train: done" in printed and "== score: done" in printed
-    assert json.loads((out / "t2i" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    rows = [json.loads(line) for line in (out / "t2i" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3
+    assert [r["step"] for r in rows if "watch/score" in r] == [2, 3]  # the resumed watcher: the new one only
 
     # the optional distillation: the base stages are reused, the student starts from the teacher and is compared
     report = run_demo(load_demo_config([*SHORT, f"out={out}", "t2i_steps=3", "distill=true", "distill_steps=2"]))
