@@ -13,7 +13,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.loader import LoaderSettings
+from data_pipeline.loader import LoaderSettings, MixtureSource
+from data_pipeline.loader.settings import mixture_checks
 from models.core.sampling import SamplingConfig
 from models.t2i.megatron.config import ParallelSettings
 
@@ -39,15 +40,22 @@ class ModelConfig:
 
 @dataclass
 class DataConfig(LoaderSettings):
-    """The loader's settings (token_budget, num_workers, shuffle_buffer, caption_dropout, subset: declared once, in
-    `LoaderSettings`) and the run's data and batch shape."""
+    """The loader's settings (token_budget, num_workers, shuffle_buffer, caption_dropout, subset, cache_dir, cache_gb,
+    prefetch_shards: declared once, in `LoaderSettings`) and the run's data and batch shape."""
 
-    data_dir: str = "data/tokens"  # tokenized shards (t2i, c2i) or raw webdataset tars (tokenizer)
+    # tokenized shards (t2i, c2i: a local folder or an fsspec URL such as s3://bucket/tokens) or raw webdataset tars
+    # (tokenizer); ignored when `sources` is set
+    data_dir: str = "data/tokens"
+    # t2i, c2i: a weighted mixture instead of data_dir: [{dir: <folder or URL>, weight: w, name: <for the logs>}, ...]
+    sources: list[MixtureSource] = field(default_factory=list)
     global_batch: int = 8  # optimizer batch: packed rows (t2i) or samples (c2i, tokenizer) over all ranks
     micro_batch: int = 1  # per rank and forward pass
     image_size: int = 64  # tokenizer: crop size
     holdout: int = 16  # tokenizer: held-out images for PSNR/SSIM
     val_dir: str | None = None  # t2i, c2i: tokenized validation set (default: <data_dir>/val, when tokenized)
+
+    def range_checks(self, prefix: str = "") -> list[tuple[bool, str]]:
+        return super().range_checks(prefix) + mixture_checks(self.sources, prefix)
 
 
 @dataclass

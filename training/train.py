@@ -243,7 +243,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
             start = time.perf_counter()
             stats = engine.train_step(batches, task, grad_accum, poison=state.step == cfg.fault_nan_at_step)
             result, metrics = stats.result, stats.metrics
-            samples, tokens = sum_over_ranks([stats.samples, stats.tokens])
+            # a mixture's counts per source, data/<source>/samples and /tokens (other loaders have none)
+            sources = {k: v for k, v in getattr(loader, "stats", dict)().items() if k.startswith("data/")}
+            samples, tokens, *source_totals = sum_over_ranks([stats.samples, stats.tokens, *sources.values()])
             if result.applied:
                 ema.update(engine.module)
                 state.consecutive_skips = 0
@@ -265,6 +267,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
                 "time/step_s": seconds,
                 "tokens_per_s": tokens / seconds,
                 "samples_per_s": samples / seconds,
+                # over the data-parallel replicas (every rank of a model-parallel group reads the same data)
+                **{k: v // (world // engine.dp_size) for k, v in zip(sources, source_totals, strict=True)},
             }
             costs, forward_s = step_costs(stats, seconds, batches.take(), since_log, device)
             values |= costs

@@ -14,38 +14,45 @@ order), and the training data stream, its resume state and every RNG stream are 
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import fsspec
 import torch
 
 from data_pipeline.loader import LoaderConfig
 from data_pipeline.loader.batching import Counters, Plan
 from data_pipeline.loader.dataset import BinaryTokenDataset
 from data_pipeline.loader.settings import LoaderError
-from data_pipeline.shard_format import MANIFEST, VAL_DIR, load_manifest
+from data_pipeline.loader.shard_store import ShardStore
+from data_pipeline.shard_format import MANIFEST, VAL_DIR
 from training.config import TrainConfig
 
 
-def validation_dir(cfg: TrainConfig) -> Path | None:
-    """`data.val_dir` (which must hold a tokenized dataset), else `<data.data_dir>/val` when tokenization wrote one."""
+def validation_dir(cfg: TrainConfig) -> str | None:
+    """`data.val_dir` (which must hold a tokenized dataset), else `<data.data_dir>/val` when tokenization wrote one (not
+    for a mixture of `data.sources`: name its validation set). Folders or fsspec URLs."""
     if cfg.data.val_dir:
-        path = Path(cfg.data.val_dir)
-        if not (path / MANIFEST).is_file():
+        if not _has_manifest(cfg.data.val_dir):
             raise LoaderError(
-                f"data.val_dir={path} holds no {MANIFEST}; point it at a tokenized dataset (or tokenize with "
-                "--val-fraction and leave it unset)"
+                f"data.val_dir={cfg.data.val_dir} holds no {MANIFEST}; point it at a tokenized dataset (or tokenize "
+                "with --val-fraction and leave it unset)"
             )
-        return path
-    split = Path(cfg.data.data_dir) / VAL_DIR
-    return split if (split / MANIFEST).is_file() else None
+        return cfg.data.val_dir
+    if cfg.data.sources:
+        return None
+    split = f"{str(cfg.data.data_dir).rstrip('/')}/{VAL_DIR}"
+    return split if _has_manifest(split) else None
+
+
+def _has_manifest(url: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs.isfile(f"{root.rstrip('/')}/{MANIFEST}")
 
 
 class HeldOut:
     """This data-parallel replica's share of the validation batches; `loss(engine)` at every evaluation."""
 
-    def __init__(self, cfg: TrainConfig, task, path: Path, dp_rank: int, dp_size: int):
+    def __init__(self, cfg: TrainConfig, task, path: str, dp_rank: int, dp_size: int):
         self.task, self.path = task, path
-        if not sum(int(s["samples"]) for s in load_manifest(path)["shards"]):
+        if not sum(int(s["samples"]) for s in ShardStore(path).manifest()["shards"]):
             raise LoaderError(
                 f"the validation set {path} holds no sample; tokenize with a larger --val-fraction or set data.val_dir"
             )

@@ -36,8 +36,9 @@ Plan = list[list["Item"]]  # the rows of one batch
 class Item:
     """A sample on its way to a batch; bits stay packed until the batch is built."""
 
-    epoch: int
+    epoch: int  # of its source's stream
     record: TokenRecord
+    source: int = 0  # index of its dataset in the loader's sources
     text_ids: list[int] = field(default_factory=list)
     text_loss: bool = True
     length: int = 0
@@ -78,6 +79,10 @@ class Batching(ABC):
     def build(self, rows: Plan) -> Batch:
         """The tensors of one planned batch."""
 
+    @abstractmethod
+    def tokens(self, item: Item) -> int:
+        """The tokens a placed item puts in its batch (the per-source token counts)."""
+
 
 class T2IBatching(Batching):
     # P is not a setting of the loader: rows are packed for the P the dataset's query tokens were made for (the
@@ -100,8 +105,8 @@ class T2IBatching(Batching):
         shortest = min(sample_length(len(self.token_ids.uncond_ids()), h // down, w // down) for h, w in sizes)
         if self.cfg.token_budget < shortest:
             raise LoaderError(
-                f"data.token_budget={self.cfg.token_budget} is smaller than every sample of {self.cfg.data_dir} (the "
-                f"shortest possible takes {shortest} tokens); raise data.token_budget to at least {shortest}"
+                f"data.token_budget={self.cfg.token_budget} is smaller than every sample of {self.cfg.describe()} "
+                f"(the shortest possible takes {shortest} tokens); raise data.token_budget to at least {shortest}"
             )
 
     def _items(self, items: Iterator[Item], slot: int, counters: Counters) -> Iterator[Item]:
@@ -144,6 +149,9 @@ class T2IBatching(Batching):
             counters.samples += sum(len(row) for row in rows)
             yield rows
 
+    def tokens(self, item: Item) -> int:
+        return item.length  # prompt and image tokens in its row
+
     def build(self, rows: Plan) -> PackedT2IBatch:
         samples = [[T2ISample(x.text_ids, x.record.grid(), x.text_loss) for x in row] for row in rows]
         return pack_rows(samples, self.token_ids, self.token_ids.parallel_num)
@@ -167,6 +175,9 @@ class ImageNetBatching(Batching):
                     raise ValueError(f"ImageNet sample {r.key} has no class label")
             counters.samples += len(chunk)
             yield [chunk]
+
+    def tokens(self, item: Item) -> int:
+        return item.record.h * item.record.w  # image tokens
 
     def build(self, rows: Plan) -> ImageNetBatch:
         items = rows[0]

@@ -1,25 +1,25 @@
 """Tokenization reading from and writing to object storage, against a real S3 API: a `moto` server process on
-127.0.0.1 that this module starts and stops, reached the usual way (AWS_ENDPOINT_URL and credentials in the
-environment, resolved by s3fs / botocore). s3 -> s3, s3 -> local and local -> s3 write the same bytes as local ->
-local; a re-run skips finished shards and redoes one whose stats (its last object) are missing; a job killed half-way
-and re-run holds every sample exactly once (with a val split and --dedup); the Ray path (slow) writes the same."""
+127.0.0.1 that this module starts and stops (`helpers.moto_s3`), reached the usual way (AWS_ENDPOINT_URL and
+credentials in the environment, resolved by s3fs / botocore). s3 -> s3, s3 -> local and local -> s3 write the same
+bytes as local -> local; a re-run skips finished shards and redoes one whose stats (its last object) are missing; a
+job killed half-way and re-run holds every sample exactly once (with a val split and --dedup); the Ray path (slow)
+writes the same."""
 
 import io
 import json
 import os
 import posixpath
-import socket
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
 import fsspec
 import pytest
+from helpers import moto_s3
 from helpers.data import make_tokenizers
+from helpers.moto_s3 import puts
 from PIL import Image
 
 from data_pipeline.shapes import write_shapes_dataset
@@ -32,72 +32,7 @@ pytest.importorskip("moto.server")
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "bitdance-tokens"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_serving(server: subprocess.Popen, url: str, timeout: float = 60) -> None:
-    """Readiness: poll the server's own API until it answers; fail at the deadline or when the process exits."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/moto-api/", timeout=5):
-                return
-        except OSError:
-            if server.poll() is not None:
-                raise RuntimeError(f"the moto server exited with {server.returncode}") from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the moto server at {url} did not answer within {timeout} s") from None
-            time.sleep(0.1)
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    """(endpoint URL, request log) of a moto S3 server process of this module's own, stopped at the end."""
-    home = tmp_path_factory.mktemp("moto")
-    url = f"http://127.0.0.1:{free_port()}"
-    with open(home / "server.log", "wb") as log:
-        args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", url.rsplit(":", 1)[1]]
-        server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_until_serving(server, url)
-        yield url, home / "server.log"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def puts(log: Path, prefix: str) -> list[str]:
-    """The objects below `prefix` that the server logged a PUT of, in order."""
-    lines = log.read_text(errors="replace").splitlines()
-    return [ln.split(f"PUT /{prefix}/", 1)[1].split()[0] for ln in lines if f'"PUT /{prefix}/' in ln]
-
-
-@pytest.fixture(scope="module")
-def s3(moto, tmp_path_factory):
-    """The S3 filesystem of the moto server, with the AWS environment pointing at it (and no profile, config file or
-    instance metadata of the machine's)."""
-    url, _ = moto
-    home = tmp_path_factory.mktemp("aws")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(var, raising=False)
-        mp.setenv("AWS_ENDPOINT_URL", url)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_CONFIG_FILE", str(home / "no-config"))
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "no-credentials"))
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = fsspec.filesystem("s3")
-        fs.mkdir(BUCKET)
-        yield fs
-        s3fs.S3FileSystem.clear_instance_cache()
+moto, s3 = moto_s3.moto, moto_s3.s3  # module fixtures: the server, and its filesystem with the AWS environment set
 
 
 def png(w: int, h: int, color) -> bytes:
@@ -128,6 +63,7 @@ def write_odd_tar(path: Path, raw: Path) -> None:
 def data(tmp_path_factory, s3):
     """Raw shards on disk and in s3://BUCKET/raw, and the local -> local outputs to compare with (plain, and with a
     val split and --dedup)."""
+    s3.mkdir(BUCKET)
     root = tmp_path_factory.mktemp("objstore")
     make_tokenizers(root)  # root / "text", root / "ae"
     write_shapes_dataset(root / "raw", 60, sizes=((32, 32), (32, 64)), samples_per_shard=20)

@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
+from data_pipeline.loader import BinaryTokenLoader, LoaderConfig, data_manifest
 from data_pipeline.loader.packing import seed_of
-from data_pipeline.shard_format import load_manifest
 from models.c2i.model import ClassConditionalBitDance, get_c2i_config
 from models.core.diffusion_head import fixed_draws
 from models.tokenizer.model import tensor_to_images
@@ -25,7 +24,7 @@ class C2ITask(Task):
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
         self.cfg, self.device = cfg, device
-        self.manifest = load_manifest(Path(cfg.data.data_dir))
+        self.manifest = data_manifest(cfg.data)  # data_dir or the sources of a mixture, local or at a URL
         size = self.manifest["identity"]["image_size"]
         mcfg = get_c2i_config(
             cfg.model.name,
@@ -44,7 +43,9 @@ class C2ITask(Task):
 
     def loader(self, rank: int, world: int) -> BinaryTokenLoader:
         d = self.cfg.data
-        lc = LoaderConfig.from_settings(d, d.data_dir, kind="imagenet", seed=self.cfg.seed, batch_size=d.micro_batch)
+        lc = LoaderConfig.from_settings(
+            d, d.data_dir, kind="imagenet", seed=self.cfg.seed, batch_size=d.micro_batch, sources=d.sources
+        )
         return BinaryTokenLoader(lc, rank=rank, world_size=world)
 
     def step(self, forward, batch) -> StepOutput:

@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
+from data_pipeline.loader import BinaryTokenLoader, LoaderConfig, data_manifest
 from data_pipeline.loader.packing import seed_of
-from data_pipeline.shard_format import load_manifest
 from models.core.attention import resolve_attention
 from models.core.diffusion_head import fixed_draws
 from models.t2i.flops import t2i_batch_flops
@@ -32,7 +31,7 @@ class T2ITask(Task):
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
         self.cfg, self.device = cfg, device
-        self.manifest = load_manifest(Path(cfg.data.data_dir))
+        self.manifest = data_manifest(cfg.data)  # data_dir or the sources of a mixture, local or at a URL
         text = self.manifest["text_tokens"]
         sizes = tuple(tuple(s) for s in self.manifest["identity"]["sizes"])
         mcfg = get_t2i_config(
@@ -150,6 +149,7 @@ class T2ITask(Task):
             kind="t2i",
             seed=self.cfg.seed,
             rows_per_batch=d.micro_batch,
+            sources=d.sources,
         )
         return BinaryTokenLoader(lc, rank=rank, world_size=world)
 
