@@ -235,6 +235,12 @@ def stand_in(readme: str) -> StandIn:
             a = set_flag(a, flag, value)
     elif module == "eval.shapes_bench":
         a = set_flag(a, "--chance-samples", "20")
+    elif module == "eval.watch":  # the checkpoints there now of the README run it watches, two tiny prompts each
+        s.nproc = 1
+        a = set_flag(a, "--run-dir", watched_run(flag_value(a, "--run-dir")))
+        for flag, value in (GENERATE_SHRINK | T2I_GENERATE_SHRINK | {"--per-tag": "1"}).items():
+            a = set_flag(a, flag, value)
+        a.append("--once")
 
     s.args = a
     s.outputs = [os.path.normpath(p) for p in s.outputs + [flag_value(a, f) for f in OUTPUT_FLAGS] if p is not None]
@@ -242,6 +248,17 @@ def stand_in(readme: str) -> StandIn:
     paths = {os.path.normpath(v) for v in values if "/" in v and not v.startswith(("-", "/"))}
     s.inputs = sorted(paths - set(s.outputs))
     return s
+
+
+def watched_run(run_dir: str) -> str:
+    """The stand-in run folder of the README training command that writes `run_dir` (workspace-relative)."""
+    for readme in COMMANDS:
+        if readme.startswith("make "):
+            continue
+        module, args, _ = entry(shlex.split(readme))
+        if module == "training.train" and f"run_dir={run_dir}" in [rewrite_word(w) for w in args]:
+            return training_config(stand_in(readme).args).run_dir
+    raise AssertionError(f"no README training command writes {run_dir}")
 
 
 # ---- running stand-ins -----------------------------------------------------------------------------------------------
@@ -382,6 +399,11 @@ def check_output(s: StandIn, result: Result, ws: Path) -> None:
         assert list(out.glob(pattern)), f"{what} wrote no {pattern}: {sorted(p.name for p in out.rglob('*'))}"
     elif m == "eval.shapes_bench":
         assert "shapes" in json.loads((ws / a[0] / "summary.json").read_text()), what
+    elif m == "eval.watch":
+        rows = [
+            json.loads(line) for line in (ws / flag_value(a, "--run-dir") / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert [r["step"] for r in rows if "watch/score" in r] == [2], f"{what}: no scored checkpoint"
     elif m == "eval.report":
         assert (ws / a[0] / "report.md").read_text().startswith("# Evaluation report"), what
     elif m == "cluster.plan":

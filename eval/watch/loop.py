@@ -55,13 +55,24 @@ def failed_steps(path: Path) -> set[int]:
     return steps
 
 
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def outside_torchrun() -> None:
+    """The export child's start: it dies with this process, and forgets the torchrun job it was spawned from (with
+    TORCHELASTIC_USE_AGENT_STORE inherited, its own one-process group would wait for torchrun's agent store)."""
+    exit_with_parent()
+    for name in [*TORCHRUN_ENV, *(k for k in os.environ if k.startswith("TORCHELASTIC_"))]:
+        os.environ.pop(name, None)
+
+
 def export_in_child(checkpoint: Path, dst: Path, text_tokenizer: Path, image_tokenizer: Path) -> Path:
     """The engine's export in a fresh process: it may start its own process group (megatron's tools do), its memory
     goes back when it ends, and it dies with this process."""
     from training.engines.export import export_checkpoint
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=context, initializer=exit_with_parent) as pool:
+    with ProcessPoolExecutor(1, mp_context=context, initializer=outside_torchrun) as pool:
         return pool.submit(export_checkpoint, checkpoint, dst, text_tokenizer, image_tokenizer).result()
 
 
