@@ -59,15 +59,16 @@ def sh(cmd: list[str], log: Path) -> None:
 
 @contextlib.contextmanager
 def beside(cmd: list[str], log: Path, timeout_s: float = 900.0):
-    """Run `cmd` in the background (at a lower CPU priority, its output to `log`) while the block runs, then wait for
-    it to finish on its own; a failure names the command and the log."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """Run `cmd` in the background (at the lowest CPU priority, one thread: it takes what the foreground leaves; its
+    output to `log`) while the block runs, then wait for it to finish on its own; a failure names the command and the
+    log."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.setdefault("WANDB_SILENT", "true")
     print("$ " + " ".join(cmd) + " &", flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as f:
         proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10)
+            cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(19)
         )
         try:
             yield proc

@@ -95,6 +95,8 @@ def test_validation_loss_is_the_same_under_every_engine_and_layout(tmp_path, dat
     reference = logged["zero0"][0]
     assert reference["val/tokens"] > 0 and 0 < reference["val/text_ce"] and 0 < reference["val/vision"]
     for name, steps in logged.items():
+        print(f"{name:9s} val/loss {steps[0]['val/loss']:.8f} text_ce {steps[0]['val/text_ce']:.8f} "
+              f"vision {steps[0]['val/vision']:.8f}")  # fmt: skip
         for key in ("val/loss", "val/text_ce", "val/vision"):
             assert steps[0][key] == pytest.approx(reference[key], abs=1e-5), (name, key)
         assert steps[0]["val/tokens"] == reference["val/tokens"], name
