@@ -3,6 +3,10 @@
 1. images/s of the Ray tokenize job (local Ray, 1 encoder actor) vs the same work in one bare process
    (`run_tokenize(local=True)`: read, decode, resize, encode with the same tokenizer and batch size, write).
    Target: Ray overhead <= 15%, measured in steady state (after the first shard) and reported end to end too.
+   Then both again with the filters on (FILTER_FLAGS: they keep most of the shapes data; `--min-score` on the
+   `min_object_area` score the shapes json carries), same input: images read/s and kept/s, on vs off, as ratios
+   (--min-score drops samples before decoding, so more are read a second; kept/s shows the filters' cost). The
+   filtered runs come second (warm Ray workers, a warm page cache): the steady-state ratios are the fairer ones.
 2. samples/s of the training loader vs the samples/s a tiny T2I model consumes in training (fwd + bwd + AdamW).
 Run: `python tests/benchmarks/bench_tokenize.py [--samples 3200 --per-shard 200]`.
 """
@@ -28,11 +32,15 @@ from models.t2i.text_tokenizer import build_chat_tokenizer
 from models.tokenizer.io import save_tokenizer
 from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 
+FILTER_FLAGS = "--min-side 8 --min-pixels 64 --max-aspect 4 --min-score min_object_area=0.016 --dedup"
+FILTERS = dict(min_side=8, min_pixels=64, max_aspect=4.0, min_score={"min_object_area": 0.016}, dedup=True)
 
-def steady_rate(out: Path) -> float:
-    """images/s between the first and the last finished shard (stats files are written as shards finish)."""
+
+def steady_rate(out: Path, count: str = "ok") -> float:
+    """images/s (`count`: "ok" kept, "inputs" read) between the first and the last finished shard (stats files are
+    written as shards finish)."""
     stats = sorted(out.glob("*.stats.json"), key=lambda p: p.stat().st_mtime)
-    samples = [json.loads(p.read_text())["ok"] for p in stats]
+    samples = [json.loads(p.read_text())[count] for p in stats]
     return sum(samples[1:]) / (stats[-1].stat().st_mtime - stats[0].stat().st_mtime)
 
 
@@ -69,6 +77,9 @@ def main() -> None:
         start = time.perf_counter()
         n_bare = run_tokenize(cfg, local=True)["samples"]
         bare = n_bare / (time.perf_counter() - start)
+        start = time.perf_counter()
+        filtered = run_tokenize(replace(cfg, output=str(root / "bare_filtered"), **FILTERS), local=True)
+        bare_f = filtered["inputs"] / (time.perf_counter() - start)
 
         import ray
 
@@ -77,6 +88,9 @@ def main() -> None:
         start = time.perf_counter()
         manifest = run_tokenize(ray_cfg)
         ray_rate = manifest["samples"] / (time.perf_counter() - start)
+        start = time.perf_counter()
+        ray_filtered = run_tokenize(replace(ray_cfg, output=str(root / "ray_filtered"), **FILTERS))
+        ray_f = ray_filtered["inputs"] / (time.perf_counter() - start)
         ray.shutdown()
         bare_s, ray_s = steady_rate(root / "bare"), steady_rate(root / "ray")
         print(
@@ -87,6 +101,23 @@ def main() -> None:
             f"tokenize, steady state (after the first shard): bare loop {bare_s:.1f} images/s, Ray job "
             f"{ray_s:.1f} images/s, Ray overhead {100 * (bare_s / ray_s - 1):+.1f}% (target <= 15%)"
         )
+        assert not manifest["skipped"] and manifest["inputs"] == filtered["inputs"]  # off: images read = kept
+        assert filtered["skipped"] == ray_filtered["skipped"] and filtered["samples"] == ray_filtered["samples"]
+        print(
+            f"tokenize with filters {FILTER_FLAGS}: kept {filtered['samples']} of {filtered['inputs']} images "
+            f"(skipped {filtered['skipped'] or 'none'}); images/s, filters on vs off (ratio on/off):"
+        )
+        kept = filtered["samples"] / filtered["inputs"]
+        for name, on, off, out, off_s in (
+            ("bare loop", bare_f, bare, root / "bare_filtered", bare_s),
+            ("Ray job  ", ray_f, ray_rate, root / "ray_filtered", ray_s),
+        ):
+            read_s, kept_s = steady_rate(out, "inputs"), steady_rate(out)
+            print(
+                f"  {name} read: end to end {on:.1f} vs {off:.1f} ({on / off:.2f}), steady state {read_s:.1f} vs "
+                f"{off_s:.1f} ({read_s / off_s:.2f}); kept: end to end {on * kept:.1f} vs {off:.1f} "
+                f"({on * kept / off:.2f}), steady state {kept_s:.1f} vs {off_s:.1f} ({kept_s / off_s:.2f})"
+            )
 
         tiny = get_t2i_config("tiny-4x", attention="dense")
         vocab = load_manifest(root / "ray")["text_tokens"]["vocab_size"]
