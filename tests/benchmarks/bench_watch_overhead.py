@@ -6,7 +6,7 @@ and the per-rank forward timing behind straggler detection (`fault.straggler_fra
 on, ...) and each figure is the median over the repeats. Printed: the step time with heartbeat, watchdog and straggler
 timing over the step time without them, and the cost of validation spread over the steps between evaluations
 (the goal: under 2% of step time between evaluations, all together).
-Run: `python tests/benchmarks/bench_watch_overhead.py [--steps 100] [--every 50] [--repeats 3]`.
+Run: `python tests/benchmarks/bench_watch_overhead.py [--steps 100] [--every 100] [--repeats 3]`.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def run(run_dir: Path, data: dict, val: Path, steps: int, watched: bool, every: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--every", type=int, default=50, help="eval.every of the watched runs")
+    ap.add_argument("--every", type=int, default=100, help="eval.every of the watched runs (the demo's)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench_watch_"))
