@@ -34,6 +34,7 @@ bench: venv
 	$(BIN)/python tests/benchmarks/bench_train_step.py
 	$(BIN)/python tests/benchmarks/bench_checksums.py
 	$(BIN)/python tests/benchmarks/bench_watch_overhead.py
+	$(BIN)/python tests/benchmarks/bench_loader_storage.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -122,7 +122,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     cases = [
         (["--run-dir", str(tmp_path / "nope"), "--task", "shapes"], "--run-dir .*nope does not exist"),
-        (["--run-dir", str(tmp_path / "empty"), "--task", "shapes"], "checkpoints does not exist"),
         (["--run-dir", str(tmp_path), "--task", "nope"], "argument --task: invalid choice: 'nope'"),
         (["--run-dir", str(tmp_path), "--task", "prompts", "--prompt", "x"], "--task prompts has no scorer"),
         (["--run-dir", str(tmp_path), "--task", "shapes", "--geneval-repo", "x"], "--geneval-repo goes with"),
@@ -134,6 +133,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.splitlines()
         assert exit_.value.code == 2 and len(err) == 1, err
         assert err[0].startswith("python -m eval.watch: error: ") and re.search(message, err[0]), err
+
+
+def test_a_watcher_started_before_the_first_checkpoint_waits_for_it(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    main(["--run-dir", str(tmp_path / "run"), "--task", "shapes", "--once"])  # --once: nothing there yet, so done
+    assert f"waiting for the first checkpoint in {tmp_path / 'run' / 'checkpoints'}" in capsys.readouterr().out
 
 
 def test_a_run_config_without_tokenizers_is_one_line_and_exit_2(tmp_path, capsys):
