@@ -118,7 +118,7 @@ def stop_processes_started_with(token: str) -> None:
             proc.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(ours, timeout=30)
+    _, alive = psutil.wait_procs(ours, timeout=10)  # then SIGKILL: some Ray processes ignore SIGTERM
     for proc in alive:
         proc.kill()
 
