@@ -189,10 +189,17 @@ def run_train(
     }
 
 
+def shapes_sampling_flags(cfg: DemoConfig) -> list[str]:
+    """eval.generate's image size and sampler flags of the demo's shapes prompts (sampling and the watcher alike)."""
+    side = str(cfg.image_size)
+    s = cfg.sampling
+    return ["--height", side, "--width", side, "--image-size", f"{side}x{side}", "--steps", str(s.steps),
+            "--cfg-scale", str(s.cfg_scale), "--cfg-schedule", s.cfg_schedule]  # fmt: skip
+
+
 def watch_command(cfg: DemoConfig, run_dir: Path, steps: int) -> list[str]:
     """The checkpoint watcher beside the training run: the shapes benchmark on `watch_per_tag` prompts per tag, one
     image each, at every checkpoint up to `steps`."""
-    size = str(cfg.image_size)
     return [
         sys.executable,
         "-m",
@@ -205,18 +212,7 @@ def watch_command(cfg: DemoConfig, run_dir: Path, steps: int) -> list[str]:
         str(cfg.watch_per_tag),
         "--images-per-prompt",
         "1",
-        "--image-size",
-        f"{size}x{size}",
-        "--height",
-        size,
-        "--width",
-        size,
-        "--steps",
-        str(cfg.sampling.steps),
-        "--cfg-scale",
-        str(cfg.sampling.cfg_scale),
-        "--cfg-schedule",
-        cfg.sampling.cfg_schedule,
+        *shapes_sampling_flags(cfg),
         "--seed",
         str(cfg.seed),
         "--interval",
@@ -248,7 +244,6 @@ def run_sample(cfg: DemoConfig, out: Path, model: str = "t2i", dest: str = "samp
 
 
 def sample_prompts(cfg: DemoConfig, model: Path, samples: Path, seed: int, log: Path) -> None:
-    size = f"{cfg.image_size}x{cfg.image_size}"
     sh(
         [
             *torchrun(cfg),
@@ -260,18 +255,7 @@ def sample_prompts(cfg: DemoConfig, model: Path, samples: Path, seed: int, log: 
             str(model),
             "--out",
             str(samples),
-            "--height",
-            str(cfg.image_size),
-            "--width",
-            str(cfg.image_size),
-            "--image-size",
-            size,
-            "--steps",
-            str(cfg.sampling.steps),
-            "--cfg-scale",
-            str(cfg.sampling.cfg_scale),
-            "--cfg-schedule",
-            cfg.sampling.cfg_schedule,
+            *shapes_sampling_flags(cfg),
             "--images-per-prompt",
             str(cfg.images_per_prompt),
             "--batch-size",
