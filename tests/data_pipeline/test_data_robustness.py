@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.data import write_tar
 from PIL import Image
 
 from data_pipeline.image_ops import SkipSample, decode_image
@@ -36,16 +37,6 @@ def png(h: int = 32, w: int = 32, color=(200, 30, 30), mode: str = "RGB") -> byt
     buf = io.BytesIO()
     Image.new("RGB", (w, h), color).convert(mode).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    return path
 
 
 def sample(key: str, caption: str = "a red square", image: bytes | None = None) -> list[tuple[str, bytes]]:

@@ -8,14 +8,13 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.data import make_tokenizers
+from helpers.data import make_tokenizers, write_tar
 from PIL import Image
 
 from data_pipeline.image_ops import decode_image, pixel_digest
@@ -55,15 +54,6 @@ def png(w: int, h: int, color, mode: str = "RGB", level: int = 6) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), color).convert(mode).save(buf, format="PNG", compress_level=level)
     return buf.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
 
 
 def sample(key: str, image: bytes, scores: dict | None = None) -> list[tuple[str, bytes]]:

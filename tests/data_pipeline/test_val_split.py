@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.data import make_tokenizers
+from helpers.data import make_tokenizers, write_tar
 from PIL import Image
 
 from data_pipeline.loader import BinaryTokenLoader, LoaderConfig
@@ -31,15 +31,6 @@ def png(i: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (200, (37 * i) % 256, 30)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
 
 
 def make_raw(root: Path) -> None:

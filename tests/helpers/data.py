@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import torch
@@ -60,3 +62,14 @@ def make_tokenizers(root: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
     save_tokenizer(BinaryAutoencoder(cfg), cfg, root / "ae", name="tiny")
     return text, root / "ae"
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A webdataset tar of (member name, payload) pairs, in order; returns its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
