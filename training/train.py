@@ -3,10 +3,9 @@
 One loop for every model family and engine (`models.family.FAMILIES`, `training.engines.ENGINES`: DeepSpeed, or
 megatron-core with the `parallel` section): data loader -> one optimizer step through the engine over the step's
 micro-batches -> LR schedule -> EMA -> logging (with where the step's time went and the peak memory per rank; a
-profiler trace of `profile.steps`), the held-out validation loss (`training.validation`), periodic samples and
-checkpoints. Non-finite steps are skipped and counted (K in a
-row stop the run); SIGTERM saves a checkpoint and exits 0; `checkpoint.resume=auto` continues from
-`<run_dir>/checkpoints/latest` exactly where it stopped.
+profiler trace of `profile.steps`; a named straggler), the held-out validation loss (`training.validation`), periodic
+samples and checkpoints. Non-finite steps are skipped and counted (K in a row stop the run); SIGTERM saves a checkpoint
+and exits 0; `checkpoint.resume=auto` continues from `<run_dir>/checkpoints/latest` exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -189,7 +188,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
     window = ProfileWindow(cfg.profile.steps, cfg.run_dir, rank, cuda)
     snapshot = MemorySnapshot(cfg.memory.snapshot_step, cfg.run_dir, rank, cuda)
     since_log = {"checkpoint_s": 0.0, "peak_gib": 0.0}  # this rank's, since the last logged step
-    stragglers: dict = {}  # the slow rank last named
+    named_straggler = None  # the slow rank named at the last step, if any
     validation = held_out(cfg, task, engine.dp_rank, engine.dp_size)
     if rank == 0 and cfg.eval.every and task.validation_kind is not None:
         print(validation.describe() if validation else NO_VALIDATION, flush=True)
@@ -275,13 +274,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
             slow = straggler(forward_s, cfg.fault.straggler_fraction) if cfg.fault.straggler_fraction else None
             if slow is not None:
                 values |= {"time/straggler_rank": slow[0], "time/straggler_forward_s": slow[1]}
-                if rank == 0 and slow[0] != stragglers.get("rank"):  # once per slow rank in a row
+                if rank == 0 and slow[0] != named_straggler:  # once per slow rank in a row
                     print(
                         f"straggler at step {state.step}: rank {slow[0]} computed its forwards in {slow[1]:.3f} s, "
                         f"{slow[1] / max(slow[2], 1e-9):.1f}x the median {slow[2]:.3f} s of {len(forward_s)} ranks",
                         flush=True,
                     )
-            stragglers["rank"] = slow[0] if slow is not None else None
+            named_straggler = slow[0] if slow is not None else None
             if cfg.logging.peak_tflops > 0 and means[1] > 0:
                 values["mfu"] = mfu(means[1] * world, seconds, cfg.logging.peak_tflops, world)
             final_step = state.step == cfg.schedule.total_steps
