@@ -26,8 +26,9 @@ printed, counted and listed in `<run_dir>/watch/<task>/failed.jsonl`, and not re
 Keeping checkpoints (training.checkpoint_readers): rank 0 registers in `<run_dir>/watch/readers/<task>.json` with a
 heartbeat; the trainer's keep-last-N keeps every checkpoint this watcher has not exported yet while the heartbeat is
 younger than `--stale-after` (a dead watcher is ignored after that), and deletion is race-free with the claim this
-watcher makes before it reads a checkpoint. Only the shared filesystem connects the two: the watcher may run on
-another node (`python -m cluster.slurm|k8s|ray_cluster watch`).
+watcher makes before it reads a checkpoint. Only the shared filesystem connects the two (a DeepSpeed run's model is
+built from its dataset's manifest, so that node reads `data.data_dir` too): the watcher may run on another node
+(`python -m cluster.slurm|k8s|ray_cluster watch`).
 
 wandb: the same run id (`<run_dir>/wandb_id.txt`, written by training/logger.py) and project, mode as the run's
 `logging.wandb` ("auto": online with WANDB_API_KEY, else offline). A second process cannot append to a run another
