@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--image-tokenizer", required=True, help="image tokenizer weights (ae safetensors)")
     e.add_argument("--weights", choices=("auto", "model", "ema"), default="auto", help="auto: EMA when saved")
     e.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of the exported weights")
+    e.add_argument("--overwrite", action="store_true", help="write into a --dst folder that is not empty")
     i.add_argument(
         "--model",
         default=None,
@@ -290,7 +291,9 @@ def main(argv: list[str] | None = None) -> None:
             out = mc.reshard(src, dst, args.tp, args.pp, args.virtual_pp, not args.no_checksums)
         elif args.command == "export":
             tokenizers = Path(args.text_tokenizer), Path(args.image_tokenizer)
-            out = mc.export_folder(src, dst, *tokenizers, args.weights, args.dtype, not args.no_checksums)
+            out = mc.export_folder(
+                src, dst, *tokenizers, args.weights, args.dtype, not args.no_checksums, args.overwrite
+            )
         else:
             out = mc.import_folder(src, dst, args.tp, args.pp, args.model, args.vocab_size, args.seed)
     except ImportError as err:

@@ -43,14 +43,20 @@ def export_folder(
     weights: str = "auto",
     dtype: str = "bf16",
     checksums: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """A megatron checkpoint's model (or EMA) weights -> official T2I folder with the given tokenizers, in `dtype`
     (bf16 as the official folders, or fp32), streamed one layer at a time (`checkpoint_stream.export_streaming`).
-    The checkpoint's files are verified against its manifest first (sizes only without `checksums`)."""
+    The checkpoint's files are verified against its manifest first (sizes only without `checksums`). `dst` must be
+    new or empty unless `overwrite` (its files of the same names are then replaced)."""
     from models.t2i.text_tokenizer import T2ITextTokenizer
     from models.tokenizer.io import load_tokenizer
     from training.engines.checkpoint_stream import DTYPES, export_streaming
 
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"--dst {dst} is a file; give a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise CheckpointError(f"--dst {dst} is not empty; give a new or empty folder, or pass --overwrite")
     trainer = read_trainer(src)
     verify_checkpoint(src, checksums)
     check_dcp_metadata(src / DIST)  # before anything unpickles it
