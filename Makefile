@@ -10,7 +10,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_CPU)
-	$(BIN)/pip install -q -e '.[dev,data,train,megatron]'
+	$(BIN)/pip install -q -e '.[dev,data,train,megatron,app]'
 	touch $@
 
 venv: $(BIN)/.installed
