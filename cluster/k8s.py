@@ -11,7 +11,8 @@ torchrun of `eval.watch` beside a run), rendered as YAML.
 
 The image holds the repository at --workdir (on PYTHONPATH in every container). Paths in the job's arguments are
 paths inside the pods: put data, tokens and run dirs on the mounted PVCs. Without --dry-run the manifest is written
-(runs/launch/<job-name>.yaml unless --out) and `kubectl apply -f` submits it.
+(runs/launch/<job-name>.yaml unless --out) and `kubectl apply -f` submits it. Kubernetes expands `$(NAME)` in a
+container's command: each `$` of the job's arguments is written `$$`, so they reach the job as given.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from cluster.launch import (
     DEFAULT_ENV_FILE,
     RAY_DASHBOARD_PORT,
     RAY_GCS_PORT,
+    LauncherParser,
     LaunchError,
-    OneLineParser,
     add_delivery_flags,
     dns_name,
     non_negative_int,
@@ -34,11 +35,11 @@ from cluster.launch import (
     positive_int,
     read_env_file,
     run_main,
-    to_yaml,
     tokenize_command,
     torchrun,
     training_args,
     watch_args,
+    yaml_file,
 )
 
 
@@ -76,6 +77,12 @@ def limits(cpus: int | None, memory: str | None, gpus: int) -> dict:
     return out
 
 
+def literal(words: list[str]) -> list[str]:
+    """`words` as a container command holds them so they reach the job as given: Kubernetes reads `$$` as `$` and
+    `$(NAME)` as a variable there."""
+    return [w.replace("$", "$$") for w in words]
+
+
 def metadata(a: argparse.Namespace) -> dict:
     return {"name": dns_name(a.job_name), "namespace": a.namespace, "labels": {"app.kubernetes.io/part-of": "bitdance"}}
 
@@ -86,7 +93,8 @@ def render_train(a: argparse.Namespace):
     vols, mounts = volumes(a)
     g = a.gpus_per_node
     # the operator sets MASTER_ADDR / MASTER_PORT (the Master pod's service) in every pod; Kubernetes expands $(VAR)
-    cmd = torchrun(a.nodes, g, "$(MASTER_ADDR):$(MASTER_PORT)", a.job_name, a.max_restarts, "training.train", args)
+    endpoint = "$(MASTER_ADDR):$(MASTER_PORT)"
+    cmd = torchrun(a.nodes, g, endpoint, a.job_name, a.max_restarts, "training.train", literal(args))
 
     def replica(count: int) -> dict:
         pod = {"containers": [container(a, "pytorch", mounts, limits(a.cpus, a.memory, g), cmd, env)]}
@@ -106,12 +114,11 @@ def render_train(a: argparse.Namespace):
             "pytorchReplicaSpecs": replicas,
         },
     }
-    header = (
-        f"# BitDance training, {a.nodes} pod(s) x {g} GPU(s); rendered by `{a.rendered_by}`\n"
-        f"# Restarts (torchrun's, then the pods') resume from {cfg.run_dir}/checkpoints/latest "
-        "(checkpoint.resume=auto).\n"
-    )
-    return header + to_yaml(doc), ["kubectl", "apply", "-f", out_path(a)]
+    header = [
+        f"BitDance training, {a.nodes} pod(s) x {g} GPU(s); rendered by `{a.rendered_by}`",
+        f"Restarts (torchrun's, then the pods') resume from {cfg.run_dir}/checkpoints/latest (checkpoint.resume=auto).",
+    ]
+    return yaml_file(header, doc), ["kubectl", "apply", "-f", out_path(a)]
 
 
 def render_tokenize(a: argparse.Namespace):
@@ -152,8 +159,8 @@ def render_tokenize(a: argparse.Namespace):
             },
         },
     }
-    header = f"# BitDance Ray tokenization, 1 head + {a.workers} worker pod(s); rendered by `{a.rendered_by}`\n"
-    return header + to_yaml(doc), ["kubectl", "apply", "-f", out_path(a)]
+    header = [f"BitDance Ray tokenization, 1 head + {a.workers} worker pod(s); rendered by `{a.rendered_by}`"]
+    return yaml_file(header, doc), ["kubectl", "apply", "-f", out_path(a)]
 
 
 def render_watch(a: argparse.Namespace):
@@ -162,7 +169,7 @@ def render_watch(a: argparse.Namespace):
     env = read_env_file(a.env_file)
     vols, mounts = volumes(a)
     g = a.gpus
-    cmd = torchrun(1, g, "127.0.0.1:29500", a.job_name, a.max_restarts, "eval.watch", args)
+    cmd = torchrun(1, g, "127.0.0.1:29500", a.job_name, a.max_restarts, "eval.watch", literal(args))
     pod = {
         "restartPolicy": "OnFailure",
         "containers": [container(a, "watch", mounts, limits(a.cpus, a.memory, g), cmd, env)],
@@ -174,18 +181,18 @@ def render_watch(a: argparse.Namespace):
         "metadata": metadata(a),
         "spec": {"backoffLimit": a.max_restarts, "template": {"spec": pod}},
     }
-    header = (
-        f"# BitDance checkpoint watcher, 1 pod x {g} GPU(s); rendered by `{a.rendered_by}`\n"
-        "# It reads the run folder on the mounted PVCs only; apply it once the run has saved its first checkpoint.\n"
-    )
-    return header + to_yaml(doc), ["kubectl", "apply", "-f", out_path(a)]
+    header = [
+        f"BitDance checkpoint watcher, 1 pod x {g} GPU(s); rendered by `{a.rendered_by}`",
+        "It reads the run folder on the mounted PVCs only; apply it once the run has saved its first checkpoint.",
+    ]
+    return yaml_file(header, doc), ["kubectl", "apply", "-f", out_path(a)]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m cluster.k8s", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    p = LauncherParser(prog="python -m cluster.k8s", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=LauncherParser)
 
-    pod = argparse.ArgumentParser(add_help=False)
+    pod = LauncherParser(add_help=False)
     pod.add_argument("--image", required=True, help="container image holding the repository at --workdir")
     pod.add_argument("--namespace", default="default")
     pod.add_argument("--pvc", action="append", default=[], help="CLAIM:/mount/path, repeatable (data, checkpoints)")

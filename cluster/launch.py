@@ -2,7 +2,11 @@
 shell rendering of command lines, the command lines they all launch (torchrun of `training.train`, `eval.watch` or
 `cluster.preflight`, `python -m data_pipeline.tokenize`, `ray job submit`), each checked by its entry point's own
 parser or config loader before anything is written, and `--dry-run` (print the file and the command) or write and
-submit."""
+submit.
+
+Nothing a user gives can change the shape of a rendered file: every string argument, and every config value a file
+shows, is refused when it holds a control or line-break character (`one_line`); shell words go through shlex.quote,
+YAML through the YAML library, and comment lines through `comment`, which keeps each one a single `#` line."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import yaml
@@ -33,6 +38,51 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ---------------------------------------------------------------- values that stay on their line
+
+CHARACTER_NAMES = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab", "\0": "a NUL"}
+
+
+def unsafe_character(text: str) -> str | None:
+    """The first character of `text` that could end or corrupt a line of a script or manifest, named: a control
+    character (newline, CR, NUL, tab, ESC, DEL; C1 such as NEL) or a Unicode line or paragraph separator (NEL and
+    these end a line for YAML); None when there is none."""
+    for ch in text:
+        category = unicodedata.category(ch)
+        if category == "Cc":
+            return CHARACTER_NAMES.get(ch, f"the control character {ch!r}")
+        if category in ("Zl", "Zp"):
+            return f"the {'line' if category == 'Zl' else 'paragraph'} separator {ch!r}"
+    return None
+
+
+def one_line(text: str) -> str:
+    """The argparse type of every launcher string argument: `text`, refused when it would not stay on one line."""
+    if problem := unsafe_character(text):
+        raise argparse.ArgumentTypeError(f"{text!r} holds {problem}; give a single-line value")
+    return text
+
+
+def escaped(text: str) -> str:
+    """`text` with each character `unsafe_character` names written as its escape (`\\n`, `\\x85`): one line."""
+    return "".join(ch.encode("unicode_escape").decode() if unsafe_character(ch) else ch for ch in text)
+
+
+def comment(text: str) -> str:
+    """`text` as one comment line of a script or YAML file (`# text`): a line break it holds is escaped."""
+    return f"# {escaped(text)}"
+
+
+class LauncherParser(OneLineParser):
+    """The launchers' parser: one-line errors, and every string argument one line (`one_line` is the type of each
+    argument that stores strings and names no type of its own)."""
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("action", "store") in ("store", "append", "extend") and "type" not in kwargs:
+            kwargs["type"] = one_line
+        return super().add_argument(*args, **kwargs)
 
 
 def _bounded_int(low: int):
@@ -134,6 +184,15 @@ def training_args(config: str, overrides: list[str], max_restarts: int):
         cfg = load_config(config, overrides)
     except (ValueError, FileNotFoundError) as e:
         raise LaunchError(f"{config} with overrides {overrides}: {e}") from None
+    except yaml.YAMLError as e:  # OmegaConf reads each override's value as YAML
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LaunchError(f"an override of {overrides} does not parse as YAML ({problem}); quote its value") from None
+    # the config values the rendered files show (comments, preflight's paths): overrides were checked by argparse
+    shown = {"run_dir": cfg.run_dir, "data.data_dir": cfg.data.data_dir, "model.init_from": cfg.model.init_from}
+    shown["checkpoint.resume"] = cfg.checkpoint.resume
+    for key, value in shown.items():
+        if isinstance(value, str) and (problem := unsafe_character(value)):
+            raise LaunchError(f"{key} {value!r} in {config} holds {problem}; give a single-line value")
     if cfg.checkpoint.resume == "none" and max_restarts:
         raise LaunchError(
             f"checkpoint.resume=none with --max-restarts {max_restarts} would restart from step 0; "
@@ -215,11 +274,20 @@ def to_yaml(doc: dict) -> str:
     return yaml.dump(doc, Dumper=_SafeDumperWithoutAliases, sort_keys=False, default_flow_style=False, width=1 << 16)
 
 
+def yaml_file(header: list[str], doc: dict) -> str:
+    """A YAML file: the header lines as comments, then `doc` written by the YAML library."""
+    return "".join(comment(line) + "\n" for line in header) + to_yaml(doc)
+
+
 # ---------------------------------------------------------------- common flags and delivery
 
 
-def add_delivery_flags(parser: argparse.ArgumentParser, job_name: str, suffix: str, name_flag="--job-name") -> None:
-    parser.add_argument(name_flag, dest="job_name", default=job_name, help=f"the name (default {job_name})")
+def add_delivery_flags(
+    parser: argparse.ArgumentParser, job_name: str, suffix: str, name_flag="--job-name", name_type=one_line
+) -> None:
+    parser.add_argument(
+        name_flag, dest="job_name", default=job_name, type=name_type, help=f"the name (default {job_name})"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the file and the command; write and run nothing")
     parser.add_argument("--out", help=f"where the rendered file is written (default runs/launch/<job-name>{suffix})")
     parser.set_defaults(suffix=suffix)
@@ -234,7 +302,7 @@ def deliver(text: str, out: str, submit: list[str], dry_run: bool) -> int:
     script or YAML); otherwise write the file and run the command (its exit code is returned)."""
     if dry_run:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
-        print(f"# then: {shlex.join(submit)}")
+        print(comment(f"then: {shlex.join(submit)}"))
         return 0
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,8 +318,7 @@ def run_main(parser: argparse.ArgumentParser, argv, render) -> int:
     deliver); a LaunchError is one line and exit code 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    # recorded in the rendered file's header comment, on one line whatever the arguments hold
-    args.rendered_by = shlex.join([*parser.prog.split(), *argv]).replace("\n", "\\n")
+    args.rendered_by = shlex.join([*parser.prog.split(), *argv])  # for the rendered file's header `comment`
     try:
         rendered = render(args)
         if rendered is None:  # a helper subcommand that did its work
@@ -259,4 +326,4 @@ def run_main(parser: argparse.ArgumentParser, argv, render) -> int:
         text, submit = rendered
         return deliver(text, out_path(args), submit, args.dry_run)
     except LaunchError as e:
-        parser.error(str(e))
+        parser.error(escaped(str(e)))

@@ -22,18 +22,19 @@ from cluster.launch import (
     RAY_DASHBOARD_PORT,
     RAY_GCS_PORT,
     REPO,
+    LauncherParser,
     LaunchError,
-    OneLineParser,
     add_delivery_flags,
+    comment,
     non_negative_int,
     out_path,
     positive_int,
     ray_job_submit,
     run_main,
     shell_line,
-    to_yaml,
     tokenize_command,
     watch_args,
+    yaml_file,
 )
 
 DEFAULTS = {  # provider: region, head instance, worker instance (one GPU each)
@@ -126,15 +127,14 @@ def render(a: argparse.Namespace):
     path = out_path(a)
     submit = shlex.join(ray_job_submit(f"http://127.0.0.1:{RAY_DASHBOARD_PORT}", entry or ["<tokenize command>"]))
     header = [
-        f"# Ray cluster {a.job_name} on {a.provider}, 1 head + {a.workers} GPU worker(s); rendered by "
-        f"`{a.rendered_by}`",
-        "# Start it, forward its dashboard, submit the tokenize job from the repository root, tear it down:",
-        f"#   ray up -y {path}",
-        f"#   ray dashboard {path}  # keeps a tunnel to the head's port {RAY_DASHBOARD_PORT} open",
-        f"#   {submit}",
-        f"#   ray down -y {path}",
+        f"Ray cluster {a.job_name} on {a.provider}, 1 head + {a.workers} GPU worker(s); rendered by `{a.rendered_by}`",
+        "Start it, forward its dashboard, submit the tokenize job from the repository root, tear it down:",
+        f"  {shlex.join(['ray', 'up', '-y', path])}",
+        f"  {shlex.join(['ray', 'dashboard', path])}  # keeps a tunnel to the head's port {RAY_DASHBOARD_PORT} open",
+        f"  {submit}",
+        f"  {shlex.join(['ray', 'down', '-y', path])}",
     ]
-    return "\n".join(header) + "\n" + to_yaml(doc), ["ray", "up", "-y", path]
+    return yaml_file(header, doc), ["ray", "up", "-y", path]
 
 
 def render_watch(a: argparse.Namespace):
@@ -148,7 +148,7 @@ def render_watch(a: argparse.Namespace):
     submit = shell_line(ray_job_submit(a.address, entry, options))
     lines = [
         "#!/bin/bash",
-        f"# BitDance checkpoint watcher as a Ray job ({a.gpus} GPU(s)); rendered by `{a.rendered_by}`",
+        comment(f"BitDance checkpoint watcher as a Ray job ({a.gpus} GPU(s)); rendered by `{a.rendered_by}`"),
         "# The run folder must be on a filesystem the Ray node that runs the job mounts at the same path. Follow it",
         "# with `ray job logs -f <submission id>`; stop it with `ray job stop <submission id>`.",
         "set -euo pipefail",
@@ -158,7 +158,7 @@ def render_watch(a: argparse.Namespace):
 
 
 def build_watch_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m cluster.ray_cluster watch", description=render_watch.__doc__)
+    p = LauncherParser(prog="python -m cluster.ray_cluster watch", description=render_watch.__doc__)
     p.add_argument("--address", default=f"http://127.0.0.1:{RAY_DASHBOARD_PORT}", help="the Ray dashboard (job API)")
     p.add_argument("--gpus", type=non_negative_int, default=1, help="GPUs of the job (generation is split over them)")
     p.add_argument("--cpus", type=positive_int, default=8, help="CPUs of the job (export, scoring)")
@@ -168,7 +168,7 @@ def build_watch_parser() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m cluster.ray_cluster", description=__doc__.splitlines()[0])
+    p = LauncherParser(prog="python -m cluster.ray_cluster", description=__doc__.splitlines()[0])
     p.add_argument("--provider", choices=sorted(DEFAULTS), required=True)
     p.add_argument("--region", help="default: us-west-2 (aws), us-central1 (gcp)")
     p.add_argument("--zone", help="gcp availability zone (default <region>-a)")

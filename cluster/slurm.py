@@ -9,11 +9,14 @@ for the checkpoint watcher (torchrun of `eval.watch` on nodes of its own).
 
 Without --dry-run the script is written (runs/launch/<job-name>.sbatch unless --out) and `sbatch` submits it; submit
 from the repository root (the job runs there). `wait-ray` is the tokenize script's own wait for its Ray nodes.
+The values of the `#SBATCH` lines (--job-name, --partition, --time, --account) are single words without quotes,
+backslashes, '#' or 'hetjob' (`sbatch_value`): sbatch, not the shell, reads those lines.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 
@@ -21,11 +24,13 @@ from cluster.launch import (
     DEFAULT_ENV_FILE,
     RAY_DASHBOARD_PORT,
     RAY_GCS_PORT,
+    LauncherParser,
     LaunchError,
-    OneLineParser,
     Shell,
     add_delivery_flags,
+    comment,
     non_negative_int,
+    one_line,
     out_path,
     positive_float,
     positive_int,
@@ -47,10 +52,23 @@ HEAD = [
 ]
 
 
+def sbatch_value(text: str) -> str:
+    """The argparse type of the values on `#SBATCH` lines. sbatch splits those lines at whitespace (a second word
+    would be an option of its own), strips quotes and backslashes, ends them at '#' and takes a `hetjob` / `packjob`
+    anywhere on them for a heterogeneous-job separator: a value holds none of these."""
+    one_line(text)
+    if found := re.search(r"[\s'\"\\#]|hetjob|packjob", text, flags=re.IGNORECASE):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} holds {found[0]!r}, which sbatch reads specially on an #SBATCH line; give a value without "
+            "whitespace, quotes, backslashes, '#', 'hetjob' or 'packjob'"
+        )
+    return text
+
+
 def sbatch_header(a: argparse.Namespace, what: str) -> list[str]:
     lines = [
         "#!/bin/bash",
-        f"# {what}; rendered by `{a.rendered_by}`",
+        comment(f"{what}; rendered by `{a.rendered_by}`"),
         f"#SBATCH --job-name={a.job_name}",
         f"#SBATCH --nodes={a.nodes}",
         "#SBATCH --ntasks-per-node=1",
@@ -83,12 +101,15 @@ def render_train(a: argparse.Namespace):
     rdzv = Shell(f"$HEAD:{a.port}")
     train = torchrun(Shell("$SLURM_NNODES"), g, rdzv, Shell("$SLURM_JOB_ID"), a.max_restarts, "training.train", args)
     resume = "the last checkpoint" if cfg.checkpoint.resume == "auto" else f"checkpoint.resume={cfg.checkpoint.resume}"
+    restarts = [
+        f"Restarts resume from {resume}: torchrun restarts every worker up to {a.max_restarts} time(s) after a",
+        "failure, and a requeued or resubmitted job starts training.train again; with checkpoint.resume=auto (the",
+        f"default) each start continues from {checkpoint_root(cfg.run_dir)}/latest. SIGTERM writes a checkpoint.",
+    ]
     lines = [
         *sbatch_header(a, f"BitDance training, {a.nodes} node(s) x {g} GPU(s), config {a.config}"),
         "#",
-        f"# Restarts resume from {resume}: torchrun restarts every worker up to {a.max_restarts} time(s) after a",
-        "# failure, and a requeued or resubmitted job starts training.train again; with checkpoint.resume=auto (the",
-        f"# default) each start continues from {checkpoint_root(cfg.run_dir)}/latest. SIGTERM writes a checkpoint.",
+        *map(comment, restarts),
         *prologue(a),
         f"set -a; source {quote(a.env_file)}; set +a  # NCCL and torch.distributed settings",
         'echo "$SLURM_NNODES node(s), rendezvous on $HEAD"',
@@ -205,14 +226,14 @@ def wait_ray(a: argparse.Namespace, alive=None, clock=time.monotonic, sleep=time
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m cluster.slurm", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    p = LauncherParser(prog="python -m cluster.slurm", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=LauncherParser)
 
-    shape = argparse.ArgumentParser(add_help=False)
+    shape = LauncherParser(add_help=False)
     shape.add_argument("--nodes", type=positive_int, required=True)
-    shape.add_argument("--partition")
-    shape.add_argument("--time", help="SLURM time limit, e.g. 48:00:00")
-    shape.add_argument("--account")
+    shape.add_argument("--partition", type=sbatch_value)
+    shape.add_argument("--time", type=sbatch_value, help="SLURM time limit, e.g. 48:00:00")
+    shape.add_argument("--account", type=sbatch_value)
     shape.add_argument(
         "--setup",
         action="append",
@@ -231,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-allreduce-gbps", type=positive_float, help="preflight's all-reduce bus-bandwidth floor, GB/s")
     t.add_argument("--no-preflight", action="store_true", help="skip cluster.preflight before training")
     t.add_argument("overrides", nargs="*", help="after --: dotted config overrides, e.g. data.data_dir=/data/x")
-    add_delivery_flags(t, "bitdance-train", ".sbatch")
+    add_delivery_flags(t, "bitdance-train", ".sbatch", name_type=sbatch_value)
     t.set_defaults(render=render_train)
 
     k = sub.add_parser("tokenize", parents=[shape], help="a Ray cluster in the allocation + data_pipeline.tokenize")
@@ -240,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dashboard-host", default="0.0.0.0", help="where the head's dashboard (job API) listens")
     k.add_argument("--ray-timeout", type=positive_int, default=300, help="seconds to wait for the Ray nodes")
     k.add_argument("tokenize_args", nargs="*", help="after --: the data_pipeline.tokenize arguments")
-    add_delivery_flags(k, "bitdance-tokenize", ".sbatch")
+    add_delivery_flags(k, "bitdance-tokenize", ".sbatch", name_type=sbatch_value)
     k.set_defaults(render=render_tokenize)
 
     v = sub.add_parser("watch", parents=[shape], help="eval.watch under torchrun on nodes of its own")
@@ -250,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--env-file", default=DEFAULT_ENV_FILE, help="NCCL / torch.distributed settings, sourced")
     v.add_argument("--port", type=positive_int, default=29500, help="rendezvous port")
     v.add_argument("watch_args", nargs="*", help="after --: the eval.watch arguments (--run-dir, --task, ...)")
-    add_delivery_flags(v, "bitdance-watch", ".sbatch")
+    add_delivery_flags(v, "bitdance-watch", ".sbatch", name_type=sbatch_value)
     v.set_defaults(render=render_watch)
 
     w = sub.add_parser("wait-ray", help="(used by the tokenize script) wait for the Ray nodes to join")
