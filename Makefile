@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv demo app test test-fast lint bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,10 @@ venv: $(BIN)/.installed
 
 demo: venv
 	$(BIN)/python -m cluster.demo $(ARGS)
+
+APP_MODEL ?= runs/demo/t2i
+app: venv  # the web playground (python -m eval.app) on the demo's run, after `make demo`; APP_MODEL=<folder|ckpt|run>
+	$(BIN)/python -m eval.app --model $(APP_MODEL) $(ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -q tests
