@@ -7,10 +7,20 @@ The one image-generation entry point, for benchmarks, free prompts and class-con
 (`models.family.FAMILIES`) gives the generator that loads `--model` once and turns conditions into bits, and the
 image tokenizer decodes them here. Jobs are split across ranks; every image's noise comes from its own generator
 seeded by (base seed, job index, image index), so an image does not depend on the number of ranks or the batch size.
-Finished jobs are skipped on re-runs (a job is finished when its last file is in place; files are written
-atomically), so a half-written one is redone. Sampler settings are a `SamplingConfig`: the published settings of the
-model (`--preset`, by default the one the checkpoint is recognised as, see `eval.presets`), each overridden by an
-explicit flag; on a GPU the models run in bf16 autocast.
+Sampler settings are a `SamplingConfig`: the published settings of the model (`--preset`, by default the one the
+checkpoint is recognised as, see `eval.presets`), each overridden by an explicit flag; on a GPU the models run in
+bf16 autocast.
+
+Output folders (`training.output_folder`): `--out` is a new or empty folder, or one eval.generate made (its marker
+`.bitdance-output.json`), where re-runs skip the finished jobs (a job is finished when its last file is in place;
+files are written atomically, so a half-written one is redone). Any other non-empty folder is refused in one line
+unless `--overwrite`: then nothing found there counts as done, every job is generated afresh, its files replace those
+of the same names and other files stay; the folder is marked as eval.generate's only once that run is complete, so an
+interrupted `--overwrite` run starts afresh again. Job names (a DPG id, a prompt index) must be plain file names
+(`safe_file_name`; an unsafe one is refused, not renamed) and every path written must stay inside `--out`, symlinks
+followed (`resolve_inside`). Nothing is written before every check has passed: the flags and the prompt file (UTF-8)
+when parsing, the folder, the paths and the image size (the model is loaded) before run.json. Errors are one line
+(`--debug` or BITDANCE_DEBUG=1: the traceback).
 """
 
 from __future__ import annotations
@@ -28,13 +38,18 @@ import torch.distributed.nn  # noqa: F401  (before the process group: the note a
 from tqdm import tqdm
 
 from eval.benchmarks import BENCHMARKS, Benchmark, Job, get_benchmark
+from eval.benchmarks.base import check_job_names, output_file
 from eval.presets import PRESETS, get_preset
 from models.core.head_sampler import randn_rows
 from models.core.registry import import_object
 from models.core.sampling import CFG_SCHEDULES, SamplingConfig
 from models.family import FAMILIES
 from models.tokenizer.model import tensor_to_images
+from training.cli_errors import add_debug_flag, one_line_errors
+from training.output_folder import check_output_folder, claim_output_folder
 
+PROG = "python -m eval.generate"
+TOOL = "eval.generate"  # the marker of the folders it made (training.output_folder)
 SAMPLING = SamplingConfig()  # --steps, --cfg-scale, --cfg-schedule when no preset applies
 
 
@@ -143,9 +158,15 @@ def add_arguments(p: argparse.ArgumentParser) -> list[FlagGroup]:
     return groups
 
 
+def load_jobs(bench: Benchmark, args: argparse.Namespace) -> list[Job]:
+    """The jobs `generate` makes (`--limit` keeps the first ones), every name a plain file name; a ValueError (one
+    line) for an unreadable or malformed prompt file."""
+    return check_job_names(bench.load_jobs(args))[: args.limit]
+
+
 def resolve_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, groups: list[FlagGroup]) -> None:
-    """Checks the parsed flags against their --task and the model (`args.model`), and fills the sampler settings
-    left unset (`resolve_sampling`); errors go through `p.error`."""
+    """Checks the parsed flags against their --task and the model (`args.model`), fills the sampler settings left
+    unset (`resolve_sampling`) and reads the jobs (the prompt file); errors go through `p.error`."""
     for group in groups:
         group.check(p, args)
     bench = get_benchmark(args.task)
@@ -156,13 +177,26 @@ def resolve_arguments(p: argparse.ArgumentParser, args: argparse.Namespace, grou
         p.error(str(err))
     if args.batch_size < 1 or args.images_per_prompt < 1:
         p.error("--batch-size and --images-per-prompt must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit must be >= 1, got {args.limit}")
     bench.check(p, args)
+    try:
+        load_jobs(bench, args)
+    except ValueError as err:
+        p.error(str(err))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="official-layout T2I folder, or a class-conditional checkpoint")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a new or empty folder, or one it made before (it resumes there)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out it did not make: every job afresh, same-named files replaced (a folder "
+        "it made resumes either way)",
+    )
+    add_debug_flag(p)
     groups = add_arguments(p)
     args = p.parse_args(argv)
     resolve_arguments(p, args, groups)
@@ -181,20 +215,31 @@ def init_ranks() -> tuple[int, int, torch.device]:
 
 def generate(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> Path:
     """The images of parsed `args` in `args.out`: this rank's unfinished jobs, then (rank 0) the benchmark's finishing
-    step; every rank of the process group (if any) calls it."""
+    step; every rank of the process group (if any) calls it. Nothing is written before `--out` is accepted
+    (`args.overwrite` for a non-empty folder it did not make; see the module docstring), every output path is checked
+    to stay inside it and the model (the image size) is loaded; no rank writes images before rank 0 claimed it."""
     bench = get_benchmark(args.task)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = bench.load_jobs(args)[: args.limit]
-    mine = [j for j in jobs[rank::world] if not bench.is_done(j, out)]
+    jobs = load_jobs(bench, args)
+    own = check_output_folder(out, TOOL, args.overwrite)  # False: taken over with --overwrite, nothing there is done
+    finished = {j.index for j in jobs if bench.is_done(j, out)}  # also checks those paths stay inside --out
+    pending = [j for j in jobs if not (own and j.index in finished)]
+    mine = pending[rank::world]
+    generator = generator_class(bench.family)(args, device) if mine else None  # checks the image size
     if rank == 0:
+        if own:
+            claim_output_folder(out, TOOL)
+        else:
+            print(f"--overwrite: {out} is not eval.generate's; generating all {len(jobs)} prompts afresh", flush=True)
         run = {k: v for k, v in vars(args).items()}
-        (out / "run.json").write_text(json.dumps({**run, "world_size": world, "prompts": len(jobs)}, indent=2))
+        text = json.dumps({**run, "world_size": world, "prompts": len(jobs)}, indent=2)
+        output_file(out, "run.json").write_text(text)
         how = f"preset {args.preset}" if args.preset else "no preset"
         print(f"sampling ({how}): {sampling_config(args)}", flush=True)
         print(f"{len(jobs)} prompts; rank 0 has {len(mine)} left to generate", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
     if mine:
-        generator = generator_class(bench.family)(args, device)
         sampling = sampling_config(args)
         pairs = [(j, k) for j in mine for k in range(args.images_per_prompt)]
         done: dict[int, list[np.ndarray]] = {}
@@ -211,13 +256,16 @@ def generate(args: argparse.Namespace, rank: int, world: int, device: torch.devi
         dist.barrier()
     if rank == 0:
         bench.finish(jobs, out)
+        if not own:
+            claim_output_folder(out, TOOL, overwrite=True)  # complete: from now on it resumes like its own
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    rank, world, device = init_ranks()
-    generate(args, rank, world, device)
+    with one_line_errors(PROG, args.debug):
+        rank, world, device = init_ranks()
+        generate(args, rank, world, device)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -22,17 +22,25 @@ def made_by(folder: str | Path) -> str | None:
         return None
 
 
-def claim_output_folder(folder: str | Path, tool: str, overwrite: bool = False, flag: str = "--out") -> Path:
-    """Create `folder` (or accept it: empty, or marked by `tool`, or `overwrite`) and mark it as `tool`'s output."""
+def check_output_folder(folder: str | Path, tool: str, overwrite: bool = False, flag: str = "--out") -> bool:
+    """Whether `tool` may write into `folder`, writing nothing: True for a new or empty folder or one `tool` marked,
+    False for another non-empty folder when `overwrite` (the caller takes it over); otherwise a one-line ValueError."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{flag} {folder} is a file; give a folder")
-    if folder.is_dir() and any(folder.iterdir()) and made_by(folder) != tool and not overwrite:
-        other = made_by(folder)
-        whose = f"written by {other}" if other else "not written by this tool"
-        raise ValueError(
-            f"{flag} {folder} is not empty and was {whose}; give a new or empty folder, or pass --overwrite"
-        )
+    if not folder.is_dir() or not any(folder.iterdir()) or made_by(folder) == tool:
+        return True
+    if overwrite:
+        return False
+    other = made_by(folder)
+    whose = f"written by {other}" if other else "not written by this tool"
+    raise ValueError(f"{flag} {folder} is not empty and was {whose}; give a new or empty folder, or pass --overwrite")
+
+
+def claim_output_folder(folder: str | Path, tool: str, overwrite: bool = False, flag: str = "--out") -> Path:
+    """Create `folder` (or accept it: empty, or marked by `tool`, or `overwrite`) and mark it as `tool`'s output."""
+    folder = Path(folder)
+    check_output_folder(folder, tool, overwrite, flag)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MARKER).write_text(json.dumps({"tool": tool}) + "\n")
     return folder

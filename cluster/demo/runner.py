@@ -1,5 +1,11 @@
 """Running the demo: every stage run or reused (a finished stage writes <out>/stages/<name>.json keyed by a
-fingerprint of its settings and of the stages it reads), then <out>/report.md and the stage timings."""
+fingerprint of its settings and of the stages it reads), then <out>/report.md and the stage timings.
+
+The output folder is claimed first (`training.output_folder`, tool `cluster.demo`): a new or empty folder, or one the
+demo made (its marker), where re-runs reuse and resume stages. Any other non-empty folder is refused in one line
+before any stage unless `overwrite` (`--overwrite`): then the stage records found there (`stages/<name>.json` and
+`.base`) are dropped, so every stage runs afresh (each clears the folders it owns), files the stages do not write
+stay, and the folder is the demo's from then on (an interrupted run resumes from what it wrote itself)."""
 
 from __future__ import annotations
 
@@ -14,6 +20,9 @@ from cluster.demo.distill import STAGES as DISTILL_STAGES
 from cluster.demo.report import write_demo_report
 from cluster.demo.stage import Stage
 from cluster.demo.stages import STAGES
+from training.output_folder import check_output_folder, claim_output_folder
+
+TOOL = "cluster.demo"  # the marker of the folders it made
 
 
 def fingerprint(stage: Stage, cfg: DemoConfig, done: dict[str, dict], skip: tuple[str, ...] = ()) -> str:
@@ -22,14 +31,21 @@ def fingerprint(stage: Stage, cfg: DemoConfig, done: dict[str, dict], skip: tupl
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_demo(cfg: DemoConfig) -> Path:
+def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
     """Run (or reuse) every stage (the distillation ones with `distill=true`), then write <out>/report.md; returns
-    the report path."""
+    the report path. `out` must be new, empty or the demo's own, unless `overwrite` (see the module docstring)."""
     out = Path(cfg.out).resolve()
+    stages = STAGES + (DISTILL_STAGES if cfg.distill else ())
+    if not check_output_folder(out, TOOL, overwrite, flag="out"):
+        print(f"--overwrite: {out} is not the demo's; every stage runs afresh", flush=True)
+        for stage in STAGES + DISTILL_STAGES:  # nothing recorded there is reused
+            for suffix in (".json", ".base"):
+                (out / "stages" / f"{stage.name}{suffix}").unlink(missing_ok=True)
+    claim_output_folder(out, TOOL, overwrite=True)
     (out / "stages").mkdir(parents=True, exist_ok=True)
     done: dict[str, dict] = {}
     wall = time.perf_counter()
-    for stage in STAGES + (DISTILL_STAGES if cfg.distill else ()):
+    for stage in stages:
         fp, base = fingerprint(stage, cfg, done), fingerprint(stage, cfg, done, skip=stage.resumable)
         marker = out / "stages" / f"{stage.name}.json"
         if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fp:

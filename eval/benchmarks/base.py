@@ -1,6 +1,10 @@
 """`Benchmark`, what every `--task` of `eval.generate` is, the `Job`s it turns into files, and the layout most share:
 `<out>/<idx:05d>/samples/<k:04d>.png` + `metadata.jsonl` (GenEval's, the one its scorer reads), written atomically,
-the metadata last, so a prompt is finished when its `metadata.jsonl` is in place."""
+the metadata last, so a prompt is finished when its `metadata.jsonl` is in place.
+
+Every file a benchmark writes is `output_file(out, ...)`: a job's name is a plain file name (`check_job_names`) and the
+path must stay inside `--out` (no symlink out). Prompt files are read with `read_prompt_file`: UTF-8, else one line
+naming the file and the first bad byte."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from eval.scorers import MissingScorerError
+from models.core.contained_path import resolve_inside, safe_file_name
 from models.core.sampling import Preset, SamplingConfig
 
 SHARED_PROMPTS = Path(__file__).resolve().parents[3] / "shared" / "eval_prompts"
@@ -27,6 +32,43 @@ class Job:
     name: str  # folder / file stem
     condition: str | int  # what the family's generator samples: a prompt (t2i) or a class id (c2i)
     meta: dict
+
+
+def output_file(out: Path, *parts: str) -> Path:
+    """`out/parts...`, refused (ValueError, one line) unless it stays inside `out`, symlinks followed."""
+    return resolve_inside(out, Path(*parts), "output file")
+
+
+def check_job_names(jobs: list[Job]) -> list[Job]:
+    """`jobs`, once every name is a plain file name (what `safe_file_name` keeps) and no two are the same."""
+    seen: set[str] = set()
+    for job in jobs:
+        if safe_file_name(job.name) != job.name:
+            raise ValueError(
+                f"prompt {job.index} is named {job.name!r}, not a plain file name (letters, digits, '.', '_', '-'; "
+                "at most 120); rename it in the prompt file"
+            )
+        if job.name in seen:
+            raise ValueError(f"two prompts are named {job.name!r}; every prompt needs its own name")
+        seen.add(job.name)
+    return jobs
+
+
+def read_prompt_file(path: Path, what: str = "--prompts-file") -> str:
+    """The text of a prompt file; a one-line ValueError when it is missing, unreadable or not UTF-8."""
+    if not path.is_file():
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise ValueError(f"{what} {path} {problem}; pass an existing --prompts-file")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{what} {path} cannot be read ({err.strerror or err}); pass a readable file") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{what} {path} is not UTF-8 text: byte offset {err.start} is 0x{data[err.start]:02x}; save it as UTF-8"
+        ) from None
 
 
 def save_png_atomic(img: np.ndarray | Image.Image, path: Path) -> None:
@@ -73,15 +115,15 @@ class Benchmark:
         raise NotImplementedError(f"{type(self).__name__} must define load_jobs(args) -> list[Job]")
 
     def is_done(self, job: Job, out: Path) -> bool:
-        return (out / job.name / "metadata.jsonl").is_file()  # written after all samples
+        return output_file(out, job.name, "metadata.jsonl").is_file()  # written after all samples
 
     def write_job(self, job: Job, images: list[np.ndarray], out: Path) -> None:
-        folder = out / job.name
         for k, img in enumerate(images):
-            save_png_atomic(img, folder / "samples" / f"{k:04d}.png")
-        tmp = folder / ".metadata.jsonl.tmp"
+            save_png_atomic(img, output_file(out, job.name, "samples", f"{k:04d}.png"))
+        meta = output_file(out, job.name, "metadata.jsonl")
+        tmp = meta.with_name(".metadata.jsonl.tmp")
         tmp.write_text(json.dumps(job.meta) + "\n")
-        os.replace(tmp, folder / "metadata.jsonl")
+        os.replace(tmp, meta)
 
     def finish(self, jobs: list[Job], out: Path) -> None:
         """Runs on rank 0 once every rank has written its jobs: files made from all of them (none by default)."""

@@ -1,5 +1,7 @@
 """DPG-Bench (`--task dpg`): its prompts, four images each written as one 2x2 grid `<out>/<id>.png` (the layout its
-official scorer reads), scored by `eval.scorers dpg`."""
+official scorer reads), scored by `eval.scorers dpg`. The prompt file is a UTF-8 JSON object {id: prompt}; an id
+names its output file, so one that is not a plain file name (`../x`, `/abs`, `a/b`) is refused in one line rather
+than renamed (the scorer looks images up by id)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.benchmarks.base import SHARED_PROMPTS, Benchmark, Job, save_png_atomic
+from eval.benchmarks.base import SHARED_PROMPTS, Benchmark, Job, output_file, read_prompt_file, save_png_atomic
 from eval.scorers import MissingScorerError, dpg_arguments, dpg_ready, run_dpg_scorer
+from models.core.contained_path import safe_file_name
 
 
 class DPGBench(Benchmark):
@@ -25,20 +28,29 @@ class DPGBench(Benchmark):
 
     def load_jobs(self, args: argparse.Namespace) -> list[Job]:
         path = Path(args.prompts_file) if args.prompts_file else SHARED_PROMPTS / "dpg_prompts.json"
-        if not path.is_file():
-            raise SystemExit(f"DPG-Bench prompts not found at {path}; pass --prompts-file")
-        items = json.loads(path.read_text())
-        return [Job(i, str(k), v, {"id": k}) for i, (k, v) in enumerate(items.items())]
+        try:
+            items = json.loads(read_prompt_file(path, "DPG-Bench prompts"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"DPG-Bench prompts {path} is not JSON ({err}); give an object {{id: prompt}}") from None
+        if not isinstance(items, dict) or not all(isinstance(v, str) and v.strip() for v in items.values()):
+            raise ValueError(f"DPG-Bench prompts {path} must be a JSON object {{id: prompt}} of non-empty prompts")
+        for key in items:
+            if safe_file_name(key) != key:
+                raise ValueError(
+                    f"DPG-Bench prompts {path}: id {key!r} names its image <id>.png and is not a plain file name "
+                    "(letters, digits, '.', '_', '-'); rename it"
+                )
+        return [Job(i, k, v, {"id": k}) for i, (k, v) in enumerate(items.items())]
 
     def is_done(self, job: Job, out: Path) -> bool:
-        return (out / f"{job.name}.png").is_file()
+        return output_file(out, f"{job.name}.png").is_file()
 
     def write_job(self, job: Job, images: list[np.ndarray], out: Path) -> None:
         h, w = images[0].shape[:2]
         grid = np.zeros((2 * h, 2 * w, 3), dtype=np.uint8)
         for k, img in enumerate(images[:4]):
             grid[(k // 2) * h : (k // 2 + 1) * h, (k % 2) * w : (k % 2 + 1) * w] = img
-        save_png_atomic(grid, out / f"{job.name}.png")
+        save_png_atomic(grid, output_file(out, f"{job.name}.png"))
 
     def sample_cells(self, out: Path, limit: int) -> list[tuple[Path, str]]:
         return [(p, p.stem) for p in sorted(out.glob("*.png"))[:limit]]

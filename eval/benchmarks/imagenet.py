@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from eval.benchmarks.base import Benchmark, Job, save_png_atomic
+from eval.benchmarks.base import Benchmark, Job, output_file, save_png_atomic
 
 
 def class_ids(text: str) -> list[int]:
@@ -59,16 +59,16 @@ class ImageNet(Benchmark):
         return [Job(c * n + j, f"{c * n + j:06d}", c, {"class": c}) for c in classes for j in range(n)]
 
     def is_done(self, job: Job, out: Path) -> bool:
-        return (out / "images" / f"{job.name}.png").is_file()
+        return output_file(out, "images", f"{job.name}.png").is_file()
 
     def write_job(self, job: Job, images: list[np.ndarray], out: Path) -> None:
-        save_png_atomic(images[0], out / "images" / f"{job.name}.png")
+        save_png_atomic(images[0], output_file(out, "images", f"{job.name}.png"))
 
     def finish(self, jobs: list[Job], out: Path) -> None:
         from eval.imagenet_metrics import NpzWriter
 
         first = np.asarray(Image.open(out / "images" / f"{jobs[0].name}.png"))
-        writer = NpzWriter(out / "samples.npz", len(jobs), first.shape[0], first.shape[1])
+        writer = NpzWriter(output_file(out, "samples.npz"), len(jobs), first.shape[0], first.shape[1])
         for start in range(0, len(jobs), 1000):
             batch = [
                 np.asarray(Image.open(out / "images" / f"{j.name}.png").convert("RGB"))

@@ -1,16 +1,16 @@
 """Free prompts (`--task prompts`): `--prompt TEXT` (repeatable) or `--prompts-file FILE` (one prompt a line), in
-GenEval's folder layout; nothing scores them."""
+GenEval's folder layout; nothing scores them. The file is UTF-8 text (`read_prompt_file`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from eval.benchmarks.base import Benchmark, Job
+from eval.benchmarks.base import Benchmark, Job, read_prompt_file
 
 
 def read_prompt_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in read_prompt_file(path).splitlines() if line.strip()]
 
 
 class FreePrompts(Benchmark):
@@ -23,9 +23,11 @@ class FreePrompts(Benchmark):
         if args.prompt and args.prompts_file:
             p.error("--prompt and --prompts-file are alternatives; give one of them")
         if args.prompts_file:
-            if not Path(args.prompts_file).is_file():
-                p.error(f"--prompts-file {args.prompts_file} does not exist")
-            if not read_prompt_lines(Path(args.prompts_file)):
+            try:
+                lines = read_prompt_lines(Path(args.prompts_file))
+            except ValueError as err:
+                p.error(str(err))
+            if not lines:
                 p.error(f"--prompts-file {args.prompts_file} has no prompts (one prompt a line)")
         elif not args.prompt:
             p.error("--task prompts needs --prompt TEXT (repeatable) or --prompts-file FILE")

@@ -19,7 +19,10 @@ class Shapes(Benchmark):
     def load_jobs(self, args: argparse.Namespace) -> list[Job]:
         from eval.shapes_bench import shapes_prompts
 
-        metas = shapes_prompts(args.seed, args.per_tag)
+        try:
+            metas = shapes_prompts(args.seed, args.per_tag)
+        except ValueError as err:
+            raise ValueError(f"--per-tag: {err}") from None
         return [Job(i, f"{i:05d}", m["prompt"], m) for i, m in enumerate(metas)]
 
     def score_table(self, result: dict) -> list[str]:

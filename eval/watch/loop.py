@@ -209,6 +209,7 @@ class Coordinator:
         self.registration.done_through(step)  # exported: the checkpoint itself is not needed any more
         generation = argparse.Namespace(**vars(self.args))
         generation.model, generation.out = str(model), str(folder / "samples")
+        generation.overwrite = True  # its own scratch folder: samples it did not mark (an older watcher's) are redone
         resolve_arguments(self.p, generation, self.groups)
         return Job(step, f"step_{step:08d}", folder, generation, started)
 

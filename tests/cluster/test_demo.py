@@ -8,11 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
+import cluster.demo.runner as runner
+from cluster.demo.__main__ import main as demo_main
 from cluster.demo.config import load_demo_config
 from cluster.demo.launch import Launch, plan_launch
 from cluster.demo.runner import run_demo
+from cluster.demo.stage import Stage
 from cluster.demo.stages import STAGES, t2i_overrides, tokenizer_overrides
 from training.config import grad_accumulation, load_config
+from training.output_folder import made_by
 
 SHORT = [
     "samples=64",
@@ -123,6 +127,47 @@ def test_bad_demo_settings_are_one_line_errors(tmp_path):
         load_demo_config([f"t2i_config={tmp_path / 'missing.yaml'}"])
     with pytest.raises(ValueError, match=">= 1"):
         load_demo_config(["nproc=0"])
+
+
+def test_a_foreign_non_empty_out_is_refused_in_one_line_before_any_stage(tmp_path, monkeypatch, capsys):
+    def no_stage(cfg, out):
+        raise AssertionError("a stage ran")
+
+    monkeypatch.setattr(runner, "STAGES", (Stage("data", "must not run", lambda c: {}, (), no_stage),))
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as err:
+        demo_main([f"out={out}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"python -m cluster.demo: error: out {out} is not empty") and "--overwrite" in lines[0]
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_overwrite_runs_every_stage_afresh_in_a_foreign_folder_which_then_resumes(tmp_path, monkeypatch):
+    """Stage records found in a folder the demo did not make are not reused; once taken over, it is the demo's."""
+    ran = []
+    stage = Stage("fake", "a stage", lambda c: {}, (), lambda cfg, out: ran.append(out) or {}, owns=("fake",))
+    monkeypatch.setattr(runner, "STAGES", (stage,))
+    monkeypatch.setattr(runner, "write_demo_report", lambda cfg, out, done: out / "report.md")
+    out = tmp_path / "theirs"
+    cfg = load_demo_config([f"out={out}"])
+    (out / "stages").mkdir(parents=True)
+    forged = {"fingerprint": runner.fingerprint(stage, cfg, {}), "seconds": 0.0, "result": {}}
+    (out / "stages" / "fake.json").write_text(json.dumps(forged))
+    (out / "stages" / "theirs.txt").write_text("keep me")
+    (out / "fake").mkdir()
+    (out / "fake" / "old.txt").write_text("stale")
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="pass --overwrite"):
+        run_demo(cfg)
+    assert ran == [] and made_by(out) is None
+    run_demo(cfg, overwrite=True)
+    assert ran == [out] and not (out / "fake" / "old.txt").exists() and (out / "notes.txt").read_text() == "keep me"
+    assert made_by(out) == "cluster.demo" and (out / "stages" / "theirs.txt").is_file()
+    run_demo(cfg)  # its own folder now: the stage is reused
+    assert ran == [out]
 
 
 @pytest.mark.parametrize("gpus", [1, 8])

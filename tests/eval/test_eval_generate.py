@@ -183,6 +183,9 @@ def test_sampler_flags_default_to_sampling_config():
         (["--task", "imagenet", "--model-config", "XL"], "unknown model config 'XL'"),
         (["--task", "imagenet", "--per-class", "0"], "--per-class must be >= 1"),
         (["--task", "geneval", "--batch-size", "0"], "--batch-size and --images-per-prompt must be >= 1"),
+        (["--task", "geneval", "--limit", "0"], "--limit must be >= 1, got 0"),
+        (["--task", "shapes", "--per-tag", "0"], "--per-tag: per_tag must be in [1, 30], got 0"),
+        (["--task", "dpg", "--prompts-file", "/no/such.json"], "DPG-Bench prompts /no/such.json does not exist"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(extra, message, capsys, tmp_path):
