@@ -24,17 +24,23 @@ safetensors and `torch.load(weights_only=True)` only (megatron's pickled DCP met
         --image-tokenizer <ae.safetensors> [--weights auto|model|ema] [--dtype bf16|fp32] [--no-checksums]
     python -m training.checkpoint import --src <official folder | HF Qwen3 folder> --dst <ckpt> --tp N --pp M
         [--model 14B-16x] [--vocab-size V] [--seed S]
+Export and import refuse weights holding NaN/Inf (naming the tensor) unless `--no-check-finite`.
 A `--src` may also be a run directory (its `checkpoints/latest` is used). All three run on CPU-only machines, in one
 process that streams one decoder layer at a time (training/engines/checkpoint_stream.py): export writes one
 `model-0000i-of-0000N.safetensors` per layer (bf16 by default, as the official folders).
+A disk that fills up during a save is one line (`DiskFullError`): the folder, the space the checkpoint needs and the
+space free; `latest` stays on the last complete checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -172,33 +178,94 @@ def save_checkpoint(
     root = checkpoint_root(run_dir)
     name = f"step_{step:08d}"
     tmp, final = root / f".{name}.tmp", root / name
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    per_rank, fields = engine.save_state(tmp, ema)
-    torch.save({**per_rank, "rng": rng_state(), "loader": loader_state}, tmp / f"rank_{rank:05d}.pt")
-    if rank == 0:
-        maybe_kill("after_model", step)
-        meta = {**trainer, "step": step, "world_size": world, **fields}
-        (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
+    with disk_full_in_one_line(run_dir, tmp):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        per_rank, fields = engine.save_state(tmp, ema)
+        torch.save({**per_rank, "rng": rng_state(), "loader": loader_state}, tmp / f"rank_{rank:05d}.pt")
+        if rank == 0:
+            maybe_kill("after_model", step)
+            meta = {**trainer, "step": step, "world_size": world, **fields}
+            (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
     _barrier()
 
     def finalize() -> None:  # every rank, once the engine's files are on disk
-        write_manifest(tmp, checksums)
-        if rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            maybe_kill("before_latest", step)
-            marker_tmp = root / f".{LATEST}.tmp"
-            marker_tmp.write_text(name + "\n")
-            os.replace(marker_tmp, root / LATEST)
-            for old in retention(root, keep_last):
-                delete_checkpoint(old)  # race-free with a checkpoint reader that is just starting on it
+        with disk_full_in_one_line(run_dir, tmp):
+            write_manifest(tmp, checksums)
+            if rank == 0:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                maybe_kill("before_latest", step)
+                marker_tmp = root / f".{LATEST}.tmp"
+                marker_tmp.write_text(name + "\n")
+                os.replace(marker_tmp, root / LATEST)
+                for old in retention(root, keep_last):
+                    delete_checkpoint(old)  # race-free with a checkpoint reader that is just starting on it
         _barrier()
 
     engine.when_saved(finalize)  # at once, or when a background write (checkpoint.async_save) completes
     return final
+
+
+class DiskFullError(OSError):
+    """A checkpoint did not fit on its disk (one line: the folder, the space it needs, the space free, the fix)."""
+
+
+@contextmanager
+def disk_full_in_one_line(run_dir: str | Path, tmp: Path) -> Iterator[None]:
+    """Turn a failed write into checkpoint folder `tmp` into a `DiskFullError` when the disk is full: the error says
+    so (errno ENOSPC or EDQUOT), or, for writers that drop the errno (torch.save raises a RuntimeError), the disk has
+    less room left than the checkpoint needs. Needed: about the size of the run's last complete checkpoint (the same
+    state), else more than what was written before the failure. Other errors pass unchanged."""
+    try:
+        yield
+    except Exception as err:
+        written = _folder_bytes(tmp)
+        done = complete_checkpoints(run_dir)
+        last = _folder_bytes(done[-1]) if done else 0
+        free = shutil.disk_usage(next(p for p in (tmp, *tmp.parents) if p.exists())).free
+        if not (_says_disk_full(err) or free < max(last, written)):
+            raise
+        need = (
+            f"about {_size(last)} (the size of {done[-1].name})"
+            if done and last >= written
+            else f"more than the {_size(written)} written before the disk filled"
+        )
+        raise DiskFullError(
+            f"disk full writing checkpoint {tmp}: it needs {need}, {_size(free)} free; free space on that disk "
+            "(or lower checkpoint.keep_last, or move run_dir) and resume"
+        ) from err
+
+
+def _says_disk_full(err: BaseException | None) -> bool:
+    for _ in range(8):  # the error and what it was raised from
+        if err is None:
+            return False
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for f in folder.rglob("*") if folder.is_dir() else ():
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except OSError:  # removed meanwhile
+            pass
+    return total
+
+
+def _size(n: float) -> str:
+    """Bytes for a message: 512 B, 16.3 KiB, 1.2 GiB."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
 
 
 def load_checkpoint(
@@ -281,6 +348,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     i.add_argument("--vocab-size", type=int, default=None, help="resize the text vocabulary (new rows: mean)")
     i.add_argument("--seed", type=int, default=0, help="initialisation of the new head and projector")
+    for q in (e, i):
+        q.add_argument(
+            "--check-finite",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="refuse weights holding NaN/Inf (default); --no-check-finite copies them as they are",
+        )
     args = p.parse_args(argv)
     from training.engines import checkpoint_tools as mc
 
@@ -292,10 +366,19 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "export":
             tokenizers = Path(args.text_tokenizer), Path(args.image_tokenizer)
             out = mc.export_folder(
-                src, dst, *tokenizers, args.weights, args.dtype, not args.no_checksums, args.overwrite
+                src,
+                dst,
+                *tokenizers,
+                args.weights,
+                args.dtype,
+                not args.no_checksums,
+                args.overwrite,
+                args.check_finite,
             )
         else:
-            out = mc.import_folder(src, dst, args.tp, args.pp, args.model, args.vocab_size, args.seed)
+            out = mc.import_folder(
+                src, dst, args.tp, args.pp, args.model, args.vocab_size, args.seed, args.check_finite
+            )
     except ImportError as err:
         p.exit(2, f"error: the megatron tools need megatron-core ({err}); pip install -e '.[megatron]'\n")
     except (mc.CheckpointError, ValueError, FileNotFoundError) as err:

@@ -2,12 +2,17 @@
 
     torchrun ... -m training.train --config training/configs/tiny_t2i.yaml optim.lr=3e-4 schedule.total_steps=50
 Unknown keys and wrong types are rejected by OmegaConf against these dataclasses; `validate` adds the checks
-that need several fields (one line each, naming the fix).
+that need several fields or the named model (one line each, naming the key and the fix): every float finite, ranges,
+the model name, the engine's own. `startup_checks` adds, before a run does any work, those that need
+the machine: the world size (batch and model-parallel layout) and the named model under the engine's layout;
+`check_eval_size` checks the sample size against the model the task built, and `missing_data_folder` names the key
+of a data folder that is not there when reading the data fails.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -50,7 +55,7 @@ class DataConfig(LoaderSettings):
     sources: list[MixtureSource] = field(default_factory=list)
     global_batch: int = 8  # optimizer batch: packed rows (t2i) or samples (c2i, tokenizer) over all ranks
     micro_batch: int = 1  # per rank and forward pass
-    image_size: int = 64  # tokenizer: crop size
+    image_size: int = 64  # tokenizer: crop size, a multiple of the model's downsample stride
     holdout: int = 16  # tokenizer: held-out images for PSNR/SSIM
     val_dir: str | None = None  # t2i, c2i: tokenized validation set (default: <data_dir>/val, when tokenized)
 
@@ -114,7 +119,7 @@ class EvalConfig:
     val_samples: int = 256  # validation samples read (the first ones of the set; 0: all)
     prompts: list[str] = field(default_factory=list)
     classes: list[int] = field(default_factory=list)
-    height: int = 64
+    height: int = 64  # t2i sample grids: a size the model supports (its data's tokenized sizes)
     width: int = 64
 
 
@@ -161,12 +166,14 @@ class TrainConfig:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Every check that needs several fields, once: the model family and the engine are looked up in their registries
-    (an unknown name is a one-line error listing the known ones) and the engine adds its own checks."""
+    (an unknown name is a one-line error listing the known ones), every float must be finite, the engine adds its own
+    checks, and `model.name` must name one of the family's models, whose downsample stride data.image_size tiles."""
     from models.core.attention import ATTENTION_BACKENDS
     from models.family import FAMILIES
     from training.engines import ENGINES
 
     family, engine = FAMILIES.get(cfg.model.kind), ENGINES.get(cfg.engine.kind)
+    _raise_first(_finite_checks(cfg))  # first: a NaN passes no range check, and its own message is clearer
     background = "|".join(k for k, e in ENGINES.items() if e.supports_async_save)
     steps = cfg.profile.steps
     checks = [
@@ -206,10 +213,49 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"model.attention must be one of {', '.join(ATTENTION_BACKENDS)}",
         ),
     ]
+    _raise_first(checks)
+    stride = getattr(named_model(cfg), "downsample", 1)  # the tokenizer crops data.image_size, then downsamples
+    size = cfg.data.image_size
+    if size % stride:
+        raise ValueError(
+            f"data.image_size={size} is not a multiple of the downsample stride {stride} of model.name="
+            f"{cfg.model.name}; use e.g. {-(-size // stride) * stride}"
+        )
+    return cfg
+
+
+def _raise_first(checks: list[tuple[bool, str]]) -> None:
+    """Raise the message of the first failed (ok, one-line message) check as a ValueError."""
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    return cfg
+
+
+def _finite_checks(node: object, key: str = "") -> list[tuple[bool, str]]:
+    """One (ok, message) per float setting under `node` (a config dataclass, a list or a value at dotted `key`): NaN
+    and infinities are refused; integers cannot hold them."""
+    if is_dataclass(node):
+        return [c for f in fields(node) for c in _finite_checks(getattr(node, f.name), f"{key}.{f.name}".lstrip("."))]
+    if isinstance(node, list | tuple):
+        return [c for i, value in enumerate(node) for c in _finite_checks(value, f"{key}[{i}]")]
+    if isinstance(node, float):
+        return [(math.isfinite(node), f"{key}={node} is not a finite number; give a finite value")]
+    return []
+
+
+def named_model(cfg: TrainConfig):
+    """The model config `model.name` names in its family (the run's model, but for what the data or `model.init_from`
+    supply); a one-line error listing the family's names when it names none."""
+    from models.family import FAMILIES
+
+    family = FAMILIES.get(cfg.model.kind)
+    try:
+        return family.get_config(cfg.model.name)
+    except ValueError:
+        raise ValueError(
+            f"model.name={cfg.model.name} is not a model.kind={cfg.model.kind} config; choose one of "
+            f"{family.config_names}"
+        ) from None
 
 
 def _fp8_checks(cfg: TrainConfig, prefixes: tuple[str, ...], precisions: tuple[str, ...]) -> list[tuple[bool, str]]:
@@ -246,6 +292,8 @@ def _range_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
         ("logging.peak_tflops", c.logging.peak_tflops, c.logging.peak_tflops >= 0, ">= 0"),
         ("eval.every", c.eval.every, c.eval.every >= 0, ">= 0 (0: off)"),
         ("data.image_size", c.data.image_size, c.data.image_size >= 1, ">= 1"),
+        ("eval.height", c.eval.height, c.eval.height >= 1, ">= 1"),
+        ("eval.width", c.eval.width, c.eval.width >= 1, ">= 1"),
         ("data.holdout", c.data.holdout, c.data.holdout >= 0, ">= 0"),
     ]
     checks = [(ok, f"{name} must be {rule}, got {value}") for name, value, ok, rule in fields]
@@ -273,6 +321,45 @@ def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
     accum = cfg.data.global_batch // per_step
     ENGINES.get(cfg.engine.kind).check_accumulation(cfg, accum)
     return accum
+
+
+def startup_checks(cfg: TrainConfig, world_size: int) -> int:
+    """The checks a run makes before any work (before its process group, run folder lock and checkpoint reads), one
+    line each: the batch divides over `world_size` processes under the engine's layout, and the engine can lay out
+    the named model (unless `model.init_from` supplies another). Returns the micro-batches per optimizer step."""
+    from training.engines import ENGINES
+
+    if cfg.model.init_from is None:
+        ENGINES.get(cfg.engine.kind).check_model(cfg, named_model(cfg))
+    return grad_accumulation(cfg, world_size)
+
+
+def missing_data_folder(cfg: TrainConfig) -> str | None:
+    """The one-line error for the first local data folder the config names (data.sources[i].dir, else data.data_dir;
+    data.val_dir) that is not there, None when all are (URLs are left to the loader). Asked when reading the data
+    fails: a family may read no data folder at all."""
+    folders = [(f"data.sources[{i}].dir", s.dir) for i, s in enumerate(cfg.data.sources)]
+    if not folders:
+        folders.append(("data.data_dir", cfg.data.data_dir))
+    if cfg.data.val_dir:
+        folders.append(("data.val_dir", cfg.data.val_dir))
+    for key, folder in folders:
+        if "://" not in str(folder) and not Path(folder).is_dir():
+            what = "is not a folder" if Path(folder).exists() else "does not exist"
+            return f"{key}={folder} {what}; point it at the dataset's folder (or a URL: s3://bucket/tokens)"
+    return None
+
+
+def check_eval_size(cfg: TrainConfig, model_cfg) -> None:
+    """Sample grids (`eval.every` with `eval.prompts`) are drawn at eval.height x eval.width: a size the model the task
+    built supports (its config's `grid`, where it has one), refused in one line before the first step."""
+    grid = getattr(model_cfg, "grid", None)
+    if not (cfg.eval.every and cfg.eval.prompts and grid is not None):
+        return
+    try:
+        grid(cfg.eval.height, cfg.eval.width)
+    except ValueError as e:
+        raise ValueError(f"eval.height={cfg.eval.height} eval.width={cfg.eval.width}: {e}") from None
 
 
 def _load_yaml(path: Path):

@@ -54,9 +54,9 @@ class LPIPS(nn.Module):
 
         path = Path(path)
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from models.core.safetensors_file import load_file
 
-            state = load_file(str(path))
+            state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
         model = cls()

@@ -6,14 +6,19 @@ micro-batches -> LR schedule -> EMA -> logging (with where the step's time went 
 profiler trace of `profile.steps`; a named straggler), the held-out validation loss (`training.validation`), periodic
 samples and checkpoints. Non-finite steps are skipped and counted (K in a row stop the run); SIGTERM saves a checkpoint
 and exits 0; `checkpoint.resume=auto` continues from `<run_dir>/checkpoints/latest` exactly where it stopped.
+Settings the run cannot use are refused before any work (`training.config.startup_checks`), and an `OSError` or
+`ValueError` that ends the run is one line, `python -m training.train: error: ...`, exit status 2 (the traceback with
+`--debug` or BITDANCE_DEBUG=1; `training.cli_errors`); too many non-finite steps in a row exit with status 3.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +27,17 @@ import torch.distributed as dist
 
 from data_pipeline.loader import LoaderError
 from training.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
-from training.checkpoint_integrity import CheckpointError, verify_checkpoint
-from training.config import TrainConfig, grad_accumulation, load_config, to_dict
+from training.checkpoint_integrity import verify_checkpoint
+from training.cli_errors import add_debug_flag, one_line_errors
+from training.config import (
+    TrainConfig,
+    check_eval_size,
+    grad_accumulation,
+    load_config,
+    missing_data_folder,
+    startup_checks,
+    to_dict,
+)
 from training.ema import EMA
 from training.engines import (
     Engine,
@@ -149,8 +163,29 @@ def lock_run_dir(run_dir: str, rank: int) -> RunLock | None:
     return lock
 
 
+@contextmanager
+def reading_data(cfg: TrainConfig):
+    """An error while the task reads its data is the one line naming the data folder's key when a local data folder
+    the config names is not there."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        message = missing_data_folder(cfg)
+        if message is None:
+            raise
+        raise ValueError(message) from err
+
+
+def launch_world_size() -> int:
+    """The number of processes of this run, before its process group exists: torchrun's WORLD_SIZE, else one."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+
+
 def train(cfg: TrainConfig) -> TrainerState:
     """The run, with the run folder locked by rank 0 for its whole life (training.run_guard)."""
+    startup_checks(cfg, launch_world_size())  # before any work: batch and model layout over the ranks
     if launched_by_torchrun():
         exit_with_parent()  # a SIGKILLed torchrun takes its workers with it
     rank, world, device = init_distributed(engine_class(cfg))
@@ -169,11 +204,14 @@ def train(cfg: TrainConfig) -> TrainerState:
 
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume: Path | None) -> TrainerState:
     torch.manual_seed(cfg.seed * 1000 + rank)
-    task = build_task(cfg, device)
+    with reading_data(cfg):  # t2i, c2i: the model's shape comes from the data's manifest
+        task = build_task(cfg, device)
+    check_eval_size(cfg, task.model_cfg)  # the sizes the model supports come with its data
     grad_accum = grad_accumulation(cfg, world)
     engine = build_engine(cfg, task, grad_accum)
     ema = engine.new_ema(cfg.ema_decay)
-    loader = task.loader(engine.dp_rank, engine.dp_size)
+    with reading_data(cfg):
+        loader = task.loader(engine.dp_rank, engine.dp_size)
     state = TrainerState()
     if resume is not None:
         trainer, loader_state, all_loader_states = load_checkpoint(Path(resume), engine, ema, verify=False)
@@ -349,23 +387,19 @@ def evaluate_model(task: Task, model, grid: bool) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="YAML config (see training/configs/)")
+    add_debug_flag(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 schedule.total_steps=100")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as e:
-        p.exit(2, f"error: {str(e).splitlines()[0]}\n")
-    try:
-        train(cfg)
-    except (RunDirError, CheckpointError) as e:
-        p.exit(2, f"error: {str(e).splitlines()[0]}\n")
-    except LoaderError as e:  # from a DataLoader worker the message is the last line of the wrapped traceback
-        p.exit(2, f"error: {str(e).strip().splitlines()[-1].removeprefix(type(e).__name__ + ': ')}\n")
-    except StopTraining as e:
-        print(str(e), file=sys.stderr, flush=True)
-        sys.exit(3)
-    finally:
-        shutdown_distributed()
+    with one_line_errors(p.prog, args.debug):  # config, run folder, checkpoint, data and disk errors: one line
+        try:
+            train(load_config(args.config, args.overrides))
+        except LoaderError as e:  # from a DataLoader worker the message is the last line of the wrapped traceback
+            raise LoaderError(str(e).strip().splitlines()[-1].removeprefix(type(e).__name__ + ": ")) from e
+        except StopTraining as e:
+            print(str(e), file=sys.stderr, flush=True)
+            sys.exit(3)
+        finally:
+            shutdown_distributed()
 
 
 if __name__ == "__main__":

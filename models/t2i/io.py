@@ -3,7 +3,9 @@
 Layout, as the official release writes it: a Hugging Face Qwen3 model (`config.json`, `model.safetensors` or sharded
 `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`, tokenizer files with the added tokens),
 `ae_config.json` + `ae.safetensors`, `vision_head_config.json` + `vision_head.safetensors` (`net.*`) and
-`projector.safetensors` (`fc1.*`, `fc2.*`). Every part loads strictly; tensors keep their stored dtype.
+`projector.safetensors` (`fc1.*`, `fc2.*`). Every part loads strictly; tensors keep their stored dtype. Weights are
+read through the checked reader (`models.core.safetensors_file`): headers checked, NaN/Inf in the LLM, vision head
+and projector refused; the index json may name only plain file names in the folder.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from models.core import safetensors_file
 from models.core.diffusion_head import HeadConfig
 from models.core.state_dict import load_state_dict_strict
 from models.t2i.model import T2IConfig, TextToImageBitDance
@@ -52,56 +54,60 @@ def _read_json(path: Path) -> dict:
     return json.loads(_require(path).read_text())
 
 
-def read_llm_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """The Qwen3 weights of a folder: sharded through the index json, or one `model.safetensors`."""
+def _index_files(folder: Path) -> dict[str, Path]:
+    """{tensor name: file} of a folder's index json. Every file it names must be a plain file name in the folder (no
+    path, `..` or absolute name; the file itself may be a link, as in a Hugging Face cache snapshot)."""
     index = folder / INDEX_NAME
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for name in files:
-            state.update(load_file(str(_require(folder / name))))
-        return state
-    return load_file(str(_require(folder / "model.safetensors")))
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (ValueError, AttributeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index} holds no weight_map of tensor name -> file name; rewrite it or remove it")
+    files = {}
+    for name in set(weight_map.values()):
+        if name in ("", ".", "..") or Path(name).name != name or "\x00" in name:
+            raise ValueError(
+                f"{index} names the file {name!r}, not a plain file name in {folder}; every weight file it lists "
+                "must lie in that folder"
+            )
+        files[name] = _require(folder / name)
+    return {k: files[v] for k, v in weight_map.items()}
 
 
 def llm_weight_files(folder: Path) -> dict[str, Path]:
     """{Qwen3 tensor name: the safetensors file holding it} of a folder (index json, or one `model.safetensors`),
-    reading only headers."""
-    index = folder / INDEX_NAME
-    if index.is_file():
-        return {k: _require(folder / v) for k, v in json.loads(index.read_text())["weight_map"].items()}
-    path = _require(folder / "model.safetensors")
-    with safe_open(str(path), "pt") as f:
-        return dict.fromkeys(f.keys(), path)
+    reading only headers (each checked; a tensor the index places in a file that lacks it is refused)."""
+    if not (folder / INDEX_NAME).is_file():
+        path = _require(folder / "model.safetensors")
+        return dict.fromkeys(safetensors_file.tensor_names(path), path)
+    files = _index_files(folder)
+    held = {path: set(safetensors_file.tensor_names(path)) for path in set(files.values())}
+    for name, path in files.items():
+        if name not in held[path]:
+            raise safetensors_file.SafetensorsError(f"{folder / INDEX_NAME} places {name!r} in {path}, which lacks it")
+    return files
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+def read_llm_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The Qwen3 weights of a folder: every tensor of the files its index json names, or of one `model.safetensors`
+    (the caller's strict load names any tensor missing or extra), each checked finite as it is read."""
+    if (folder / INDEX_NAME).is_file():
+        paths = sorted(set(_index_files(folder).values()))
+    else:
+        paths = [_require(folder / "model.safetensors")]
+    state: dict[str, torch.Tensor] = {}
+    for path in paths:
+        state.update(safetensors_file.load_file(path, check_finite=True))
+    return state
 
 
-def read_safetensors(path: Path, names) -> dict[str, torch.Tensor]:
-    """The named tensors of a safetensors file, each read with a plain file read into its own buffer (no memory map:
-    the process keeps only what it returns, which a streaming reader's memory bound relies on)."""
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-        out = {}
-        for name in names:
-            entry = header[name]
-            start, end = entry["data_offsets"]
-            f.seek(8 + header_len + start)
-            buf = bytearray(f.read(end - start))
-            flat = torch.frombuffer(buf, dtype=_SAFETENSORS_DTYPES[entry["dtype"]]) if buf else torch.empty(0)
-            out[name] = flat.view(entry["shape"])
-    return out
+def read_safetensors(path: Path, names, check_finite: bool = True) -> dict[str, torch.Tensor]:
+    """The named tensors of a safetensors file through the checked reader (`models.core.safetensors_file`), each read
+    with a plain file read into its own buffer (no memory map: the process keeps only what it returns, which a
+    streaming reader's memory bound relies on); with `check_finite` (the default) a floating tensor holding NaN/Inf
+    is refused."""
+    return safetensors_file.load_file(path, names, check_finite=check_finite)
 
 
 def head_config_from_json(d: dict) -> HeadConfig:
@@ -154,7 +160,7 @@ def load_t2i_folder(
         model = TextToImageBitDance(cfg)
     load_state_dict_strict(model.llm, read_llm_state_dict(folder), f"Qwen3 backbone in {folder}", assign=True)
     for part, name in ((model.vision_head, "vision_head.safetensors"), (model.projector, "projector.safetensors")):
-        state = load_file(str(_require(folder / name)))
+        state = safetensors_file.load_file(_require(folder / name), check_finite=True)
         load_state_dict_strict(part, state, f"{name} in {folder}", assign=True)
     text_tok = T2ITextTokenizer.from_folder(folder, head_cfg.parallel_num)
     if len(text_tok) > llm_cfg.vocab_size:

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from models.core.safetensors_file import load_file
 from models.core.state_dict import load_state_dict_strict, strip_prefixes
 from models.tokenizer.model import TOKENIZER_CONFIGS, BinaryAutoencoder, TokenizerConfig
 
@@ -41,7 +42,7 @@ def _name_of(weights: Path) -> str:
 
 def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
     if weights.suffix == ".safetensors":
-        state = load_file(str(weights), device="cpu")
+        state = load_file(weights)  # the checked reader: a malformed header is one line
     else:
         obj = torch.load(weights, map_location="cpu", weights_only=True)
         state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj

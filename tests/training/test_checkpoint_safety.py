@@ -1,15 +1,19 @@
 """Checkpoint safety: retention never deletes what `latest` names, a run never starts behind the run folder's
 checkpoints without `checkpoint.overwrite=true`, a missing `latest` resumes from the newest complete checkpoint, one
-run per folder (lock), workers that die with their launcher, and damaged files refused by their checksums."""
+run per folder (lock), workers that die with their launcher, damaged files refused by their checksums, and a disk that
+fills up during a save reported in one line while `latest` stays on the last complete checkpoint."""
 
+import errno
 import json
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -23,6 +27,7 @@ from training.run_guard import RunDirError, RunLock
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+TRAIN = "python -m training.train: error: "
 
 
 class FakeEngine:
@@ -125,14 +130,14 @@ def test_train_cli_refuses_a_fresh_run_in_a_used_folder_in_one_line(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stderr.strip()
-    assert err.startswith("error: ") and "checkpoint.overwrite=true" in err and "\n" not in err, err
+    assert err.startswith(TRAIN) and "checkpoint.overwrite=true" in err and "\n" not in err, err
     assert names(tmp_path / "run") == ["step_00000003"]
 
 
 def test_train_cli_refuses_keep_last_zero_in_one_line(tmp_path):
     cmd = [sys.executable, "-m", "training.train", f"run_dir={tmp_path}", "checkpoint.keep_last=0"]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: checkpoint.keep_last must be >= 1, got 0"
+    assert proc.returncode == 2 and proc.stderr.strip() == f"{TRAIN}checkpoint.keep_last must be >= 1, got 0"
 
 
 # ---- checksums ----------------------------------------------------------------------------------------------------
@@ -176,7 +181,69 @@ def test_train_cli_reports_a_damaged_checkpoint_in_one_line(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stderr.strip()
-    assert err.startswith("error: checkpoint damaged: ") and "trainer.json" in err and "\n" not in err, err
+    assert err.startswith(f"{TRAIN}checkpoint damaged: ") and "trainer.json" in err and "\n" not in err, err
+
+
+# ---- a full disk -------------------------------------------------------------------------------------------------
+
+
+class FillsTheDisk(FakeEngine):
+    """Writes part of its weights, then fails as a write to a full disk does: Python's own writes raise OSError
+    ENOSPC, torch.save a RuntimeError that carries no errno."""
+
+    def __init__(self, error: Exception):
+        super().__init__()
+        self.error = error
+
+    def save_state(self, directory: Path, ema) -> tuple[dict, dict]:
+        (directory / "model.safetensors").write_bytes(bytes(3000))
+        raise self.error
+
+
+def free_space(monkeypatch, free: int) -> None:
+    usage = SimpleNamespace(total=1 << 30, used=(1 << 30) - free, free=free)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(errno.ENOSPC, "No space left on device"), RuntimeError("[enforce fail at inline_container.cc:672] .")],
+)
+def test_a_full_disk_during_a_save_is_one_line_naming_the_folder_and_the_space(tmp_path, monkeypatch, error):
+    first = write(tmp_path, 2, size=4096)  # 16 KiB of weights: what the next checkpoint needs too
+    free_space(monkeypatch, 1024)
+    with pytest.raises(OSError) as err:
+        save_checkpoint(tmp_path, 4, FillsTheDisk(error), None, {}, {"step": 4}, 3)
+    msg, size = str(err.value), sum(f.stat().st_size for f in first.iterdir())
+    assert msg.startswith(f"disk full writing checkpoint {tmp_path / 'checkpoints' / '.step_00000004.tmp'}: "), msg
+    assert f"about {size / 1024:.1f} KiB (the size of step_00000002)" in msg and "1.0 KiB free" in msg, msg
+    assert "\n" not in msg and err.value.__cause__ is error
+    assert latest_checkpoint(tmp_path) == first and names(tmp_path) == ["step_00000002"]
+    first_run = tmp_path / "first"  # no earlier checkpoint: what was written before the disk filled
+    with pytest.raises(OSError, match=r"needs more than the 2.9 KiB written before the disk filled, 1.0 KiB free"):
+        save_checkpoint(first_run, 1, FillsTheDisk(error), None, {}, {"step": 1}, 3)
+
+
+def test_other_save_errors_on_a_disk_with_room_pass_unchanged(tmp_path, monkeypatch):
+    write(tmp_path, 2)
+    free_space(monkeypatch, 1 << 30)
+    with pytest.raises(RuntimeError, match="enforce fail"):
+        save_checkpoint(tmp_path, 4, FillsTheDisk(RuntimeError("[enforce fail] a bug")), None, {}, {"step": 4}, 3)
+
+
+def test_train_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
+    import training.train as train_cli
+
+    def full(cfg):
+        free_space(monkeypatch, 0)
+        save_checkpoint(tmp_path, 1, FillsTheDisk(OSError(errno.ENOSPC, "No space left on device")), None, {}, {}, 3)
+
+    monkeypatch.setattr(train_cli, "train", full)
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.main([f"run_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"{TRAIN}disk full writing checkpoint {tmp_path / 'checkpoints'}"), err
 
 
 # ---- one writer per run folder ----------------------------------------------------------------------------------

@@ -206,8 +206,8 @@ WRAPPED_TRAIN = (
     GROUP_THREADS
     + """
 import atexit, sys
-# atexit handlers run before interpreter finalization
-atexit.register(lambda: print("threads at exit:", group_threads(), file=sys.stderr, flush=True))
+# atexit handlers run before interpreter finalization; one write per line, so the two ranks' lines never interleave
+atexit.register(lambda: sys.stderr.write(f"threads at exit: {group_threads()}\n") and sys.stderr.flush())
 from training.train import main
 main()
 """

@@ -162,6 +162,11 @@ class EngineBase:
         return []
 
     @classmethod
+    def check_model(cls, cfg: TrainConfig, model_cfg) -> None:
+        """Refuse (one line, naming the setting and the fix) a layout this engine cannot give the model `model_cfg`;
+        called at start-up, before any work, with the named model (`training.config.startup_checks`)."""
+
+    @classmethod
     def before_process_group(cls) -> None:
         """Imports that must happen before the process group exists (see the note at the imports)."""
 

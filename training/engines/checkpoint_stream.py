@@ -6,7 +6,8 @@ It owns the layer-at-a-time sources, the lazy writer and the streamed tools:
 - `CheckpointLayers`: a megatron checkpoint's tensors one group at a time (group `i`: global layer i of every stacked
   key, one `dist_checkpointing.load`; group `TOP`: the tensors outside the layers).
 - `FolderLayers`: an official T2I folder or a Hugging Face Qwen3 folder read the same way (the layer's tensors through
-  `safetensors.safe_open`, converted to megatron names by `layer_to_megatron`, the vocabulary resized on the fly).
+  the checked reader `models.core.safetensors_file`, NaN/Inf refused unless `check_finite=False`, converted to
+  megatron names by `layer_to_megatron`, the vocabulary resized on the fly).
 - `Fetcher`: any chunk (checkpoint key, global offsets, sizes) cut from its group, with a one-group cache.
 - `save_lazy`: a dist checkpoint written from placeholders (meta tensors), each chunk fetched when the DCP writer
   reaches it (`LazySavePlanner.resolve_data`), items ordered layer by layer, one file per item.
@@ -114,13 +115,14 @@ class FolderLayers:
     """An official T2I folder (`vision_head_config.json` present) or a Hugging Face Qwen3 folder as megatron tensors
     (`model.<megatron key>`, TE names), one group per `read`. `cfg` is the model it becomes (its vocabulary may be
     larger or smaller than the folder's: rows resized as `TextToImageBitDance.resize_vocab` does); a Qwen3 folder's
-    projector and vision head start fresh from `seed`, in the backbone's dtype."""
+    projector and vision head start fresh from `seed`, in the backbone's dtype. Every file's header is checked here;
+    with `check_finite` each tensor read holding NaN/Inf is refused."""
 
-    def __init__(self, folder: Path, cfg, seed: int = 0):
+    def __init__(self, folder: Path, cfg, seed: int = 0, check_finite: bool = True):
         from models.t2i.io import folder_parallel_num, llm_weight_files
         from models.t2i.repatch import query_rows
 
-        self.folder, self.cfg, self.seed = folder, cfg, seed
+        self.folder, self.cfg, self.seed, self.check_finite = folder, cfg, seed, check_finite
         self.files = llm_weight_files(folder)
         self.official = (folder / "vision_head_config.json").is_file()
         self.query_rows = None  # an official folder of another P: its new query rows (`models.t2i.repatch`)
@@ -132,7 +134,7 @@ class FolderLayers:
 
         out = {}
         for path in dict.fromkeys(self.files[n] for n in names):
-            out.update(read_safetensors(path, [n for n in names if self.files[n] == path]))
+            out.update(read_safetensors(path, [n for n in names if self.files[n] == path], self.check_finite))
         return out
 
     def read(self, group: int) -> Group:
@@ -159,10 +161,13 @@ class FolderLayers:
         return top
 
     def _head_and_projector(self) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
+        from models.core.safetensors_file import load_file
 
         if self.official:
-            parts = {p: load_file(str(self.folder / f"{p}.safetensors")) for p in ("vision_head", "projector")}
+            parts = {
+                p: load_file(self.folder / f"{p}.safetensors", check_finite=self.check_finite)
+                for p in ("vision_head", "projector")
+            }
             return {f"{p}.{k}": v for p, state in parts.items() for k, v in state.items()}
         from models.core.diffusion_head import BinaryDiffusionHead
         from models.t2i.model import VisionProjector
@@ -260,13 +265,21 @@ def _lazy_save_strategy(fetch: Callable):
 
 def save_lazy(meta: dict, tp: int, pp: int, fetch: Callable, directory: Path, common: dict | None = None) -> None:
     """Write the tensors of `meta` ({key: (global shape, dtype)}) chunked for (tp, pp) into a dist checkpoint
-    directory, each chunk's data from `fetch(key, offsets, sizes)` as the writer reaches it (one process)."""
+    directory, each chunk's data from `fetch(key, offsets, sizes)` as the writer reaches it (one process). A
+    ValueError a fetch raises (a refused source tensor) comes out as itself, not wrapped by torch's writer."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     shards = layout_shards(meta, tp, pp, range(pp), range(tp), placeholder)
     directory.mkdir(parents=True, exist_ok=True)
     state = {**(common or {}), "tensors": shards}
-    dist_checkpointing.save(state, str(directory), sharded_strategy=_lazy_save_strategy(fetch))
+    try:
+        dist_checkpointing.save(state, str(directory), sharded_strategy=_lazy_save_strategy(fetch))
+    except CheckpointException as err:
+        refused = [e for e, _ in err.failures.values() if isinstance(e, ValueError)]
+        if not refused:
+            raise
+        raise refused[0] from None
 
 
 # ---- the tools ------------------------------------------------------------------------------------------------------
@@ -299,14 +312,22 @@ def folder_model_config(src: Path, model_name: str | None, vocab_size: int | Non
 
 
 def import_streaming(
-    src: Path, dst: Path, tp: int, pp: int, model_name: str | None = None, vocab_size: int | None = None, seed: int = 0
+    src: Path,
+    dst: Path,
+    tp: int,
+    pp: int,
+    model_name: str | None = None,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    check_finite: bool = True,
 ) -> Path:
     """Official T2I folder or Hugging Face Qwen3 folder -> model-only megatron checkpoint chunked for (tp, pp),
-    one layer in memory at a time (needs a process group)."""
+    one layer in memory at a time (needs a process group); with `check_finite` a tensor holding NaN/Inf is refused
+    as it is read."""
     cfg = folder_model_config(src, model_name, vocab_size)
     check_layout(cfg, tp, pp)
     fresh_dir(dst)
-    source = FolderLayers(src, cfg, seed)
+    source = FolderLayers(src, cfg, seed, check_finite)
     save_lazy(source.meta(), tp, pp, Fetcher(source.read), dst / DIST)
     trainer = {"step": 0, "megatron": megatron_section(cfg, tp, pp, None, None, ["model"])}
     (dst / TRAINER).write_text(json.dumps(trainer, indent=2) + "\n")
@@ -325,10 +346,13 @@ def reshard_streaming(src: Path, dst: Path, tp: int, pp: int, virtual_pp: int | 
     return fetch
 
 
-def export_streaming(src: Path, dst: Path, cfg, weights: str, text_tok, image_tok, dtype: torch.dtype) -> Path:
+def export_streaming(
+    src: Path, dst: Path, cfg, weights: str, text_tok, image_tok, dtype: torch.dtype, check_finite: bool = True
+) -> Path:
     """A megatron checkpoint's `weights` (model or ema) -> official T2I folder in `dtype`: one LLM shard file per
     decoder layer (`model-0000i-of-0000N`), the last one holding the embeddings, final norm and LM head, then the
-    index json, config, vision head, projector and tokenizers (needs a process group)."""
+    index json, config, vision head, projector and tokenizers (needs a process group). With `check_finite` a tensor
+    holding NaN/Inf (after the cast) is refused before its file is written."""
     from models.t2i.io import save_llm_shard, shard_name, write_llm_config, write_llm_index, write_t2i_parts
     from models.t2i.megatron.mapping import layer_to_reference, top_to_reference
 
@@ -337,27 +361,37 @@ def export_streaming(src: Path, dst: Path, cfg, weights: str, text_tok, image_to
     n = cfg.llm.num_hidden_layers
     dst.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0
+    where = f"the {weights} weights of {src}" if check_finite else None  # None: NaN/Inf written as they are
     for i in range(n):
         layer = {k[len(prefix) + len(LAYER_KEY) :]: v for k, v in source.read(i).items()}
         ref = {f"model.layers.{i}.{k}": v for k, v in layer_to_reference(layer, cfg.llm, "te").items()}
         del layer  # the fused qkv / fc1 go; the reference tensors are cast one by one, each original freed
-        state = _cast(ref, dtype)
+        state = _cast(ref, dtype, where)
         weight_map.update(save_llm_shard(dst, shard_name(i + 1, n + 1), state))
         total += sum(t.nbytes for t in state.values())
         del state
     top = top_to_reference({k[len(prefix) :]: v for k, v in source.read(TOP).items()})
-    llm = _cast({k.removeprefix("llm."): v for k, v in top.items() if k.startswith("llm.")}, dtype)
+    llm = _cast({k.removeprefix("llm."): v for k, v in top.items() if k.startswith("llm.")}, dtype, where)
     weight_map.update(save_llm_shard(dst, shard_name(n + 1, n + 1), llm))
     write_llm_index(dst, weight_map, total + sum(t.nbytes for t in llm.values()))
     write_llm_config(dst, cfg.llm, dtype)
-    part = lambda p: _cast({k[len(p) + 1 :]: v for k, v in top.items() if k.startswith(p + ".")}, dtype)  # noqa: E731
-    write_t2i_parts(dst, cfg, text_tok, image_tok, part("vision_head"), part("projector"))
+    parts = {
+        p: {k[len(p) + 1 :]: v for k, v in top.items() if k.startswith(p + ".")} for p in ("vision_head", "projector")
+    }
+    parts = {p: _cast(state, dtype, where) for p, state in parts.items()}
+    write_t2i_parts(dst, cfg, text_tok, image_tok, parts["vision_head"], parts["projector"])
     return dst
 
 
-def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """`state` in `dtype`, contiguous; each source tensor is dropped from `state` as soon as it is cast."""
-    return {k: state.pop(k).to(dtype).contiguous() for k in list(state)}
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype, finite_in: str | None = None) -> dict[str, torch.Tensor]:
+    """`state` in `dtype`, contiguous; each source tensor is dropped from `state` as soon as it is cast. With
+    `finite_in` (where the tensors come from, for the message) a cast tensor holding NaN/Inf is refused."""
+    from models.core.safetensors_file import check_finite
+
+    out = {k: state.pop(k).to(dtype).contiguous() for k in list(state)}
+    if finite_in is not None:
+        check_finite(out, finite_in)
+    return out
 
 
 # ---- a rank's shard from a source (the engine's model.init_from=<folder>) -------------------------------------------

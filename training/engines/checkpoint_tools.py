@@ -22,15 +22,23 @@ from training.engines.megatron_checkpoint import (
 
 
 def import_folder(
-    src: Path, dst: Path, tp: int, pp: int, model_name: str | None = None, vocab_size: int | None = None, seed: int = 0
+    src: Path,
+    dst: Path,
+    tp: int,
+    pp: int,
+    model_name: str | None = None,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    check_finite: bool = True,
 ) -> Path:
     """Official T2I folder (`vision_head_config.json` present) or Hugging Face Qwen3 folder -> megatron checkpoint,
     streamed one layer at a time (`checkpoint_stream.import_streaming`). A Qwen3 folder's projector and head start
-    fresh (seeded) in the backbone's dtype; `vocab_size` resizes the vocabulary (new rows: the mean)."""
+    fresh (seeded) in the backbone's dtype; `vocab_size` resizes the vocabulary (new rows: the mean); with
+    `check_finite` a weight holding NaN/Inf is refused."""
     from training.engines.checkpoint_stream import folder_model_config, import_streaming
 
     check_layout(folder_model_config(src, model_name, vocab_size), tp, pp)  # before any process group
-    single_process(import_streaming, src, dst, tp, pp, model_name, vocab_size, seed)
+    single_process(import_streaming, src, dst, tp, pp, model_name, vocab_size, seed, check_finite)
     write_manifest(dst)
     return dst
 
@@ -44,11 +52,13 @@ def export_folder(
     dtype: str = "bf16",
     checksums: bool = True,
     overwrite: bool = False,
+    check_finite: bool = True,
 ) -> Path:
     """A megatron checkpoint's model (or EMA) weights -> official T2I folder with the given tokenizers, in `dtype`
     (bf16 as the official folders, or fp32), streamed one layer at a time (`checkpoint_stream.export_streaming`).
     The checkpoint's files are verified against its manifest first (sizes only without `checksums`). `dst` must be
-    new or empty unless `overwrite` (its files of the same names are then replaced)."""
+    new or empty unless `overwrite` (its files of the same names are then replaced). With `check_finite` a weight
+    holding NaN/Inf is refused before its file is written."""
     from models.t2i.text_tokenizer import T2ITextTokenizer
     from models.tokenizer.io import load_tokenizer
     from training.engines.checkpoint_stream import DTYPES, export_streaming
@@ -79,7 +89,7 @@ def export_folder(
         raise CheckpointError(
             f"image tokenizer makes {image_tok.config.z_channels}-bit tokens; the model predicts {cfg.latent_dim}"
         )
-    return single_process(export_streaming, src, dst, cfg, weights, text_tok, image_tok, DTYPES[dtype])
+    return single_process(export_streaming, src, dst, cfg, weights, text_tok, image_tok, DTYPES[dtype], check_finite)
 
 
 def reshard(src: Path, dst: Path, tp: int, pp: int, virtual_pp: int | None = None, checksums: bool = True) -> Path:

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from models.family import FAMILIES
 from training.config import TrainConfig
 from training.ema import EMA
 from training.engines import EngineBase, Resume, StepResult, StepStats, precision
+from training.engines.export import read_weights
 from training.optim import set_lr
 from training.step_monitor import ForwardClock
 
@@ -237,11 +238,11 @@ class DeepSpeedEngine(EngineBase):
             )
         if not resized and per_rank is None:
             raise ValueError(f"{directory} has no rank_{dist.get_rank():05d}.pt for this rank")
-        self.load_full_state_dict(load_file(str(directory / "model.safetensors")))
+        self.load_full_state_dict(read_weights(directory, "model.safetensors"))
         optimizer = self._resized_optimizer_state(directory, old_world) if resized else per_rank["optimizer"]
         self.load_optimizer_state(optimizer)
         own_ema = per_rank is not None and not resized and "ema" in per_rank
-        ema.load_state_dict(per_rank["ema"] if own_ema else load_file(str(directory / "ema.safetensors")))
+        ema.load_state_dict(per_rank["ema"] if own_ema else read_weights(directory, "ema.safetensors"))
         if resized and dist.get_rank() == 0:
             print(
                 f"{directory} was written by {old_world} ranks, this run has {world}: optimizer state re-partitioned, "

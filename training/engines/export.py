@@ -6,10 +6,12 @@ used by `eval.watch`): `export_checkpoint` picks the engine that wrote the check
   `model.safetensors` (every tensor) with the EMA over it: `ema.safetensors` under ZeRO 0-2; under ZeRO-3 each rank's
   `rank_*.pt` "ema" holds its flat partition of every parameter (training.ema: the EMA of `ds_tensor`, partition r =
   elements [r*n, (r+1)*n) of the flattened parameter, padding at the end), concatenated in rank order, cut to the
-  parameter's size and shaped like it. Written in fp32 with `models.t2i.io.export_t2i_folder`.
+  parameter's size and shaped like it. Written in fp32 with `models.t2i.io.export_t2i_folder`; weights holding NaN/Inf
+  are refused.
 
 Each runs on CPU in one process without a process group; the checkpoint's files are verified against its manifest
-first.
+first. `read_weights` reads a DeepSpeed checkpoint's weight files through the checked safetensors reader for the
+export and for the engine's resume, a malformed file being a one-line CheckpointError.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from models.core.safetensors_file import SafetensorsError, check_finite, load_file
 from training.checkpoint_integrity import CheckpointError, verify_checkpoint
 
 WRAPPER = "_checkpoint_wrapped_module."  # in parameter (EMA) names under activation checkpointing, not in state dicts
@@ -50,8 +53,6 @@ def export_megatron(checkpoint: Path, dst: Path, text_tokenizer: Path, image_tok
 
 
 def export_deepspeed(checkpoint: Path, dst: Path, text_tokenizer: Path, image_tokenizer: Path) -> Path:
-    from safetensors.torch import load_file
-
     from models.core.state_dict import load_state_dict_strict
     from models.t2i.io import export_t2i_folder
     from models.t2i.model import TextToImageBitDance
@@ -64,12 +65,25 @@ def export_deepspeed(checkpoint: Path, dst: Path, text_tokenizer: Path, image_to
     model = meta_model(trainer["config"])
     if not isinstance(model, TextToImageBitDance):
         raise CheckpointError(f"{checkpoint} holds a {type(model).__name__}; only text-to-image runs export here")
-    state = load_file(str(checkpoint / "model.safetensors"))
+    state = read_weights(checkpoint, "model.safetensors")
     state.update(ema_weights(checkpoint, trainer, {k: v.shape for k, v in state.items()}))
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        check_finite(state, f"the exported weights of {checkpoint}")
+    except SafetensorsError as err:
+        raise CheckpointError(str(err)) from None
     load_state_dict_strict(model, state, f"the model of {checkpoint}", assign=True)
     text = T2ITextTokenizer.from_folder(text_tokenizer, model.cfg.parallel_num)
     return export_t2i_folder(model, text, load_tokenizer(image_tokenizer), dst)
+
+
+def read_weights(checkpoint: Path, name: str) -> dict[str, torch.Tensor]:
+    """A DeepSpeed checkpoint's weight file (`model.safetensors`, `ema.safetensors`) through the checked reader, for
+    the export here and the engine's resume; a malformed one is a one-line CheckpointError."""
+    try:
+        return load_file(checkpoint / name)
+    except SafetensorsError as err:
+        raise CheckpointError(f"{err}; checkpoint {checkpoint.name} cannot be loaded: use an earlier one") from None
 
 
 def meta_model(config: dict) -> torch.nn.Module:
@@ -91,10 +105,9 @@ def meta_model(config: dict) -> torch.nn.Module:
 def ema_weights(checkpoint: Path, trainer: dict, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """{state-dict name: EMA tensor} of a DeepSpeed checkpoint: `ema.safetensors` (ZeRO 0-2), else the ZeRO-3
     partitions in every rank's file, each parameter whole again."""
-    from safetensors.torch import load_file
 
     if (checkpoint / "ema.safetensors").is_file():
-        return {k.replace(WRAPPER, ""): v for k, v in load_file(str(checkpoint / "ema.safetensors")).items()}
+        return {k.replace(WRAPPER, ""): v for k, v in read_weights(checkpoint, "ema.safetensors").items()}
     files = [checkpoint / f"rank_{r:05d}.pt" for r in range(int(trainer["world_size"]))]
     missing = [f.name for f in files if not f.is_file()]
     if missing:

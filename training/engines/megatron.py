@@ -116,6 +116,18 @@ class MegatronEngine(EngineBase):
         ]
 
     @classmethod
+    def check_model(cls, cfg: TrainConfig, model_cfg: T2IConfig) -> None:
+        """The layout against the model's heads, KV heads, MLP width and layers (`validate_parallel`, which the engine
+        runs again when it builds), with the text vocabulary padded to a multiple of tp as the task pads it."""
+        tp = cfg.parallel.tp
+        llm = replace(model_cfg.llm, vocab_size=-(-model_cfg.llm.vocab_size // tp) * tp)
+        try:
+            validate_parallel(replace(model_cfg, llm=llm), parallel_config(cfg))
+        except ValueError as e:  # "tp=3 does not divide ..." -> "parallel.tp=3 does not divide ..."
+            setting = str(e).split("=", 1)[0]
+            raise ValueError(f"parallel.{e}" if setting in asdict(cfg.parallel) else f"parallel: {e}") from None
+
+    @classmethod
     def data_parallel_size(cls, cfg: TrainConfig, world_size: int) -> int:
         """World size / (tp * pp), which must divide exactly."""
         model_parallel = cfg.parallel.tp * cfg.parallel.pp
