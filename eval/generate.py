@@ -41,6 +41,7 @@ from eval.benchmarks import BENCHMARKS, Benchmark, Job, get_benchmark
 from eval.benchmarks.base import check_job_names, output_file
 from eval.presets import PRESETS, get_preset
 from models.core.head_sampler import randn_rows
+from models.core.low_memory import WEIGHT_MODES, apply_inference_memory
 from models.core.registry import import_object
 from models.core.sampling import CFG_SCHEDULES, SamplingConfig
 from models.family import FAMILIES
@@ -71,6 +72,29 @@ def generator_class(family: str) -> type:
     if path is None:
         raise ValueError(f"model family {family!r} has no generator; a benchmark samples t2i or c2i models")
     return import_object(path)  # type: ignore[return-value]
+
+
+def add_inference_arguments(p) -> None:
+    """How the loaded model is held in memory (`models.core.low_memory`): eval.generate's and eval.app's flags."""
+    helps = "; ".join(f"{name}: {mode.help}" for name, mode in WEIGHT_MODES.items())
+    p.add_argument("--weights", choices=list(WEIGHT_MODES), help=f"{helps} (default: as stored)")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the decoder layers in host memory, one or two on the GPU at a time: fits small GPUs, slow",
+    )
+
+
+def load_generator(family: str, args: argparse.Namespace, device: torch.device):
+    """The family's generator with `--model` loaded once, held as `--weights` / `--offload` ask (a model that is
+    converted or offloaded is loaded on the CPU first, so one larger than the GPU can be)."""
+    low = args.weights is not None or args.offload
+    generator = generator_class(family)(args, torch.device("cpu") if low else device)
+    if low:
+        apply_inference_memory(generator.model, args.weights, args.offload, device)
+        generator.ae.to(device)
+        generator.device = device
+    return generator
 
 
 @torch.no_grad()
@@ -146,6 +170,7 @@ def add_arguments(p: argparse.ArgumentParser) -> list[FlagGroup]:
     p.add_argument("--cfg-scale", type=float, help=f"guidance weight, <= 1: none (no preset: {SAMPLING.cfg_scale})")
     p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help=f"(no preset: {SAMPLING.cfg_schedule})")
     p.add_argument("--seed", type=int, default=0, help="base seed; image k of prompt i uses image_seed(seed, i, k)")
+    add_inference_arguments(p)
     benches = {name: get_benchmark(name) for name in BENCHMARKS}
     groups = []
     for family in dict.fromkeys(b.family for b in benches.values()):
@@ -225,7 +250,7 @@ def generate(args: argparse.Namespace, rank: int, world: int, device: torch.devi
     finished = {j.index for j in jobs if bench.is_done(j, out)}  # also checks those paths stay inside --out
     pending = [j for j in jobs if not (own and j.index in finished)]
     mine = pending[rank::world]
-    generator = generator_class(bench.family)(args, device) if mine else None  # checks the image size
+    generator = load_generator(bench.family, args, device) if mine else None  # checks the image size
     if rank == 0:
         if own:
             claim_output_folder(out, TOOL)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from eval.benchmarks.base import Benchmark
-from eval.generate import generator_class, resolve_sampling, sampling_config
+from eval.generate import add_inference_arguments, generator_class, load_generator, resolve_sampling, sampling_config
 from eval.presets import PRESETS, get_preset
 from models.core.sampling import CFG_SCHEDULES
 from models.family import FAMILIES
@@ -77,6 +77,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help="default guidance schedule (default: the preset's)")
     p.add_argument("--text-tokenizer", help="run dir: the text tokenizer folder (default: the run's config)")
     p.add_argument("--image-tokenizer", help="run dir: the image tokenizer weights (default: the run's config)")
+    add_inference_arguments(p)
     for name in sampling_families():
         generator_class(name).add_arguments(p.add_argument_group(f"{name} models"))
 
@@ -180,7 +181,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> Loaded:
         trial = argparse.Namespace(**vars(args))
         try:
             resolve(trial, family)
-            generator = generator_class(family)(trial, device)
+            generator = load_generator(family, trial, device)
         except (Exception, SystemExit) as err:  # noqa: BLE001 (each family's reason is reported, in one line)
             if debug_requested():
                 traceback.print_exc(file=sys.stderr)

@@ -1,5 +1,6 @@
 """`eval.generate` writes the official layouts, resumes, and gives the same images on 1 and 2 ranks."""
 
+import io
 import json
 import subprocess
 import sys
@@ -202,3 +203,24 @@ def test_bad_arguments_are_one_line_errors(extra, message, capsys, tmp_path):
         parse_args(["--model", model, "--out", "o", *extra])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.value.code == 2 and last.startswith("python -m eval.generate: error:") and message in last
+
+
+def test_low_memory_flags_sample_what_fp32_samples(folder, tmp_path):
+    """--offload keeps every image bit for bit; --weights bf16 / int8 change pixels only slightly (same seeds)."""
+    from eval.generate import main as eval_generate_main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    runs = {"fp32": [], "offload": ["--offload"], "bf16": ["--weights", "bf16"], "int8": ["--weights", "int8"]}
+    images = {}
+    for name, extra in runs.items():
+        argv = ["--task", "prompts", "--model", str(folder), "--out", str(tmp_path / name), "--prompts-file"]
+        argv += [str(prompts), "--images-per-prompt", "2", "--image-size", "32x32", "--height", "32", "--width", "32"]
+        eval_generate_main([*argv, "--steps", "2", "--cfg-scale", "2", *extra])  # in this process: no start-up
+        images[name] = {k: np.asarray(Image.open(io.BytesIO(v))) for k, v in files(tmp_path / name).items()}
+    assert len(images["fp32"]) == 2
+    assert all(np.array_equal(images["offload"][k], v) for k, v in images["fp32"].items())
+    for name in ("bf16", "int8"):
+        diff = [np.abs(images[name][k].astype(int) - v.astype(int)).mean() / 255 for k, v in images["fp32"].items()]
+        print(name, "mean |pixel difference| per image vs fp32:", [f"{d:.4f}" for d in diff])
+        assert max(diff) < 0.05, (name, diff)
