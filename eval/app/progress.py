@@ -1,43 +1,22 @@
-"""A per-patch callback around the next-patch loop both families share (`models.core.next_patch`), without touching it.
-
-Both samplers decode through a `RowSetDecoder`: `prefill` once, then `step` after every patch but the last. While
-`patch_progress(report)` is active those two methods are wrapped so that `report(done, total)` hears 0 after the
-prefill and k after the k-th patch (`total` is the decoder's `num_ar_steps`); the last patch is done when the
-sampler returns. One generation at a time holds the wrapper (a lock); the methods are restored on exit.
-"""
+"""A per-patch callback for one generation: `patch_progress(report)` sets the next-patch loop's progress hook
+(`models.core.next_patch.PATCH_DONE`, a context variable, so concurrent generations in other threads keep their own),
+and `report(done, total)` hears 0 after the prefill and k after the k-th patch of each sampler call."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from models.core.next_patch import RowSetDecoder
+from models.core.next_patch import PATCH_DONE
 
 Report = Callable[[int, int], None]
-_LOCK = threading.Lock()
 
 
 @contextmanager
 def patch_progress(report: Report) -> Iterator[None]:
-    """Inside: every RowSetDecoder reports (patches done, patches per image) to `report`."""
-    with _LOCK:
-        prefill, step = RowSetDecoder.prefill, RowSetDecoder.step
-
-        def counted_prefill(self):
-            conds = prefill(self)
-            self.patches_done = 0
-            report(0, self.num_ar_steps)
-            return conds
-
-        def counted_step(self, bits):
-            conds = step(self, bits)
-            self.patches_done += 1
-            report(self.patches_done, self.num_ar_steps)
-            return conds
-
-        RowSetDecoder.prefill, RowSetDecoder.step = counted_prefill, counted_step
-        try:
-            yield
-        finally:
-            RowSetDecoder.prefill, RowSetDecoder.step = prefill, step
+    """Inside: the next-patch loop reports (patches done, patches per image) to `report`."""
+    token = PATCH_DONE.set(report)
+    try:
+        yield
+    finally:
+        PATCH_DONE.reset(token)

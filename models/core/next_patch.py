@@ -9,21 +9,30 @@ Guidance as in the official samplers: at a step whose guidance weight is exactly
 schedule) there is no guidance at all - every one of the 2n rows draws its own noise and samples its own patch,
 and each unconditional row keeps its own patch as context. At every other step the conditional and
 unconditional rows share one noise draw and one guided sample, which both rows are fed.
+
+With `SamplingConfig.compile` the family pads its conditions to a row bucket (`pad_conditions`) and decodes at
+fixed shapes; the head runs as `models.core.compiled_sampling.FixedShapeHead`, drawing the same noise.
+
+Progress: while `PATCH_DONE` holds a callback (a context variable: per thread and task), the loop calls it with
+(patches done, patches per image) after the prefill (0) and after every patch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import torch
 
 from models.core.bits import sign_quantize
+from models.core.compiled_sampling import FixedShapeHead, row_bucket
 from models.core.head_sampler import Generators, NetFn, euler_maruyama
 from models.core.sampling import SamplingConfig, cfg_at_step
 
 Row = TypeVar("Row")
+PATCH_DONE: ContextVar[Callable[[int, int], None] | None] = ContextVar("next_patch_progress", default=None)
 
 
 class RowDecoder(Protocol):
@@ -58,6 +67,13 @@ def cfg_row_sets(cond_rows: Sequence[Row], uncond_row: Row, sampling: SamplingCo
     return [rows + uncond] if sampling.batched_cfg else [rows, uncond]
 
 
+def pad_conditions(conds: Sequence[Row], sampling: SamplingConfig) -> list[Row]:
+    """The image conditions a family decodes: under `compile`, padded to `row_bucket` images by repeating the last
+    (the padded images are dropped); else as given."""
+    conds = list(conds)
+    return conds + conds[-1:] * (row_bucket(len(conds)) - len(conds)) if sampling.compile else conds
+
+
 @dataclass
 class RowSetDecoder:
     """Row sets decoded one forward each, stacked in order into one NextPatchDecoder."""
@@ -82,6 +98,30 @@ class RowSetDecoder:
         return torch.cat([d.step(bits) for d in self.row_sets])
 
 
+HeadFn = Callable[[torch.Tensor, torch.Tensor | None, float, Generators], torch.Tensor]
+
+
+def _head_sampler(decoder: NextPatchDecoder, sampling: SamplingConfig, n_images: int, n_pad: int, device) -> HeadFn:
+    """head(cond, uncond, w, generator) -> x: the eager `euler_maruyama`, or the fixed-shape one under `compile`."""
+    if sampling.compile:
+        return FixedShapeHead(
+            decoder.head_net,
+            decoder.latent_dim,
+            sampling.steps,
+            decoder.time_shift,
+            sampling.batched_cfg,
+            n_images,
+            n_pad,
+            device,
+        )
+
+    def eager(cond: torch.Tensor, uncond: torch.Tensor | None, w: float, generator: Generators) -> torch.Tensor:
+        net, c, steps, shift = decoder.head_net, decoder.latent_dim, sampling.steps, decoder.time_shift
+        return euler_maruyama(net, cond, c, steps, w, uncond, shift, generator, sampling.batched_cfg)
+
+    return eager
+
+
 @torch.no_grad()
 def sample_next_patch(
     decoder: NextPatchDecoder,
@@ -89,35 +129,29 @@ def sample_next_patch(
     sampling: SamplingConfig,
     generator: Generators = None,
 ) -> torch.Tensor:
-    """±1 bits [n_images, num_ar_steps * P, C] in patch-raster order (patch k is columns k*P .. k*P + P - 1)."""
+    """±1 bits [n_images, num_ar_steps * P, C] in patch-raster order (patch k is columns k*P .. k*P + P - 1). Under
+    `sampling.compile` the decoder holds the rows of `pad_conditions` (row_bucket(n_images) images)."""
     cfg_at_step(sampling.cfg_scale, sampling.cfg_schedule, 0, 1)  # a bad schedule fails before any forward
-    rows = 2 * n_images if sampling.guided else n_images
+    n_pad = row_bucket(n_images) if sampling.compile else n_images
+    rows = 2 * n_pad if sampling.guided else n_pad
     conds = decoder.prefill()
     if conds.shape[0] != rows:
         raise ValueError(f"decoder gave {conds.shape[0]} condition rows for {n_images} images; expected {rows}")
+    head = _head_sampler(decoder, sampling, n_images, n_pad, conds.device)
     n_steps, patches = decoder.num_ar_steps, []
+    report = PATCH_DONE.get() or (lambda done, total: None)
+    report(0, n_steps)
     for step in range(n_steps):
         w = cfg_at_step(sampling.cfg_scale, sampling.cfg_schedule, step, n_steps)
         if sampling.guided and w == 1.0:  # unguided step: all 2n rows sample independently
             g = generator + generator if isinstance(generator, list) else generator  # row n + i: image i's stream
-            x = euler_maruyama(
-                decoder.head_net, conds, decoder.latent_dim, sampling.steps, 1.0, None, decoder.time_shift, g
-            )
+            x = head(conds, None, 1.0, g)
         else:
-            cond, uncond = (conds[:n_images], conds[n_images:]) if sampling.guided else (conds, None)
-            x = euler_maruyama(
-                decoder.head_net,
-                cond,
-                decoder.latent_dim,
-                sampling.steps,
-                w,
-                uncond,
-                decoder.time_shift,
-                generator,
-                sampling.batched_cfg,
-            )
+            cond, uncond = (conds[:n_pad], conds[n_pad:]) if sampling.guided else (conds, None)
+            x = head(cond, uncond, w, generator)
         bits = sign_quantize(x).to(conds.dtype)
         patches.append(bits[:n_images])
+        report(step + 1, n_steps)
         if step + 1 < n_steps:
             conds = decoder.step(bits)
     return torch.cat(patches, dim=1)

@@ -1,6 +1,6 @@
-"""The sampling settings every generator shares (diffusion-head steps, guidance scale and schedule, batched CFG)
-and the per-step guidance weight; the one source of both for `models.core.next_patch` (so both family samplers),
-training sample grids, `eval.generate` and the demo."""
+"""The sampling settings every generator shares (diffusion-head steps, guidance scale and schedule, batched CFG,
+torch.compile) and the per-step guidance weight; the one source of both for `models.core.next_patch` (so both family
+samplers), training sample grids, `eval.generate` and the demo."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ class SamplingConfig:
     # patch) growing linearly towards w, as the official ImageNet samplers do
     cfg_schedule: str = "constant"
     batched_cfg: bool = True  # conditional and unconditional rows in one batched call (same numbers as two calls)
+    # torch.compile the head's step loop and the decoder's patch step at fixed shapes (rows padded to a power of two,
+    # full-length KV cache; CUDA graphs for the head on CUDA): same noise, same bits up to float rounding
+    # (models/core/compiled_sampling.py); the first call of each shape compiles
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:

@@ -5,6 +5,8 @@ length and prefilled once, together with `<|vision_start|> <|res_h|> <|res_w|>` 
 last P of those form the first bidirectional block and predict patch 0. Each later step feeds one patch
 (projector + 2D embedding) and predicts the next. The official code runs the conditional and unconditional rows
 as separate passes; `SamplingConfig.batched_cfg` runs them in one batched forward (same numbers).
+Under `SamplingConfig.compile` the prompt rows are left-padded to a multiple of `PROMPT_BUCKET` and each step is one
+compiled graph at fixed shapes (`fixed_shape_step`).
 """
 
 from __future__ import annotations
@@ -12,25 +14,61 @@ from __future__ import annotations
 import torch
 
 from models.core.attention import dense_block_causal_mask
+from models.core.compiled_sampling import compiled
 from models.core.head_sampler import Generators
-from models.core.next_patch import RowSetDecoder, cfg_row_sets, sample_next_patch
+from models.core.kv_cache import KVCache
+from models.core.next_patch import RowSetDecoder, cfg_row_sets, pad_conditions, sample_next_patch
 from models.core.patch_order import from_patch_raster
 from models.core.sampling import SamplingConfig
 from models.t2i.model import TextToImageBitDance
 from models.t2i.packing import grid_coords
 
+PROMPT_BUCKET = 64  # under compile, prompt rows are left-padded to a multiple of this: one graph per bucket
+
+
+def fixed_shape_step(
+    model: TextToImageBitDance,
+    bits: torch.Tensor,
+    idx: torch.Tensor,
+    prompt_len: int,
+    cache: KVCache,
+    coords: torch.Tensor,
+    lens: torch.Tensor,
+    key_valid: torch.Tensor,
+) -> torch.Tensor:
+    """`T2IDecoder.step` at fixed shapes: feed bits [R, P, C] of image tokens idx [P] (a tensor) at cache columns
+    prompt_len + idx of the full-length cache, every column past the patch masked; conditions [R, P, D] of the next
+    patch."""
+    P = idx.shape[0]
+    x = model.embed_image_tokens(bits, coords[idx])
+    cols = prompt_len + idx
+    visible = key_valid & (torch.arange(key_valid.shape[1], device=idx.device) <= cols[-1])
+    mask = visible[:, None, None, :].expand(-1, 1, P, -1)
+    hidden = model.llm.model(x, lens[:, None] + idx, mask, cache, cols)
+    return hidden + model.pos_embed(coords[idx + P]).to(hidden.dtype)
+
 
 class T2IDecoder:
-    """KV-cache state of a set of rows that all generate an image of the same grid size."""
+    """KV-cache state of a set of rows that all generate an image of the same grid size; `fixed_shapes`: compiled
+    steps over a full-length cache, prompts padded to a multiple of PROMPT_BUCKET."""
 
-    def __init__(self, model: TextToImageBitDance, rows: list[list[int]], grid: tuple[int, int], pad_id: int):
-        self.model, self.grid = model, grid
+    def __init__(
+        self,
+        model: TextToImageBitDance,
+        rows: list[list[int]],
+        grid: tuple[int, int],
+        pad_id: int,
+        fixed_shapes: bool = False,
+    ):
+        self.model, self.grid, self.fixed_shapes = model, grid, fixed_shapes
         self.P = P = model.cfg.parallel_num
         device = model.llm.lm_head.weight.device
         self.coords = grid_coords(*grid, P).to(device)
         lens = torch.tensor([len(r) for r in rows], device=device)
         self.rows = R = len(rows)
-        L = int(lens.max())
+        L = max(len(r) for r in rows)
+        if fixed_shapes:
+            L = -(-L // PROMPT_BUCKET) * PROMPT_BUCKET
         self.prompt_len, self.lens = L, lens
         ids = torch.full((R, L), pad_id, dtype=torch.long, device=device)
         for i, r in enumerate(rows):
@@ -64,6 +102,11 @@ class T2IDecoder:
             raise ValueError(f"bits for {bits.shape[0]} images do not tile {self.rows} rows")
         bits = bits.repeat(self.rows // bits.shape[0], 1, 1)
         P, k = self.P, self.fed
+        if self.fixed_shapes:
+            self.fed += 1
+            idx = torch.arange(k * P, (k + 1) * P, device=bits.device)
+            args = (self.cache, self.coords, self.lens, self.key_valid)
+            return compiled(fixed_shape_step, bits.device.type)(self.model, bits, idx, self.prompt_len, *args)
         coords = self.coords[k * P : (k + 1) * P]
         x = self.model.embed_image_tokens(bits, coords)
         start = self.prompt_len + k * P
@@ -91,8 +134,8 @@ def sample_t2i(
     P = model.cfg.parallel_num
     prefix = tokenizer.image_prefix_ids(*grid)
     cond_rows = [tokenizer.prompt_ids(p) + prefix for p in prompts for _ in range(images_per_prompt)]
-    sets = cfg_row_sets(cond_rows, tokenizer.uncond_ids() + prefix, sampling)
-    rows = [T2IDecoder(model, s, grid, tokenizer.pad_id) for s in sets]
+    sets = cfg_row_sets(pad_conditions(cond_rows, sampling), tokenizer.uncond_ids() + prefix, sampling)
+    rows = [T2IDecoder(model, s, grid, tokenizer.pad_id, sampling.compile) for s in sets]
     c = model.cfg
     decoder = RowSetDecoder(rows, model.vision_head.net, c.latent_dim, c.head.time_shift, grid[0] * grid[1] // P)
     patches = sample_next_patch(decoder, len(cond_rows), sampling, generator)

@@ -22,7 +22,7 @@ from eval.app.outputs import read_settings
 from eval.app.session import Request, Session
 from eval.benchmarks import Job
 from eval.generate import sample_images
-from models.core.next_patch import RowSetDecoder
+from models.core.next_patch import PATCH_DONE
 from models.core.sampling import SamplingConfig
 from models.t2i.io import export_t2i_folder
 from models.t2i.model import TextToImageBitDance, get_t2i_config
@@ -114,14 +114,14 @@ def test_progress_hears_every_patch_and_the_images_are_eval_generates(folder):
     args = parse_args(["--model", str(folder), "--image-size", "32x32", "--steps", "2", "--cfg-scale", "2"])
     cpu = torch.device("cpu")
     session = Session(load_model(args, cpu), cpu, batch_size=1)
-    step, heard = RowSetDecoder.step, []
+    heard = []
     request = Request("a photo of a cat", 2, 5, 2, 2.0, "linear", "32x32")
     results = session.generate(request, lambda fraction, what: heard.append((fraction, what)))
-    assert RowSetDecoder.step is step  # the wrapper is gone
+    assert PATCH_DONE.get() is None  # the hook is gone
     patches = 16 * 16 // 4  # a 16x16 token grid, 4 tokens a step
-    assert len(heard) == 2 * patches  # per batch: after the prefill, then after every patch but the last
+    assert len(heard) == 2 * (patches + 1)  # per batch: after the prefill, then after every patch
     assert [f for f, _ in heard] == sorted(f for f, _ in heard) and heard[0][0] == 0
-    assert heard[-1] == ((1 + (patches - 1) / patches) / 2, f"batch 2/2: patch {patches - 1}/{patches}")
+    assert heard[-1] == (1.0, f"batch 2/2: patch {patches}/{patches}")
     job = Job(0, "app", "a photo of a cat", {})
     sampling = SamplingConfig(steps=2, cfg_scale=2.0, cfg_schedule="linear")
     direct = [sample_images(session.loaded.generator, [(job, k)], sampling, 5, cpu)[0] for k in range(2)]  # 1 a batch
