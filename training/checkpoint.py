@@ -8,6 +8,10 @@ checkpoint tools (`python -m training.checkpoint reshard|export|import ...`).
         manifest.json       size and sha256 of every file above (training.checkpoint_integrity), written last
     <run_dir>/checkpoints/latest   name of the newest complete checkpoint
 
+A LoRA or head-only run (`finetune.method=lora|head`, training/finetune.py) writes no `model.safetensors`: its
+trainable weights only (`adapter/adapter_config.json` + `adapter/adapter_model.safetensors` in PEFT's format, or
+`trainable.safetensors`), their EMA and optimizer state, and in `trainer.json` a `finetune` entry naming the method,
+its settings and the base (`model.init_from` and its fingerprint), which a resume must match.
 Each engine writes its own state (`training.engines.Engine.save_state`; the files above are the DeepSpeed engine's);
 the megatron engine writes `dist/` (model, EMA and optimizer state through megatron's dist_checkpointing, loadable at
 any TP/PP layout) instead, see training/engines/megatron_checkpoint.py. This module adds RNG and loader state to each
@@ -24,9 +28,13 @@ safetensors and `torch.load(weights_only=True)` only (megatron's pickled DCP met
         --image-tokenizer <ae.safetensors> [--weights auto|model|ema] [--dtype bf16|fp32] [--no-checksums]
     python -m training.checkpoint import --src <official folder | HF Qwen3 folder> --dst <ckpt> --tp N --pp M
         [--model 14B-16x] [--vocab-size V] [--seed S]
-Export and import refuse weights holding NaN/Inf (naming the tensor) unless `--no-check-finite`.
-A `--src` may also be a run directory (its `checkpoints/latest` is used). All three run on CPU-only machines, in one
-process that streams one decoder layer at a time (training/engines/checkpoint_stream.py): export writes one
+    python -m training.checkpoint merge --base <official folder> --adapter <PEFT adapter folder> --dst <folder>
+        [--dtype bf16|fp32] [--overwrite]
+Merge writes the base with a LoRA adapter (PEFT's saved format) merged into its weights as an official folder
+(training/adapters.py; needs peft, not megatron). Export, import and merge refuse weights holding NaN/Inf (naming the
+tensor) unless `--no-check-finite`.
+A `--src` may also be a run directory (its `checkpoints/latest` is used). The megatron tools run on CPU-only machines,
+in one process that streams one decoder layer at a time (training/engines/checkpoint_stream.py): export writes one
 `model-0000i-of-0000N.safetensors` per layer (bf16 by default, as the official folders).
 A disk that fills up during a save is one line (`DiskFullError`): the folder, the space the checkpoint needs and the
 space free; `latest` stays on the last complete checkpoint.
@@ -326,6 +334,10 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("reshard", help="rewrite a megatron checkpoint (model, EMA, optimizer) for a new TP/PP layout")
     e = sub.add_parser("export", help="megatron checkpoint -> official T2I folder")
     i = sub.add_parser("import", help="official T2I folder or Hugging Face Qwen3 folder -> megatron checkpoint")
+    m = sub.add_parser("merge", help="official T2I folder + LoRA adapter (PEFT format) -> official T2I folder")
+    m.add_argument("--base", required=True, help="official-layout T2I folder the adapter was trained on")
+    m.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json, adapter_model.safetensors)")
+    m.add_argument("--dst", required=True, help="a new or empty folder for the merged official folder")
     for q in (r, e, i):
         q.add_argument("--src", required=True)
         q.add_argument("--dst", required=True)
@@ -338,8 +350,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--text-tokenizer", required=True, help="text tokenizer folder (Hugging Face files)")
     e.add_argument("--image-tokenizer", required=True, help="image tokenizer weights (ae safetensors)")
     e.add_argument("--weights", choices=("auto", "model", "ema"), default="auto", help="auto: EMA when saved")
-    e.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of the exported weights")
-    e.add_argument("--overwrite", action="store_true", help="write into a --dst folder that is not empty")
+    for q in (e, m):
+        q.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of the written weights")
+        q.add_argument("--overwrite", action="store_true", help="write into a --dst folder that is not empty")
     i.add_argument(
         "--model",
         default=None,
@@ -348,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     i.add_argument("--vocab-size", type=int, default=None, help="resize the text vocabulary (new rows: mean)")
     i.add_argument("--seed", type=int, default=0, help="initialisation of the new head and projector")
-    for q in (e, i):
+    for q in (e, i, m):
         q.add_argument(
             "--check-finite",
             action=argparse.BooleanOptionalAction,
@@ -356,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
             help="refuse weights holding NaN/Inf (default); --no-check-finite copies them as they are",
         )
     args = p.parse_args(argv)
+    if args.command == "merge":
+        return _merge(p, args)
     from training.engines import checkpoint_tools as mc
 
     dst = Path(args.dst)
@@ -384,6 +399,17 @@ def main(argv: list[str] | None = None) -> None:
     except (mc.CheckpointError, ValueError, FileNotFoundError) as err:
         p.exit(2, f"error: {str(err).splitlines()[0]}\n")
     print(f"{args.command}: wrote {out}")
+
+
+def _merge(p, args) -> None:
+    """The merge subcommand (plain PyTorch + peft: no megatron)."""
+    from training.adapters import merge_folder
+
+    try:
+        out = merge_folder(args.base, args.adapter, args.dst, args.dtype, args.overwrite, args.check_finite)
+    except (ValueError, FileNotFoundError) as err:
+        p.exit(2, f"error: {str(err).splitlines()[0]}\n")
+    print(f"merge: wrote {out}")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
     torchrun ... -m training.train --config training/configs/tiny_t2i.yaml optim.lr=3e-4 schedule.total_steps=50
 Unknown keys and wrong types are rejected by OmegaConf against these dataclasses; `validate` adds the checks
 that need several fields or the named model (one line each, naming the key and the fix): every float finite, ranges,
-the model name, the engine's own. `startup_checks` adds, before a run does any work, those that need
-the machine: the world size (batch and model-parallel layout) and the named model under the engine's layout;
-`check_eval_size` checks the sample size against the model the task built, and `missing_data_folder` names the key
-of a data folder that is not there when reading the data fails.
+the model name, the engine's own (with those of the fine-tuning method it trains, `training.finetune`).
+`startup_checks` adds, before a run does any work, those that need the machine: the world size (batch and
+model-parallel layout) and the named model under the engine's layout; `check_eval_size` checks the sample size against
+the model the task built, and `missing_data_folder` names the key of a data folder that is not there when reading the
+data fails.
 """
 
 from __future__ import annotations
@@ -88,6 +89,31 @@ class EngineConfig:
     # backbone linears, bf16 elsewhere)
     precision: str = "auto"
     fp8_recipe: str = "tensorwise"  # engine.precision=fp8: tensorwise | rowwise (torchao float8 scaling)
+    # deepspeed: none | optimizer (ZeRO 1-3: optimizer state and fp32 master weights in CPU memory) | params (ZeRO-3:
+    # the parameters too); DeepSpeed's `offload_optimizer` / `offload_param` with torch's AdamW stepping on the CPU
+    offload: str = "none"
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 16
+    alpha: int = 32  # the adapters' update is scaled by alpha / rank
+    dropout: float = 0.0
+    # names of the decoder layers' linears that get adapters (only modules inside the decoder layers match)
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    head: bool = False  # also every linear of the diffusion head
+
+
+@dataclass
+class FinetuneConfig:
+    """What trains (`training.finetune`): the whole model, LoRA adapters (PEFT) or the head only, from model.init_from;
+    lora and head checkpoints hold the trainable state and a reference to the base (deepspeed only)."""
+
+    method: str = "full"  # full | lora | head (training.finetune.FINETUNE_METHODS)
+    base_dtype: str = "bf16"  # the frozen base weights of lora / head: bf16 | fp32 (trainable weights stay fp32)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
@@ -153,6 +179,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)  # engine.kind=megatron only
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -167,7 +194,8 @@ class TrainConfig:
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Every check that needs several fields, once: the model family and the engine are looked up in their registries
     (an unknown name is a one-line error listing the known ones), every float must be finite, the engine adds its own
-    checks, and `model.name` must name one of the family's models, whose downsample stride data.image_size tiles."""
+    checks (a DeepSpeed run's include those of its `finetune.method`), and `model.name` must name one of the family's
+    models, whose downsample stride data.image_size tiles."""
     from models.core.attention import ATTENTION_BACKENDS
     from models.family import FAMILIES
     from training.engines import ENGINES

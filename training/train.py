@@ -48,6 +48,7 @@ from training.engines import (
     shutdown_distributed,
 )
 from training.faults import maybe_hang, maybe_kill, maybe_kill_rank, maybe_sigterm
+from training.finetune import build_method
 from training.flops import mfu
 from training.hang_watch import HangWatchdog
 from training.logger import RunLogger
@@ -358,11 +359,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, resume
             checkpoint()
             engine.wait_saves()
         if cfg.checkpoint.export_official and rank == 0:
+            out, method = Path(cfg.run_dir) / "export", build_method(cfg)  # lora: the adapters, in PEFT's format
             if engine.full_model_on_rank0:
-                out = Path(cfg.run_dir) / "export"
-                exported = with_ema_weights(engine, ema, lambda m: task.export(m, out))
+                exported = with_ema_weights(engine, ema, lambda m: method.export(task, m, out))
                 if exported is not None:
                     print(f"exported EMA weights to {exported}", flush=True)
+            elif (exported := method.export_checkpoint(latest_checkpoint(cfg.run_dir, quiet=True), out)) is not None:
+                print(f"exported EMA weights to {exported}", flush=True)  # lora: read back from the checkpoint
             else:
                 how = engine.export_how
                 print(f"the EMA is sharded over ranks; export it from the last checkpoint with {how}", flush=True)

@@ -21,7 +21,7 @@ def image_size(text: str) -> tuple[int, int]:
 
 
 class T2IGenerator:
-    """Samples prompts at `--height` x `--width` with the folder `--model`."""
+    """Samples prompts at `--height` x `--width` with the folder `--model` (and the adapter `--lora`, unmerged)."""
 
     @staticmethod
     def add_arguments(flags) -> None:
@@ -33,10 +33,20 @@ class T2IGenerator:
             type=image_size,
             help="supported HxW sizes of the model (default: official)",
         )
+        flags.add_argument(
+            "--lora",
+            help="a LoRA adapter folder (PEFT's save_pretrained) applied unmerged to --model (models/t2i/lora.py)",
+        )
 
     @staticmethod
     def resolve(args: argparse.Namespace) -> str | None:
-        """The preset the folder is recognised as, or None."""
+        """The preset the folder is recognised as, or None; a ValueError for a --lora folder that is no adapter or
+        records another base."""
+        if args.lora is not None:
+            from models.t2i.lora import check_base, read_adapter_config
+
+            read_adapter_config(args.lora)
+            check_base(args.lora, args.model)
         return recognise_t2i_folder(args.model)
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
@@ -44,6 +54,10 @@ class T2IGenerator:
 
         sizes = args.image_size  # [(h, w), ...] or None: the official list
         self.model, self.text, self.ae = load_t2i_folder(args.model, image_sizes=sizes, device=str(device))
+        if args.lora is not None:
+            from models.t2i.lora import apply_adapter
+
+            apply_adapter(self.model, args.lora)  # in place: self.model samples with the adapter, unmerged
         try:
             self.model.cfg.grid(args.height, args.width)
         except ValueError as err:

@@ -1,7 +1,11 @@
 """The DeepSpeed engine behind the training loop (`engine.kind=deepspeed`): ZeRO stage 0-3, bf16 (GPU) or fp32 (CPU)
 or fp8 (torchao float8 backbone linears, bf16 for the rest), gloo on CPU and NCCL on GPU, gradient clipping, and steps
-skipped (not applied) when the gradients are not finite. It owns its setup (FP8 conversion, activation checkpointing,
-the optimizer; `DeepSpeedEngine.build`) and its config checks (`DeepSpeedEngine.check`).
+skipped (not applied) when the gradients are not finite; optionally ZeRO's CPU offload of the optimizer state
+(`engine.offload=optimizer`) and of the parameters (`params`, ZeRO-3), torch's AdamW stepping on the CPU (DeepSpeed's
+own CPU Adam is a compiled extension: `zero_force_ds_cpu_optimizer` is off). It owns its setup (the fine-tuning
+method of `training.finetune`, FP8 conversion, activation checkpointing, the optimizer; `DeepSpeedEngine.build`) and
+its config checks (`DeepSpeedEngine.check`). A LoRA or head-only run (`finetune.method`) checkpoints the trainable
+weights, their optimizer state and EMA only, with a reference to the base model its resume must match.
 
 The loop sees only `train_step`, `set_lr`, `module` and the checkpoint hooks, so other engines
 (training/engines/megatron.py) stand behind the same calls.
@@ -22,8 +26,22 @@ from training.config import TrainConfig
 from training.ema import EMA
 from training.engines import EngineBase, Resume, StepResult, StepStats, precision
 from training.engines.export import read_weights
+from training.finetune import Method, build_method, method_class, trainable_parameters
 from training.optim import set_lr
 from training.step_monitor import ForwardClock
+
+OFFLOADS = ("none", "optimizer", "params")
+
+
+def offload_settings(offload: str) -> dict:
+    """The `zero_optimization` entries of `engine.offload`: the optimizer state (and fp32 master weights) in CPU memory,
+    and for `params` the ZeRO-3 parameter partitions too; pinned host memory where there is a GPU."""
+    cpu = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "none": {},
+        "optimizer": {"offload_optimizer": cpu},
+        "params": {"offload_optimizer": cpu, "offload_param": cpu},
+    }[offload]
 
 
 class DeepSpeedEngine(EngineBase):
@@ -33,15 +51,47 @@ class DeepSpeedEngine(EngineBase):
 
     @classmethod
     def export_checkpoint(cls, checkpoint: Path, dst: Path, text_tokenizer: Path, image_tokenizer: Path) -> Path:
-        from training.engines.export import export_deepspeed
+        from training.checkpoint_integrity import CheckpointError
+        from training.engines.export import export_deepspeed, read_trainer_json
+        from training.finetune import FINETUNE_METHODS
 
+        tuned = read_trainer_json(checkpoint).get("finetune")
+        if tuned and not FINETUNE_METHODS.get(tuned["method"]).full_model:
+            how = FINETUNE_METHODS.get(tuned["method"]).export_how
+            raise CheckpointError(
+                f"{checkpoint} holds the trainable state of a finetune.method={tuned['method']} run only, not a whole "
+                f"model; {how}"
+            )
         return export_deepspeed(checkpoint, dst, text_tokenizer, image_tokenizer)
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> list[tuple[bool, str]]:
         e, resolved = cfg.engine, precision(cfg)
         whole = getattr(FAMILIES.get(cfg.model.kind).task_class(), "whole_parameters", False)
+        method = cfg.finetune.method
+        partial = not method_class(cfg).full_model
         return [
+            *method_class(cfg).check(cfg),  # the fine-tuning method's own (this engine trains every method)
+            (e.offload in OFFLOADS, f"engine.offload must be {', '.join(OFFLOADS)}, got {e.offload}"),
+            (
+                e.offload == "none" or e.zero_stage >= 1,
+                f"engine.offload={e.offload} moves ZeRO's state to the CPU: set engine.zero_stage 1-3 (3 for params)",
+            ),
+            (
+                e.offload != "params" or e.zero_stage == 3,
+                "engine.offload=params needs engine.zero_stage=3 (only ZeRO-3 partitions the parameters); set "
+                "engine.zero_stage=3 or engine.offload=optimizer",
+            ),
+            (
+                not partial or resolved != "fp8",
+                f"finetune.method={method} trains with engine.precision fp32 or bf16 (fp8 converts the frozen base's "
+                "linears); set engine.precision=bf16",
+            ),
+            (
+                not partial or resolved == "fp32" or cfg.finetune.base_dtype == "bf16",
+                f"finetune.base_dtype={cfg.finetune.base_dtype} needs engine.precision=fp32 (under {resolved} "
+                "DeepSpeed holds the whole model in bf16); set finetune.base_dtype=bf16",
+            ),
             (0 <= e.zero_stage <= 3, f"engine.zero_stage must be 0-3, got {e.zero_stage}"),
             (
                 resolved == "fp32" or e.zero_stage >= 1,
@@ -75,6 +125,10 @@ class DeepSpeedEngine(EngineBase):
         checkpointing, the optimizer, then the engine around the task's model."""
         from training.optim import build_optimizer
 
+        method = build_method(cfg)
+        method.apply(task)  # before the FP8 and checkpoint wrappers: PEFT's module paths are the model's own
+        if dist.get_rank() == 0 and not method.full_model:
+            print(method.describe(task.model), flush=True)  # trainable parameters: count and fraction
         if precision(cfg) == "fp8":
             from training.fp8 import convert_backbone, skipped_unaligned
 
@@ -92,11 +146,20 @@ class DeepSpeedEngine(EngineBase):
             from training.activation_checkpointing import apply_activation_checkpointing
 
             apply_activation_checkpointing(task.model)
-        return cls(task.model, build_optimizer(task.model, cfg.optim), cfg, grad_accum)
+        return cls(task.model, build_optimizer(task.model, cfg.optim), cfg, grad_accum, method)
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, grad_accum: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: TrainConfig,
+        grad_accum: int,
+        method: Method | None = None,
+    ):
         import deepspeed
 
+        self.method = method or build_method(cfg)
+        self.base_reference = None if self.method.full_model else self.method.base_reference()
         self.zero_stage = cfg.engine.zero_stage
         self.precision = precision(cfg)
         bf16 = self.precision in ("bf16", "fp8")  # fp8: float8 matmuls in the converted linears, bf16 elsewhere
@@ -104,16 +167,22 @@ class DeepSpeedEngine(EngineBase):
             "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
             "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": cfg.optim.grad_clip,
-            "zero_optimization": {"stage": self.zero_stage},
+            "zero_optimization": {"stage": self.zero_stage, **offload_settings(cfg.engine.offload)},
             "bf16": {"enabled": bf16, "check_grad_overflow": True},
             "steps_per_print": 2**62,
             "wall_clock_breakdown": False,
         }
+        if cfg.engine.offload != "none":
+            ds_config["zero_force_ds_cpu_optimizer"] = False  # torch's AdamW steps the offloaded state
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.base_optimizer = optimizer
         self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
         self.full_model_on_rank0 = self.zero_stage < 3
         self.clock = ForwardClock(torch.cuda.is_available())
+        offload = offload_settings(cfg.engine.offload)
+        if offload and self.dp_rank == 0:
+            what = " and ".join(offload)
+            print(f"engine.offload={cfg.engine.offload}: ZeRO-{self.zero_stage} with {what} to the CPU", flush=True)
 
     @property
     def module(self) -> nn.Module:
@@ -205,15 +274,21 @@ class DeepSpeedEngine(EngineBase):
     # ---- checkpoints -----------------------------------------------------------------------------------------------
 
     def save_state(self, directory: Path, ema) -> tuple[dict, dict]:
-        model_state = self.full_state_dict()
+        """The whole model (`model.safetensors`), or for a LoRA / head run the trainable weights only (the method's
+        files, e.g. `adapter/`) and its base reference in trainer.json; the EMA; each rank's optimizer state."""
+        full = self.method.full_model
+        model_state = self.full_state_dict() if full else self.trainable_state_dict()
         per_rank = {"optimizer": self.optimizer_state()}
         if self.zero_stage == 3:
             per_rank["ema"] = ema.state_dict()
         if dist.get_rank() == 0:
-            save_file({k: v.contiguous() for k, v in model_state.items()}, str(directory / "model.safetensors"))
+            if full:
+                save_file({k: v.contiguous() for k, v in model_state.items()}, str(directory / "model.safetensors"))
+            else:
+                self.method.save_weights(directory, model_state)
             if self.zero_stage < 3:
                 save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(directory / "ema.safetensors"))
-        return per_rank, {}
+        return per_rank, {} if full else {"finetune": self.base_reference}
 
     def when_saved(self, finalize) -> None:
         finalize()  # DeepSpeed's state is on disk when save_state returns
@@ -238,7 +313,11 @@ class DeepSpeedEngine(EngineBase):
             )
         if not resized and per_rank is None:
             raise ValueError(f"{directory} has no rank_{dist.get_rank():05d}.pt for this rank")
-        self.load_full_state_dict(read_weights(directory, "model.safetensors"))
+        self.method.check_resume(directory, trainer)
+        if self.method.full_model:
+            self.load_full_state_dict(read_weights(directory, "model.safetensors"))
+        else:
+            self.load_trainable_state_dict(self.method.load_weights(directory))
         optimizer = self._resized_optimizer_state(directory, old_world) if resized else per_rank["optimizer"]
         self.load_optimizer_state(optimizer)
         own_ema = per_rank is not None and not resized and "ema" in per_rank
@@ -306,7 +385,7 @@ class DeepSpeedEngine(EngineBase):
                 for f in flats
             ],
             "fp32_partitions": [t.detach().clone() for t in flats],
-            "param_shards": [p.ds_tensor.detach().clone() for p in self.module.parameters()],
+            "param_shards": [p.ds_tensor.detach().clone() for p in self.saved_parameters()],
         }
 
     @torch.no_grad()
@@ -333,8 +412,36 @@ class DeepSpeedEngine(EngineBase):
         for dst, src in zip(mine, state["fp32_partitions"], strict=True):
             dst.copy_(src)
         if self.zero_stage == 3:
-            for p, shard in zip(self.module.parameters(), state["param_shards"], strict=True):
+            for p, shard in zip(self.saved_parameters(), state["param_shards"], strict=True):
                 p.ds_tensor.copy_(shard)
+
+    def saved_parameters(self) -> list[nn.Parameter]:
+        """The parameters a checkpoint holds: all of them, or the trainable ones of a LoRA / head run."""
+        if self.method.full_model:
+            return list(self.module.parameters())
+        return list(trainable_parameters(self.module).values())
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """{plain name: weight} of the trainable parameters (gathered under ZeRO-3); every rank must call it."""
+        params = trainable_parameters(self.module)
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+                return {k: p.detach().cpu().clone() for k, p in params.items()}
+        return {k: p.detach().cpu().clone() for k, p in params.items()}
+
+    @torch.no_grad()
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = trainable_parameters(self.module)
+        odd = sorted(set(params) ^ set(state))
+        if odd:
+            where = "lacks" if odd[0] in params else "has the unknown weight"
+            raise ValueError(f"the checkpoint {where} {odd[0]}; resume with the settings it was trained with")
+        if self.zero_stage == 3:
+            return  # shards come back with the optimizer state
+        for k, p in params.items():
+            p.copy_(state[k])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights (gathered under ZeRO-3); every rank must call it."""

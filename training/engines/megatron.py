@@ -57,6 +57,7 @@ from training.config import TrainConfig
 from training.ema import ShardedEMA
 from training.engines import EngineBase, Resume, StepResult, StepStats, precision
 from training.engines.megatron_checkpoint import DIST, dist_path, megatron_section, model_key, save_dist
+from training.finetune import method_class
 from training.optim import NO_DECAY_NAMES
 from training.step_monitor import ForwardClock
 
@@ -112,6 +113,16 @@ class MegatronEngine(EngineBase):
                 cfg.engine.precision != "fp8",
                 "engine.precision=fp8 is torchao FP8 for engine.kind=deepspeed; megatron's FP8 is Transformer Engine: "
                 "set engine.precision=bf16 parallel.transformer_impl=te parallel.fp8=hybrid",
+            ),
+            (
+                method_class(cfg).full_model,
+                f"finetune.method={cfg.finetune.method} runs on engine.kind=deepspeed; megatron trains the whole model "
+                "(finetune.method=full)",
+            ),
+            (
+                cfg.engine.offload == "none",
+                f"engine.offload={cfg.engine.offload} is DeepSpeed's ZeRO offload: use engine.kind=deepspeed or "
+                "engine.offload=none",
             ),
         ]
 

@@ -39,6 +39,8 @@ class Task:
     current_step: int = 0  # the optimizer step being computed (set by the loop)
     evaluates_at_ends: bool = False  # also evaluate before the first step and after the last
     whole_parameters: bool = False  # needs every parameter whole on every rank (engines that shard them refuse it)
+    # the parts of its model that fine-tuning adapts (`training.finetune.Targets`); None: finetune.method=full only
+    finetune_targets = None
     validation_kind: str | None = None  # loader kind of its held-out set (`training.validation`); None: none
 
     def loader(self, rank: int, world: int): ...

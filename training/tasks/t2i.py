@@ -23,11 +23,22 @@ from models.t2i.repatch import QueryRows, query_rows, repatch_, with_parallel_nu
 from models.tokenizer.model import tensor_to_images
 from training.config import TrainConfig
 from training.engines import engine_class
+from training.finetune import Targets
 from training.tasks import StepOutput, Task, image_grid
+
+# what finetune.method=lora|head adapts: LoRA on the decoder layers' linears (and the head's); head trains the diffusion
+# head, the projector (the image-token embedding) and the text-embedding rows of the query tokens (set per dataset)
+T2I_TARGETS = Targets(
+    layers="llm.model.layers",
+    head="vision_head.net",
+    parts=("vision_head.net", "projector"),
+    embedding="llm.model.embed_tokens",
+)
 
 
 class T2ITask(Task):
     kind = "t2i"
+    finetune_targets = T2I_TARGETS
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -52,6 +63,7 @@ class T2ITask(Task):
         else:
             self.model = self._init_model(mcfg)
         self.model_cfg = self.model.cfg if self.model is not None else mcfg
+        self.finetune_targets = replace(T2I_TARGETS, rows=tuple(text["query_ids"]))
         # compiled FlexAttention recompiles for every new row length: give it one (the megatron engine pads itself)
         flex = resolve_attention(cfg.model.attention, device.type == "cuda") == "flex"
         self.row_length = row_length(cfg.data.token_budget, flex=True) if flex else None
@@ -206,7 +218,7 @@ class T2ITask(Task):
         text, ae = self.tokenizers
         gen = torch.Generator(device=self.device).manual_seed(0)
         bits = sample_t2i(model, text, list(ev.prompts), ev.height, ev.width, self.cfg.sampling, generator=gen)
-        images = tensor_to_images(ae.decode(bits)).cpu().numpy()
+        images = tensor_to_images(ae.decode(bits.to(next(ae.parameters()).dtype))).cpu().numpy()  # a bf16 model's bits
         model.train()
         return image_grid([Image.fromarray(i) for i in images], columns=min(4, len(images)))
 
