@@ -223,6 +223,7 @@ def test_lora_resumes_exactly_after_sigkill_from_the_trainable_state_alone(lora_
     assert sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()) == [
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
+        "adapter/base.json",  # the base's fingerprint: merge and eval.generate --lora check it
         "manifest.json",
         "rank_00000.pt",
         "rank_00001.pt",
@@ -276,6 +277,12 @@ def test_the_exported_adapter_loads_with_peft_and_gives_the_runs_outputs(base, l
         assert torch.equal(ours.loss, theirs.loss) and torch.equal(ours.text_ce_sum, theirs.text_ce_sum)
         with peft_model.disable_adapter():
             assert not torch.equal(peft_model(batch, *draws).loss, theirs.loss)  # the adapters change the model
+    # the adapter names its base by fingerprint: the merge tool takes it for that base (and refuses others)
+    from models.t2i.lora import base_fingerprint
+    from training.adapters import merge_folder
+
+    assert json.loads((adapter / "base.json").read_text())["fingerprint"] == base_fingerprint(base["base"])
+    assert (merge_folder(base["base"], adapter, tmp_path / "merged") / "config.json").is_file()
 
 
 @pytest.mark.slow
