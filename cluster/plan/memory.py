@@ -36,7 +36,7 @@ from models.t2i.megatron.batch import pad_to_length
 from models.t2i.megatron.config import ParallelSettings, stage_layer_counts
 from models.t2i.megatron.mapping import reference_to_megatron, tp_split
 from models.t2i.model import T2IConfig, TextToImageBitDance
-from models.t2i.packing import PackedT2IBatch, T2ISample, pack_rows, sample_length
+from models.t2i.packing import PackedT2IBatch, SyntheticPrefixIds, T2ISample, pack_rows, sample_length
 
 GiB = 1024**3
 FIXED_OVERHEAD_GIB = 8.0  # CUDA context (~0.6), NCCL communicators and NVLS buffers, cuBLAS, fragmentation
@@ -116,23 +116,19 @@ class Workload:
         )
 
 
-class _PlanIds:
-    """Token ids for synthetic planning rows (values are irrelevant to memory and FLOPs)."""
-
-    pad_id = 0
-
-    def __init__(self, parallel_num: int):
-        self.parallel_num = parallel_num
-
-    def image_prefix_ids(self, h: int, w: int) -> list[int]:
-        return [1, 2, 3] + [4] * (self.parallel_num - 1)
-
-
 def planning_workload(
     cfg: T2IConfig, length: int, rows: int = 1, caption: int = CAPTION_TOKENS, image: tuple[int, int] = PLAN_IMAGE
 ) -> Workload:
+    """The workload of `planning_batch`'s rows."""
+    return Workload.of_batch(cfg, planning_batch(cfg, length, rows, caption, image))
+
+
+def planning_batch(
+    cfg: T2IConfig, length: int, rows: int = 1, caption: int = CAPTION_TOKENS, image: tuple[int, int] = PLAN_IMAGE
+) -> PackedT2IBatch:
     """Rows of `length` positions packed like the loader packs them: `image`-sized samples with `caption`-token
-    captions while they fit, the rest with the largest official size that fits, then padding."""
+    captions while they fit, the rest with the largest official size that fits, then padding (synthetic ids and
+    all-ones bits: values are irrelevant to memory and FLOPs)."""
     sizes = sorted(cfg.image_sizes, key=lambda hw: -math.prod(cfg.grid(*hw)))
     C, P = cfg.latent_dim, cfg.parallel_num
 
@@ -153,8 +149,7 @@ def planning_workload(
                 f"a {length}-position row holds no {caption}-token caption with an image; raise the budget"
             )
         packed.append(row)
-    batch = pack_rows(packed, _PlanIds(P), P)
-    return Workload.of_batch(cfg, pad_to_length(batch, length, 0))
+    return pad_to_length(pack_rows(packed, SyntheticPrefixIds(P), P), length, 0)
 
 
 # ---- the layout's shape ---------------------------------------------------------------------------------------------

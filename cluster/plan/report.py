@@ -93,12 +93,12 @@ def row(p: Plan) -> list[str]:
     ]
 
 
-def render(rows: list[list[str]], markdown: bool) -> str:
+def render(rows: list[list[str]], markdown: bool, columns: tuple[str, ...] = COLUMNS) -> str:
     if markdown:
-        head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
+        head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
         return "\n".join([head, *("| " + " | ".join(r) + " |" for r in rows)])
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True))]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
 

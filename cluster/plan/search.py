@@ -191,7 +191,7 @@ def plan_layout(
         return plan
     fp8, flex = par.fp8 is not None, how.attention == "flex"
     length = row_length(train.data.token_budget, par.tp, par.sequence_parallel, fp8, flex)  # as the engine pads
-    work = _workload(padded, length, train.data.micro_batch)
+    work = workload(padded, length, train.data.micro_batch)
     plan.stages = stage_memory(padded, par, dp, work, plan.micro_batches, how)
     plan.step_s, plan.bubble = step_time(padded, par, dp, plan.micro_batches, work, plan.stages, cl, how.param_bytes)
     flops_step = work.flops * plan.micro_batches * dp
@@ -202,7 +202,8 @@ def plan_layout(
 _WORKLOADS: dict[tuple, Workload] = {}
 
 
-def _workload(cfg: T2IConfig, length: int, rows: int) -> Workload:
+def workload(cfg: T2IConfig, length: int, rows: int) -> Workload:
+    """`planning_workload`, computed once per model, length and rows."""
     key = (repr((cfg.llm, cfg.head, cfg.image_sizes)), length, rows)
     if key not in _WORKLOADS:
         _WORKLOADS[key] = planning_workload(cfg, length, rows)
@@ -212,14 +213,19 @@ def _workload(cfg: T2IConfig, length: int, rows: int) -> Workload:
 # ---- every layout ---------------------------------------------------------------------------------------------------
 
 
-def train_config(name: str, config: str | None, token_budget: int | None) -> tuple[str, TrainConfig]:
+def load_train_config(name: str, config: str | None, token_budget: int | None) -> tuple[str, TrainConfig]:
     """(YAML path as given, the training config) of `name`: `config` or the model's own YAML, `model.name` set."""
     path = config or CONFIGS.get(name)
     if path is None:
         raise ValueError(f"no training config known for {name!r}; pass --config")
     overrides = [f"model.name={name}"] + ([f"data.token_budget={token_budget}"] if token_budget else [])
     full = path if Path(path).is_absolute() else str(REPO / path)
-    train = load_config(full, overrides)
+    return path, load_config(full, overrides)
+
+
+def train_config(name: str, config: str | None, token_budget: int | None) -> tuple[str, TrainConfig]:
+    """`load_train_config`, refused unless it trains with megatron-core (whose layouts the planner searches)."""
+    path, train = load_train_config(name, config, token_budget)
     if engine_class(train) is not MegatronEngine:
         raise ValueError(
             f"{path} trains with another engine than megatron-core, whose layouts the planner searches; pass a config "
@@ -241,4 +247,4 @@ def plan_all(
     over = sorted((p for p in plans if not p.error and not p.fits(cl.gpu_mem_gib)), key=lambda p: p.peak.total)
     bad = [p for p in plans if p.error]
     length = row_length(train.data.token_budget, flex=attention == "flex")
-    return fits + over + bad, _workload(cfg, length, train.data.micro_batch)
+    return fits + over + bad, workload(cfg, length, train.data.micro_batch)

@@ -244,3 +244,76 @@ def test_cli_without_split_and_errors(capsys):
     assert "No layout fits" in capsys.readouterr().out
     assert main(["--model", "tiny-4x"]) == 2
     assert "no training config known for 'tiny-4x'; pass --config" in capsys.readouterr().err
+
+
+# ---- fine-tuning (cluster.plan.finetune; measured against CPU steps by tests/benchmarks/bench_finetune_memory.py) ----
+
+
+def finetune_plans(name: str = "14B-16x", token_budget: int | None = None, rank: int | None = None) -> dict:
+    """(method, offload) -> the one-GPU plan of `name`'s YAML as a fine-tuning run."""
+    from cluster.plan.finetune import finetune_run, plan_finetune
+    from training.engines.deepspeed import OFFLOADS
+
+    _, train = search.load_train_config(name, None, token_budget)
+    return {
+        (m, o): plan_finetune(finetune_run(train, m, rank, o))[0] for m in ("full", "lora", "head") for o in OFFLOADS
+    }
+
+
+def test_finetune_parameters_are_the_trainers_own():
+    """lora: r x (in + out) per adapted linear, on the 7 attention / MLP linears of the 40 layers; head: the diffusion
+    head, the projector and the P - 1 query rows; rank 32 doubles the adapters."""
+    cfg = get_t2i_config("14B-16x")
+    m = cfg.llm
+    q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
+    D, F = m.hidden_size, m.intermediate_size
+    in_out = (D + q) + 2 * (D + kv) + (q + D) + 2 * (D + F) + (F + D)
+    plans = finetune_plans()
+    lora, head, full = (plans[k, "none"].params for k in ("lora", "head", "full"))
+    assert lora.trainable == 16 * in_out * m.num_hidden_layers == 64_225_280
+    assert lora.frozen == full.trainable == sum(n for _, n in memory.param_numels(cfg))
+    with torch.device("meta"):
+        model = TextToImageBitDance(cfg)
+    parts = sum(p.numel() for part in (model.vision_head, model.projector) for p in part.parameters())
+    assert head.trainable == parts + (cfg.parallel_num - 1) * D
+    assert finetune_plans(rank=32)["lora", "none"].params.trainable == 2 * lora.trainable
+
+
+def test_finetune_memory_is_consistent_and_lora_fits_one_80gb_gpu():
+    """The 14B YAML's row on one GPU: lora holds less than head (28x fewer trainable weights), head less than full
+    training (as much once the parameters are offloaded: DeepSpeed's buffers cap the GPU's share); every offload step
+    lowers the GPU's share and raises the host's; the activations are the same for every method (lora and head
+    backpropagate through the frozen backbone); rank-16 LoRA fits one 80 GB GPU without offload, head-only needs the
+    parameters offloaded; nothing fits 24 GB at this row, lora with offloaded parameters does at one 1024x1024
+    image."""
+    from cluster.plan.finetune_report import fits, one_image_budget
+
+    plans = finetune_plans()
+    for offload in ("none", "optimizer", "params"):
+        lora, head, full = (plans[k, offload] for k in ("lora", "head", "full"))
+        assert lora.total < head.total <= full.total  # equal with the parameters offloaded: capped buffers
+        assert lora.activations == head.activations == full.activations and lora.working == full.working
+    for method in ("full", "lora", "head"):
+        none, opt, params = (plans[method, o] for o in ("none", "optimizer", "params"))
+        assert none.total > opt.total > params.total and none.host == 0 < opt.host < params.host
+        assert opt.optimizer == params.frozen == params.trainable == 0 and opt.frozen == none.frozen
+    assert fits(plans["lora", "none"], 80.0) and not fits(plans["head", "optimizer"], 80.0)
+    assert fits(plans["head", "params"], 80.0)
+    assert not any(fits(p, 24.0) for p in plans.values())
+    short = finetune_plans(token_budget=one_image_budget("14B-16x"))
+    assert fits(short["lora", "params"], 24.0) and not fits(short["lora", "optimizer"], 24.0)
+
+
+def test_cli_finetune(capsys):
+    assert main(["--finetune", "lora", "--offload", "none", "--gpu-mem", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "14B-16x fine-tuning on 1 GPU(s)" in out and "micro-batch 1 x 37376 positions" in out
+    (row,) = [line.split() for line in out.splitlines() if line.startswith("lora")]
+    assert row[:4] == ["lora", "none", "2", "64.2M"] and row[-1] == "yes"
+    assert main(["--finetune", "head", "--lora-rank", "8", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n| head | ") == 3 and "fits 24 GiB" in out
+    assert main(["--finetune", "lora", "--offload", "params", "--zero-stage", "2"]) == 2
+    assert "engine.offload=params needs engine.zero_stage=3" in capsys.readouterr().err
+    assert main(["--finetune", "dora"]) == 2
+    assert "unknown finetune.method 'dora'" in capsys.readouterr().err
