@@ -213,6 +213,8 @@ def stand_in(readme: str) -> StandIn:
             s.harness, s.nproc = True, cfg.parallel.tp * cfg.parallel.pp
         s.outputs.append(cfg.run_dir)
     elif module == "training.checkpoint":
+        if flag_value(a, "--adapter") is not None:  # the adapter a README fine-tuning run exports
+            a = set_flag(a, "--adapter", run_output(flag_value(a, "--adapter")))
         if flag_value(a, "--model") is not None:
             a = set_flag(a, "--model", tiny_name(flag_value(a, "--model")))
         if flag_value(a, "--vocab-size") is not None:  # rows for the tiny data's vocabulary
@@ -220,6 +222,8 @@ def stand_in(readme: str) -> StandIn:
     elif module == "eval.generate":
         s.nproc = 1  # the images do not depend on the number of ranks (tests/eval/test_eval_generate.py)
         shrink = dict(GENERATE_SHRINK)
+        if flag_value(a, "--lora") is not None:
+            a = set_flag(a, "--lora", run_output(flag_value(a, "--lora")))
         if flag_value(a, "--task") == "imagenet":
             shrink["--per-class"] = "1"
             if flag_value(a, "--classes") is not None:  # ImageNet class ids -> ids of the tiny models' classes
@@ -248,6 +252,15 @@ def stand_in(readme: str) -> StandIn:
     paths = {os.path.normpath(v) for v in values if "/" in v and not v.startswith(("-", "/"))}
     s.inputs = sorted(paths - set(s.outputs))
     return s
+
+
+def run_output(path: str) -> str:
+    """A path inside a README training run's folder (`<run_dir>/export/adapter`) inside its stand-in's folder."""
+    parts = Path(path).parts
+    for n in range(len(parts), 0, -1):
+        with contextlib.suppress(AssertionError):
+            return str(Path(watched_run(str(Path(*parts[:n])))).joinpath(*parts[n:]))
+    raise AssertionError(f"no README training command writes {path}")
 
 
 def watched_run(run_dir: str) -> str:
@@ -389,7 +402,7 @@ def check_output(s: StandIn, result: Result, ws: Path) -> None:
     elif m == "training.checkpoint" and a[0] in ("import", "reshard"):
         layout = json.loads((ws / flag_value(a, "--dst") / "trainer.json").read_text())["megatron"]["layout"]
         assert (layout["tp"], layout["pp"]) == (int(flag_value(a, "--tp")), int(flag_value(a, "--pp"))), what
-    elif m == "training.checkpoint" and a[0] == "export":
+    elif m == "training.checkpoint" and a[0] in ("export", "merge"):
         from models.t2i.io import load_t2i_folder
 
         load_t2i_folder(ws / flag_value(a, "--dst"))
@@ -406,6 +419,8 @@ def check_output(s: StandIn, result: Result, ws: Path) -> None:
         assert [r["step"] for r in rows if "watch/score" in r] == [2], f"{what}: no scored checkpoint"
     elif m == "eval.report":
         assert (ws / a[0] / "report.md").read_text().startswith("# Evaluation report"), what
+    elif m == "cluster.plan" and flag_value(a, "--finetune") is not None:
+        assert f"\n{flag_value(a, '--finetune')} " in result.out, f"{what} printed no plan:\n{result.out[-2000:]}"
     elif m == "cluster.plan":
         assert "torchrun" in result.out, f"{what} printed no command:\n{result.out[-2000:]}"
     elif m == "cluster.preflight":

@@ -50,8 +50,8 @@ def main() -> None:
           f"{cfg.images_per_prompt} images each):")  # fmt: skip
     print(f"{'weights':8} {'score':>7} {'sd':>6} {'vs ' + args.weights[0]:>9} {'s':>6}  per seed")
     for w, (r, took) in results.items():
-        seeds = ", ".join(f"{s:.3f}" for s in r["per_seed"])
-        print(f"{w:8} {r['overall']:7.3f} {r['overall_sd']:6.3f} {r['overall'] - base:+9.3f} {took:6.1f}  {seeds}")
+        seeds = ", ".join(f"{s:.4f}" for s in r["per_seed"])
+        print(f"{w:8} {r['overall']:7.4f} {r['overall_sd']:6.4f} {r['overall'] - base:+9.4f} {took:6.1f}  {seeds}")
 
 
 if __name__ == "__main__":
