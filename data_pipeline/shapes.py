@@ -8,7 +8,12 @@ All geometry is relative to the image size, so any resolution works (non-square 
 Bounding boxes are [x0, y0, x1, y1] in pixels with x1, y1 exclusive. Sample `i` of a dataset is drawn from
 `numpy.random.default_rng([seed, i])` alone, so it can be regenerated without the rest (`sample_scene`).
 
+A colour-shape pair can be held out (`hold_out`: no object of any scene is that pair; a scene that has one is drawn
+again from the same generator) or made the subject of every scene (`concept`: the fine-tuning data of a held-out
+concept, cluster/demo/finetune.py); both default to None, which leaves the data unchanged.
+
 CLI: python -m data_pipeline.shapes --out DIR --num-samples N [--size 64x64 ...] [--per-shard 256] [--seed 0]
+     [--hold-out "red circle" | --concept "red circle"]
 """
 
 from __future__ import annotations
@@ -186,11 +191,15 @@ def _objects(pairs: Iterable[tuple[str, str]], boxes: list[list[int]]) -> list[d
     return [{"shape": shape, "color": color, "bbox": box} for (color, shape), box in zip(pairs, boxes, strict=True)]
 
 
-def make_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
-    """One random scene (single object, a count of 2-3, or two objects in a spatial relation) of size height x width."""
+Pair = tuple[str, str]  # (color, shape)
+
+
+def make_scene(rng: np.random.Generator, height: int, width: int, subject: Pair | None = None) -> Scene:
+    """One random scene (single object, a count of 2-3, or two objects in a spatial relation) of size height x width;
+    `subject`: this (color, shape) is the (first) object."""
     _check_size(height, width)
     kind = KINDS[int(rng.integers(len(KINDS)))]
-    color, shape = _pick(rng)
+    color, shape = subject or _pick(rng)
     if kind == "single":
         objects = _objects([(color, shape)], _single_layout(rng, height, width))
         return Scene(phrase(color, shape), objects, None, kind, (height, width))
@@ -204,11 +213,24 @@ def make_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
     return Scene(relation_caption((color, shape), relation, reference), objects, relation, kind, (height, width))
 
 
-def sample_scene(index: int, seed: int = 0, sizes: Sizes = DEFAULT_SIZES) -> Scene:
-    """Sample `index` of the dataset written by `write_shapes_dataset` with the same seed and sizes."""
+def parse_pair(text: str) -> Pair:
+    """'red circle' -> ('red', 'circle'); a ValueError naming the choices otherwise."""
+    parts = text.split()
+    if len(parts) != 2 or parts[0] not in COLORS or parts[1] not in SHAPES:
+        raise ValueError(f"{text!r} is no colour-shape pair; use '<{'|'.join(COLORS)}> <{'|'.join(SHAPES)}>'")
+    return parts[0], parts[1]
+
+
+def sample_scene(
+    index: int, seed: int = 0, sizes: Sizes = DEFAULT_SIZES, hold_out: Pair | None = None, concept: Pair | None = None
+) -> Scene:
+    """Sample `index` of the dataset written by `write_shapes_dataset` with the same arguments (module docstring)."""
     rng = np.random.default_rng([seed, index])
     height, width = sizes[int(rng.integers(len(sizes)))]
-    return make_scene(rng, int(height), int(width))
+    scene = make_scene(rng, int(height), int(width), concept)
+    while hold_out is not None and any((o["color"], o["shape"]) == tuple(hold_out) for o in scene.objects):
+        scene = make_scene(rng, int(height), int(width))
+    return scene
 
 
 def render(scene: Scene) -> Image.Image:
@@ -244,9 +266,11 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def sample_members(index: int, seed: int = 0, sizes: Sizes = DEFAULT_SIZES) -> list[tuple[str, bytes]]:
+def sample_members(
+    index: int, seed: int = 0, sizes: Sizes = DEFAULT_SIZES, hold_out: Pair | None = None, concept: Pair | None = None
+) -> list[tuple[str, bytes]]:
     """The tar members (name, payload) of one sample: `<key>.png`, `<key>.txt`, `<key>.json`."""
-    scene = sample_scene(index, seed, sizes)
+    scene = sample_scene(index, seed, sizes, hold_out, concept)
     key = f"shapes-{index:08d}"
     return [
         (f"{key}.png", png_bytes(render(scene))),
@@ -292,6 +316,8 @@ def write_shapes_dataset(
     sizes: Sizes = DEFAULT_SIZES,
     samples_per_shard: int = 256,
     seed: int = 0,
+    hold_out: Pair | None = None,
+    concept: Pair | None = None,
 ) -> list[Path]:
     """Write `shapes-000000.tar`, ... to `out_dir`; identical arguments give byte-identical files."""
     sizes = _check_sizes(sizes)
@@ -303,7 +329,7 @@ def write_shapes_dataset(
     for shard, start in enumerate(range(0, num_samples, samples_per_shard)):
         indices = range(start, min(start + samples_per_shard, num_samples))
         path = out / f"shapes-{shard:06d}.tar"
-        _write_tar_atomic(path, (m for i in indices for m in sample_members(i, seed, sizes)))
+        _write_tar_atomic(path, (m for i in indices for m in sample_members(i, seed, sizes, hold_out, concept)))
         paths.append(path)
     return paths
 
@@ -367,11 +393,17 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     p.add_argument("--size", action="append", default=None, help="HEIGHTxWIDTH, repeatable (default 64x64)")
     p.add_argument("--per-shard", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hold-out", help="a colour-shape pair no scene contains, e.g. 'red circle'")
+    p.add_argument("--concept", help="a colour-shape pair every scene has as its (first) object")
     args = p.parse_args(argv)
+    try:
+        hold_out, concept = (parse_pair(t) if t else None for t in (args.hold_out, args.concept))
+    except ValueError as err:
+        raise SystemExit(f"--hold-out/--concept: {err}") from None
     sizes = [parse_size(s) for s in args.size or ["64x64"]]
     if args.num_samples < 0 or args.per_shard < 1 or args.seed < 0:
         raise SystemExit("--num-samples and --seed must be >= 0 and --per-shard >= 1")
-    paths = write_shapes_dataset(args.out, args.num_samples, sizes, args.per_shard, args.seed)
+    paths = write_shapes_dataset(args.out, args.num_samples, sizes, args.per_shard, args.seed, hold_out, concept)
     for path in paths:
         print(f"wrote {path}")
     size_text = ", ".join(f"{h}x{w}" for h, w in sizes)

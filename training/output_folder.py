@@ -2,12 +2,14 @@
 
 A tool claims its output folder before writing anything. A folder that holds other files and no marker of this tool
 is refused in one line unless the user passes `--overwrite`, so an `--out`/`--dst` mistyped as an unrelated folder
-never loses that folder's files or has them mistaken for this tool's earlier output.
+never loses that folder's files or has them mistaken for this tool's earlier output. The marker is written once and
+atomically (the ranks of a torchrun job check the folder while the first one claims it).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 MARKER = ".bitdance-output.json"
@@ -42,5 +44,8 @@ def claim_output_folder(folder: str | Path, tool: str, overwrite: bool = False, 
     folder = Path(folder)
     check_output_folder(folder, tool, overwrite, flag)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / MARKER).write_text(json.dumps({"tool": tool}) + "\n")
+    if made_by(folder) != tool:  # written once, atomically: other ranks may be checking the folder right now
+        tmp = folder.parent / f".{folder.name}{MARKER}.{os.getpid()}.tmp"  # beside it: the folder stays empty
+        tmp.write_text(json.dumps({"tool": tool}) + "\n")
+        os.replace(tmp, folder / MARKER)
     return folder

@@ -13,11 +13,14 @@ Each stage runs a real entry point exactly as a user runs it on a cluster (a sub
 
 N is one process per GPU (NCCL; training in bf16 under ZeRO-1), else 2 CPU processes (gloo; the YAMLs' fp32).
 With `distill=true` three more stages distil the P=4 model into a P=16 student and add a teacher-vs-student table
-(time per image and score). The score is the mean and spread over `seeds` benchmark seeds, next to chance and to the
-image tokenizer's ceiling. Re-running reuses finished stages; a stage whose settings or inputs changed runs again
-(from scratch), and an interrupted training stage resumes from its last checkpoint.
+(time per image and score). With `finetune=true` the base data holds out `finetune_concept` (a colour-shape pair) and
+five more stages teach it back by LoRA and by full fine-tuning, with a base / LoRA / full table (the concept's score,
+the other tags', trainable parameters, seconds). The score is the mean and spread over `seeds` benchmark seeds, next
+to chance and to the image tokenizer's ceiling. Re-running reuses finished stages; a stage whose settings or inputs
+changed runs again (from scratch), and an interrupted training stage resumes from its last checkpoint.
 
 Modules: `config` (DemoConfig), `launch` (processes and GPU settings of this machine), `stage` (a stage and how it
-runs a command), `stages` (the base stages), `distill` (the distillation stages), `runner` (fingerprints, reuse, the
-run), `report` (<out>/report.md); `__main__` is `python -m cluster.demo KEY=VALUE ...`.
+runs a command), `stages` (the base stages), `distill` (the distillation stages), `finetune` (the fine-tuning
+stages), `runner` (fingerprints, reuse, the run), `report` (<out>/report.md); `__main__` is
+`python -m cluster.demo KEY=VALUE ...`.
 """

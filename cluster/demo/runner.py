@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cluster.demo.config import DemoConfig
 from cluster.demo.distill import STAGES as DISTILL_STAGES
+from cluster.demo.finetune import STAGES as FINETUNE_STAGES
 from cluster.demo.report import write_demo_report
 from cluster.demo.stage import Stage
 from cluster.demo.stages import STAGES
@@ -32,13 +33,14 @@ def fingerprint(stage: Stage, cfg: DemoConfig, done: dict[str, dict], skip: tupl
 
 
 def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
-    """Run (or reuse) every stage (the distillation ones with `distill=true`), then write <out>/report.md; returns
-    the report path. `out` must be new, empty or the demo's own, unless `overwrite` (see the module docstring)."""
+    """Run (or reuse) every stage (the distillation ones with `distill=true`, the fine-tuning ones with
+    `finetune=true`), then write <out>/report.md; returns the report path. `out` must be new, empty or the demo's
+    own, unless `overwrite` (see the module docstring)."""
     out = Path(cfg.out).resolve()
-    stages = STAGES + (DISTILL_STAGES if cfg.distill else ())
+    stages = STAGES + (DISTILL_STAGES if cfg.distill else ()) + (FINETUNE_STAGES if cfg.finetune else ())
     if not check_output_folder(out, TOOL, overwrite, flag="out"):
         print(f"--overwrite: {out} is not the demo's; every stage runs afresh", flush=True)
-        for stage in STAGES + DISTILL_STAGES:  # nothing recorded there is reused
+        for stage in STAGES + DISTILL_STAGES + FINETUNE_STAGES:  # nothing recorded there is reused
             for suffix in (".json", ".base"):
                 (out / "stages" / f"{stage.name}{suffix}").unlink(missing_ok=True)
     claim_output_folder(out, TOOL, overwrite=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cluster.demo.config import DemoConfig
+from cluster.demo.config import DemoConfig, held_out
 from cluster.demo.launch import plan_launch
 from cluster.demo.stage import Stage, beside, file_digest, pick, sh, torchrun
 from data_pipeline.shard_format import VAL_DIR
@@ -39,28 +39,33 @@ def _mean(rows: list[dict], key: str) -> float:
     return sum(vals) / len(vals)
 
 
+def shapes_command(cfg: DemoConfig, raw: Path, samples: int, seed: int, pair_flags: list[str]) -> list[str]:
+    """`python -m data_pipeline.shapes` writing `samples` scenes into `raw` (`pair_flags`: --hold-out/--concept)."""
+    return [
+        sys.executable,
+        "-m",
+        "data_pipeline.shapes",
+        "--out",
+        str(raw),
+        "--num-samples",
+        str(samples),
+        "--size",
+        f"{cfg.image_size}x{cfg.image_size}",
+        "--per-shard",
+        str(cfg.samples_per_shard),
+        "--seed",
+        str(seed),
+        *pair_flags,
+    ]
+
+
 def run_data(cfg: DemoConfig, out: Path) -> dict:
-    raw = out / "data" / "raw"
+    """The base shapes data (without the fine-tuning concept with `finetune=true`)."""
+    raw, pair = out / "data" / "raw", held_out(cfg)
+    hold = ["--hold-out", " ".join(pair)] if pair else []
+    sh(shapes_command(cfg, raw, cfg.samples, cfg.seed, hold), out / "logs" / "data.log")
     size = f"{cfg.image_size}x{cfg.image_size}"
-    sh(
-        [
-            sys.executable,
-            "-m",
-            "data_pipeline.shapes",
-            "--out",
-            str(raw),
-            "--num-samples",
-            str(cfg.samples),
-            "--size",
-            size,
-            "--per-shard",
-            str(cfg.samples_per_shard),
-            "--seed",
-            str(cfg.seed),
-        ],
-        out / "logs" / "data.log",
-    )
-    return {"raw": str(raw), "samples": cfg.samples, "size": size}
+    return {"raw": str(raw), "samples": cfg.samples, "size": size, "held_out": " ".join(pair) if pair else None}
 
 
 def tokenizer_overrides(cfg: DemoConfig, out: Path) -> list[str]:
@@ -94,7 +99,7 @@ def run_text(cfg: DemoConfig, out: Path) -> dict:
     from models.t2i.text_tokenizer import build_chat_tokenizer
 
     sizes = ((cfg.image_size, cfg.image_size),)
-    corpus = [sample_scene(i, cfg.seed, sizes).caption for i in range(min(cfg.samples, 2000))]
+    corpus = [sample_scene(i, cfg.seed, sizes, held_out(cfg)).caption for i in range(min(cfg.samples, 2000))]
     corpus += [p["prompt"] for p in shapes_prompts(cfg.seed, cfg.prompts_per_tag)]
     path = build_chat_tokenizer(corpus, out / "text_tokenizer", vocab_size=cfg.text_vocab)
     return {"path": str(path), "vocab_size": cfg.text_vocab}
@@ -108,8 +113,11 @@ def t2i_parallel_num(cfg: DemoConfig) -> int:
     return get_t2i_config(name).parallel_num
 
 
-def run_tokenize(cfg: DemoConfig, out: Path, parallel_num: int | None = None, dest: str = "tokens") -> dict:
-    """Ray tokenization of the raw data into <out>/data/<dest>, for the T2I model's P (or `parallel_num`)."""
+def run_tokenize(
+    cfg: DemoConfig, out: Path, parallel_num: int | None = None, dest: str = "tokens", src: str = "raw"
+) -> dict:
+    """Ray tokenization of <out>/data/<src> (the raw data) into <out>/data/<dest>, for the T2I model's P (or
+    `parallel_num`)."""
     tokens = out / "data" / dest
     size = f"{cfg.image_size}x{cfg.image_size}"
     sh(
@@ -120,7 +128,7 @@ def run_tokenize(cfg: DemoConfig, out: Path, parallel_num: int | None = None, de
             "--source",
             "wds",
             "--input",
-            str(out / "data" / "raw"),
+            str(out / "data" / src),
             "--output",
             str(tokens),
             "--tokenizer",
@@ -234,16 +242,17 @@ def run_train_watched(cfg: DemoConfig, out: Path) -> dict:
     return result
 
 
-def run_sample(cfg: DemoConfig, out: Path, model: str = "t2i", dest: str = "samples") -> dict:
-    """The shapes-benchmark prompts of every seed, sampled with torchrun from <out>/<model>/export."""
+def run_sample(cfg: DemoConfig, out: Path, model: str = "t2i", dest: str = "samples", flags=()) -> dict:
+    """The shapes-benchmark prompts of every seed, sampled with torchrun from <out>/<model>/export (`flags`: more
+    eval.generate flags, e.g. `--lora DIR`)."""
     start, images = time.perf_counter(), 0
     for k, folder in enumerate(seed_dirs(out / dest, cfg.seeds)):
-        sample_prompts(cfg, out / model / "export", folder, cfg.seed + k, out / "logs" / f"{dest}.log")
+        sample_prompts(cfg, out / model / "export", folder, cfg.seed + k, out / "logs" / f"{dest}.log", flags)
         images += len(list(folder.glob("*/samples/*.png")))
     return {"samples": str(out / dest), "images": images, "images_per_s": images / (time.perf_counter() - start)}
 
 
-def sample_prompts(cfg: DemoConfig, model: Path, samples: Path, seed: int, log: Path) -> None:
+def sample_prompts(cfg: DemoConfig, model: Path, samples: Path, seed: int, log: Path, flags=()) -> None:
     sh(
         [
             *torchrun(cfg),
@@ -256,6 +265,7 @@ def sample_prompts(cfg: DemoConfig, model: Path, samples: Path, seed: int, log: 
             "--out",
             str(samples),
             *shapes_sampling_flags(cfg),
+            *flags,
             "--images-per-prompt",
             str(cfg.images_per_prompt),
             "--batch-size",
@@ -287,7 +297,10 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "data",
         "shapes dataset (webdataset tars)",
-        pick("seed", "samples", "image_size", "samples_per_shard"),
+        lambda c: (
+            pick("seed", "samples", "image_size", "samples_per_shard")(c)
+            | ({"held_out": held_out(c)} if c.finetune else {})
+        ),
         (),
         run_data,
         owns=("data/raw",),

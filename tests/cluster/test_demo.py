@@ -198,3 +198,58 @@ def test_without_a_gpu_two_cpu_processes_train_the_yamls_as_written(monkeypatch,
         assert not any(o.startswith(("engine.", "data.global_batch")) for o in overrides)
         train = load_config(config, overrides)
         assert (train.engine.precision, train.engine.zero_stage) == ("fp32", 0)
+
+
+def test_finetune_holds_the_concept_out_of_the_base_data_and_adds_its_stages(tmp_path, monkeypatch):
+    """finetune=true: the base data has no scene with the concept, the concept data has it in every scene, the
+    fine-tuning runs are valid training configs, and the stages run after the base ones (stand-ins here)."""
+    import tarfile
+    from pathlib import Path
+
+    import cluster.demo.finetune as finetune
+    import cluster.demo.stages as stages
+    from cluster.demo.report import finetune_section
+    from data_pipeline.shapes import main as shapes_main
+
+    cfg = load_demo_config([f"out={tmp_path}", "finetune=true", "samples=40", "finetune_samples=8"])
+    commands = []
+    monkeypatch.setattr(stages, "sh", lambda cmd, log: commands.append(cmd))
+    monkeypatch.setattr(finetune, "sh", lambda cmd, log: commands.append(cmd))
+    assert stages.run_data(cfg, tmp_path)["held_out"] == "red circle"
+    finetune.run_ft_data(cfg, tmp_path)
+    for cmd, wanted in zip(commands, (False, True), strict=True):
+        shapes_main(cmd[3:])  # python -m data_pipeline.shapes <args>
+        scenes = []
+        for shard in sorted(Path(cmd[cmd.index("--out") + 1]).glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                scenes += [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+        has = [any((o["color"], o["shape"]) == ("red", "circle") for o in s["objects"]) for s in scenes]
+        assert len(scenes) == int(cmd[cmd.index("--num-samples") + 1]) and set(has) == {wanted}
+    assert "held_out" not in STAGES[0].settings(load_demo_config([])), "default base fingerprints must not change"
+    for method in ("lora", "full"):
+        extra = finetune.finetune_overrides(cfg, tmp_path, method)
+        train = load_config(cfg.t2i_config, t2i_overrides(cfg, tmp_path, f"ft_{method}", 5, finetune.TOKENS, extra))
+        assert train.finetune.method == method and [s.weight for s in train.data.sources] == [0.5, 0.5]
+        assert train.model.init_from == str(tmp_path / "t2i" / "export")
+    specs = finetune.concept_prompts(cfg)
+    assert len(specs) == cfg.finetune_concept_prompts and all("red circle" in p["prompt"] for p in specs)
+
+    ran = []
+
+    def stand_in(s: Stage) -> Stage:
+        return Stage(s.name, s.what, s.settings, s.upstream, lambda c, o: ran.append(s.name) or {})
+
+    monkeypatch.setattr(runner, "STAGES", tuple(stand_in(s) for s in STAGES[:1]))
+    monkeypatch.setattr(runner, "FINETUNE_STAGES", tuple(stand_in(s) for s in finetune.STAGES if not s.upstream))
+    monkeypatch.setattr(runner, "write_demo_report", lambda cfg, out, done: out / "report.md")
+    run_demo(load_demo_config([f"out={tmp_path / 'a'}"]))
+    run_demo(load_demo_config([f"out={tmp_path / 'b'}", "finetune=true"]))
+    assert ran == ["data", "data", "ft_data"]
+
+    row = {"concept": {"score": 0.2, "sd": 0.0, "prompts": 12}, "per_tag": {"colors": 0.5, "counting": 0.4}}
+    ev = {"concept": "red circle", "concept_chance": 0.04, "rows": {m: row for m in finetune.MODELS}}
+    done = {
+        s: {"seconds": 10.0, "result": {"trainable_params": 100}} for s in ("train", *[s.name for s in finetune.STAGES])
+    }
+    text = "\n".join(finetune_section(cfg, ev, done))
+    assert "| LoRA r=16 |" in text and "not met" in text and "50 s" in text
