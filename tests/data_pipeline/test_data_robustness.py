@@ -356,7 +356,8 @@ def test_training_reports_a_token_budget_nothing_fits_in_one_line(shards, tmp_pa
     proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stderr.strip().splitlines()[-1]
-    assert err.startswith("error: data.token_budget=50 is smaller than every sample"), proc.stderr[-3000:]
+    expected = "python -m training.train: error: data.token_budget=50 is smaller than every sample"
+    assert err.startswith(expected), proc.stderr[-3000:]
 
 
 # ---- point 12: the local Ray listens on loopback only -----------------------------------------------------------

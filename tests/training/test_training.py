@@ -207,7 +207,7 @@ WRAPPED_TRAIN = (
     + """
 import atexit, sys
 # atexit handlers run before interpreter finalization; one write per line, so the two ranks' lines never interleave
-atexit.register(lambda: sys.stderr.write(f"threads at exit: {group_threads()}\n") and sys.stderr.flush())
+atexit.register(lambda: sys.stderr.write(f"threads at exit: {group_threads()}\\n") and sys.stderr.flush())
 from training.train import main
 main()
 """
