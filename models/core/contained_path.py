@@ -20,7 +20,8 @@ def resolve_inside(root: str | Path, name: str | Path, what: str = "file") -> Pa
     target = Path(os.path.realpath(root_real / name))
     if target != root_real and root_real not in target.parents:
         raise ValueError(
-            f"{what} {name!r} resolves to {target}, outside {root_real}; every file it names must lie inside that folder"
+            f"{what} {name!r} resolves to {target}, outside {root_real}; "
+            "every file it names must lie inside that folder"
         )
     return target
 
