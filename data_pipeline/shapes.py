@@ -8,12 +8,13 @@ All geometry is relative to the image size, so any resolution works (non-square 
 Bounding boxes are [x0, y0, x1, y1] in pixels with x1, y1 exclusive. Sample `i` of a dataset is drawn from
 `numpy.random.default_rng([seed, i])` alone, so it can be regenerated without the rest (`sample_scene`).
 
-A colour-shape pair can be held out (`hold_out`: no object of any scene is that pair; a scene that has one is drawn
-again from the same generator) or made the subject of every scene (`concept`: the fine-tuning data of a held-out
-concept, cluster/demo/finetune.py); both default to None, which leaves the data unchanged.
+A colour, a shape or a colour-shape pair can be held out (`hold_out`: no object of any scene matches it; a scene that
+has one is drawn again from the same generator), and a colour-shape pair made the subject of every scene (`concept`:
+the fine-tuning data of a held-out concept, cluster/demo/finetune.py); both default to None, which leaves the data
+unchanged.
 
 CLI: python -m data_pipeline.shapes --out DIR --num-samples N [--size 64x64 ...] [--per-shard 256] [--seed 0]
-     [--hold-out "red circle" | --concept "red circle"]
+     [--hold-out "purple" | "circle" | "red circle"] [--concept "purple circle"]
 """
 
 from __future__ import annotations
@@ -221,14 +222,39 @@ def parse_pair(text: str) -> Pair:
     return parts[0], parts[1]
 
 
+HeldOut = tuple[str | None, str | None]  # (color or None, shape or None): what no object of the data may be
+
+
+def parse_held_out(text: str) -> HeldOut:
+    """'purple' -> ('purple', None), 'circle' -> (None, 'circle'), 'red circle' -> ('red', 'circle'); a ValueError
+    naming the choices otherwise."""
+    parts = text.split()
+    if len(parts) == 1 and (parts[0] in COLORS or parts[0] in SHAPES):
+        return (parts[0], None) if parts[0] in COLORS else (None, parts[0])
+    try:
+        return parse_pair(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is no colour, shape or colour-shape pair; use <{'|'.join(COLORS)}>, "
+                         f"<{'|'.join(SHAPES)}> or '<colour> <shape>'") from None  # fmt: skip
+
+
+def matches(obj: dict, held: HeldOut) -> bool:
+    """Whether a scene object ({"color", "shape", ...}) is what `held` names."""
+    return (held[0] is None or obj["color"] == held[0]) and (held[1] is None or obj["shape"] == held[1])
+
+
 def sample_scene(
-    index: int, seed: int = 0, sizes: Sizes = DEFAULT_SIZES, hold_out: Pair | None = None, concept: Pair | None = None
+    index: int,
+    seed: int = 0,
+    sizes: Sizes = DEFAULT_SIZES,
+    hold_out: HeldOut | None = None,
+    concept: Pair | None = None,
 ) -> Scene:
     """Sample `index` of the dataset written by `write_shapes_dataset` with the same arguments (module docstring)."""
     rng = np.random.default_rng([seed, index])
     height, width = sizes[int(rng.integers(len(sizes)))]
     scene = make_scene(rng, int(height), int(width), concept)
-    while hold_out is not None and any((o["color"], o["shape"]) == tuple(hold_out) for o in scene.objects):
+    while hold_out is not None and any(matches(o, hold_out) for o in scene.objects):
         scene = make_scene(rng, int(height), int(width))
     return scene
 
@@ -267,7 +293,11 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def sample_members(
-    index: int, seed: int = 0, sizes: Sizes = DEFAULT_SIZES, hold_out: Pair | None = None, concept: Pair | None = None
+    index: int,
+    seed: int = 0,
+    sizes: Sizes = DEFAULT_SIZES,
+    hold_out: HeldOut | None = None,
+    concept: Pair | None = None,
 ) -> list[tuple[str, bytes]]:
     """The tar members (name, payload) of one sample: `<key>.png`, `<key>.txt`, `<key>.json`."""
     scene = sample_scene(index, seed, sizes, hold_out, concept)
@@ -316,7 +346,7 @@ def write_shapes_dataset(
     sizes: Sizes = DEFAULT_SIZES,
     samples_per_shard: int = 256,
     seed: int = 0,
-    hold_out: Pair | None = None,
+    hold_out: HeldOut | None = None,
     concept: Pair | None = None,
 ) -> list[Path]:
     """Write `shapes-000000.tar`, ... to `out_dir`; identical arguments give byte-identical files."""
@@ -393,13 +423,16 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     p.add_argument("--size", action="append", default=None, help="HEIGHTxWIDTH, repeatable (default 64x64)")
     p.add_argument("--per-shard", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hold-out", help="a colour-shape pair no scene contains, e.g. 'red circle'")
+    p.add_argument("--hold-out", help="a colour, shape or colour-shape pair no object is, e.g. 'purple', 'red circle'")
     p.add_argument("--concept", help="a colour-shape pair every scene has as its (first) object")
     args = p.parse_args(argv)
     try:
-        hold_out, concept = (parse_pair(t) if t else None for t in (args.hold_out, args.concept))
+        hold_out = parse_held_out(args.hold_out) if args.hold_out else None
+        concept = parse_pair(args.concept) if args.concept else None
     except ValueError as err:
         raise SystemExit(f"--hold-out/--concept: {err}") from None
+    if hold_out and concept and matches({"color": concept[0], "shape": concept[1]}, hold_out):
+        raise SystemExit(f"--concept {args.concept!r} is held out by --hold-out {args.hold_out!r}; drop one of them")
     sizes = [parse_size(s) for s in args.size or ["64x64"]]
     if args.num_samples < 0 or args.per_shard < 1 or args.seed < 0:
         raise SystemExit("--num-samples and --seed must be >= 0 and --per-shard >= 1")

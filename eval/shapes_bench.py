@@ -96,6 +96,24 @@ def _entry(tag: str, objects: list[tuple[str, str, int]], relation: str | None =
     return {"prompt": text, "tag": tag, "include": include, "relation": rel}
 
 
+def check_spec(spec: dict, where: str) -> None:
+    """A one-line ValueError naming `where` unless `spec` is a prompt dict the scorer can read (`_entry`'s keys)."""
+    include, rel = spec.get("include"), spec.get("relation")
+    objects_ok = isinstance(include, list) and include and all(
+        isinstance(o, dict) and o.get("shape") in SHAPES and o.get("color") in (None, *COLORS)
+        and isinstance(o.get("count"), int) and o["count"] >= 1 for o in include
+    )  # fmt: skip
+    rel_ok = rel is None or (
+        isinstance(rel, dict) and rel.get("relation") in RELATIONS
+        and all(isinstance(rel.get(k), int) and 0 <= rel[k] < len(include or ()) for k in ("subject", "reference"))
+    )  # fmt: skip
+    if spec.get("tag") not in TAGS or not objects_ok or not rel_ok:
+        raise ValueError(
+            f"{where} is no shapes prompt: it needs a tag of {', '.join(TAGS)}, include [{{shape, color, count}}] "
+            f"(shapes {', '.join(SHAPES)}) and a relation of null or {{subject, relation, reference}}"
+        )
+
+
 def shapes_prompts(seed: int = 0, per_tag: int = 12) -> list[dict]:
     """The benchmark prompts: `per_tag` (<= 30) per tag of TAGS (single_object and colors at most 9), in TAGS order.
 

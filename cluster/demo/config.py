@@ -48,19 +48,26 @@ class DemoConfig:
     distill_min_object_area: float = 0.0  # curated subset: data.subset.score=min_object_area (0 keeps everything)
     speed_images: int = 32  # images each model samples for the time-per-image figure
     # optional stages: a held-out concept taught by LoRA and by full fine-tuning (cluster/demo/finetune.py)
-    finetune: bool = False  # also holds `finetune_concept` out of the base data
-    finetune_concept: str = "red circle"  # a colour-shape pair
+    finetune: bool = False  # also holds `finetune_concept`'s colour out of the base data
+    finetune_concept: str = "purple circle"  # a colour-shape pair
     finetune_samples: int = 300  # generated scenes with the concept as their subject
     finetune_steps: int = 150
     finetune_lora_rank: int = 16
     finetune_concept_prompts: int = 12  # prompts naming the concept (its score), each sampled images_per_prompt times
 
 
-def held_out(cfg: DemoConfig):
-    """The (color, shape) the base data holds out: the fine-tuning concept with `finetune=true`, else None."""
+def concept(cfg: DemoConfig) -> tuple[str, str]:
+    """The fine-tuning concept's (color, shape)."""
     from data_pipeline.shapes import parse_pair
 
-    return parse_pair(cfg.finetune_concept) if cfg.finetune else None
+    return parse_pair(cfg.finetune_concept)
+
+
+def held_out(cfg: DemoConfig):
+    """What the base data holds out with `finetune=true` (else None): every object of the concept's colour, so that the
+    base cannot compose the concept from that colour on other shapes and the shape in other colours (which it does
+    for a pair held out alone), and the concept is new to it."""
+    return (concept(cfg)[0], None) if cfg.finetune else None
 
 
 def load_demo_config(overrides: list[str]) -> DemoConfig:
@@ -82,9 +89,7 @@ def load_demo_config(overrides: list[str]) -> DemoConfig:
     if not 0 <= cfg.val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.finetune:
-        from data_pipeline.shapes import parse_pair
-
-        parse_pair(cfg.finetune_concept)  # a ValueError naming the choices
+        concept(cfg)  # a ValueError naming the choices
         if min(cfg.finetune_samples, cfg.finetune_steps, cfg.finetune_lora_rank, cfg.finetune_concept_prompts) < 1:
             raise ValueError(
                 "finetune_samples, finetune_steps, finetune_lora_rank and finetune_concept_prompts must be >= 1"

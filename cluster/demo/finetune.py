@@ -1,17 +1,18 @@
-"""The demo's optional fine-tuning stages (`make demo ARGS="finetune=true"`): a colour-shape pair held out of the base
-data (`finetune_concept`, e.g. "red circle": no base scene has that object) is taught to the base model afterwards,
-by LoRA adapters and, for comparison, by full fine-tuning, on the same data and steps (training/finetune.py).
+"""The demo's optional fine-tuning stages (`make demo ARGS="finetune=true"`): a colour-shape pair (`finetune_concept`,
+"purple circle") whose colour the base data holds out (no base scene has a purple object, so the base cannot compose
+the pair from purple squares and red circles) is taught to the base model afterwards, by LoRA adapters and, for
+comparison, by full fine-tuning, on the same data and steps (training/finetune.py).
 
   ft_data      `finetune_samples` scenes with the concept as their subject, captioned in the base data's style
   ft_tokenize  the concept data tokenized (Ray job) with the same text and image tokenizers and P as the base
   ft_lora      `finetune.method=lora` from the base export on a 50/50 mixture of the concept and the base tokens (the
                base data keeps the other tags); the EMA adapters are exported to ft_lora/export/adapter (PEFT format)
   ft_full      `finetune.method=full`, the same data, steps and schedule
-  ft_eval      the shapes benchmark (the base's prompt sets, seeds and flags) for the adapters (`eval.generate --lora`,
-               unmerged) and the full fine-tune, per tag over the prompts not naming the concept (the "other tags"
-               that must not be lost); and the concept's own score: prompts naming the concept (a single
-               object, counts, and relations as subject) sampled by base, LoRA and full models and scored with colours
-               by the shapes scorer
+  ft_eval      one sampling call per model: the adapters (unmerged, `eval.generate --lora`) and the full fine-tune on
+               every seed's benchmark draw (the base's prompt sets and flags) and the concept prompts (a single object,
+               counts, and relations with it as subject; scored with colours), the base on the concept prompts (its
+               benchmark samples are the sample stage's); per tag over the prompts not naming the held-out colour (the
+               "other tags" that must not be lost) and the concept's score, per seed
 """
 
 from __future__ import annotations
@@ -21,13 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.demo.config import DemoConfig, held_out
+from cluster.demo.config import DemoConfig, concept, held_out
 from cluster.demo.stage import Stage, file_digest, pick, sh, torchrun
 from cluster.demo.stages import (
-    run_sample,
     run_tokenize,
     run_train,
-    score_samples,
     shapes_command,
     shapes_sampling_flags,
 )
@@ -94,7 +93,7 @@ def concept_prompts(cfg: DemoConfig) -> list[dict]:
     from data_pipeline.shapes import COLORS, RELATIONS, SHAPES
     from eval.shapes_bench import _entry
 
-    color, shape = held_out(cfg)
+    color, shape = concept(cfg)
     others = [(c, s) for c in COLORS for s in SHAPES if c != color and s != shape]
     rng = np.random.default_rng([cfg.seed, 27])
     prompts = []
@@ -111,32 +110,89 @@ def concept_prompts(cfg: DemoConfig) -> list[dict]:
     return prompts
 
 
-def concept_score(cfg: DemoConfig, out: Path, model: Path, dest: str, flags: tuple[str, ...] = ()) -> dict:
-    """The concept prompts sampled (`eval.generate --task prompts`, the benchmark's flags, every seed) from `model`
-    and scored with the shapes scorer: accuracy per seed and their mean."""
+def eval_prompts(cfg: DemoConfig, benchmark: bool = True) -> list[dict]:
+    """What a fine-tuned model is sampled on, in one `eval.generate` call: for each benchmark seed k, that seed's
+    benchmark draw (`shapes_prompts(seed + k)`, with `benchmark`) and the concept prompts, each dict marked with its
+    "seed" k and "set" ("benchmark" or "concept")."""
+    from eval.shapes_bench import shapes_prompts
+
+    prompts = []
+    for k in range(cfg.seeds):
+        draw = shapes_prompts(cfg.seed + k, cfg.prompts_per_tag) if benchmark else []
+        prompts += [p | {"seed": k, "set": "benchmark"} for p in draw]
+        prompts += [p | {"seed": k, "set": "concept"} for p in concept_prompts(cfg)]
+    return prompts
+
+
+def sample_and_score(cfg: DemoConfig, out: Path, model: Path, dest: str, specs: list[dict], flags=()) -> list[tuple]:
+    """`specs` sampled from `model` by one torchrun `eval.generate --task shapes --prompts-file` call into <out>/<dest>
+    (the benchmark's sampler flags and images per prompt) and scored: (spec, correct) per image."""
+    folder = out / dest
+    prompts = out / f"{dest}.jsonl"  # beside the folder: eval.generate's --out must be its own
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in specs))
+    task = ["--task", "shapes", "--prompts-file", str(prompts), "--model", str(model), "--out", str(folder)]
+    per = ["--images-per-prompt", str(cfg.images_per_prompt), "--batch-size", "16", "--seed", str(cfg.seed)]
+    sh([*torchrun(cfg), "-m", "eval.generate", *task, *shapes_sampling_flags(cfg), *flags, *per],
+       out / "logs" / f"{dest}.log")  # fmt: skip
+    return scored(folder)
+
+
+def scored(folder: Path) -> list[tuple[dict, bool]]:
+    """(spec, correct) of every image of a GenEval-layout folder of shapes prompts."""
     from PIL import Image
 
     from eval.shapes_bench import score_image
 
-    specs = concept_prompts(cfg)
-    prompts = out / dest / "prompts.txt"
-    prompts.parent.mkdir(parents=True, exist_ok=True)
-    prompts.write_text("".join(p["prompt"] + "\n" for p in specs))
-    accs = []
-    for k, folder in enumerate(seed_dirs(out / dest, cfg.seeds)):
-        task = ["--task", "prompts", "--prompts-file", str(prompts), "--model", str(model), "--out", str(folder)]
-        per = ["--images-per-prompt", str(cfg.images_per_prompt), "--batch-size", "16", "--seed", str(cfg.seed + k)]
-        sh([*torchrun(cfg), "-m", "eval.generate", *task, *shapes_sampling_flags(cfg), *flags, *per],
-           out / "logs" / f"{dest}.log")  # fmt: skip
-        pngs = [(spec, png) for i, spec in enumerate(specs) for png in (folder / f"{i:05d}" / "samples").glob("*.png")]
-        hits = [score_image(Image.open(png), spec)[0] for spec, png in pngs]
-        accs.append(float(np.mean(hits)))
-    return {"score": float(np.mean(accs)), "sd": float(np.std(accs)), "per_seed": accs, "prompts": len(specs)}
+    rows = []
+    for meta in sorted(folder.glob("[0-9]*/metadata.jsonl")):
+        spec = json.loads(meta.read_text().splitlines()[0])
+        for png in sorted((meta.parent / "samples").glob("*.png")):
+            with Image.open(png) as image:
+                rows.append((spec, score_image(image, spec)[0]))
+    return rows
+
+
+def names_held_out(cfg: DemoConfig, spec: dict) -> bool:
+    """Whether a prompt names what the base data held out (the concept's colour): such prompts are the concept's, not
+    the 'other tags' that fine-tuning must not lose."""
+    held = held_out(cfg) or concept(cfg)
+    words = [w.rstrip("s") for w in spec["prompt"].split()]
+    return any(w == held[0] for w in words) if held[1] is None else f"{held[0]} {held[1]}" in " ".join(words)
+
+
+def summarize(cfg: DemoConfig, rows: list[tuple[dict, bool]]) -> dict:
+    """A model's row of the table from its scored images: the concept score (accuracy per seed, their mean and
+    spread) and the per-tag accuracy (mean over the seeds) of the benchmark prompts not naming what was held out."""
+    concept_hits: dict[int, list[bool]] = {}
+    tag_hits: dict[int, dict[str, list[bool]]] = {}
+    for spec, ok in rows:
+        if spec["set"] == "concept":
+            concept_hits.setdefault(spec["seed"], []).append(ok)
+        elif not names_held_out(cfg, spec):
+            tag_hits.setdefault(spec["seed"], {}).setdefault(spec["tag"], []).append(ok)
+    accs = [float(np.mean(v)) for _, v in sorted(concept_hits.items())]
+    per_seed = [{t: float(np.mean(v)) for t, v in tags.items()} for tags in tag_hits.values()]
+    tags = dict.fromkeys(t for s in per_seed for t in s)
+    return {
+        "concept": {
+            "score": float(np.mean(accs)),
+            "sd": float(np.std(accs)),
+            "per_seed": accs,
+            "prompts": cfg.finetune_concept_prompts,
+        },  # fmt: skip
+        "per_tag": {t: float(np.mean([s[t] for s in per_seed if t in s])) for t in tags},
+    }
+
+
+def base_benchmark(cfg: DemoConfig, out: Path) -> list[tuple[dict, bool]]:
+    """The base's scored images of the benchmark (the sample stage's folders, one per seed) as benchmark rows."""
+    folders = enumerate(seed_dirs(out / "samples", cfg.seeds))
+    return [(spec | {"seed": k, "set": "benchmark"}, ok) for k, folder in folders for spec, ok in scored(folder)]
 
 
 def concept_chance(cfg: DemoConfig, n: int) -> float:
-    """Accuracy of `n` random base-data renders (`make_scene`, the concept not held out) against random concept
-    prompts: the concept score's chance level."""
+    """Accuracy of `n` random base-data renders (`make_scene`, nothing held out) against random concept prompts: the
+    concept score's chance level."""
     from data_pipeline.shapes import make_scene, render
     from eval.shapes_bench import score_image
 
@@ -146,39 +202,19 @@ def concept_chance(cfg: DemoConfig, n: int) -> float:
     return float(np.mean(hits))
 
 
-def other_tag_scores(cfg: DemoConfig, samples: Path) -> dict[str, float]:
-    """Per-tag accuracy of scored benchmark samples (every seed's shapes_results.jsonl) over the prompts that do not
-    name the concept, as a mean over the seeds: what fine-tuning must not lose."""
-    pair, per_seed = held_out(cfg), []
-    for folder in seed_dirs(samples, cfg.seeds):
-        hits: dict[str, list[bool]] = {}
-        for line in (folder / "shapes_results.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            spec = json.loads((folder / f"{r['index']:05d}" / "metadata.jsonl").read_text().splitlines()[0])
-            if not any((o["color"], o["shape"]) == pair for o in spec["include"]):
-                hits.setdefault(r["tag"], []).append(r["correct"])
-        per_seed.append({t: float(np.mean(v)) for t, v in hits.items()})
-    tags = dict.fromkeys(t for s in per_seed for t in s)
-    return {t: float(np.mean([s[t] for s in per_seed if t in s])) for t in tags}
-
-
 def run_ft_eval(cfg: DemoConfig, out: Path) -> dict:
-    """Benchmark and concept scores of the base, the adapters (unmerged) and the full fine-tune."""
+    """The concept and the other tags scored for the base (its benchmark samples and the concept prompts), the adapters
+    (unmerged: `eval.generate --lora`) and the full fine-tune: one sampling call per model, every seed's prompts."""
     base, adapter = out / "t2i" / "export", out / "ft_lora" / "export" / "adapter"
-    lora_flags = ("--lora", str(adapter))
-    run_sample(cfg, out, model="t2i", dest="ft_lora_samples", flags=lora_flags)
-    run_sample(cfg, out, model="ft_full", dest="ft_full_samples")
-    score_samples(cfg, out / "ft_lora_samples")  # writes each seed's shapes_results.jsonl
-    score_samples(cfg, out / "ft_full_samples")
-    folders = {"base": out / "samples", "lora": out / "ft_lora_samples", "full": out / "ft_full_samples"}
-    concept = {
-        "base": concept_score(cfg, out, base, "ft_concept_base"),
-        "lora": concept_score(cfg, out, base, "ft_concept_lora", lora_flags),
-        "full": concept_score(cfg, out, out / "ft_full" / "export", "ft_concept_full"),
+    rows = {
+        "base": base_benchmark(cfg, out) + sample_and_score(cfg, out, base, "ft_base", eval_prompts(cfg, False)),
+        "lora": sample_and_score(cfg, out, base, "ft_lora_samples", eval_prompts(cfg), ("--lora", str(adapter))),
+        "full": sample_and_score(cfg, out, out / "ft_full" / "export", "ft_full_samples", eval_prompts(cfg)),
     }
     return {
         "concept": cfg.finetune_concept,
-        "rows": {m: {"concept": concept[m], "per_tag": other_tag_scores(cfg, folders[m])} for m in MODELS},
+        "held_out": " ".join(w for w in held_out(cfg) if w),
+        "rows": {m: summarize(cfg, rows[m]) for m in MODELS},
         "concept_chance": concept_chance(cfg, cfg.chance_samples),
     }
 
@@ -222,6 +258,6 @@ STAGES: tuple[Stage, ...] = (
         pick("prompts_per_tag", "images_per_prompt", "seeds", "sampling", "chance_samples", "finetune_concept_prompts"),
         ("ft_lora", "ft_full", "score"),
         run_ft_eval,
-        owns=("ft_lora_samples", "ft_full_samples", "ft_concept_base", "ft_concept_lora", "ft_concept_full"),
+        owns=(*(f"{d}{x}" for d in ("ft_base", "ft_lora_samples", "ft_full_samples") for x in ("", ".jsonl")),),
     ),
 )

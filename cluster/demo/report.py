@@ -85,13 +85,15 @@ def finetune_section(cfg, ev: dict, done: dict) -> list[str]:
     lines = [
         "## Fine-tuning a held-out concept",
         "",
-        f"The base data holds out **{concept}** (no training scene has one). {cfg.finetune_samples} scenes with it as "
-        f"their subject, mixed 50/50 with the base tokens, teach it to the base export in {cfg.finetune_steps} steps: "
-        "LoRA adapters (`finetune.method=lora`, sampled unmerged with `eval.generate --lora`) and, for comparison, "
-        f"full fine-tuning on the same data and steps. Concept score: {ev['rows']['base']['concept']['prompts']} "
-        "prompts naming it (one, two, three of it, and as the subject of a relation; colours checked), every "
-        f"benchmark seed (chance {ev['concept_chance']:.3f}); the other columns: the benchmark above, same seeds, "
-        "over its prompts that do not name the concept ('other tags': their mean).",
+        f"The concept is **{concept}**; the base data holds out every **{ev['held_out']}** object, so the base "
+        "cannot compose the concept from what it saw (with the pair alone held out it draws it from its colour and "
+        f"shape seen apart). {cfg.finetune_samples} scenes with the concept as their subject, mixed 50/50 with the "
+        f"base tokens, teach it to the base export in {cfg.finetune_steps} steps: LoRA adapters "
+        "(`finetune.method=lora`, sampled unmerged with `eval.generate --lora`) and, for comparison, full "
+        f"fine-tuning on the same data and steps. Concept score: {ev['rows']['base']['concept']['prompts']} prompts "
+        "naming it (one, two, three of it, and as the subject of a relation; colours checked), at every benchmark "
+        f"seed (chance {ev['concept_chance']:.3f}); the other columns: the benchmark's prompts of the same seeds "
+        f"that do not name {ev['held_out']} ('other tags': their mean).",
         "",
         f"| model | {concept} (mean ± sd) | " + " | ".join(tags) + " | other tags | trainable params | stage s |",
         "| --- " * (len(tags) + 5) + "|",

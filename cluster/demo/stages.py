@@ -61,11 +61,10 @@ def shapes_command(cfg: DemoConfig, raw: Path, samples: int, seed: int, pair_fla
 
 def run_data(cfg: DemoConfig, out: Path) -> dict:
     """The base shapes data (without the fine-tuning concept with `finetune=true`)."""
-    raw, pair = out / "data" / "raw", held_out(cfg)
-    hold = ["--hold-out", " ".join(pair)] if pair else []
-    sh(shapes_command(cfg, raw, cfg.samples, cfg.seed, hold), out / "logs" / "data.log")
-    size = f"{cfg.image_size}x{cfg.image_size}"
-    return {"raw": str(raw), "samples": cfg.samples, "size": size, "held_out": " ".join(pair) if pair else None}
+    raw, held = out / "data" / "raw", held_out(cfg)
+    text = " ".join(w for w in held if w) if held else None
+    sh(shapes_command(cfg, raw, cfg.samples, cfg.seed, ["--hold-out", text] if text else []), out / "logs" / "data.log")
+    return {"raw": str(raw), "samples": cfg.samples, "size": f"{cfg.image_size}x{cfg.image_size}", "held_out": text}
 
 
 def tokenizer_overrides(cfg: DemoConfig, out: Path) -> list[str]:

@@ -71,6 +71,23 @@ def read_prompt_file(path: Path, what: str = "--prompts-file") -> str:
         ) from None
 
 
+def read_metadata_file(path: Path, what: str) -> list[dict]:
+    """GenEval-style prompt metadata: UTF-8 JSON lines, each an object with a "prompt" (blank lines skipped); a
+    one-line ValueError naming the line otherwise."""
+    metas = []
+    for n, line in enumerate(read_prompt_file(path, what).splitlines(), 1):
+        try:
+            meta = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{what} {path} line {n} is not JSON ({err}); one object a line") from None
+        if meta is None:
+            continue
+        if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str):
+            raise ValueError(f'{what} {path} line {n} has no "prompt" text; one object a line')
+        metas.append(meta)
+    return metas
+
+
 def save_png_atomic(img: np.ndarray | Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -4,11 +4,10 @@ reads, scored by `eval.scorers geneval`. The prompt file is UTF-8 JSON lines, ea
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from eval.benchmarks.base import SHARED_PROMPTS, Benchmark, Job, per_tag_table, read_prompt_file
+from eval.benchmarks.base import SHARED_PROMPTS, Benchmark, Job, per_tag_table, read_metadata_file
 from eval.scorers import MissingScorerError, geneval_arguments, geneval_ready, run_geneval_scorer
 from models.core.sampling import Preset, SamplingConfig
 
@@ -26,17 +25,7 @@ class GenEval(Benchmark):
     def load_jobs(self, args: argparse.Namespace) -> list[Job]:
         name = "evaluation_metadata_long.jsonl" if args.long_prompts else "evaluation_metadata.jsonl"
         path = Path(args.prompts_file) if args.prompts_file else SHARED_PROMPTS / name
-        metas = []
-        for n, line in enumerate(read_prompt_file(path, "GenEval prompts").splitlines(), 1):
-            try:
-                meta = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError as err:
-                raise ValueError(f"GenEval prompts {path} line {n} is not JSON ({err}); one object a line") from None
-            if meta is None:
-                continue
-            if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str):
-                raise ValueError(f'GenEval prompts {path} line {n} has no "prompt" text; one object a line')
-            metas.append(meta)
+        metas = read_metadata_file(path, "GenEval prompts")
         return [Job(i, f"{i:05d}", m["prompt"], m) for i, m in enumerate(metas)]
 
     def score_table(self, result: dict) -> list[str]:

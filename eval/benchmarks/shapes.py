@@ -1,12 +1,14 @@
 """The shapes benchmark (`--task shapes`): GenEval's tags over the built-in shapes domain (`eval.shapes_bench`), in
-GenEval's folder layout, scored on the CPU by `eval.shapes_bench`."""
+GenEval's folder layout, scored on the CPU by `eval.shapes_bench`. The prompts are drawn from `--seed` and `--per-tag`,
+or read from `--prompts-file` (JSON lines of `shapes_prompts`' dicts, e.g. several draws and extra prompts sampled in
+one call)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from eval.benchmarks.base import Benchmark, Job, per_tag_table
+from eval.benchmarks.base import Benchmark, Job, per_tag_table, read_metadata_file
 
 
 class Shapes(Benchmark):
@@ -17,8 +19,13 @@ class Shapes(Benchmark):
         flags.add_argument("--per-tag", type=int, default=12, help="prompts per tag")
 
     def load_jobs(self, args: argparse.Namespace) -> list[Job]:
-        from eval.shapes_bench import shapes_prompts
+        from eval.shapes_bench import check_spec, shapes_prompts
 
+        if args.prompts_file:
+            metas = read_metadata_file(Path(args.prompts_file), "shapes prompts")
+            for n, meta in enumerate(metas, 1):
+                check_spec(meta, f"shapes prompts {args.prompts_file} prompt {n}")
+            return [Job(i, f"{i:05d}", m["prompt"], m) for i, m in enumerate(metas)]
         try:
             metas = shapes_prompts(args.seed, args.per_tag)
         except ValueError as err:

@@ -201,8 +201,8 @@ def test_without_a_gpu_two_cpu_processes_train_the_yamls_as_written(monkeypatch,
 
 
 def test_finetune_holds_the_concept_out_of_the_base_data_and_adds_its_stages(tmp_path, monkeypatch):
-    """finetune=true: the base data has no scene with the concept, the concept data has it in every scene, the
-    fine-tuning runs are valid training configs, and the stages run after the base ones (stand-ins here)."""
+    """finetune=true: the base data has no object of the concept's colour, the concept data has the concept in every
+    scene, the fine-tuning runs are valid training configs, and the stages run after the base ones (stand-ins here)."""
     import tarfile
     from pathlib import Path
 
@@ -215,7 +215,7 @@ def test_finetune_holds_the_concept_out_of_the_base_data_and_adds_its_stages(tmp
     commands = []
     monkeypatch.setattr(stages, "sh", lambda cmd, log: commands.append(cmd))
     monkeypatch.setattr(finetune, "sh", lambda cmd, log: commands.append(cmd))
-    assert stages.run_data(cfg, tmp_path)["held_out"] == "red circle"
+    assert stages.run_data(cfg, tmp_path)["held_out"] == "purple"
     finetune.run_ft_data(cfg, tmp_path)
     for cmd, wanted in zip(commands, (False, True), strict=True):
         shapes_main(cmd[3:])  # python -m data_pipeline.shapes <args>
@@ -223,8 +223,9 @@ def test_finetune_holds_the_concept_out_of_the_base_data_and_adds_its_stages(tmp
         for shard in sorted(Path(cmd[cmd.index("--out") + 1]).glob("*.tar")):
             with tarfile.open(shard) as tar:
                 scenes += [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
-        has = [any((o["color"], o["shape"]) == ("red", "circle") for o in s["objects"]) for s in scenes]
-        assert len(scenes) == int(cmd[cmd.index("--num-samples") + 1]) and set(has) == {wanted}
+        has = [any((o["color"], o["shape"]) == ("purple", "circle") for o in s["objects"]) for s in scenes]
+        purple = [any(o["color"] == "purple" for o in s["objects"]) for s in scenes]
+        assert len(scenes) == int(cmd[cmd.index("--num-samples") + 1]) and set(has) == set(purple) == {wanted}
     assert "held_out" not in STAGES[0].settings(load_demo_config([])), "default base fingerprints must not change"
     for method in ("lora", "full"):
         extra = finetune.finetune_overrides(cfg, tmp_path, method)
@@ -232,7 +233,7 @@ def test_finetune_holds_the_concept_out_of_the_base_data_and_adds_its_stages(tmp
         assert train.finetune.method == method and [s.weight for s in train.data.sources] == [0.5, 0.5]
         assert train.model.init_from == str(tmp_path / "t2i" / "export")
     specs = finetune.concept_prompts(cfg)
-    assert len(specs) == cfg.finetune_concept_prompts and all("red circle" in p["prompt"] for p in specs)
+    assert len(specs) == cfg.finetune_concept_prompts and all("purple circle" in p["prompt"] for p in specs)
 
     ran = []
 
@@ -247,9 +248,41 @@ def test_finetune_holds_the_concept_out_of_the_base_data_and_adds_its_stages(tmp
     assert ran == ["data", "data", "ft_data"]
 
     row = {"concept": {"score": 0.2, "sd": 0.0, "prompts": 12}, "per_tag": {"colors": 0.5, "counting": 0.4}}
-    ev = {"concept": "red circle", "concept_chance": 0.04, "rows": {m: row for m in finetune.MODELS}}
+    ev = {
+        "concept": "purple circle",
+        "held_out": "purple",
+        "concept_chance": 0.04,
+        "rows": dict.fromkeys(finetune.MODELS, row),
+    }
     done = {
         s: {"seconds": 10.0, "result": {"trainable_params": 100}} for s in ("train", *[s.name for s in finetune.STAGES])
     }
     text = "\n".join(finetune_section(cfg, ev, done))
     assert "| LoRA r=16 |" in text and "not met" in text and "50 s" in text
+
+
+def test_finetune_eval_scores_the_concept_per_seed_and_the_other_tags_without_the_held_out_colour(tmp_path):
+    """ft_eval's bookkeeping on rendered truth: a folder of correct renders of the eval prompts scores 1 everywhere;
+    prompts naming purple (never in the base data) are not 'other tags'; a model that never draws the concept scores
+    0 on it with the other tags unchanged."""
+    import numpy as np
+
+    import cluster.demo.finetune as finetune
+    from eval.shapes_bench import render_prompt
+
+    cfg = load_demo_config([f"out={tmp_path}", "finetune=true", "seeds=2", "prompts_per_tag=3"])
+    specs = finetune.eval_prompts(cfg)
+    assert {p["seed"] for p in specs} == {0, 1} and sum(p["set"] == "concept" for p in specs) == 2 * 12
+    rng = np.random.default_rng(0)
+    for i, spec in enumerate(specs):
+        (tmp_path / f"{i:05d}" / "samples").mkdir(parents=True)
+        (tmp_path / f"{i:05d}" / "metadata.jsonl").write_text(json.dumps(spec) + "\n")
+        render_prompt(spec, rng, 32).save(tmp_path / f"{i:05d}" / "samples" / "0000.png")
+    rows = finetune.scored(tmp_path)
+    assert len(rows) == len(specs)
+    summary = finetune.summarize(cfg, rows)
+    assert summary["concept"]["per_seed"] == [1.0, 1.0] and set(summary["per_tag"].values()) == {1.0}
+    named = [s for s, _ in rows if s["set"] == "benchmark" and "purple" in s["prompt"]]
+    assert named and all(finetune.names_held_out(cfg, s) for s in named)
+    blind = finetune.summarize(cfg, [(s, ok and s["set"] == "benchmark") for s, ok in rows])
+    assert blind["concept"]["score"] == 0.0 and blind["per_tag"] == summary["per_tag"]

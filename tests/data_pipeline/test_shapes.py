@@ -224,3 +224,20 @@ def test_module_entry_point_one_line_error(tmp_path):
 def test_too_small_scene_rejected():
     with pytest.raises(ValueError, match="at least 16 px"):
         make_scene(np.random.default_rng(0), 15, 64)
+
+
+def test_hold_out_a_colour_a_shape_or_a_pair_and_a_concept_it_holds_out_is_refused():
+    from data_pipeline.shapes import matches, parse_held_out
+
+    for text, held in (("purple", ("purple", None)), ("circle", (None, "circle")), ("red circle", ("red", "circle"))):
+        assert parse_held_out(text) == held
+        objects = [o for i in range(300) for o in sample_scene(i, 0, ((32, 32),), held).objects]
+        assert not any(matches(o, held) for o in objects)
+        gone_color = {held[0]} if held[1] is None else set()  # only what it names is gone
+        gone_shape = {held[1]} if held[0] is None else set()
+        assert {o["color"] for o in objects} == set(COLORS) - gone_color
+        assert {o["shape"] for o in objects} == set(SHAPES) - gone_shape
+    with pytest.raises(ValueError, match="'star' is no colour, shape or colour-shape pair"):
+        parse_held_out("star")
+    with pytest.raises(SystemExit, match="--concept 'purple circle' is held out by --hold-out 'purple'"):
+        main(["--out", "x", "--num-samples", "1", "--hold-out", "purple", "--concept", "purple circle"])

@@ -8,11 +8,11 @@ BITDANCE_REQUIRE_BROWSER=1 (CI).
 """
 
 import os
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from helpers.data import tiny_t2i_folder
 from PIL import Image
 
 from eval.app.browser import Page, app_server, browser_problem, headless_chromium
@@ -24,10 +24,6 @@ from eval.benchmarks import Job
 from eval.generate import sample_images
 from models.core.next_patch import PATCH_DONE
 from models.core.sampling import SamplingConfig
-from models.t2i.io import export_t2i_folder
-from models.t2i.model import TextToImageBitDance, get_t2i_config
-from models.t2i.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer
-from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 
 MAX_PROMPT_TOKENS = 24  # the server's text budget here, so that an over-long prompt is quick to type
 
@@ -46,15 +42,7 @@ def require_browser() -> None:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("appmodel")
-    text = T2ITextTokenizer.from_folder(build_chat_tokenizer(["a photo of a cat"], root / "tok", 300), 4)
-    cfg = get_t2i_config("tiny-4x")
-    torch.manual_seed(0)
-    model = TextToImageBitDance(replace(cfg, llm=replace(cfg.llm, vocab_size=len(text))))
-    with torch.no_grad():
-        for p in model.vision_head.parameters():
-            p.normal_(0, 0.05)
-    return export_t2i_folder(model, text, BinaryAutoencoder(get_tokenizer_config("tiny")), root / "model")
+    return tiny_t2i_folder(tmp_path_factory.mktemp("appmodel"))
 
 
 @pytest.fixture(scope="module")

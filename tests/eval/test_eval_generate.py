@@ -4,17 +4,14 @@ import io
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.data import tiny_t2i_folder
 from PIL import Image
 
-from models.t2i.io import export_t2i_folder
-from models.t2i.model import TextToImageBitDance, get_t2i_config
-from models.t2i.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer
 from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,15 +20,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evalmodel")
-    text = T2ITextTokenizer.from_folder(build_chat_tokenizer(["a photo of a cat"], root / "tok", 300), 4)
-    cfg = get_t2i_config("tiny-4x")
-    torch.manual_seed(0)
-    model = TextToImageBitDance(replace(cfg, llm=replace(cfg.llm, vocab_size=len(text))))
-    with torch.no_grad():
-        for p in model.vision_head.parameters():
-            p.normal_(0, 0.05)
-    return export_t2i_folder(model, text, BinaryAutoencoder(get_tokenizer_config("tiny")), root / "model")
+    return tiny_t2i_folder(tmp_path_factory.mktemp("evalmodel"))
 
 
 def generate(folder, out, task, *extra, nproc=1):
@@ -203,6 +192,26 @@ def test_bad_arguments_are_one_line_errors(extra, message, capsys, tmp_path):
         parse_args(["--model", model, "--out", "o", *extra])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.value.code == 2 and last.startswith("python -m eval.generate: error:") and message in last
+
+
+def test_shapes_prompts_file_gives_its_prompts_and_refuses_a_bad_line_in_one_line(capsys, tmp_path):
+    """--task shapes --prompts-file: JSON lines of shapes prompt dicts (extra keys kept) are the jobs, in file order; a
+    line the scorer could not read is one line naming it."""
+    from eval.benchmarks import get_benchmark
+    from eval.generate import load_jobs, parse_args
+    from eval.shapes_bench import shapes_prompts
+
+    specs = [p | {"seed": k} for k in (0, 1) for p in shapes_prompts(k, 2)]
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(p) + "\n" for p in specs))
+    args = parse_args(["--model", "m", "--out", "o", "--task", "shapes", "--prompts-file", str(good)])
+    assert [j.meta for j in load_jobs(get_benchmark("shapes"), args)] == specs
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(specs[0]) + "\n" + json.dumps(specs[1] | {"tag": "vibes"}) + "\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--out", "o", "--task", "shapes", "--prompts-file", str(bad)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"shapes prompts {bad} prompt 2 is no shapes prompt" in last
 
 
 def test_low_memory_flags_sample_what_fp32_samples(folder, tmp_path):

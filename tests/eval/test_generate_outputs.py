@@ -4,17 +4,12 @@ ids that would leave `--out` and symlinks out of it are refused; a non-UTF-8 pro
 line, before anything is written. Every check that needs no model runs with a placeholder `--model`."""
 
 import json
-from dataclasses import replace
 
 import pytest
-import torch
+from helpers.data import tiny_t2i_folder
 from PIL import Image
 
 from eval.generate import main
-from models.t2i.io import export_t2i_folder
-from models.t2i.model import TextToImageBitDance, get_t2i_config
-from models.t2i.text_tokenizer import T2ITextTokenizer, build_chat_tokenizer
-from models.tokenizer.model import BinaryAutoencoder, get_tokenizer_config
 from training.output_folder import MARKER, made_by
 
 PROG = "python -m eval.generate: error:"
@@ -24,12 +19,7 @@ TINY = ["--image-size", "32x32", "--height", "32", "--width", "32", "--steps", "
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A tiny exported text-to-image folder (32x32 images)."""
-    root = tmp_path_factory.mktemp("genout_model")
-    text = T2ITextTokenizer.from_folder(build_chat_tokenizer(["a photo of a cat"], root / "tok", 300), 4)
-    cfg = get_t2i_config("tiny-4x")
-    torch.manual_seed(0)
-    net = TextToImageBitDance(replace(cfg, llm=replace(cfg.llm, vocab_size=len(text))))
-    return export_t2i_folder(net, text, BinaryAutoencoder(get_tokenizer_config("tiny")), root / "model")
+    return tiny_t2i_folder(tmp_path_factory.mktemp("genout_model"), head_std=None)
 
 
 def prompts(model, out, *extra) -> list[str]:

@@ -34,6 +34,26 @@ def make_t2i_data(root: Path, samples: int = 96, parallel_num: int = 4) -> dict[
     return {"tokens": root / "tokens", "ae": root / "ae", "text": text}
 
 
+def tiny_t2i_folder(root: Path, head_std: float | None = 0.05) -> Path:
+    """A tiny exported text-to-image folder under `root` (tiny-4x, a 300-piece text vocabulary, the tiny image
+    tokenizer; seed 0). `head_std`: the diffusion head's weights redrawn at that scale, so its samples vary."""
+    from dataclasses import replace
+
+    from models.t2i.io import export_t2i_folder
+    from models.t2i.model import TextToImageBitDance, get_t2i_config
+    from models.t2i.text_tokenizer import T2ITextTokenizer
+
+    text = T2ITextTokenizer.from_folder(build_chat_tokenizer(["a photo of a cat"], root / "tok", 300), 4)
+    cfg = get_t2i_config("tiny-4x")
+    torch.manual_seed(0)
+    model = TextToImageBitDance(replace(cfg, llm=replace(cfg.llm, vocab_size=len(text))))
+    if head_std is not None:
+        with torch.no_grad():
+            for p in model.vision_head.parameters():
+                p.normal_(0, head_std)
+    return export_t2i_folder(model, text, BinaryAutoencoder(get_tokenizer_config("tiny")), root / "model")
+
+
 def make_c2i_data(root: Path, ae: Path, samples: int = 64) -> Path:
     from PIL import Image
 

@@ -4,7 +4,6 @@ where it stopped, the export loads strictly with the EMA weights the old run sav
 (main 6008d01) training from scratch gives the same losses and checkpoint tensors bit for bit and sampling the same
 images byte for byte."""
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.data import make_c2i_data, make_t2i_data
+from helpers.train_runs import losses
 from safetensors.torch import load_file
 
 from models.t2i.io import load_t2i_folder
@@ -61,11 +61,6 @@ def train(
     proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
 
 
 def test_old_checkpoint_resumes_exactly_and_old_export_loads(tmp_path):

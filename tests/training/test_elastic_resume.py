@@ -3,19 +3,15 @@ optimizer partitions are re-cut for the new world size (checked against the part
 data stream is resized (every sample of the epoch seen exactly once: tests/data_pipeline/test_loader_resize.py at
 loader level, here through the training loop's own checkpoints), and training goes on."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.data import make_c2i_data, make_t2i_data
+from helpers.train_runs import launch, losses
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 CONFIG = REPO / "training" / "configs" / "tiny_c2i.yaml"
 
 PROBE = """
@@ -60,39 +56,19 @@ def overrides(run_dir, data_dir, *extra):
     ]
 
 
-def launch(nproc: int, module_or_script: list[str], args: list[str], cwd=REPO):
-    launcher = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    proc = subprocess.run(
-        [*launcher, *module_or_script, *args],
-        cwd=cwd,
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-5000:])
-    return proc
-
-
 def train(nproc: int, run_dir: Path, data_dir: Path, *extra):
-    return launch(nproc, ["-m", "training.train"], ["--config", str(CONFIG), *overrides(run_dir, data_dir, *extra)])
+    return launch(["--config", str(CONFIG), *overrides(run_dir, data_dir, *extra)], nproc)
 
 
 def probe(nproc: int, run_dir: Path, data_dir: Path, ckpt: Path, tmp_path: Path) -> list[dict]:
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    launch(nproc, [str(script)], [str(CONFIG), str(ckpt), *overrides(run_dir, data_dir)])
+    launch([str(CONFIG), str(ckpt), *overrides(run_dir, data_dir)], nproc, [str(script)])
     return [torch.load(run_dir / f"probe_{r}.pt", weights_only=True) for r in range(nproc)]
 
 
 def joined(parts: list[torch.Tensor], total: int) -> torch.Tensor:
     return torch.cat(parts)[:total]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)], ids=["2->1", "1->2"])

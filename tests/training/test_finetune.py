@@ -6,15 +6,13 @@ The base is a seeded tiny-4x model exported as an official folder (the layout of
 multi-process runs are marked slow."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.data import make_t2i_data
+from helpers.train_runs import launch, losses
 from torch import nn
 
 from models.core.diffusion_head import fixed_draws
@@ -27,7 +25,6 @@ from training.finetune import build_method, plain_name
 from training.tasks import build_task
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -167,20 +164,9 @@ def test_a_resume_from_another_base_or_method_is_refused_in_one_line(base, tmp_p
 
 def run(run_dir, base, *extra, nproc=2, env=None, check=True):
     config = REPO / "training" / "configs" / "tiny_t2i.yaml"
-    launcher = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    cmd = [*launcher, "-m", "training.train", "--config", str(config), f"run_dir={run_dir}", *overrides(base, *extra)]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-5000:])
-    return proc
-
-
-def losses(run_dir) -> dict[int, float]:
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out[row["step"]] = row["loss"]  # a resumed run logs replayed steps again: keep the last
-    return out
+    return launch(
+        ["--config", str(config), f"run_dir={run_dir}", *overrides(base, *extra)], nproc, env=env, check=check
+    )
 
 
 def killed_and_resumed(root: Path, base, common: list[str]) -> tuple[Path, str]:

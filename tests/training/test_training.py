@@ -13,10 +13,10 @@ import pytest
 import torch
 from helpers.data import make_c2i_data, make_t2i_data
 from helpers.megatron_cpu import free_port
+from helpers.train_runs import launch, losses
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +39,7 @@ def run(
         "checkpoint.export_official=false",
         *overrides,
     ]
-    launcher = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    cmd = [*launcher, *program, "--config", str(config), *args]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-5000:])
-    return proc
-
-
-def losses(run_dir) -> dict[int, float]:
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out[row["step"]] = row["loss"]  # a resumed run logs replayed steps again: keep the last
-    return out
+    return launch(["--config", str(config), *args], nproc, program, env, check, timeout)
 
 
 def test_two_processes_loss_falls(data, tmp_path):

@@ -3,7 +3,6 @@
 restarts the job on both nodes, the workers resume from the last checkpoint, and the losses equal those of a run
 that was never interrupted."""
 
-import json
 import os
 import socket
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers.data import make_c2i_data, make_t2i_data
+from helpers.train_runs import losses
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -90,14 +90,6 @@ def run_two_nodes(run_dir: Path, data_dir: Path, env_extra: dict[str, str]) -> l
             raise
         outs.append(subprocess.CompletedProcess(p.args, p.returncode, out))
     return outs
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out[row["step"]] = row["loss"]  # a resumed run logs replayed steps again: keep the last
-    return out
 
 
 def test_node_killed_mid_run_restarts_and_resumes_with_the_uninterrupted_losses(data, tmp_path):
