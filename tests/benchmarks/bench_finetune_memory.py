@@ -30,7 +30,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_inference_memory import HEIGHT, REPO, SIZES, WIDTH, MiB, P, _rss_kib, build_model, model_config  # noqa: E402
+from bench_inference_memory import HEIGHT, SIZES, WIDTH, MiB, P, _rss_kib, build_model, model_config, run_child  # noqa: E402
 
 VOCAB = 512  # the tiny configs' text vocabulary (the planning rows' caption ids stay below it)
 
@@ -125,15 +124,8 @@ def measure(size: str, method: str, length: int, rank: int, base_dtype: str, thr
     """One case in a fresh subprocess: static_mib / peak_mib (RSS over the baseline after one step / at the second's
     peak), estimate_mib / estimate_static_mib (the planner's total / weights + gradients + optimizer + EMA), the
     parameter counts and the row's positions."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     spec = dict(size=size, method=method, length=length, rank=rank, base_dtype=base_dtype)
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True, text=True, cwd=REPO
-    )
-    if done.returncode:
-        raise RuntimeError(f"measuring subprocess failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, spec, threads)
 
 
 def main() -> None:

@@ -140,16 +140,17 @@ def measure(
     for `differing_bits`), sampling one `image` (HxW): weights_mib / peak_mib (RSS over the baseline after applying
     the mode / at the sampling peak), estimate_mib / estimate_weights_mib (the planner's total / weights on the device),
     device_mib (the weights a GPU would hold: resident + the most layer copies at once), seconds, differing_bits."""
+    spec = dict(tok_dir=str(tok_dir), size=size, runs=[list(r) for r in runs], steps=steps, image=list(image))
+    return run_child(__file__, spec, threads)
+
+
+def run_child(script: str, spec: dict, threads: int) -> dict:
+    """`script --child <spec as JSON>` in a fresh process (`threads` OpenMP threads, small allocations kept off mmap so
+    RSS follows what is freed): the JSON object its last output line prints."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    spec = dict(tok_dir=str(tok_dir), size=size, runs=[list(r) for r in runs], steps=steps, image=list(image))
     done = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=False,
+        [sys.executable, script, "--child", json.dumps(spec)], env=env, capture_output=True, text=True, cwd=REPO
     )
     if done.returncode:
         raise RuntimeError(f"measuring subprocess failed:\n{done.stderr[-3000:]}")
