@@ -85,15 +85,16 @@ def finetune_section(cfg, ev: dict, done: dict) -> list[str]:
     lines = [
         "## Fine-tuning a held-out concept",
         "",
-        f"The concept is **{concept}**; the base data holds out every **{ev['held_out']}** object, so the base "
-        "cannot compose the concept from what it saw (with the pair alone held out it draws it from its colour and "
-        f"shape seen apart). {cfg.finetune_samples} scenes with the concept as their subject, mixed 50/50 with the "
-        f"base tokens, teach it to the base export in {cfg.finetune_steps} steps: LoRA adapters "
-        "(`finetune.method=lora`, sampled unmerged with `eval.generate --lora`) and, for comparison, full "
-        f"fine-tuning on the same data and steps. Concept score: {ev['rows']['base']['concept']['prompts']} prompts "
-        "naming it (one, two, three of it, and as the subject of a relation; colours checked), at every benchmark "
-        f"seed (chance {ev['concept_chance']:.3f}); the other columns: the benchmark's prompts of the same seeds "
-        f"that do not name {ev['held_out']} ('other tags': their mean).",
+        f"The concept is **{concept}**; the base's text-to-image data holds out every **{ev['held_out']}** object "
+        "(the image tokenizer learns from every scene), so the base cannot compose the concept from what it saw (with "
+        "the pair alone held out it draws it from its colour and shape seen apart). "
+        f"{cfg.finetune_samples} scenes with the concept as their subject, mixed 50/50 with the base tokens, teach "
+        f"it to the base export in {cfg.finetune_steps} steps: LoRA adapters (`finetune.method=lora`, sampled "
+        "unmerged with `eval.generate --lora`) and, for comparison, full fine-tuning on the same data and steps. "
+        f"Concept score: {rows['base']['concept']['prompts']} prompts naming it (one, two, three of it, and as the "
+        f"subject of a relation; colours checked), at every benchmark seed (chance {ev['concept_chance']:.3f}); the "
+        f"other columns: the benchmark's prompts of the same seeds that do not name {ev['held_out']} ('other tags': "
+        "their mean).",
         "",
         f"| model | {concept} (mean ± sd) | " + " | ".join(tags) + " | other tags | trainable params | stage s |",
         "| --- " * (len(tags) + 5) + "|",

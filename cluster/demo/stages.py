@@ -59,12 +59,25 @@ def shapes_command(cfg: DemoConfig, raw: Path, samples: int, seed: int, pair_fla
     ]
 
 
+def t2i_raw(cfg: DemoConfig) -> str:
+    """The folder under <out>/data of the text-to-image model's images: `raw`, or with `finetune=true` `raw_t2i`, the
+    same scenes without what the base holds out. The image tokenizer always learns from `raw` (all of them): it is
+    the generic part, and a colour it never saw could not be drawn by any fine-tune."""
+    return "raw_t2i" if held_out(cfg) else "raw"
+
+
 def run_data(cfg: DemoConfig, out: Path) -> dict:
-    """The base shapes data (without the fine-tuning concept with `finetune=true`)."""
-    raw, held = out / "data" / "raw", held_out(cfg)
+    """The shapes data: every scene (`raw`) and, with `finetune=true`, the base's scenes without the held-out colour."""
+    data, held = out / "data", held_out(cfg)
+    sh(shapes_command(cfg, data / "raw", cfg.samples, cfg.seed, []), out / "logs" / "data.log")
     text = " ".join(w for w in held if w) if held else None
-    sh(shapes_command(cfg, raw, cfg.samples, cfg.seed, ["--hold-out", text] if text else []), out / "logs" / "data.log")
-    return {"raw": str(raw), "samples": cfg.samples, "size": f"{cfg.image_size}x{cfg.image_size}", "held_out": text}
+    if text:
+        sh(
+            shapes_command(cfg, data / t2i_raw(cfg), cfg.samples, cfg.seed, ["--hold-out", text]),
+            out / "logs" / "data.log",
+        )
+    size = f"{cfg.image_size}x{cfg.image_size}"
+    return {"raw": str(data / t2i_raw(cfg)), "samples": cfg.samples, "size": size, "held_out": text}
 
 
 def tokenizer_overrides(cfg: DemoConfig, out: Path) -> list[str]:
@@ -113,11 +126,11 @@ def t2i_parallel_num(cfg: DemoConfig) -> int:
 
 
 def run_tokenize(
-    cfg: DemoConfig, out: Path, parallel_num: int | None = None, dest: str = "tokens", src: str = "raw"
+    cfg: DemoConfig, out: Path, parallel_num: int | None = None, dest: str = "tokens", src: str | None = None
 ) -> dict:
-    """Ray tokenization of <out>/data/<src> (the raw data) into <out>/data/<dest>, for the T2I model's P (or
-    `parallel_num`)."""
-    tokens = out / "data" / dest
+    """Ray tokenization of <out>/data/<src> (default: the text-to-image images, `t2i_raw`) into <out>/data/<dest>, for
+    the T2I model's P (or `parallel_num`)."""
+    tokens, src = out / "data" / dest, src or t2i_raw(cfg)
     size = f"{cfg.image_size}x{cfg.image_size}"
     sh(
         [
@@ -302,7 +315,7 @@ STAGES: tuple[Stage, ...] = (
         ),
         (),
         run_data,
-        owns=("data/raw",),
+        owns=("data/raw", "data/raw_t2i"),
     ),
     Stage(
         "tokenizer",

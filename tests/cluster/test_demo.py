@@ -201,8 +201,9 @@ def test_without_a_gpu_two_cpu_processes_train_the_yamls_as_written(monkeypatch,
 
 
 def test_finetune_holds_the_concept_out_of_the_base_data_and_adds_its_stages(tmp_path, monkeypatch):
-    """finetune=true: the base data has no object of the concept's colour, the concept data has the concept in every
-    scene, the fine-tuning runs are valid training configs, and the stages run after the base ones (stand-ins here)."""
+    """finetune=true: the base T2I data has no object of the concept's colour (the image tokenizer's has every scene),
+    the concept data has the concept in every scene, the fine-tuning runs are valid training configs, and the stages
+    run after the base ones (stand-ins here)."""
     import tarfile
     from pathlib import Path
 
@@ -217,6 +218,11 @@ def test_finetune_holds_the_concept_out_of_the_base_data_and_adds_its_stages(tmp
     monkeypatch.setattr(finetune, "sh", lambda cmd, log: commands.append(cmd))
     assert stages.run_data(cfg, tmp_path)["held_out"] == "purple"
     finetune.run_ft_data(cfg, tmp_path)
+    assert [c[c.index("--out") + 1] for c in commands] == [
+        str(tmp_path / "data" / d) for d in ("raw", "raw_t2i", "ft_raw")
+    ]
+    assert tokenizer_overrides(cfg, tmp_path)[1] == f"data.data_dir={tmp_path / 'data' / 'raw'}"  # it learns purple
+    commands.pop(0)  # every scene, for the image tokenizer
     for cmd, wanted in zip(commands, (False, True), strict=True):
         shapes_main(cmd[3:])  # python -m data_pipeline.shapes <args>
         scenes = []
