@@ -61,7 +61,7 @@ def head(tmp_path_factory):
         "AWS_SHARED_CREDENTIALS_FILE": str(temp / "no-aws-credentials"),
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    port, dash = free_port(), free_port()
+    port, dash, agent, client = free_port(), free_port(), free_port(), free_port()
     start = [
         str(BIN / "ray"),
         "start",
@@ -71,6 +71,10 @@ def head(tmp_path_factory):
         "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
+        # `ray start` binds these to fixed defaults (52365, 10001): taken by any other Ray head on the machine (the
+        # user's, or a second test run), the job agent would never come up
+        f"--dashboard-agent-listen-port={agent}",
+        f"--ray-client-server-port={client}",
         "--include-dashboard=true",
         f"--temp-dir={temp}",
         "--disable-usage-stats",
