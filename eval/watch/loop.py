@@ -76,6 +76,18 @@ def export_in_child(checkpoint: Path, dst: Path, text_tokenizer: Path, image_tok
         return pool.submit(export_checkpoint, checkpoint, dst, text_tokenizer, image_tokenizer).result()
 
 
+def remove_scratch(folder: Path) -> None:
+    """Delete a checkpoint's scratch folder at once as far as any watcher can see (renamed aside, then removed): a
+    watcher killed midway leaves no half-deleted `step_*` (one without its model is taken for neither done nor
+    exported, and would stay), only a `.removing-*` that the next one sweeps."""
+    aside = folder.with_name(f".removing-{folder.name}-{os.getpid()}")
+    try:
+        os.rename(folder, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 class Coordinator:
     """Rank 0's side: the run's checkpoints, which are done (metrics.jsonl), failed or lost, the claims, the exports,
     scoring and recording. Every skip and failure is printed and counted."""
@@ -87,6 +99,12 @@ class Coordinator:
         self.state = self.run_dir / "watch" / args.task
         self.state.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.run_dir)
+        self.metrics.refresh()
+        for leftover in self.state.glob(".removing-*"):  # of a watcher killed while deleting a scratch folder
+            shutil.rmtree(leftover, ignore_errors=True)
+        for folder in self.state.glob("step_*"):  # a recorded step's scratch, whatever state a killed watcher left
+            if self.metrics.is_done(args.task, step_of(folder.name)):
+                remove_scratch(folder)
         self.failed_log = self.state / "failed.jsonl"
         self.failed = failed_steps(self.failed_log)
         self.until: int | None = args.until_step
@@ -151,7 +169,7 @@ class Coordinator:
             self._settle(step, "failed before", f"step {step}: failed in an earlier attempt ({self.failed_log})")
         else:
             return False
-        shutil.rmtree(self.state / f"step_{step:08d}", ignore_errors=True)  # a crash between record and clean-up
+        remove_scratch(self.state / f"step_{step:08d}")  # a crash between record and clean-up
         return True
 
     def _settle(self, step: int, what: str, line: str) -> None:
@@ -231,7 +249,7 @@ class Coordinator:
         with self.failed_log.open("a") as f:
             f.write(json.dumps({"step": step, "why": why}) + "\n")
         self.failed.add(step)
-        shutil.rmtree(self.state / f"step_{step:08d}", ignore_errors=True)
+        remove_scratch(self.state / f"step_{step:08d}")
         self._settle(step, "failed", f"step {step}: {why}")
 
     def finish(self, job: Job) -> None:
@@ -247,7 +265,7 @@ class Coordinator:
         row = scores_row(self.args.task, job.step, job.checkpoint, result, self.bench.score_key, extra)
         said = self.wandb.log(job.step, row, grid)
         self.metrics.append(row)
-        shutil.rmtree(job.folder, ignore_errors=True)
+        remove_scratch(job.folder)
         score = row["watch/score"]
         self._settle(job.step, "evaluated", f"step {job.step}: {self.args.task} score {score:.4g}; {grid}; {said}")
 

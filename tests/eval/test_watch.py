@@ -141,6 +141,20 @@ def test_a_watcher_started_before_the_first_checkpoint_waits_for_it(tmp_path, ca
     assert f"waiting for the first checkpoint in {tmp_path / 'run' / 'checkpoints'}" in capsys.readouterr().out
 
 
+def test_a_killed_watchers_scratch_of_recorded_steps_is_swept_at_the_next_start(tmp_path, capsys):
+    """What a watcher SIGKILLed after recording a step can leave (its scratch folder half deleted, without the model,
+    or renamed aside) goes when the next one starts, even with that checkpoint deleted since; the scratch of a step
+    not recorded yet (an export to resume from) stays."""
+    run = tmp_path / "run"
+    state = run / "watch" / "shapes"
+    run.mkdir()
+    MetricsLog(run).append(scores_row("shapes", 2, "step_00000002", {"overall": 0.5}, "overall", {}))
+    for name in ("step_00000002/samples/00000", ".removing-step_00000004-123/model", "step_00000006/model"):
+        (state / name).mkdir(parents=True)
+    main(["--run-dir", str(run), "--task", "shapes", "--once"])
+    assert sorted(p.name for p in state.iterdir() if p.is_dir()) == ["step_00000006"]
+
+
 def test_a_run_config_without_tokenizers_is_one_line_and_exit_2(tmp_path, capsys):
     checkpoint = tmp_path / "checkpoints" / "step_00000002"
     checkpoint.mkdir(parents=True)
