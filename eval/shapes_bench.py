@@ -48,7 +48,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -365,15 +365,8 @@ def ceiling_level(
     return {tag: float(np.mean(v)) for tag, v in hits.items()}
 
 
-def score_folder(out_dir: str | os.PathLike, chance_samples: int = 500, size: int = 64) -> dict:
-    """Score a GenEval-layout folder, write <out>/shapes_results.jsonl, return per-tag and overall accuracy.
-
-    Returns {"per_tag": {tag: accuracy}, "overall": unweighted mean over the tags present, "images": count,
-    "chance": {"per_tag": ..., "overall": ...}, "counts": {tag: images}}, chance from `chance_level(chance_samples)`
-    on the same tags at image side `size` (an empty dict and NaN with chance_samples=0).
-    """
-    root = Path(out_dir)
-    rows = []
+def scored_images(root: Path) -> Iterator[tuple[int, dict, int | str, bool, str]]:
+    """(index, prompt spec, sample, correct, reason) of every image of a GenEval-layout folder, in index order."""
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit()):
         meta = folder / "metadata.jsonl"
         if not meta.is_file():
@@ -382,10 +375,21 @@ def score_folder(out_dir: str | os.PathLike, chance_samples: int = 500, size: in
         for png in sorted((folder / "samples").glob("*.png")):
             with Image.open(png) as image:
                 correct, reason = score_image(image, spec)
-            sample = int(png.stem) if png.stem.isdigit() else png.stem
-            rows.append(
-                {"index": int(folder.name), "sample": sample, "tag": spec["tag"], "correct": correct, "reason": reason}
-            )
+            yield int(folder.name), spec, int(png.stem) if png.stem.isdigit() else png.stem, correct, reason
+
+
+def score_folder(out_dir: str | os.PathLike, chance_samples: int = 500, size: int = 64) -> dict:
+    """Score a GenEval-layout folder, write <out>/shapes_results.jsonl, return per-tag and overall accuracy.
+
+    Returns {"per_tag": {tag: accuracy}, "overall": unweighted mean over the tags present, "images": count,
+    "chance": {"per_tag": ..., "overall": ...}, "counts": {tag: images}}, chance from `chance_level(chance_samples)`
+    on the same tags at image side `size` (an empty dict and NaN with chance_samples=0).
+    """
+    root = Path(out_dir)
+    rows = [
+        {"index": index, "sample": sample, "tag": spec["tag"], "correct": correct, "reason": reason}
+        for index, spec, sample, correct, reason in scored_images(root)
+    ]
     if not rows:
         raise ValueError(f"no <index>/metadata.jsonl + samples/*.png under {root}")
     with (root / "shapes_results.jsonl").open("w") as f:

@@ -139,17 +139,9 @@ def sample_and_score(cfg: DemoConfig, out: Path, model: Path, dest: str, specs: 
 
 def scored(folder: Path) -> list[tuple[dict, bool]]:
     """(spec, correct) of every image of a GenEval-layout folder of shapes prompts."""
-    from PIL import Image
+    from eval.shapes_bench import scored_images
 
-    from eval.shapes_bench import score_image
-
-    rows = []
-    for meta in sorted(folder.glob("[0-9]*/metadata.jsonl")):
-        spec = json.loads(meta.read_text().splitlines()[0])
-        for png in sorted((meta.parent / "samples").glob("*.png")):
-            with Image.open(png) as image:
-                rows.append((spec, score_image(image, spec)[0]))
-    return rows
+    return [(spec, correct) for _, spec, _, correct, _ in scored_images(folder)]
 
 
 def names_held_out(cfg: DemoConfig, spec: dict) -> bool:
