@@ -1,6 +1,7 @@
 """Hang detection (`fault.hang_seconds`): every rank writes the step it is in to the rendezvous store (its heartbeat),
 and a watchdog thread on every rank fires when no step completed within `fault.hang_seconds`. A firing rank writes
-the Python stacks of all its threads to `<run_dir>/hangs/rank_<r>.txt`, marks the hang in the store (so that every
+the Python stacks of all its threads to `<run_dir>/hangs/rank_<r>.txt` (appended: every hang of the run in order, each
+under a line with its time and torchrun attempt), marks the hang in the store (so that every
 other rank's watchdog fires at once and writes its stacks too), prints one line naming the ranks behind (their
 heartbeat step below the furthest rank's), and exits with HANG_EXIT_CODE: torchrun then restarts the workers
 (`--max-restarts`) and the run resumes exactly from its last checkpoint. A rank stuck outside a collective is found
@@ -17,7 +18,8 @@ from pathlib import Path
 
 HANG_EXIT_CODE = 75
 # store keys of this attempt of the job (a store torchrun keeps over restarts still holds the last attempt's)
-_PREFIX = f"bitdance/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+_ATTEMPT = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+_PREFIX = f"bitdance/attempt_{_ATTEMPT}"
 _HANG = f"{_PREFIX}/hang"
 _DUMPED = f"{_PREFIX}/hang_dumped"
 
@@ -60,8 +62,10 @@ class HangWatchdog:
     def _report_and_exit(self, quiet: float) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / f"rank_{self.rank:05d}.txt"
-        with path.open("w") as f:
-            f.write(f"rank {self.rank}, in step {self.step}, no step completed for {quiet:.1f} s\n")
+        with path.open("a") as f:  # a later hang (after a restart) must not hide this one
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            f.write(f"{stamp} attempt {_ATTEMPT}: rank {self.rank}, in step {self.step}, no step completed for "
+                    f"{quiet:.1f} s\n")  # fmt: skip
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
         if not self.store.check([_HANG]):
