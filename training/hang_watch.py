@@ -1,9 +1,9 @@
 """Hang detection (`fault.hang_seconds`): every rank writes the step it is in to the rendezvous store (its heartbeat),
 and a watchdog thread on every rank fires when no step completed within `fault.hang_seconds`. A firing rank writes
 the Python stacks of all its threads to `<run_dir>/hangs/rank_<r>.txt` (appended: every hang of the run in order, each
-under a line with its time and torchrun attempt), marks the hang in the store (so that every
-other rank's watchdog fires at once and writes its stacks too), prints one line naming the ranks behind (their
-heartbeat step below the furthest rank's), and exits with HANG_EXIT_CODE: torchrun then restarts the workers
+under a line with its time and torchrun attempt), marks the hang in the store (so that every other rank's watchdog
+fires at once and writes its stacks too), prints one line naming the ranks behind (their heartbeat step below the
+furthest rank's), and exits with HANG_EXIT_CODE: torchrun then restarts the workers
 (`--max-restarts`) and the run resumes exactly from its last checkpoint. A rank stuck outside a collective is found
 this way; one stuck inside a collective is also caught by the collective's own timeout. The watchdog is armed from the
 first step to the last: `fault.hang_seconds` must exceed the longest step with its evaluation and checkpoint."""
